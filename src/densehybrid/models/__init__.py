@@ -1,0 +1,18 @@
+"""Models: the DenseHybrid wrapper, adapters, official architectures and checkpoint loading."""
+
+from densehybrid.models.heads import BNReluConv, DatasetPosteriorHead
+from densehybrid.models.hybrid import DenseHybrid, Normalize, Segmenter
+from densehybrid.models.output import HybridOutput
+from densehybrid.models.registry import MODELS, create_model, list_models
+
+__all__ = [
+    "MODELS",
+    "BNReluConv",
+    "DatasetPosteriorHead",
+    "DenseHybrid",
+    "HybridOutput",
+    "Normalize",
+    "Segmenter",
+    "create_model",
+    "list_models",
+]

@@ -1,0 +1,154 @@
+"""`DenseHybrid`: upgrade any closed-set segmenter with the dataset-posterior head.
+
+A segmenter meets a small contract (:class:`Segmenter`): it exposes its pre-logit features and the classifier that
+turns them into logits. The wrapper runs both, attaches :class:`~densehybrid.models.heads.DatasetPosteriorHead` to the
+same features and upsamples both dense outputs to the requested size. That is the whole architectural change the
+method needs (Grcić et al., ECCV 2022, Sec. 3; TPAMI 2024, Fig. 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densehybrid.models.heads import DatasetPosteriorHead
+from densehybrid.models.output import HybridOutput
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """What a closed-set segmenter must provide to be wrapped.
+
+    Attributes:
+        feature_channels: C, channels of the pre-logit feature map.
+
+    Methods:
+        forward_features(images) -> (N, C, h, w): pre-logit features of normalised images.
+        forward_head(features) -> (N, K, h, w): closed-set logits from those features.
+    """
+
+    feature_channels: int
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` with non-persistent buffers (kept out of state dicts)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"Expected `mean` and `std` to be 3 values with std > 0, but got {mean} and {std}.")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    @property
+    def config(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise a clear error unless ``images`` is a float (N, 3, H, W) tensor."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"Expected `images` to have shape (N, 3, H, W), but got {shape}.")
+    if not images.is_floating_point():
+        raise TypeError(f"Expected `images` to be float in [0, 1], but got dtype {images.dtype}.")
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of a dense map to ``size`` (no-op when it already has that size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+class DenseHybrid(nn.Module):
+    """Open-set wrapper around a closed-set segmenter.
+
+    Args:
+        segmenter: any module meeting the :class:`Segmenter` contract.
+        num_classes: K; checked against the segmenter's logits on the first forward when given.
+        mean: input normalisation mean (images arrive in [0, 1]).
+        std: input normalisation std.
+        bn_momentum: momentum of the head's BatchNorm (0.01 as released).
+
+    Example:
+        >>> from densehybrid.models import DenseHybrid, create_model
+        >>> model = create_model("ladder_resnet18", num_classes=5).eval()
+        >>> out = model(torch.rand(1, 3, 64, 96))
+        >>> out.logits.shape, out.ood_logits.shape
+        (torch.Size([1, 5, 64, 96]), torch.Size([1, 2, 64, 96]))
+    """
+
+    def __init__(
+        self,
+        segmenter: nn.Module,
+        num_classes: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        bn_momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        missing = [a for a in ("feature_channels", "forward_features", "forward_head") if not hasattr(segmenter, a)]
+        if missing:
+            raise TypeError(
+                f"Expected `segmenter` to provide feature_channels, forward_features() and forward_head(), but "
+                f"{type(segmenter).__name__} lacks {', '.join(missing)}. Wrap it with an adapter from "
+                "densehybrid.models.adapters or implement the Segmenter contract."
+            )
+        self.segmenter = segmenter
+        self.num_classes = num_classes
+        self.normalize = Normalize(mean, std)
+        self.logits_ood = DatasetPosteriorHead(segmenter.feature_channels, bn_momentum=bn_momentum)
+
+    @property
+    def data_config(self) -> dict[str, list[float]]:
+        """Input normalisation, saved with checkpoints."""
+        return self.normalize.config
+
+    def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
+        """Closed-set logits and dataset-posterior logits.
+
+        Args:
+            images: (N, 3, H, W) float in [0, 1].
+            output_size: (H_out, W_out) of both outputs; defaults to (H, W).
+
+        Returns:
+            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
+        """
+        check_images(images)
+        size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
+        features = self.segmenter.forward_features(self.normalize(images))
+        logits = self.segmenter.forward_head(features)
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"Expected the segmenter to produce {self.num_classes} logit channels, but got {logits.shape[1]}."
+            )
+        ood_logits = self.logits_ood(features)
+        return HybridOutput(upsample(logits, size), upsample(ood_logits, size))
+
+    def freeze_segmenter(self) -> None:
+        """Train only the dataset-posterior head: freeze the segmenter, BatchNorm statistics included."""
+        for p in self.segmenter.parameters():
+            p.requires_grad_(False)
+        self._segmenter_frozen = True
+        self.segmenter.eval()
+
+    def train(self, mode: bool = True) -> DenseHybrid:
+        super().train(mode)
+        if getattr(self, "_segmenter_frozen", False):
+            self.segmenter.eval()
+        return self
