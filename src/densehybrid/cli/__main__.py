@@ -1,0 +1,5 @@
+import sys
+
+from densehybrid.cli import main
+
+sys.exit(main())
