@@ -21,7 +21,9 @@ def check_ndim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
 def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, hint: str = "") -> None:
     """Raise ``ValueError`` unless ``a`` and ``b`` have identical shapes."""
     if tuple(a.shape) != tuple(b.shape):
-        msg = f"Expected `{name_a}` and `{name_b}` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}."
+        msg = (
+            f"Expected `{name_a}` and `{name_b}` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
         raise ValueError(msg + (f" {hint}" if hint else ""))
 
 
