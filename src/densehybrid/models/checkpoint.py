@@ -1,0 +1,322 @@
+"""Load checkpoints as they are published: raw state dicts, nested ones, DataParallel prefixes, safetensors.
+
+A released file may be a bare ``state_dict`` or a dict that nests it under a key such as ``"state_dict"``,
+``"model"`` or ``"model_state"`` next to metadata (epoch, optimizer, metrics). Parameter names may carry the
+``module.`` prefix of ``nn.DataParallel``/``DistributedDataParallel`` or the ``_orig_mod.`` prefix of
+``torch.compile``. :func:`load_checkpoint` accepts all of these, loads strictly by default, and when the names do not
+fit, raises a :class:`~densehybrid.errors.CheckpointError` that lists what is missing and unexpected and names the
+registered architecture whose parameter names fit the file best.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import warnings
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from densehybrid.errors import CheckpointError
+
+#: Keys under which checkpoints commonly nest their state dict, tried in this order.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "params")
+#: Prefixes added to every name by wrappers: ``nn.DataParallel``/DDP and ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_LISTED = 10
+
+
+def read_checkpoint_file(
+    path: str | PathLike[str], map_location: str | torch.device = "cpu", weights_only: bool = True
+) -> Any:
+    """Read a checkpoint file (``torch.save`` output or ``.safetensors``) without interpreting it.
+
+    Args:
+        path: local file.
+        map_location: device to map tensors to.
+        weights_only: refuse pickled Python objects other than tensors and containers. Keep it on for files from
+            the internet; turn it off only for files whose source you trust.
+
+    Returns:
+        whatever the file holds (usually a dict).
+
+    Raises:
+        CheckpointError: when the file is missing, unreadable, or holds objects ``weights_only`` refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Expected `path` to be an existing checkpoint file, but got {str(path)!r}.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"Cannot read safetensors file {str(path)!r}: {err}") from err
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if weights_only:
+            raise CheckpointError(
+                f"Checkpoint {str(path)!r} holds Python objects besides tensors (e.g. NumPy scalars in its metadata), "
+                "which are not loaded by default because unpickling can run code. If you trust the file's source, "
+                f"pass `weights_only=False`. Detail: {str(err).splitlines()[0]}"
+            ) from err
+        raise CheckpointError(f"Cannot read checkpoint {str(path)!r}: {err}") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {err}"
+        ) from err
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def split_checkpoint(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Separate the state dict of a loaded checkpoint from its metadata.
+
+    Args:
+        obj: what ``torch.load`` returned: a state dict, a dict nesting one under :data:`STATE_DICT_KEYS`, or a
+            module.
+
+    Returns:
+        ``(state_dict, metadata)``; metadata holds every other entry of the enclosing dicts (empty for a bare
+        state dict).
+
+    Raises:
+        CheckpointError: when no state dict can be found.
+    """
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict()), {}
+    if _is_state_dict(obj):
+        return dict(obj), {}
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, (Mapping, nn.Module)) and (inner or isinstance(inner, nn.Module)):
+                try:
+                    state, inner_meta = split_checkpoint(inner)
+                except CheckpointError:
+                    continue
+                metadata = {k: v for k, v in obj.items() if k != key}
+                return state, {**inner_meta, **metadata}
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and all(isinstance(k, str) and "." in k for k in tensors):
+            # A state dict saved with a few extra non-tensor entries beside the parameters.
+            return tensors, {k: v for k, v in obj.items() if k not in tensors}
+        keys = ", ".join(repr(k) for k in list(obj)[:_LISTED])
+        raise CheckpointError(
+            f"Expected the checkpoint to hold a state dict (tensors by parameter name, possibly under one of "
+            f"{', '.join(STATE_DICT_KEYS)}), but got a dict with keys {keys}."
+        )
+    raise CheckpointError(f"Expected the checkpoint to hold a state dict, but got {type(obj).__name__}.")
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint (see :func:`split_checkpoint`); prefixes are kept."""
+    return split_checkpoint(obj)[0]
+
+
+def strip_prefix(
+    state_dict: Mapping[str, torch.Tensor], prefix: str | Sequence[str] = WRAPPER_PREFIXES
+) -> dict[str, torch.Tensor]:
+    """Remove a wrapper prefix that every key carries (repeatedly, e.g. ``module.module.`` or ``module._orig_mod.``).
+
+    A prefix is only removed when *all* keys start with it, as a wrapper adds it to every name; a model whose own
+    submodule happens to be called ``module`` keeps its names.
+
+    Args:
+        state_dict: parameter name -> tensor.
+        prefix: one prefix or several to try.
+
+    Returns:
+        a new dict with the prefixes removed.
+
+    Example:
+        >>> strip_prefix({"module.conv.weight": torch.zeros(1)})
+        {'conv.weight': tensor([0.])}
+    """
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+    state = dict(state_dict)
+    changed = True
+    while changed and state:
+        changed = False
+        for p in prefixes:
+            if p and all(k.startswith(p) for k in state):
+                state = {k[len(p) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+@functools.cache
+def _registered_keys(name: str) -> frozenset[str] | None:
+    """Parameter names of a registered model, built on the meta device (no memory, no weights)."""
+    from densehybrid.models.registry import create_model
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_model(name, num_classes=2)
+    except Exception:  # an entry point with an unavailable optional dependency cannot be suggested
+        return None
+    return frozenset(model.state_dict())
+
+
+def suggest_model(keys: Sequence[str] | set[str]) -> tuple[str, float] | None:
+    """The registered model whose parameter names fit ``keys`` best.
+
+    Args:
+        keys: parameter names of a checkpoint (wrapper prefixes already stripped).
+
+    Returns:
+        ``(name, similarity)`` with the Jaccard similarity of the two name sets in [0, 1], or None when no
+        registered model shares a name.
+    """
+    from densehybrid.models.registry import list_models
+
+    keys = set(keys)
+    best: tuple[str, float] | None = None
+    for name in list_models():
+        names = _registered_keys(name)
+        if not names:
+            continue
+        score = len(keys & names) / len(keys | names)
+        if score > 0 and (best is None or score > best[1]):
+            best = (name, score)
+    return best
+
+
+def _listing(title: str, names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    more = f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
+    return f"\n  {title} ({len(names)}): {shown}{more}"
+
+
+def _mismatch_hints(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> list[str]:
+    hints = []
+    if missing and not unexpected and all(k.startswith("logits_ood.") for k in missing):
+        hints.append(
+            "The file is a closed-set checkpoint without the dataset-posterior head: load it with `strict=False` so "
+            "that the head starts fresh (for DeepLabV3+ WRN38 use `create_model('deeplabv3plus_wrn38', "
+            "num_classes=19, pretrained=PATH)`)."
+        )
+    own = model.state_dict()
+    num_classes = getattr(model, "num_classes", None)
+    differing = set()
+    for k in mismatched:
+        a, b = tuple(state[k].shape), tuple(own[k].shape)
+        diffs = [(x, y) for x, y in zip(a, b) if x != y] if len(a) == len(b) else [(None, None), (None, None)]
+        differing.update(diffs if len(diffs) == 1 else [(None, None)])
+    if num_classes is not None and len(differing) == 1:
+        (theirs, ours) = next(iter(differing))
+        if ours == num_classes and theirs is not None:
+            hints.append(f"The checkpoint was trained for {theirs} classes: build the model with num_classes={theirs}.")
+    if missing or unexpected:
+        best = suggest_model(state)
+        own_name = getattr(model, "model_name", None)
+        own_keys = set(own)
+        own_score = len(set(state) & own_keys) / len(set(state) | own_keys)
+        if best is not None and best[0] != own_name and best[1] > own_score:
+            hints.append(
+                f"Its parameter names fit the registered model {best[0]!r} best ({best[1]:.0%} of names shared, "
+                f"{own_score:.0%} with this model): build it with create_model({best[0]!r}, num_classes=...)."
+            )
+        elif best is None or best[1] < 0.5:
+            hints.append("No registered model fits its names; is it a checkpoint of another library?")
+    return hints
+
+
+def check_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the checkpoint"
+) -> tuple[list[str], list[str], list[str], str]:
+    """Compare a state dict with a model's.
+
+    Args:
+        model: the model to load into.
+        state: parameter name -> tensor (prefixes stripped).
+        source: how to name the state dict in the message.
+
+    Returns:
+        ``(missing, unexpected, mismatched, message)``: sorted name lists (``mismatched`` = present in both with
+        different shapes) and a readable description with hints, empty when everything fits.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return missing, unexpected, mismatched, ""
+    name = getattr(model, "model_name", None) or type(model).__name__
+    message = (
+        f"Expected {source} to fit model {name!r}, but got {len(missing)} missing, {len(unexpected)} unexpected "
+        f"and {len(mismatched)} shape-mismatched entries."
+    )
+    if missing:
+        message += _listing("missing keys", missing)
+    if unexpected:
+        message += _listing("unexpected keys", unexpected)
+    if mismatched:
+        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
+        message += _listing("shape mismatches", shapes)
+    hints = _mismatch_hints(model, state, missing, unexpected, mismatched)
+    if hints:
+        message += "\n" + "\n".join(hints)
+    return missing, unexpected, mismatched, message
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | PathLike[str],
+    strict: bool = True,
+    map_location: str | torch.device = "cpu",
+    *,
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint file into ``model``, accepting the released file layouts as they are.
+
+    The state dict is found as in :func:`split_checkpoint` (a bare state dict, or nested under ``"state_dict"``,
+    ``"model"``, ``"model_state"``, ...), wrapper prefixes (``module.``, ``_orig_mod.``) are stripped, and the
+    names and shapes are checked before anything is copied, so a failed load leaves the model untouched.
+
+    Args:
+        model: the model to fill.
+        path: local checkpoint file (``torch.save`` output or ``.safetensors``).
+        strict: require the names to match exactly. With ``strict=False`` the shared names are loaded and the rest
+            is reported in a ``UserWarning``; shape mismatches raise either way.
+        map_location: device to map tensors to while reading.
+        weights_only: refuse pickled Python objects other than tensors (see :func:`read_checkpoint_file`).
+
+    Returns:
+        the checkpoint's metadata: every entry besides the state dict (epoch, metrics, ``model_name``, ...); empty
+        for a bare state dict.
+
+    Raises:
+        CheckpointError: when the file cannot be read, holds no state dict, or does not fit the model; the message
+            lists the first missing and unexpected keys with their counts and names the registered model whose
+            parameter names fit best.
+
+    Example:
+        >>> from densehybrid.models import create_model
+        >>> model = create_model("ldn121", num_classes=12)
+        >>> metadata = load_checkpoint(model, "ldn121_streethazards.pt")  # doctest: +SKIP
+    """
+    state, metadata = split_checkpoint(read_checkpoint_file(path, map_location, weights_only=weights_only))
+    state = strip_prefix(state)
+    missing, unexpected, mismatched, message = check_state_dict(model, state, source=f"checkpoint {str(path)!r}")
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError(message)
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    model.load_state_dict(state, strict=strict)
+    return metadata
