@@ -1,0 +1,388 @@
+"""Training loops: closed-set training and DenseHybrid fine-tuning with pasted negatives.
+
+:func:`fit` owns everything that makes a run reproducible and resumable: the batch order (a seeded permutation per
+epoch), one ``torch.Generator`` for augmentation and negative sampling, and atomic checkpoints holding the model,
+optimiser, scheduler, position (epoch, step) and every RNG state. A run stopped after any checkpoint and resumed
+ends with exactly the parameters of an uninterrupted run (on deterministic kernels, e.g. the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from densehybrid.engine.batches import ResumableSampler, collate, unpack_sample
+from densehybrid.engine.runtime import atomic_torch_save, rng_state, select_device, set_rng_state
+from densehybrid.labels import IGNORE_INDEX
+from densehybrid.models.output import HybridOutput
+
+CHECKPOINT_FORMAT = "densehybrid-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one run (the released recipes are presets of these; see docs/training.md).
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: images per step.
+        lr: Adam learning rate of the decoder and heads.
+        backbone_lr_ratio: the backbone (parameters whose name contains ``backbone``) trains at ``lr * ratio``
+            (1/4 in the released recipes).
+        lr_min: end of the per-epoch cosine schedule.
+        weight_decay: Adam weight decay.
+        betas: Adam betas.
+        eps: Adam epsilon (1e-7 in the released recipes).
+        seed: seeds batch order, augmentation and negatives.
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        amp: mixed precision on CUDA (ignored on CPU).
+        hflip: random horizontal flips.
+        num_workers: DataLoader workers.
+        checkpoint_every: also write ``last.pt`` every this many steps (0: only at the end of each epoch).
+        max_steps: stop after this many optimiser steps in total (a checkpoint is written), e.g. for smoke runs.
+        progress: show a tqdm progress bar.
+    """
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 4e-4
+    backbone_lr_ratio: float = 0.25
+    lr_min: float = 1e-7
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-7
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    hflip: bool = True
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    max_steps: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
+        if self.lr <= 0 or self.lr_min < 0:
+            raise ValueError(f"Expected `lr` > 0 and `lr_min` >= 0, but got {self.lr} and {self.lr_min}.")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns."""
+
+    epoch: int
+    global_step: int
+    finished: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+class ClosedSetObjective:
+    """Plain cross-entropy on the closed-set logits (void = ``ignore_index``). The OOD head gets no gradient."""
+
+    name = "closed_set"
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, model: nn.Module, images: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        out: HybridOutput = model(images, output_size=tuple(target.shape[-2:]))
+        loss = F.cross_entropy(out.logits.float(), target, ignore_index=self.ignore_index)
+        return loss, {"loss": float(loss.detach())}
+
+
+class NegativeStream:
+    """Draws one negative crop per inlier image from a negative dataset, using the trainer's generator.
+
+    Samples are ``(image (3, h, w), segments (h, w))`` tuples or dicts with ``image`` and ``target``/``segments``;
+    segments are class masks of the negative image (the released code uses ADE20k's 150-class labels).
+    Each drawn image is randomly cropped (after resizing its shorter side up, if needed) to ``crop_size``.
+    """
+
+    def __init__(self, dataset: Dataset, crop_size: int) -> None:
+        if len(dataset) == 0:
+            raise ValueError("Expected the negative dataset to hold at least one image, but it is empty.")
+        self.dataset = dataset
+        self.crop_size = int(crop_size)
+
+    def draw(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.dataset), (count,), generator=generator).tolist()
+        images, segments = [], []
+        for i in idx:
+            sample = self.dataset[i]
+            if isinstance(sample, dict):
+                image, seg = sample["image"], sample.get("segments", sample.get("target"))
+            else:
+                image, seg = unpack_sample(sample)
+            image, seg = self._crop(image, seg, generator)
+            images.append(image)
+            segments.append(seg)
+        return torch.stack(images), torch.stack(segments)
+
+    def _crop(self, image: torch.Tensor, seg: torch.Tensor | None, g: torch.Generator):
+        size = self.crop_size
+        h, w = image.shape[-2:]
+        if seg is None:
+            seg = torch.zeros((h, w), dtype=torch.int64)
+        if min(h, w) < size:
+            scale = size / min(h, w)
+            new = (max(size, round(h * scale)), max(size, round(w * scale)))
+            image = F.interpolate(image[None], size=new, mode="bilinear", align_corners=False)[0]
+            seg = F.interpolate(seg[None, None].float(), size=new, mode="nearest")[0, 0].long()
+            h, w = new
+        top = int(torch.randint(h - size + 1, (1,), generator=g))
+        left = int(torch.randint(w - size + 1, (1,), generator=g))
+        return image[:, top : top + size, left : left + size], seg[top : top + size, left : left + size].long()
+
+
+class DenseHybridObjective:
+    """DenseHybrid fine-tuning: paste one negative into every image, then the hybrid loss.
+
+    Args:
+        loss: a :class:`~densehybrid.losses.DenseHybridLoss` (or any callable with its signature).
+        negatives: stream of negative crops.
+        paster: a :class:`~densehybrid.negatives.NegativePaster` (pasting options).
+    """
+
+    name = "densehybrid"
+
+    def __init__(self, loss: Callable, negatives: NegativeStream, paster: Callable) -> None:
+        self.loss, self.negatives, self.paster = loss, negatives, paster
+
+    def __call__(
+        self, model: nn.Module, images: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        neg_images, neg_segments = self.negatives.draw(images.shape[0], generator)
+        pasted = self.paster(
+            images,
+            target,
+            neg_images.to(images.device, images.dtype),
+            neg_segments.to(images.device),
+            generator=generator,
+        )
+        out: HybridOutput = model(pasted.images, output_size=tuple(target.shape[-2:]))
+        terms = self.loss(out.logits.float(), out.ood_logits.float(), pasted.target, pasted.negative_mask)
+        logs = {k: float(v.detach()) for k, v in terms._asdict().items()}
+        logs["loss"] = logs.pop("total")
+        return terms.total, logs
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with two groups: backbone at ``lr * backbone_lr_ratio``, everything else at ``lr``."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if "backbone" in name else rest).append(p)
+    groups = [{"params": rest, "lr": config.lr, "initial_lr": config.lr}]
+    if backbone:
+        lr = config.lr * config.backbone_lr_ratio
+        groups.append({"params": backbone, "lr": lr, "initial_lr": lr})
+    return torch.optim.Adam(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+
+
+def cosine_lr(base: float, lr_min: float, epoch: int, epochs: int) -> float:
+    """The released recipes' per-epoch schedule: lr_min + (base - lr_min) * (1 + cos(pi * epoch / epochs)) / 2."""
+    return lr_min + (base - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def _set_epoch_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(group["initial_lr"], config.lr_min, epoch, config.epochs)
+
+
+def _hflip(images: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    if bool(flip.any()):
+        idx = flip.nonzero().flatten().to(images.device)
+        images = images.clone()
+        target = target.clone()
+        images[idx] = images[idx].flip(-1)
+        target[idx] = target[idx].flip(-1)
+    return images, target
+
+
+def training_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    objective: str,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+    generator: torch.Generator,
+    history: list[dict[str, float]],
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, Any]:
+    """Everything needed to continue a run exactly, plus what is needed to rebuild the model."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "model_name": getattr(model, "model_name", None),
+        "model_kwargs": getattr(model, "model_kwargs", None),
+        "data_config": getattr(model, "data_config", None),
+        "num_classes": getattr(model, "num_classes", None),
+        "objective": objective,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "config": asdict(config),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "generator": generator.get_state(),
+        "rng": rng_state(),
+        "history": history,
+    }
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    objective: Callable,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[int, nn.Module], dict[str, float] | None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``train_set`` with ``objective``; checkpoint to ``out_dir/last.pt``.
+
+    Args:
+        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``).
+        train_set: samples with an image (3, H, W) in [0, 1] and a target (H, W) of class ids / 255.
+        objective: :class:`ClosedSetObjective`, :class:`DenseHybridObjective` or a callable
+            ``(model, images, target, generator) -> (loss, logs)``.
+        config: optimisation settings.
+        out_dir: where ``last.pt`` is written atomically (None: no checkpoints).
+        resume: continue from ``out_dir/last.pt`` if it exists.
+        on_epoch_end: optional callback ``(epoch, model) -> metrics`` (e.g. validation), logged in the history.
+
+    Returns:
+        :class:`TrainResult`; ``finished`` is False when ``config.max_steps`` stopped the run early.
+    """
+    device = select_device(config.device)
+    model.to(device)
+    optimizer = build_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    objective_name = getattr(objective, "name", type(objective).__name__)
+    checkpoint_path = Path(out_dir) / "last.pt" if out_dir is not None else None
+
+    epoch, step_in_epoch, global_step, history = 0, 0, 0, []
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        state = load_training_state(checkpoint_path, model, optimizer, scaler)
+        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        history = state["history"]
+
+    def save() -> Path | None:
+        if checkpoint_path is None:
+            return None
+        state = training_checkpoint(
+            model, optimizer, config, objective_name, epoch, step_in_epoch, global_step, generator, history, scaler
+        )
+        return atomic_torch_save(state, checkpoint_path)
+
+    steps_per_epoch = len(train_set) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"Expected at least `batch_size`={config.batch_size} training samples, but the dataset has {len(train_set)}."
+        )
+    while epoch < config.epochs:
+        _set_epoch_lr(optimizer, config, epoch)
+        model.train()
+        sampler = ResumableSampler(len(train_set), config.seed, epoch, start=step_in_epoch * config.batch_size)
+        loader = DataLoader(
+            train_set,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=config.num_workers,
+            collate_fn=collate,
+        )
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch - step_in_epoch,
+            desc=f"{objective_name} epoch {epoch + 1}/{config.epochs}",
+            disable=not config.progress,
+            leave=False,
+        )
+        for batch in bar:
+            images = batch["image"].to(device, non_blocking=True)
+            target = batch["target"].to(device, non_blocking=True).long()
+            if config.hflip:
+                images, target = _hflip(images, target, generator)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                loss, logs = objective(model, images, target, generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"The training loss became {float(loss)} at step {global_step} (epoch {epoch + 1}); "
+                    "lower the learning rate or check the inputs."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step_in_epoch += 1
+            global_step += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if config.checkpoint_every and global_step % config.checkpoint_every == 0:
+                save()
+            if config.max_steps is not None and global_step >= config.max_steps:
+                path = save()
+                return TrainResult(epoch, global_step, False, history, path)
+        record = {k: v / max(step_in_epoch, 1) for k, v in sums.items()}
+        record.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=optimizer.param_groups[0]["lr"])
+        if on_epoch_end is not None:
+            record.update(on_epoch_end(epoch, model) or {})
+            model.train()
+        history.append(record)
+        epoch += 1
+        step_in_epoch = 0
+        save()
+    return TrainResult(epoch, global_step, True, history, checkpoint_path)
+
+
+def load_training_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`fit` into ``model`` (strict) and ``optimizer``; return its contents."""
+    from densehybrid.models.checkpoint import load_checkpoint
+
+    state = load_checkpoint(model, path)
+    if optimizer is not None:
+        if state.get("optimizer") is None:
+            raise ValueError(f"Expected `{path}` to hold an optimiser state to resume from, but it has none.")
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    return state

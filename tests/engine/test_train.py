@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.helpers import tiny_model
+
+from densehybrid.engine import ClosedSetObjective, TrainConfig, atomic_torch_save, fit, select_device
+from densehybrid.engine.train import cosine_lr
+from densehybrid.errors import CheckpointError
+
+FAST = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3)
+
+
+def test_closed_set_training_lowers_the_loss(tiny_set):
+    model = tiny_model()
+    result = fit(model, tiny_set, ClosedSetObjective(), TrainConfig(epochs=4, **FAST))
+    losses = [h["loss"] for h in result.history]
+    assert result.finished and result.global_step == 4 * (len(tiny_set) // 4)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_interrupted_run_resumes_to_identical_parameters(tiny_set, tmp_path):
+    config = TrainConfig(epochs=2, checkpoint_every=1, **FAST)
+    reference = tiny_model()
+    fit(reference, tiny_set, ClosedSetObjective(), config, out_dir=tmp_path / "ref")
+
+    # stop part-way through the first epoch, as a killed run would after its last checkpoint
+    interrupted = tiny_model()
+    stopped = fit(
+        interrupted, tiny_set, ClosedSetObjective(), TrainConfig(epochs=2, max_steps=3, **FAST), out_dir=tmp_path / "b"
+    )
+    assert not stopped.finished and stopped.global_step == 3
+    resumed = tiny_model()  # a fresh process: new model, state comes only from the checkpoint
+    result = fit(resumed, tiny_set, ClosedSetObjective(), config, out_dir=tmp_path / "b", resume=True)
+    assert result.finished and result.global_step == 2 * (len(tiny_set) // 4)
+    ref_state, new_state = reference.state_dict(), resumed.state_dict()
+    assert ref_state.keys() == new_state.keys()
+    for key in ref_state:
+        assert torch.equal(ref_state[key], new_state[key]), key
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tiny_set, tmp_path):
+    from densehybrid.models import create_model
+
+    fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, max_steps=1, **FAST), out_dir=tmp_path)
+    other = create_model("ladder_resnet18", num_classes=4, decoder_channels=16)
+    with pytest.raises(CheckpointError, match="(?i)missing"):
+        fit(other, tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, **FAST), out_dir=tmp_path, resume=True)
+
+
+def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_cosine_schedule_matches_the_released_formula():
+    assert cosine_lr(1e-3, 1e-7, 0, 10) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 1e-7, 5, 10) == pytest.approx(1e-7 + (1e-3 - 1e-7) / 2)
+    assert cosine_lr(1e-3, 1e-7, 10, 10) == pytest.approx(1e-7)
+
+
+def test_config_and_device_errors_name_the_argument(tiny_set):
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, **{**FAST, "batch_size": 64}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            select_device("cuda")
+    assert select_device("cpu").type == "cpu"
