@@ -1,0 +1,315 @@
+"""The common shape of every benchmark loader: discover frames in the official tree, then read and encode them.
+
+A loader subclasses :class:`BenchmarkDataset` and implements two things: :meth:`~BenchmarkDataset.discover`, which
+walks the tree on disk and pairs images with label files (reporting unpaired files as :class:`PairingIssue`), and
+:meth:`~BenchmarkDataset.encode_target`, which turns the raw ids of one label file into the library's encoding.
+Reading, size checks, the sample dict and the optional transform are shared here, and ``densehybrid doctor`` reuses
+the same discovery and readers, so the doctor and the loaders can never disagree about a tree.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from densehybrid.data.datasets._io import DatasetFileError, check_same_size, read_image, read_label
+from densehybrid.labels import IGNORE_INDEX
+
+TARGET_KINDS = ("semantic", "anomaly")
+_LISTED = 5
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a benchmark as found on disk.
+
+    Attributes:
+        name: frame id, unique within the dataset; it names the SMIYC output file.
+        image: image file (for Fishyscapes Static overlays: the Cityscapes base image).
+        label: label file, or None where the split has no public labels.
+        smiyc_dataset: the SMIYC toolkit dataset this frame is stored under, if any (e.g. ``"AnomalyTrack-all"``).
+        extra: loader-specific paths (e.g. the overlay of a Fishyscapes Static frame).
+    """
+
+    name: str
+    image: Path
+    label: Path | None
+    smiyc_dataset: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairingIssue:
+    """A file that has no partner: an image without its label, or a label without its image.
+
+    Attributes:
+        path: the file that was found.
+        problem: what is missing.
+        fix: how to repair the tree.
+    """
+
+    path: Path
+    problem: str
+    fix: str
+
+
+@dataclass
+class Discovery:
+    """What :meth:`BenchmarkDataset.discover` found: the usable frames and the unpaired files."""
+
+    frames: list[Frame] = field(default_factory=list)
+    issues: list[PairingIssue] = field(default_factory=list)
+
+
+def require_dir(path: Path, what: str, fix: str) -> Path:
+    """Raise :class:`DatasetFileError` unless ``path`` is a directory."""
+    if not path.is_dir():
+        raise DatasetFileError(path, f"Expected {what} {str(path)!r} to be a directory, but it is missing.", fix)
+    return path
+
+
+def first_existing(stem_path: Path, suffixes: Sequence[str]) -> Path | None:
+    """``stem_path`` + the first suffix for which a file exists, or None."""
+    for suffix in suffixes:
+        candidate = stem_path.with_name(stem_path.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def files_with_suffix(directory: Path, suffix: str, recursive: bool = True) -> list[Path]:
+    """Files under ``directory`` whose name ends with ``suffix``, sorted (so frame order is reproducible)."""
+    pattern = f"*{suffix}"
+    found = directory.rglob(pattern) if recursive else directory.glob(pattern)
+    return sorted(p for p in found if p.is_file())
+
+
+class BenchmarkDataset(Dataset, ABC):
+    """Base class of the benchmark loaders.
+
+    Every item is a dict:
+
+    * ``image``: (3, H, W) float32 in [0, 1];
+    * ``target``: (H, W) int64 in the library's encoding (see :attr:`target_kind`);
+    * ``name``: the frame id (str);
+    * ``path``: the image file (str).
+
+    Class attributes:
+        target_kind: ``"semantic"`` (ids ``0..K-1``, anomaly id K where the set labels anomalies, ignore 255) or
+            ``"anomaly"`` (0 inlier, 1 anomaly, 255 ignore).
+        num_classes: K for semantic sets, None for anomaly sets.
+        class_names: the K class names of a semantic set.
+        splits: the accepted ``split`` values; ``default_split`` is used when ``split`` is None.
+        raw_label_values: the ids a label file of the official encoding may contain (checked by the doctor).
+        expected_tree: the expected tree, shown in error messages and the docs.
+        download: where to get the data.
+
+    Args:
+        root: the dataset root as described by :attr:`expected_tree`.
+        split: one of :attr:`splits`.
+        transform: callable applied to each sample dict, returning a sample dict.
+        strict: raise a :class:`~densehybrid.errors.DatasetError` when some files are unpaired (an image without
+            its label or the reverse). ``densehybrid doctor`` passes False to list them all instead.
+
+    Raises:
+        ValueError: an unknown ``split`` or option.
+        DatasetError: the root or a required directory is missing, no frame is found, or (with ``strict``) some
+            files are unpaired. The message names the path and says how to fix the tree.
+    """
+
+    target_kind: ClassVar[str]
+    num_classes: int | None = None
+    class_names: tuple[str, ...] = ()
+    splits: ClassVar[tuple[str, ...]] = ()
+    default_split: ClassVar[str] = ""
+    raw_label_values: frozenset[int] = frozenset()
+    expected_tree: ClassVar[str] = ""
+    download: ClassVar[str] = ""
+    benchmark_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        transform: Callable[[dict], dict] | None = None,
+        strict: bool = True,
+    ) -> None:
+        split = self.default_split if split is None else split
+        if split not in self.splits:
+            raise ValueError(f"Expected `split` to be one of {', '.join(self.splits)}, but got {split!r}.")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"Expected `transform` to be callable or None, but got {type(transform).__name__}.")
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.transform = transform
+        if not self.root.is_dir():
+            raise DatasetFileError(
+                self.root,
+                f"Expected `root` {str(self.root)!r} to be the {self.benchmark_name or type(self).__name__} "
+                "directory, but it does not exist.",
+                self.how_to_fix(),
+            )
+        discovery = self.discover()
+        self.frames: list[Frame] = discovery.frames
+        self.issues: list[PairingIssue] = discovery.issues
+        if strict and self.issues:
+            listed = "; ".join(f"{issue.problem}" for issue in self.issues[:_LISTED])
+            more = f" (and {len(self.issues) - _LISTED} more)" if len(self.issues) > _LISTED else ""
+            name = self.benchmark_name or "BENCHMARK"
+            raise DatasetFileError(
+                self.root,
+                f"Expected every file under {str(self.root)!r} to have its partner, but {len(self.issues)} "
+                f"are unpaired: {listed}{more}.",
+                f"Run `densehybrid doctor {name} {self.root}` for the full list and fixes.",
+            )
+        if not self.frames and (strict or not self.issues):
+            raise DatasetFileError(
+                self.root,
+                f"Expected frames of split {split!r} under {str(self.root)!r}, but found none.",
+                self.how_to_fix(),
+            )
+
+    # -- to implement -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def discover(self) -> Discovery:
+        """Walk the tree under ``self.root`` for ``self.split`` and pair images with labels.
+
+        Raises:
+            DatasetError: a required directory is missing (fatal); unpaired files go into ``Discovery.issues``.
+        """
+
+    @abstractmethod
+    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
+        """Map raw label ids (H, W) int64 to the library's encoding (H, W) int64."""
+
+    # -- shared -------------------------------------------------------------------------------------------------
+    def how_to_fix(self) -> str:
+        """The remedy shown when the tree is missing or empty: the expected layout and where to download it."""
+        parts = []
+        if self.expected_tree:
+            parts.append(f"Expected tree under ROOT:\n{self.expected_tree}")
+        if self.download:
+            parts.append(f"Download: {self.download}")
+        return "\n".join(parts)
+
+    def load_image(self, frame: Frame) -> torch.Tensor:
+        """The (3, H, W) float32 image of ``frame`` in [0, 1]."""
+        return read_image(frame.image)
+
+    def load_raw_label(self, frame: Frame) -> np.ndarray | None:
+        """The (H, W) int64 raw ids of ``frame``'s label file, or None when the frame has no label."""
+        return None if frame.label is None else read_label(frame.label)
+
+    def unexpected_values(self, raw: np.ndarray) -> list[int]:
+        """Raw ids in ``raw`` that the official encoding does not define (sorted)."""
+        values = np.unique(raw)
+        return [int(v) for v in values if int(v) not in self.raw_label_values]
+
+    def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
+        """A dataset-specific guess at why a label file holds ``unexpected`` ids (empty when there is none)."""
+        del unexpected, raw
+        return ""
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self.frames) <= index < len(self.frames):
+            raise IndexError(f"Expected `index` in [0, {len(self.frames)}), but got {index}.")
+        frame = self.frames[index]
+        image = self.load_image(frame)
+        height, width = image.shape[-2:]
+        raw = self.load_raw_label(frame)
+        if raw is None:
+            target = np.full((height, width), IGNORE_INDEX, dtype=np.int64)
+        else:
+            check_same_size(frame.image, (height, width), frame.label, raw.shape)
+            target = self.encode_target(raw, frame)
+        sample = {"image": image, "target": torch.from_numpy(target), "name": frame.name, "path": str(frame.image)}
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, frames={len(self.frames)})"
+
+
+def pair_by_suffix(
+    image_dir: Path,
+    image_suffixes: str | Sequence[str],
+    label_dir: Path,
+    label_suffix: str,
+    label_fix: str,
+    smiyc_dataset: str | None = None,
+) -> Discovery:
+    """Pair ``{id}{image_suffix}`` files with ``{id}{label_suffix}`` files at the same relative folder.
+
+    Used by the Cityscapes-style trees (Cityscapes, LostAndFound): images and labels live in parallel folder
+    hierarchies and share the frame id prefix.
+
+    Args:
+        image_dir: root of the image hierarchy.
+        image_suffixes: the image file suffix, or several accepted ones (e.g. LostAndFound in png, webp or jpg).
+        label_dir: root of the label hierarchy.
+        label_suffix: the label file suffix.
+        label_fix: remedy shown for an image without its label.
+        smiyc_dataset: recorded on every frame (see :class:`Frame`).
+
+    Returns:
+        the paired frames sorted by path, and one issue per unpaired image or label.
+    """
+    suffixes = (image_suffixes,) if isinstance(image_suffixes, str) else tuple(image_suffixes)
+    discovery = Discovery()
+    images = sorted((image, suffix) for suffix in suffixes for image in files_with_suffix(image_dir, suffix))
+    wanted = set()
+    for image, suffix in images:
+        frame_id = image.name[: -len(suffix)]
+        label = label_dir / image.parent.relative_to(image_dir) / f"{frame_id}{label_suffix}"
+        wanted.add(label)
+        if label.is_file():
+            discovery.frames.append(Frame(frame_id, image, label, smiyc_dataset))
+        else:
+            discovery.issues.append(
+                PairingIssue(image, f"image {str(image)!r} has no label file {str(label)!r}", label_fix)
+            )
+    for label in files_with_suffix(label_dir, label_suffix):
+        if label not in wanted:
+            discovery.issues.append(
+                PairingIssue(
+                    label,
+                    f"label {str(label)!r} has no image in {str(image_dir)!r}",
+                    "Extract the images of the same split next to the labels, or delete the stray label.",
+                )
+            )
+    return discovery
+
+
+def pair_by_stem(image_dir: Path, image_suffix: str, label_dir: Path, label_suffix: str, fix: str) -> Discovery:
+    """Pair ``image_dir/{stem}{image_suffix}`` with ``label_dir/{stem}{label_suffix}`` in two flat folders.
+
+    Used by the trees with one folder of images and one of annotations (ADE20K, COCO-Stuff).
+    """
+    discovery = Discovery()
+    images = files_with_suffix(image_dir, image_suffix, recursive=False)
+    stems = set()
+    for image in images:
+        stem = image.name[: -len(image_suffix)]
+        stems.add(stem)
+        label = label_dir / f"{stem}{label_suffix}"
+        if label.is_file():
+            discovery.frames.append(Frame(stem, image, label))
+        else:
+            discovery.issues.append(PairingIssue(image, f"image {str(image)!r} has no label {str(label)!r}", fix))
+    for label in files_with_suffix(label_dir, label_suffix, recursive=False):
+        if label.name[: -len(label_suffix)] not in stems:
+            discovery.issues.append(
+                PairingIssue(label, f"label {str(label)!r} has no image in {str(image_dir)!r}", fix)
+            )
+    return discovery

@@ -1,0 +1,184 @@
+"""Robust reading of the files benchmark trees are made of: images, label maps and Fishyscapes overlays.
+
+Every reader turns a missing, truncated or mis-encoded file into a :class:`DatasetFileError` that names the file,
+says what was expected and what was found, and how to repair it, so that neither a loader nor ``densehybrid doctor``
+ever stops on a bare PIL or NumPy traceback.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from densehybrid.errors import DatasetError
+
+#: File suffixes accepted for images, in the order a loader tries them when a tree allows several.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+_REDOWNLOAD = "Re-extract or re-download this file from the benchmark's archive."
+
+
+class DatasetFileError(DatasetError):
+    """A file or directory of a dataset tree is missing, unreadable, or encoded differently than expected.
+
+    Attributes:
+        path: the offending file or directory.
+        problem: what is wrong, in one sentence.
+        fix: what the user can do about it.
+    """
+
+    def __init__(self, path: str | Path, problem: str, fix: str = "") -> None:
+        self.path = Path(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} {fix}".strip())
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if not path.is_file():
+        raise DatasetFileError(
+            path, f"Expected {what} {str(path)!r} to exist, but it is missing.", "Check the dataset tree."
+        )
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DatasetFileError(
+            path, f"Expected {what} {str(path)!r} to be a readable image, but decoding failed ({err}).", _REDOWNLOAD
+        ) from err
+    return image
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB bytes.
+
+    Greyscale, palette and RGBA files (StreetHazards stores RGBA PNGs) are converted to RGB; the alpha channel is
+    dropped.
+
+    Args:
+        path: image file (PNG, JPEG, WebP).
+
+    Returns:
+        (H, W, 3) uint8 array.
+
+    Raises:
+        DatasetFileError: the file is missing or cannot be decoded.
+    """
+    path = Path(path)
+    image = _open(path, "image")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+
+
+def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as a (3, H, W) float32 tensor in [0, 1] (see :func:`read_rgb`)."""
+    return rgb_to_tensor(read_rgb(path))
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read a single-channel label map with its raw ids.
+
+    Palette PNGs give their palette indices (the ids), not colours; 16-bit and 32-bit integer PNGs keep their
+    values.
+
+    Args:
+        path: label file.
+
+    Returns:
+        (H, W) int64 array of raw ids.
+
+    Raises:
+        DatasetFileError: the file is missing, cannot be decoded, or is a colour image (for instance a
+            ``*_color.png`` visualisation passed instead of the id image).
+    """
+    path = Path(path)
+    image = _open(path, "label map")
+    if image.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+        return np.asarray(image).astype(np.int64)
+    raise DatasetFileError(
+        path,
+        f"Expected label map {str(path)!r} to be a single-channel id image (PIL mode L, P or I), "
+        f"but got mode {image.mode}.",
+        "A colour file is a visualisation, not the label ids: use the id image of the benchmark's archive "
+        "(e.g. *_labelIds.png, *_labels_semantic.png, not *_color.png).",
+    )
+
+
+def read_overlay(path: str | Path, key: str = "rgb") -> np.ndarray:
+    """Read a Fishyscapes Static overlay: the additive RGB difference stored under ``key`` in an ``.npz`` file.
+
+    Returns:
+        (H, W, 3) int32 array (signed: the overlay may darken pixels).
+
+    Raises:
+        DatasetFileError: the file is missing, is not a readable ``.npz``, lacks ``key`` or has the wrong shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFileError(path, f"Expected overlay {str(path)!r} to exist, but it is missing.")
+    try:
+        with np.load(path) as archive:
+            if key not in archive.files:
+                raise DatasetFileError(
+                    path,
+                    f"Expected overlay {str(path)!r} to hold the array {key!r}, but it holds {archive.files}.",
+                    _REDOWNLOAD,
+                )
+            overlay = np.asarray(archive[key])
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DatasetFileError(
+            path, f"Expected overlay {str(path)!r} to be a readable .npz file, but reading failed ({err}).", _REDOWNLOAD
+        ) from err
+    if overlay.ndim != 3 or overlay.shape[2] != 3:
+        raise DatasetFileError(
+            path,
+            f"Expected overlay {str(path)!r} to have shape (H, W, 3), but got {overlay.shape}.",
+            _REDOWNLOAD,
+        )
+    return overlay.astype(np.int32)
+
+
+def lookup_table(mapping: dict[int, int], size: int = 256, default: int = 255) -> np.ndarray:
+    """A dense remapping table: ``table[raw] = mapping.get(raw, default)`` for raw ids ``0..size-1``."""
+    table = np.full(size, default, dtype=np.int64)
+    for raw, value in mapping.items():
+        table[raw] = value
+    return table
+
+
+def apply_table(raw: np.ndarray, table: np.ndarray, default: int = 255) -> np.ndarray:
+    """Remap raw ids through ``table``; ids outside the table (negative or too large) become ``default``.
+
+    Args:
+        raw: (H, W) int64 raw ids.
+        table: 1-D int64 table from :func:`lookup_table`.
+        default: value for ids the table does not cover.
+
+    Returns:
+        (H, W) int64 remapped ids.
+    """
+    inside = (raw >= 0) & (raw < table.size)
+    out = np.full(raw.shape, default, dtype=np.int64)
+    out[inside] = table[raw[inside]]
+    return out
+
+
+def check_same_size(image_path: Path, image_hw: tuple[int, int], label_path: Path, label_hw: tuple[int, int]) -> None:
+    """Raise :class:`DatasetFileError` unless an image and its label map have the same (H, W)."""
+    if tuple(image_hw) != tuple(label_hw):
+        raise DatasetFileError(
+            label_path,
+            f"Expected label map {str(label_path)!r} to have the size of its image {str(image_path)!r} "
+            f"(H, W) = {tuple(image_hw)}, but got {tuple(label_hw)}.",
+            "The image and the label come from different frames or versions; re-extract both from the archive.",
+        )
