@@ -28,8 +28,8 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor,
 
 
 def check_spatial_match(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless the batch and the last two (spatial) dimensions agree."""
-    if a.shape[0] != b.shape[0] or tuple(a.shape[-2:]) != tuple(b.shape[-2:]):
+    """Raise ``ValueError`` unless the batch and the spatial dimensions (everything after the channel axis) agree."""
+    if a.shape[0] != b.shape[0] or tuple(a.shape[2:]) != tuple(b.shape[2:]):
         raise ValueError(
             f"Expected `{name_a}` {tuple(a.shape)} and `{name_b}` {tuple(b.shape)} to share batch size and (H, W)."
         )

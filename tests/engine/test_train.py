@@ -79,3 +79,27 @@ def test_config_and_device_errors_name_the_argument(tiny_set):
         with pytest.raises(ValueError, match="CUDA"):
             select_device("cuda")
     assert select_device("cpu").type == "cpu"
+
+
+def test_densehybrid_finetuning_with_pasted_negatives_learns_the_posterior(tiny_set, tiny_negatives):
+    from densehybrid.engine import DenseHybridObjective, NegativeStream
+    from densehybrid.losses import DenseHybridLoss
+    from densehybrid.negatives import NegativePaster
+
+    model = tiny_model()
+    fit(model, tiny_set, ClosedSetObjective(), TrainConfig(epochs=2, **FAST))
+    objective = DenseHybridObjective(DenseHybridLoss(), NegativeStream(tiny_negatives, crop_size=20), NegativePaster())
+    result = fit(model, tiny_set, objective, TrainConfig(epochs=4, **FAST))
+    first, last = result.history[0], result.history[-1]
+    assert {"loss", "seg", "likelihood", "posterior"} <= set(first)
+    assert last["posterior"] < first["posterior"]
+
+
+def test_negative_stream_crops_to_size_and_upscales_small_images(tiny_negatives):
+    from densehybrid.engine import NegativeStream
+
+    g = torch.Generator().manual_seed(0)
+    images, segments = NegativeStream(tiny_negatives, crop_size=16).draw(3, g)
+    assert images.shape == (3, 3, 16, 16) and segments.shape == (3, 16, 16)
+    big_images, big_segments = NegativeStream(tiny_negatives, crop_size=40).draw(2, g)
+    assert big_images.shape == (2, 3, 40, 40) and set(big_segments.unique().tolist()) <= {0, 1}
