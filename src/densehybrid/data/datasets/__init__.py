@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, PairingIssue
+from densehybrid.data.datasets._base import TARGET_KINDS, BenchmarkDataset, Discovery, Frame, PairingIssue
 from densehybrid.data.datasets._io import DatasetFileError
 from densehybrid.data.datasets.ade20k import ADE20K, ADE20K_CLASSES
 from densehybrid.data.datasets.cityscapes import CITYSCAPES_CLASSES, LABEL_ID_TO_TRAIN_ID, Cityscapes
@@ -39,6 +39,7 @@ __all__ = [
     "COCO_THINGS",
     "LABEL_ID_TO_TRAIN_ID",
     "PROTOCOLS",
+    "TARGET_KINDS",
     "VOC_CLASSES",
     "BenchmarkDataset",
     "BenchmarkSpec",
