@@ -60,13 +60,18 @@ def read_checkpoint_file(
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        if weights_only:
+        text = str(err)
+        # A refused object says "Unsupported global/class/..."; bytes that are no pickle at all say "operand".
+        if weights_only and "Weights only load failed" in text and "Unsupported operand" not in text:
+            detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
             raise CheckpointError(
-                f"Checkpoint {str(path)!r} holds Python objects besides tensors (e.g. NumPy scalars in its metadata), "
-                "which are not loaded by default because unpickling can run code. If you trust the file's source, "
-                f"pass `weights_only=False`. Detail: {str(err).splitlines()[0]}"
+                f"Checkpoint {str(path)!r} holds Python objects besides tensors (e.g. NumPy scalars or argument "
+                "objects in its metadata), which are not loaded by default because unpickling can run code. If you "
+                f"trust the file's source, pass `weights_only=False`.{' Detail: ' + detail if detail else ''}"
             ) from err
-        raise CheckpointError(f"Cannot read checkpoint {str(path)!r}: {err}") from err
+        raise CheckpointError(
+            f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {err}"
+        ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(
             f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {err}"
@@ -154,46 +159,72 @@ def strip_prefix(
 
 
 @functools.cache
-def _registered_keys(name: str) -> frozenset[str] | None:
-    """Parameter names of a registered model, built on the meta device (no memory, no weights)."""
+def _registered_shapes(name: str, num_classes: int = 2) -> dict[str, tuple[int, ...]] | None:
+    """Parameter names and shapes of a registered model, built on the meta device (no memory, no weights)."""
     from densehybrid.models.registry import create_model
 
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = create_model(name, num_classes=2)
+            model = create_model(name, num_classes=num_classes)
     except Exception:  # an entry point with an unavailable optional dependency cannot be suggested
         return None
-    return frozenset(model.state_dict())
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def suggest_model(keys: Sequence[str] | set[str]) -> tuple[str, float] | None:
-    """The registered model whose parameter names fit ``keys`` best.
+def _infer_num_classes(state: Mapping[str, torch.Tensor], name: str) -> int | None:
+    """K of a checkpoint for registered model ``name``: read where the model's shapes depend on ``num_classes``."""
+    two, three = _registered_shapes(name, 2), _registered_shapes(name, 3)
+    if not two or not three:
+        return None
+    for key, shape in two.items():
+        if key in state and shape != three.get(key) and state[key].ndim == len(shape):
+            dims = [i for i, (a, b) in enumerate(zip(shape, three[key])) if a != b]
+            if len(dims) == 1:
+                return int(state[key].shape[dims[0]])
+    return None
+
+
+def _rank(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> tuple[float, float]:
+    """(Jaccard similarity of the name sets, fraction of shared names whose shapes agree)."""
+    common = state.keys() & shapes.keys()
+    if not common:
+        return 0.0, 0.0
+    similarity = len(common) / len(state.keys() | shapes.keys())
+    return similarity, sum(tuple(state[k].shape) == tuple(shapes[k]) for k in common) / len(common)
+
+
+def suggest_model(state: Mapping[str, torch.Tensor]) -> tuple[str, float] | None:
+    """The registered model whose parameter names (then shapes) fit a state dict best.
+
+    Models are ranked by the Jaccard similarity of the name sets; ties (e.g. the ViT sizes of Segmenter, which
+    share every name) are broken by the fraction of shared names whose shapes agree.
 
     Args:
-        keys: parameter names of a checkpoint (wrapper prefixes already stripped).
+        state: parameter name -> tensor (wrapper prefixes already stripped).
 
     Returns:
-        ``(name, similarity)`` with the Jaccard similarity of the two name sets in [0, 1], or None when no
-        registered model shares a name.
+        ``(name, similarity)`` with the name similarity in [0, 1], or None when no registered model shares a name.
     """
+    best = _best_model(state)
+    return None if best is None else (best[0], best[1][0])
+
+
+def _best_model(state: Mapping[str, torch.Tensor]) -> tuple[str, tuple[float, float]] | None:
     from densehybrid.models.registry import list_models
 
-    keys = set(keys)
-    best: tuple[str, float] | None = None
+    best = None
     for name in list_models():
-        names = _registered_keys(name)
-        if not names:
-            continue
-        score = len(keys & names) / len(keys | names)
-        if score > 0 and (best is None or score > best[1]):
-            best = (name, score)
+        shapes = _registered_shapes(name)
+        rank = _rank(state, shapes) if shapes else (0.0, 0.0)
+        if rank[0] > 0 and (best is None or rank > best[1]):
+            best = (name, rank)
     return best
 
 
-def _listing(title: str, names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_LISTED])
-    more = f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
+def _listing(title: str, names: Sequence[str], separator: str = ", ") -> str:
+    shown = separator.join(names[:_LISTED])
+    more = f"{separator}... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
     return f"\n  {title} ({len(names)}): {shown}{more}"
 
 
@@ -222,18 +253,16 @@ def _mismatch_hints(
         (theirs, ours) = next(iter(differing))
         if ours == num_classes and theirs is not None:
             hints.append(f"The checkpoint was trained for {theirs} classes: build the model with num_classes={theirs}.")
-    if missing or unexpected:
-        best = suggest_model(state)
-        own_name = getattr(model, "model_name", None)
-        own_keys = set(own)
-        own_score = len(set(state) & own_keys) / len(set(state) | own_keys)
-        if best is not None and best[0] != own_name and best[1] > own_score:
-            hints.append(
-                f"Its parameter names fit the registered model {best[0]!r} best ({best[1]:.0%} of names shared, "
-                f"{own_score:.0%} with this model): build it with create_model({best[0]!r}, num_classes=...)."
-            )
-        elif best is None or best[1] < 0.5:
-            hints.append("No registered model fits its names; is it a checkpoint of another library?")
+    best = _best_model(state)
+    own_rank = _rank(state, {k: tuple(v.shape) for k, v in own.items()})
+    if best is not None and best[0] != getattr(model, "model_name", None) and best[1] > own_rank:
+        k = _infer_num_classes(state, best[0])
+        hints.append(
+            f"Its parameters fit the registered model {best[0]!r} best ({best[1][0]:.0%} of names shared, "
+            f"{own_rank[0]:.0%} with this model): build it with create_model({best[0]!r}, num_classes={k or '...'})."
+        )
+    elif (missing or unexpected) and (best is None or best[1][0] < 0.5):
+        hints.append("No registered model fits its names: is it a checkpoint of another library or architecture?")
     return hints
 
 
@@ -268,7 +297,7 @@ def check_state_dict(
         message += _listing("unexpected keys", unexpected)
     if mismatched:
         shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
-        message += _listing("shape mismatches", shapes)
+        message += _listing("shape mismatches", shapes, separator="; ")
     hints = _mismatch_hints(model, state, missing, unexpected, mismatched)
     if hints:
         message += "\n" + "\n".join(hints)

@@ -414,7 +414,7 @@ def _output_size(images: torch.Tensor, output_size: Sequence[int] | None) -> tup
 # torchvision's own densenet121-a639ec97.pth predates its current names: `denselayer1.norm.1.weight` is now
 # `denselayer1.norm1.weight`.
 _OLD_TORCHVISION_NAME = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 
 
@@ -423,7 +423,8 @@ def load_densenet_weights(encoder: DenseNetEncoder, path: str | PathLike[str], w
 
     Accepted: torchvision's ``densenet121-*.pth`` (old or new parameter names), timm's ``densenet121`` weights
     (``.pth``/``.bin``/``.safetensors``), and either nested under ``state_dict``/``model``. The ImageNet classifier
-    and final norm (``classifier.*``, ``features.norm5.*``) are dropped; every encoder parameter must be present.
+    and final norm (``classifier.*``, ``features.norm5.*``) are dropped; every encoder parameter and running
+    statistic must be present (``num_batches_tracked`` counters may be absent, as in torchvision's file).
 
     Args:
         encoder: the encoder to fill.
@@ -449,7 +450,8 @@ def load_densenet_weights(encoder: DenseNetEncoder, path: str | PathLike[str], w
     own = encoder.state_dict()
     selected = {k: v for k, v in renamed.items() if k in own}
     ignored = sorted(k for k in renamed if k not in own)
-    missing = sorted(k for k in own if k not in selected)
+    # Files older than PyTorch 0.4.1 (torchvision's own DenseNet-121) have no `num_batches_tracked` counters.
+    missing = sorted(k for k in own if k not in selected and not k.endswith("num_batches_tracked"))
     if missing:
         raise CheckpointError(
             f"Expected `{path}` to hold DenseNet weights for every encoder parameter, but {len(missing)} are missing "
@@ -461,7 +463,7 @@ def load_densenet_weights(encoder: DenseNetEncoder, path: str | PathLike[str], w
             f"Expected `{path}` to match DenseNet-121 shapes, but {len(wrong)} differ (file vs model): "
             f"{'; '.join(wrong[:5])}."
         )
-    encoder.load_state_dict(selected, strict=True)
+    encoder.load_state_dict(selected, strict=False)
     logger.info("Loaded %d DenseNet tensors from %s; ignored %s", len(selected), path, ignored)
     return {"loaded": len(selected), "ignored": ignored}
 

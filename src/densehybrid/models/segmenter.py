@@ -78,7 +78,8 @@ class MaskTransformer(nn.Module):
         num_heads = num_heads or max(dim // 64, 1)
         self.num_classes = num_classes
         self.proj_dec = nn.Linear(encoder_dim, dim)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        # Stochastic depth rising linearly to `drop_path_rate` (plain floats: the model may be built on meta).
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
                 dim,
