@@ -62,7 +62,7 @@ class RoadAnomaly(BenchmarkDataset):
                 discovery.issues.append(
                     PairingIssue(
                         label_dir,
-                        f"label folder {str(label_dir)!r} has no image {str(frames_dir / stem)!r}.jpg",
+                        f"label folder {str(label_dir)!r} has no image {str(frames_dir / (stem + '.jpg'))!r}",
                         "Re-extract RoadAnomaly_jpg.zip.",
                     )
                 )
