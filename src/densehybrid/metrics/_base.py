@@ -1,0 +1,121 @@
+"""Shared machinery of the streaming metrics: reset, merge and the distributed reduction of sum states.
+
+A streaming metric keeps only tensors that combine by addition (histograms, confusion matrices, sums and counts),
+so two metrics fed disjoint data merge into the metric of the union, and processes reduce with one
+``all_reduce(SUM)`` per tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def zeros(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zero tensor whose untouched pages cost no memory on CPU.
+
+    ``numpy.zeros`` obtains zeroed pages lazily from the operating system (calloc), so a large, sparsely filled
+    histogram only occupies the pages that updates write to; ``torch.zeros`` would write (and fault in) every page.
+    """
+    if device.type == "cpu":
+        return torch.from_numpy(np.zeros(size, dtype=torch.empty((), dtype=dtype).numpy().dtype))
+    return torch.zeros(size, dtype=dtype, device=device)
+
+
+def distributed_ready() -> bool:
+    """True when ``torch.distributed`` is available and a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """Device that the process group's backend reduces on: CUDA for NCCL, CPU otherwise."""
+    backend = dist.get_backend(group)
+    if str(backend).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class SumStateMetric(ABC):
+    """Base class of metrics whose state is a set of tensors reduced by summation.
+
+    Subclasses implement :meth:`_new_state` (zero tensors on a device) and :meth:`_config` (the settings that must
+    agree for two metrics to merge); the state lives in ``self._state`` (a dict of tensors, or None before the
+    first update).
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._device = torch.device(device) if device is not None else None
+        self._state: dict[str, torch.Tensor] | None = None
+        if self._device is not None:
+            self._state = self._new_state(self._device)
+
+    @abstractmethod
+    def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Zero-initialised state tensors on ``device``."""
+
+    @abstractmethod
+    def _config(self) -> tuple:
+        """Settings that must be equal for two metrics to merge."""
+
+    # -- shared ---------------------------------------------------------------------------------------------------
+    def _ensure_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Allocate the state on the first update's device unless a device was fixed at construction."""
+        if self._state is None:
+            self._state = self._new_state(self._device or device)
+        return self._state
+
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the state (None until the first update when no device was given)."""
+        if self._state is None:
+            return self._device
+        return next(iter(self._state.values())).device
+
+    def reset(self) -> SumStateMetric:
+        """Forget all updates (the state keeps its device)."""
+        if self._state is not None:
+            self._state = self._new_state(self.device)
+        return self
+
+    def merge(self, other: SumStateMetric) -> SumStateMetric:
+        """Add the state of ``other`` (fed with different data) to this metric, in place.
+
+        Raises:
+            TypeError: if ``other`` is not the same kind of metric.
+            ValueError: if the two metrics were configured differently.
+        """
+        if type(other) is not type(self):
+            raise TypeError(f"Expected `other` to be a {type(self).__name__}, but got {type(other).__name__}.")
+        if other._config() != self._config():
+            raise ValueError(
+                f"Expected `other` to have the same configuration {self._config()}, but got {other._config()}."
+            )
+        if other._state is None:
+            return self
+        state = self._ensure_state(other.device)
+        for name, tensor in state.items():
+            tensor += other._state[name].to(tensor.device)
+        return self
+
+    def sync(self, group: Any = None) -> SumStateMetric:
+        """Sum the state over all processes of ``group`` with ``torch.distributed.all_reduce``, in place.
+
+        Call it once, after the last :meth:`update` and before :meth:`compute`, on every process. A no-op when
+        ``torch.distributed`` is not initialised. Processes that saw no data contribute zeros.
+        """
+        if not distributed_ready():
+            return self
+        device = collective_device(group)
+        state = self._ensure_state(device)
+        for name, tensor in state.items():
+            if tensor.device == device:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            else:
+                moved = tensor.to(device)
+                dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+                state[name] = moved.to(tensor.device)
+        return self
