@@ -1,8 +1,8 @@
 """The common shape of every benchmark loader: discover frames in the official tree, then read and encode them.
 
-A loader subclasses :class:`BenchmarkDataset` and implements two things: :meth:`~BenchmarkDataset.discover`, which
-walks the tree on disk and pairs images with label files (reporting unpaired files as :class:`PairingIssue`), and
-:meth:`~BenchmarkDataset.encode_target`, which turns the raw ids of one label file into the library's encoding.
+A loader subclasses :class:`BenchmarkDataset` and provides two things: :meth:`~BenchmarkDataset.discover`, which
+walks the tree on disk and pairs images with label files (reporting unpaired files as :class:`PairingIssue`), and a
+``label_table`` that turns the raw ids of its label files into the library's encoding.
 Reading, size checks, the sample dict and the optional transform are shared here, and ``densehybrid doctor`` reuses
 the same discovery and readers, so the doctor and the loaders can never disagree about a tree.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from densehybrid.data.datasets._io import DatasetFileError, check_same_size, read_image, read_label
+from densehybrid.data.datasets._io import DatasetFileError, apply_table, check_same_size, read_image, read_label
 from densehybrid.labels import IGNORE_INDEX
 
 TARGET_KINDS = ("semantic", "anomaly")
@@ -108,6 +108,7 @@ class BenchmarkDataset(Dataset, ABC):
         class_names: the K class names of a semantic set.
         splits: the accepted ``split`` values; ``default_split`` is used when ``split`` is None.
         raw_label_values: the ids a label file of the official encoding may contain (checked by the doctor).
+        label_table: raw id -> library id lookup (:func:`~densehybrid.data.datasets._io.lookup_table`).
         expected_tree: the expected tree, shown in error messages and the docs.
         download: where to get the data.
 
@@ -116,7 +117,8 @@ class BenchmarkDataset(Dataset, ABC):
         split: one of :attr:`splits`.
         transform: callable applied to each sample dict, returning a sample dict.
         strict: raise a :class:`~densehybrid.errors.DatasetError` when some files are unpaired (an image without
-            its label or the reverse). ``densehybrid doctor`` passes False to list them all instead.
+            its label or the reverse). ``densehybrid doctor`` passes False to list them all instead; the dataset then
+            holds the paired frames (possibly none) and ``issues`` lists the rest.
 
     Raises:
         ValueError: an unknown ``split`` or option.
@@ -130,6 +132,7 @@ class BenchmarkDataset(Dataset, ABC):
     splits: ClassVar[tuple[str, ...]] = ()
     default_split: ClassVar[str] = ""
     raw_label_values: frozenset[int] = frozenset()
+    label_table: np.ndarray
     expected_tree: ClassVar[str] = ""
     download: ClassVar[str] = ""
     benchmark_name: ClassVar[str] = ""
@@ -162,12 +165,12 @@ class BenchmarkDataset(Dataset, ABC):
         if strict and self.issues:
             listed = "; ".join(f"{issue.problem}" for issue in self.issues[:_LISTED])
             more = f" (and {len(self.issues) - _LISTED} more)" if len(self.issues) > _LISTED else ""
-            name = self.benchmark_name or "BENCHMARK"
+            split_option = "" if split == self.default_split else f" --split {split}"
             raise DatasetFileError(
                 self.root,
                 f"Expected every file under {str(self.root)!r} to have its partner, but {len(self.issues)} "
                 f"are unpaired: {listed}{more}.",
-                f"Run `densehybrid doctor {name} {self.root}` for the full list and fixes.",
+                f"Run `densehybrid doctor {self.benchmark_name} {self.root}{split_option}` for the full list and fixes.",
             )
         if not self.frames and (strict or not self.issues):
             raise DatasetFileError(
@@ -185,9 +188,13 @@ class BenchmarkDataset(Dataset, ABC):
             DatasetError: a required directory is missing (fatal); unpaired files go into ``Discovery.issues``.
         """
 
-    @abstractmethod
     def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        """Map raw label ids (H, W) int64 to the library's encoding (H, W) int64."""
+        """Map raw label ids (H, W) int64 to the library's encoding (H, W) int64 through :attr:`label_table`.
+
+        Ids the table does not cover become void (255). A loader whose encoding is not a per-id lookup overrides this.
+        """
+        del frame
+        return apply_table(raw, self.label_table)
 
     # -- shared -------------------------------------------------------------------------------------------------
     def how_to_fix(self) -> str:

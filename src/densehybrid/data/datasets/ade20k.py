@@ -7,10 +7,8 @@ semantic encoding ``0..149`` with "other" as void (255).
 
 from __future__ import annotations
 
-import numpy as np
-
-from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, pair_by_stem, require_dir
-from densehybrid.data.datasets._io import apply_table, lookup_table
+from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, pair_by_stem, require_dir
+from densehybrid.data.datasets._io import lookup_table
 
 ADE20K_CLASSES = (
     "wall",
@@ -190,7 +188,7 @@ class ADE20K(BenchmarkDataset):
         "  ADEChallengeData2016/annotations/{training,validation}/ADE_{train,val}_{8 digits}.png   (0 other, 1..150)"
     )
     download = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip, extracted into ROOT"
-    _table = lookup_table({raw: raw - 1 for raw in range(1, _NUM_RAW + 1)})
+    label_table = lookup_table({raw: raw - 1 for raw in range(1, _NUM_RAW + 1)})
 
     def discover(self) -> Discovery:
         base = self.root / "ADEChallengeData2016" if (self.root / "ADEChallengeData2016").is_dir() else self.root
@@ -198,6 +196,3 @@ class ADE20K(BenchmarkDataset):
         image_dir = require_dir(base / "images" / self.split, "the image directory", fix)
         label_dir = require_dir(base / "annotations" / self.split, "the annotation directory", fix)
         return pair_by_stem(image_dir, ".jpg", label_dir, ".png", "Re-extract ADEChallengeData2016.zip.")
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, pair_by_suffix, require_dir
-from densehybrid.data.datasets._io import apply_table, lookup_table
+from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, pair_by_suffix, require_dir
+from densehybrid.data.datasets._io import lookup_table
 
 CITYSCAPES_CLASSES = (
     "road",
@@ -115,10 +115,10 @@ class Cityscapes(BenchmarkDataset):
             raise ValueError(f"Expected `label_type` to be one of {', '.join(_LABEL_SUFFIX)}, but got {label_type!r}.")
         self.label_type = label_type
         if label_type == "labelIds":
-            self._table = lookup_table(LABEL_ID_TO_TRAIN_ID)
+            self.label_table = lookup_table(LABEL_ID_TO_TRAIN_ID)
             self.raw_label_values = frozenset(range(34))
         else:
-            self._table = lookup_table({i: i for i in range(19)})
+            self.label_table = lookup_table({i: i for i in range(19)})
             self.raw_label_values = frozenset(range(19)) | {255}
         super().__init__(root, split, transform, strict)
 
@@ -137,9 +137,6 @@ class Cityscapes(BenchmarkDataset):
                 " or use label_type=labelIds."
             )
         return "Extract gtFine_trainvaltest.zip into ROOT next to leftImg8bit/."
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)
 
     def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
         if self.label_type == "labelIds" and 255 in unexpected and int(raw[raw != 255].max(initial=0)) <= 18:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, pair_by_stem, require_dir
-from densehybrid.data.datasets._io import apply_table, lookup_table
+from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, pair_by_stem, require_dir
+from densehybrid.data.datasets._io import lookup_table
 from densehybrid.labels import IGNORE_INDEX
 
 #: The 80 COCO thing categories: official ``category_id`` -> name (ids 1..90 with 10 gaps).
@@ -198,7 +198,7 @@ class COCOOpenSet(BenchmarkDataset):
             mapping[category_id - 1] = known.index(name) + offset if name in known else self.num_classes
         if offset:
             mapping.update(dict.fromkeys(_STUFF_RAW, 0))
-        self._table = lookup_table(mapping)
+        self.label_table = lookup_table(mapping)
         super().__init__(root, split, transform, strict)
 
     def discover(self) -> Discovery:
@@ -208,9 +208,6 @@ class COCOOpenSet(BenchmarkDataset):
         return pair_by_stem(
             image_dir, ".jpg", label_dir, ".png", "Extract stuffthingmaps_trainval2017.zip into ROOT/annotations/."
         )
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)
 
     def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
         return "Use the COCO-Stuff stuffthingmaps PNGs (ids 0..181 and 255), not panoptic or colour PNGs."

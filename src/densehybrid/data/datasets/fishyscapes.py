@@ -32,7 +32,6 @@ from densehybrid.data.datasets._base import (
 from densehybrid.data.datasets._io import (
     IMAGE_SUFFIXES,
     DatasetFileError,
-    apply_table,
     lookup_table,
     read_overlay,
     read_rgb,
@@ -128,9 +127,11 @@ class FishyscapesLAF(BenchmarkDataset):
         self.resolved_layout = self._resolve_layout()
         if self.resolved_layout == "densehybrid":
             self.raw_label_values = frozenset({INLIER, ANOMALY, 2, IGNORE_INDEX})
-            self._table = lookup_table({INLIER: INLIER, ANOMALY: ANOMALY, 2: IGNORE_INDEX, IGNORE_INDEX: IGNORE_INDEX})
+            self.label_table = lookup_table(
+                {INLIER: INLIER, ANOMALY: ANOMALY, 2: IGNORE_INDEX, IGNORE_INDEX: IGNORE_INDEX}
+            )
             return self._discover_repack()
-        self._table = lookup_table(_BINARY)
+        self.label_table = lookup_table(_BINARY)
         return self._discover_official()
 
     def _discover_official(self) -> Discovery:
@@ -200,9 +201,6 @@ class FishyscapesLAF(BenchmarkDataset):
             discovery.frames.append(Frame(frame_id, image, label, smiyc))
         return discovery
 
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)
-
     def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
         if self.resolved_layout == "official" and list(unexpected) == [2]:
             return "Void stored as 2 is the DenseHybrid repack's encoding: pass layout=densehybrid."
@@ -229,6 +227,7 @@ class FishyscapesStatic(BenchmarkDataset):
     splits = ("val",)
     default_split = "val"
     raw_label_values = frozenset(_BINARY)
+    label_table = lookup_table(_BINARY)
     benchmark_name = "fs-static"
     expected_tree = (
         "  official (fs_val_v3.zip; v1 and v2 alike):\n"
@@ -256,7 +255,6 @@ class FishyscapesStatic(BenchmarkDataset):
         _check_layout(layout)
         self.layout_name = layout
         self.cityscapes_root = None if cityscapes_root is None else Path(cityscapes_root).expanduser()
-        self._table = lookup_table(_BINARY)
         super().__init__(root, split, transform, strict)
 
     def _resolve_layout(self) -> str:
@@ -376,6 +374,3 @@ class FishyscapesStatic(BenchmarkDataset):
                 "Check that cityscapes_root points at the original Cityscapes val images (2048x1024).",
             )
         return rgb_to_tensor(np.clip(base + overlay, 0, 255).astype(np.uint8))
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)

@@ -4,10 +4,8 @@ unusual objects (animals, vehicles, cones), labelled 0 = normal and 2 = anomaly,
 
 from __future__ import annotations
 
-import numpy as np
-
 from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, PairingIssue, require_dir
-from densehybrid.data.datasets._io import IMAGE_SUFFIXES, apply_table, lookup_table
+from densehybrid.data.datasets._io import IMAGE_SUFFIXES, lookup_table
 from densehybrid.labels import ANOMALY, INLIER
 
 _ANOMALY_RAW = 2
@@ -37,7 +35,7 @@ class RoadAnomaly(BenchmarkDataset):
         "  RoadAnomaly_jpg/frames/{name}.labels/labels_semantic.png    (0 normal, 2 anomaly)"
     )
     download = "https://datasets-cvlab.epfl.ch/2019-road-anomaly/RoadAnomaly_jpg.zip, extracted into ROOT"
-    _table = lookup_table({INLIER: INLIER, _ANOMALY_RAW: ANOMALY})
+    label_table = lookup_table({INLIER: INLIER, _ANOMALY_RAW: ANOMALY})
 
     def discover(self) -> Discovery:
         base = self.root / "RoadAnomaly_jpg" if (self.root / "RoadAnomaly_jpg").is_dir() else self.root
@@ -67,6 +65,3 @@ class RoadAnomaly(BenchmarkDataset):
                     )
                 )
         return discovery
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)

@@ -33,7 +33,7 @@ from densehybrid.data.datasets._base import (
     pair_by_suffix,
     require_dir,
 )
-from densehybrid.data.datasets._io import IMAGE_SUFFIXES, apply_table, lookup_table, read_label
+from densehybrid.data.datasets._io import IMAGE_SUFFIXES, lookup_table, read_label
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, INLIER
 
 _BINARY_TABLE = lookup_table({INLIER: INLIER, ANOMALY: ANOMALY, IGNORE_INDEX: IGNORE_INDEX})
@@ -49,6 +49,7 @@ class _SmiycTrack(BenchmarkDataset):
     splits = ("validation", "test", "all")
     default_split = "validation"
     raw_label_values = frozenset({INLIER, ANOMALY, IGNORE_INDEX})
+    label_table = _BINARY_TABLE
     directory: str = ""
     persistence: str = ""
 
@@ -96,9 +97,6 @@ class _SmiycTrack(BenchmarkDataset):
                         )
                     )
         return discovery
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, _BINARY_TABLE)
 
 
 class RoadAnomaly21(_SmiycTrack):
@@ -196,7 +194,7 @@ class LostAndFound(BenchmarkDataset):
         "http://wwwlehre.dhbw-stuttgart.de/~sgehrig/lostAndFoundDataset/leftImg8bit.zip and gtCoarse.zip, both "
         "extracted into ROOT"
     )
-    _table = lookup_table({0: IGNORE_INDEX, 1: INLIER, **dict.fromkeys(range(2, _LAF_OBSTACLE_MAX + 1), ANOMALY)})
+    label_table = lookup_table({0: IGNORE_INDEX, 1: INLIER, **dict.fromkeys(range(2, _LAF_OBSTACLE_MAX + 1), ANOMALY)})
 
     def discover(self) -> Discovery:
         fix = self.how_to_fix()
@@ -212,9 +210,6 @@ class LostAndFound(BenchmarkDataset):
         )
         discovery.frames.sort(key=lambda frame: frame.name)
         return discovery
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)
 
     def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
         if 255 in unexpected:

@@ -27,7 +27,7 @@ from densehybrid.data.datasets._base import (
     files_with_suffix,
     require_dir,
 )
-from densehybrid.data.datasets._io import apply_table, lookup_table
+from densehybrid.data.datasets._io import lookup_table
 from densehybrid.labels import IGNORE_INDEX
 
 _RAW_NAMES = (
@@ -116,7 +116,7 @@ class StreetHazards(BenchmarkDataset):
         names, mapping = ENCODINGS[encoding]
         self.class_names = names
         self.num_classes = len(names)
-        self._table = lookup_table(mapping)
+        self.label_table = lookup_table(mapping)
         super().__init__(root, split, transform, strict)
 
     def discover(self) -> Discovery:
@@ -160,9 +160,6 @@ class StreetHazards(BenchmarkDataset):
                 f"Expected `towns` among the folders {present} of {str(image_dir)!r}, but got {self.towns}."
             )
         return discovery
-
-    def encode_target(self, raw: np.ndarray, frame: Frame) -> np.ndarray:
-        return apply_table(raw, self._table)
 
     def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
         if 0 in unexpected and int(raw.max()) <= _ANOMALY_RAW - 1:
