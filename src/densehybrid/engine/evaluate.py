@@ -1,0 +1,190 @@
+"""Evaluation loop: run a model over a dataset once and feed every requested score into streaming metrics.
+
+One forward pass per batch serves all scores, all anomaly groups (e.g. per anomaly family) and, for semantic
+targets, the closed-set and open-set confusion matrices. Metric state has fixed size, so the loop runs over
+benchmarks of 10^9 pixels in bounded memory; optional pixel subsamples feed plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from densehybrid.engine.batches import collate
+from densehybrid.engine.runtime import select_device
+from densehybrid.labels import ANOMALY, INLIER, anomaly_target
+from densehybrid.metrics import ConfusionMatrix, anomaly_metrics
+from densehybrid.openset import predict_open_set
+from densehybrid.scores import get_score
+
+GroupFn = Callable[[dict[str, Any], torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        anomaly: score name -> group name -> the metric's ``compute()`` dict (``ap``, ``auroc``, ``fpr95``, ...).
+        closed_set: closed-set ``ConfusionMatrix.compute()`` (semantic targets only).
+        open_set: open-set ``ConfusionMatrix.compute()`` with the given threshold (semantic targets only).
+        samples: score name -> (scores, labels, group ids) pixel subsample as NumPy arrays, for plots.
+        num_images: images evaluated.
+    """
+
+    anomaly: dict[str, dict[str, dict[str, Any]]]
+    closed_set: dict[str, Any] | None = None
+    open_set: dict[str, Any] | None = None
+    samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    num_images: int = 0
+
+
+def model_outputs(
+    model: nn.Module,
+    dataset: Dataset,
+    device: str | torch.device = "auto",
+    batch_size: int = 4,
+    num_workers: int = 0,
+    amp: bool = True,
+    progress: bool = True,
+    desc: str = "evaluate",
+):
+    """Yield ``(batch, HybridOutput)`` for every batch of ``dataset``, outputs at the target's resolution."""
+    device = select_device(device)
+    model.to(device).eval()
+    use_amp = amp and device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            images = batch["image"].to(device, non_blocking=True)
+            size = tuple(batch["target"].shape[-2:]) if "target" in batch else tuple(images.shape[-2:])
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(images, output_size=size)
+            yield batch, type(out)(out.logits.float(), out.ood_logits.float())
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    scores: Sequence[str] = ("densehybrid",),
+    *,
+    target_kind: str = "semantic",
+    num_classes: int | None = None,
+    protocol: str = "pooled",
+    protocol_options: Mapping[str, Any] | None = None,
+    score_options: Mapping[str, Mapping[str, Any]] | None = None,
+    groups: GroupFn | None = None,
+    threshold: float | None = None,
+    open_set_score: str = "densehybrid",
+    sample_pixels: int = 0,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Anomaly metrics for every score (and segmentation metrics for semantic targets) in one pass.
+
+    Args:
+        model: a DenseHybrid model.
+        dataset: samples with ``image`` (3, H, W) and ``target`` (H, W).
+        scores: registered score names to evaluate.
+        target_kind: ``"semantic"`` (ids 0..K-1, anomaly K, ignore 255) or ``"anomaly"`` (0/1/255).
+        num_classes: K; required for semantic targets.
+        protocol: metric protocol (``pooled``, ``per_image``, ``smiyc``; see :mod:`densehybrid.metrics`).
+        protocol_options: keyword options of the protocol's metric.
+        score_options: per-score keyword options, e.g. ``{"sml": {"statistics": stats}}``.
+        groups: ``(batch, binary_target) -> {group: binary_target}`` to evaluate subsets (e.g. per anomaly
+            family); default ``{"all": binary_target}``.
+        threshold: open-set threshold on ``open_set_score``; with semantic targets it yields open-mIoU.
+        open_set_score: the score the threshold applies to.
+        sample_pixels: keep about this many random evaluated pixels per score for plots (0: none).
+        seed: seeds the pixel subsample.
+        device, batch_size, num_workers, progress: loop settings.
+
+    Returns:
+        :class:`EvaluationResult`.
+    """
+    if target_kind not in ("semantic", "anomaly"):
+        raise ValueError(f"Expected `target_kind` to be 'semantic' or 'anomaly', but got {target_kind!r}.")
+    if target_kind == "semantic" and num_classes is None:
+        raise ValueError("Expected `num_classes` for semantic targets (the anomaly id is K), but got None.")
+    score_fns = {name: get_score(name) for name in scores}
+    if threshold is not None and open_set_score not in score_fns:
+        score_fns[open_set_score] = get_score(open_set_score)
+    score_options = {k: dict(v) for k, v in (score_options or {}).items()}
+    metrics: dict[str, dict[str, Any]] = {name: {} for name in scores}
+    closed = ConfusionMatrix(num_classes) if target_kind == "semantic" else None
+    opened = ConfusionMatrix(num_classes) if target_kind == "semantic" and threshold is not None else None
+    sampler = _PixelSampler(sample_pixels, len(dataset), seed) if sample_pixels else None
+    num_images = 0
+    for batch, out in model_outputs(model, dataset, device, batch_size, num_workers, progress=progress):
+        target = batch["target"].to(out.logits.device).long()
+        binary = anomaly_target(target, num_classes) if target_kind == "semantic" else target
+        group_targets = dict(groups(batch, binary)) if groups is not None else {"all": binary}
+        computed = {
+            name: fn(out.logits, out.ood_logits, **score_options.get(name, {})) for name, fn in score_fns.items()
+        }
+        for name in scores:
+            for group, group_target in group_targets.items():
+                if group not in metrics[name]:
+                    metrics[name][group] = anomaly_metrics(protocol, **dict(protocol_options or {}))
+                metrics[name][group].update(computed[name], group_target)
+        if closed is not None:
+            closed.update(out.logits.argmax(1), target)
+        if opened is not None:
+            opened.update(predict_open_set(out.logits, computed[open_set_score], threshold), target)
+        if sampler is not None:
+            group_ids = _group_ids(group_targets, binary)
+            sampler.add({name: computed[name] for name in scores}, binary, group_ids)
+        num_images += target.shape[0]
+    return EvaluationResult(
+        anomaly={name: {g: m.compute() for g, m in by_group.items()} for name, by_group in metrics.items()},
+        closed_set=closed.compute() if closed is not None else None,
+        open_set=opened.compute() if opened is not None else None,
+        samples=sampler.result() if sampler is not None else {},
+        num_images=num_images,
+    )
+
+
+def _group_ids(group_targets: Mapping[str, torch.Tensor], binary: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the index (1-based, in group order) of the first group that counts it as an anomaly; 0 otherwise."""
+    ids = torch.zeros_like(binary)
+    for i, group_target in enumerate(group_targets.values(), start=1):
+        ids[(group_target == ANOMALY) & (ids == 0)] = i
+    return ids
+
+
+class _PixelSampler:
+    """Keeps a seeded random subset of evaluated pixels (same pixels for every score) for curves and histograms."""
+
+    def __init__(self, total: int, num_images: int, seed: int) -> None:
+        self.per_image = max(1, total // max(num_images, 1))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.scores: dict[str, list[np.ndarray]] = {}
+        self.labels: list[np.ndarray] = []
+        self.groups: list[np.ndarray] = []
+
+    def add(self, scores: Mapping[str, torch.Tensor], binary: torch.Tensor, group_ids: torch.Tensor) -> None:
+        for i in range(binary.shape[0]):
+            valid = ((binary[i] == INLIER) | (binary[i] == ANOMALY)).flatten().nonzero().squeeze(1).cpu()
+            if valid.numel() == 0:
+                continue
+            pick = valid[torch.randperm(valid.numel(), generator=self.generator)[: self.per_image]]
+            self.labels.append(binary[i].flatten().cpu()[pick].numpy())
+            self.groups.append(group_ids[i].flatten().cpu()[pick].numpy())
+            for name, value in scores.items():
+                self.scores.setdefault(name, []).append(value[i].flatten().cpu()[pick].numpy())
+
+    def result(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        if not self.labels:
+            return {}
+        labels, groups = np.concatenate(self.labels), np.concatenate(self.groups)
+        return {name: (np.concatenate(parts), labels, groups) for name, parts in self.scores.items()}

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, roc_curve
+
+from densehybrid.models import create_model
+from densehybrid.openset import OpenSetPredictor, calibrate_threshold, predict_open_set
+
+
+def test_predict_open_set_overrides_only_pixels_above_the_threshold():
+    logits = torch.randn(2, 3, 4, 5)
+    scores = torch.randn(2, 4, 5)
+    pred = predict_open_set(logits, scores, threshold=0.3)
+    closed = logits.argmax(1)
+    assert torch.equal(pred[scores > 0.3], torch.full_like(pred[scores > 0.3], 3))
+    assert torch.equal(pred[scores <= 0.3], closed[scores <= 0.3])
+
+
+def test_predict_open_set_rejects_mismatched_and_nan_scores():
+    with pytest.raises(ValueError, match="scores"):
+        predict_open_set(torch.randn(1, 3, 4, 4), torch.randn(1, 4, 5), 0.0)
+    bad = torch.zeros(1, 4, 4)
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        predict_open_set(torch.randn(1, 3, 4, 4), bad, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tpr_calibration_matches_sklearn_roc_curve(seed):
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(3, 20, 20, generator=g) < 0.2).long()
+    target[0, :2] = 255
+    scores = torch.randn(3, 20, 20, generator=g) + 1.5 * target.clamp(max=1)
+    batches = [(scores[i : i + 1], target[i : i + 1]) for i in range(3)]
+    valid = target.flatten() != 255
+    y, s = target.flatten()[valid].numpy(), scores.flatten()[valid].numpy()
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    expected_ge = thresholds[np.argmax(tpr >= 0.95)]
+    assert calibrate_threshold(batches, target_tpr=0.95, strict=False) == pytest.approx(expected_ge, abs=1e-5)
+    # the released code's rule: first point with TPR strictly above the target
+    fpr, tpr, thresholds = roc_curve(y, s)
+    expected_gt = thresholds[np.argmax(tpr > 0.95)]
+    assert calibrate_threshold(batches, target_tpr=0.95, strict=True) == pytest.approx(expected_gt, abs=1e-5)
+
+
+def test_f1_calibration_maximises_pixel_f1():
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(1, 30, 30, generator=g) < 0.3).long()
+    scores = torch.randn(1, 30, 30, generator=g) + 2 * target
+    threshold = calibrate_threshold([(scores, target)], method="f1")
+    y, s = target.flatten().numpy(), scores.flatten().numpy()
+    best = max(f1_score(y, s >= t) for t in np.unique(s))
+    assert f1_score(y, s >= threshold) == pytest.approx(best)
+
+
+def test_calibration_errors():
+    with pytest.raises(ValueError, match="method"):
+        calibrate_threshold([], method="auc")
+    with pytest.raises(ValueError, match="anomaly pixels"):
+        calibrate_threshold([(torch.randn(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))])
+
+
+def test_predictor_bundles_model_score_and_threshold():
+    model = create_model("ladder_mobilenetv3", num_classes=3, decoder_channels=16).eval()
+    images = torch.rand(1, 3, 64, 64)
+    prediction = OpenSetPredictor(model, "densehybrid", threshold=float("-inf"))(images)
+    assert prediction.scores.shape == (1, 64, 64)
+    assert torch.all(prediction.open_set == 3)  # every finite score passes -inf
+    none = OpenSetPredictor(model, "msp")(images)
+    assert none.open_set is None and none.closed_set.shape == (1, 64, 64)
