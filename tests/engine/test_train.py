@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import tiny_model
 
 from densehybrid.engine import ClosedSetObjective, TrainConfig, atomic_torch_save, fit, select_device
 from densehybrid.engine.train import cosine_lr
 from densehybrid.errors import CheckpointError
+from tests.helpers import tiny_model
 
 FAST = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3)
 
