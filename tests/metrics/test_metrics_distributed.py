@@ -1,0 +1,91 @@
+"""Two gloo processes, each with half of the frames, sync to the single-process results."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from densehybrid.metrics import (
+    AnomalyMetrics,
+    ComponentMetrics,
+    ConfusionMatrix,
+    PerImageAnomalyMetrics,
+    SmiycAnomalyMetrics,
+)
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(5, 24, 32, generator=g) < 0.2).long()
+    scores = torch.rand(5, 24, 32, generator=g) + 0.5 * target
+    target[:, :2] = 255
+    classes = torch.randint(0, 3, (5, 24, 32), generator=g)
+    return scores, target, classes
+
+
+def _metrics() -> dict:
+    return {
+        "pooled": AnomalyMetrics(bits=16),
+        "per_image": PerImageAnomalyMetrics(),
+        "smiyc": SmiycAnomalyMetrics(),
+        "components": ComponentMetrics(0.9, min_segment_size=2, min_instance_size=2),
+        "confusion": ConfusionMatrix(num_classes=2),
+    }
+
+
+def _evaluate(frames: slice, sync: bool) -> dict:
+    scores, target, classes = _data()
+    results = {}
+    for name, metric in _metrics().items():
+        if name == "confusion":
+            metric.update(classes[frames], torch.where(target[frames] == 255, 255, classes[frames]))
+        elif frames.start != frames.stop:
+            metric.update(scores[frames], target[frames])
+        if sync:
+            metric.sync()
+        results[name] = metric.compute()
+    return results
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        frames = slice(0, 2) if rank == 0 else slice(2, 5)
+        results = _evaluate(frames, sync=True)
+        Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _assert_same(actual: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert math.isnan(actual[key]), key
+        elif isinstance(value, float):
+            assert actual[key] == pytest.approx(value, abs=1e-12), key
+        else:
+            assert actual[key] == value, key
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_process_gloo_sync_equals_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = _evaluate(slice(0, 5), sync=False)
+    for rank in range(2):
+        synced = pickle.loads(Path(tmp_path, f"rank{rank}.pkl").read_bytes())
+        for name, values in expected.items():
+            _assert_same(synced[name], values)
+    assert expected["pooled"]["num_anomaly"] > 0 and expected["confusion"]["num_pixels"] > 0
