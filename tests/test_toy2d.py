@@ -1,0 +1,132 @@
+"""Tests of the 2-D toy experiment (densehybrid.toy2d) and its command (densehybrid toy2d)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from densehybrid.cli import main
+from densehybrid.toy2d import (
+    BORDER_ANOMALIES,
+    CENTRE_RADIUS,
+    FAR_ANOMALIES,
+    FAR_RADII,
+    INLIER_STD,
+    NEGATIVE_ANGLES,
+    NEGATIVE_RADII,
+    NEGATIVES,
+    ToyModel,
+    _evaluate,
+    _scores,
+    make_toy_data,
+    run_toy2d,
+)
+
+TINY = {"steps": 3, "pretrain_steps": 3, "resolution": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_toy2d(tmp_path_factory.mktemp("toy"), seed=3, **TINY)
+
+
+def test_toy_data_follows_the_construction() -> None:
+    data = make_toy_data(0)
+    assert data["train_x"].shape == (1500, 2) and data["train_x"].dtype == np.float32
+    assert sorted(np.unique(data["train_y"]).tolist()) == [0, 1, 2]
+    negatives = data["negatives"]
+    assert negatives.shape == (NEGATIVES, 2)
+    radius = np.linalg.norm(negatives, axis=1)
+    angle = np.degrees(np.arctan2(negatives[:, 1], negatives[:, 0]))
+    assert radius.min() >= NEGATIVE_RADII[0] - 1e-5 and radius.max() <= NEGATIVE_RADII[1] + 1e-5
+    assert angle.min() >= NEGATIVE_ANGLES[0] - 1e-4 and angle.max() <= NEGATIVE_ANGLES[1] + 1e-4
+    # Far anomalies lie where no negative was drawn: below the x axis and outside the inlier circle.
+    far = data["far"]
+    assert far.shape == (FAR_ANOMALIES, 2) and (far[:, 1] < 0).all()
+    assert np.linalg.norm(far, axis=1).min() >= FAR_RADII[0] - 1e-5
+    # Border anomalies are 3 to 4 inlier standard deviations from their nearest centre.
+    angles = np.deg2rad([90.0, 210.0, 330.0])
+    centres = CENTRE_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    nearest = np.linalg.norm(data["border"][:, None] - centres[None], axis=2).min(axis=1) / INLIER_STD
+    assert data["border"].shape == (BORDER_ANOMALIES, 2)
+    assert nearest.min() >= 3.0 - 1e-4 and nearest.max() <= 4.0 + 1e-4
+    np.testing.assert_array_equal(make_toy_data(0)["far"], far)
+    assert not np.array_equal(make_toy_data(1)["far"], far)
+
+
+def test_toy_model_shapes() -> None:
+    logits, ood_logits = ToyModel(hidden=8)(torch.zeros(5, 2))
+    assert logits.shape == (5, 3) and ood_logits.shape == (5, 2)
+
+
+def test_tiny_run_writes_figure_and_metrics(tiny_run: dict) -> None:
+    assert tiny_run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(Path(tiny_run["json"]).read_text())
+    assert set(saved["metrics"]) == {"discriminative", "generative", "densehybrid"}
+    for families in saved["metrics"].values():
+        assert set(families) == {"border", "far", "all"}
+        for values in families.values():
+            assert set(values) == {"ap", "fpr95", "auroc"}
+            assert all(0.0 <= v <= 1.0 for v in values.values())
+    assert len(saved["rows"]) == 9
+    assert saved["config"]["steps"] == 3 and saved["config"]["pretrain_steps"] == 3
+    assert "densehybrid" in saved["table"] and "border AP" in saved["table"]
+    assert 0.0 <= saved["accuracy"] <= 1.0
+
+
+def test_metrics_match_sklearn_on_the_model_scores() -> None:
+    data = make_toy_data(3)
+    torch.manual_seed(0)
+    model = ToyModel(hidden=8)
+    inliers = data["test_x"]
+    scores = _scores(model, np.r_[inliers, data["border"], data["far"]], torch.device("cpu"))
+    rows, metrics = _evaluate(scores, inliers.shape[0])
+    labels = np.r_[np.zeros(len(inliers)), np.ones(BORDER_ANOMALIES + FAR_ANOMALIES)]
+    for name in scores:
+        assert metrics[name]["all"]["ap"] == pytest.approx(skm.average_precision_score(labels, scores[name]))
+        assert metrics[name]["all"]["auroc"] == pytest.approx(skm.roc_auc_score(labels, scores[name]))
+    # The hybrid is the sum of its components.
+    np.testing.assert_allclose(scores["densehybrid"], scores["discriminative"] + scores["generative"], atol=1e-5)
+    assert [row["family"] for row in rows[:3]] == ["border", "far", "all"]
+
+
+def test_seeded_runs_are_deterministic(tiny_run: dict, tmp_path: Path) -> None:
+    state = torch.get_rng_state()
+    again = run_toy2d(tmp_path / "again", seed=3, **TINY)
+    assert again["metrics"] == tiny_run["metrics"]
+    assert again["final_loss"] == tiny_run["final_loss"]
+    # The caller's global RNG stream is left alone.
+    assert torch.equal(torch.get_rng_state(), state)
+    other = run_toy2d(tmp_path / "other", seed=4, **TINY)
+    assert other["metrics"] != tiny_run["metrics"]
+
+
+def test_run_toy2d_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Expected `steps` to be a positive integer, but got 0"):
+        run_toy2d(tmp_path, steps=0)
+    with pytest.raises(ValueError, match="Expected `lr` to be a finite positive number"):
+        run_toy2d(tmp_path, lr=math.nan)
+    with pytest.raises(ValueError, match="Expected `likelihood` to be one of"):
+        run_toy2d(tmp_path, likelihood="both")
+
+
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    argv = ["toy2d", "--out", str(out), "--steps", "2", "--pretrain-steps", "2", "--resolution", "12", "--seed", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("discriminative", "generative", "densehybrid", "border AP", "hybrid better than both"):
+        assert name in printed
+    assert (out / "toy2d.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
+
+
+def test_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["toy2d", "--out", str(tmp_path), "--hidden", "0"]) == 1
+    assert "Error: Expected `hidden` to be a positive integer, but got 0." in capsys.readouterr().err
