@@ -68,7 +68,18 @@ def test_tied_and_half_precision_scores_are_exact(case_factory, kind):
     exact = _exact(scores, target)
     for key, value in exact.items():
         assert result[key] == pytest.approx(value, abs=1e-12), key
-    assert result["exact"] is (kind == "float16")
+    assert result["exact"] is True
+    assert result["ap_error_bound"] == result["auroc_error_bound"] == result["fpr95_error_bound"] == 0.0
+
+
+def test_float32_scores_in_separate_bins_are_reported_exact():
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(1, 30, 40, generator=g) < 0.3).long()
+    scores = (torch.round(torch.randn(1, 30, 40, generator=g) * 100) + 100 * target) / 100  # float32 k / 100
+    result = _pooled(scores, target)
+    assert result["exact"] is True and result["ap_error_bound"] == 0.0
+    assert result["ap"] == pytest.approx(average_precision(scores, target), abs=1e-12)
+    assert result["fpr95"] == pytest.approx(fpr_at_tpr(scores, target), abs=1e-12)
 
 
 def test_bfloat16_is_exact_with_sixteen_bits(case_factory):
@@ -106,7 +117,7 @@ def test_threshold_reproduces_the_reported_operating_point(case_factory):
     fpr = int((predicted & (target == 0)).sum()) / int((target == 0).sum())
     assert tpr >= 0.95
     assert fpr == pytest.approx(result["fpr95"], abs=1e-12)
-    assert bool(valid.any())
+    assert bool((scores[valid] == result["threshold_at_tpr95"]).any())  # an evaluated score, not a bin edge
 
 
 def test_chunked_updates_equal_one_shot(case_factory):

@@ -1,8 +1,8 @@
-"""Shared machinery of the streaming metrics: reset, merge and the distributed reduction of sum states.
+"""Shared machinery of the streaming metrics: reset, merge and the distributed reduction of their states.
 
-A streaming metric keeps only tensors that combine by addition (histograms, confusion matrices, sums and counts),
-so two metrics fed disjoint data merge into the metric of the union, and processes reduce with one
-``all_reduce(SUM)`` per tensor.
+A streaming metric keeps only tensors that combine by addition (histograms, confusion matrices, sums and counts)
+or by element-wise maximum, so two metrics fed disjoint data merge into the metric of the union, and processes
+reduce with one ``all_reduce`` (SUM or MAX) per tensor.
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ def collective_device(group: Any = None) -> torch.device:
 
 
 class SumStateMetric(ABC):
-    """Base class of metrics whose state is a set of tensors reduced by summation.
+    """Base class of metrics whose state is a set of tensors reduced by summation (or maximum).
 
     Subclasses implement :meth:`_new_state` (zero tensors on a device) and :meth:`_config` (the settings that must
     agree for two metrics to merge); the state lives in ``self._state`` (a dict of tensors, or None before the
-    first update).
+    first update). States named in ``_max_states`` combine by element-wise maximum instead of summation.
     """
+
+    _max_states: tuple[str, ...] = ()
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self._device = torch.device(device) if device is not None else None
@@ -98,11 +100,15 @@ class SumStateMetric(ABC):
             return self
         state = self._ensure_state(other.device)
         for name, tensor in state.items():
-            tensor += other._state[name].to(tensor.device)
+            incoming = other._state[name].to(tensor.device)
+            if name in self._max_states:
+                torch.maximum(tensor, incoming, out=tensor)
+            else:
+                tensor += incoming
         return self
 
     def sync(self, group: Any = None) -> SumStateMetric:
-        """Sum the state over all processes of ``group`` with ``torch.distributed.all_reduce``, in place.
+        """Reduce the state over all processes of ``group`` with ``torch.distributed.all_reduce``, in place.
 
         Call it once, after the last :meth:`update` and before :meth:`compute`, on every process. A no-op when
         ``torch.distributed`` is not initialised. Processes that saw no data contribute zeros.
@@ -112,10 +118,11 @@ class SumStateMetric(ABC):
         device = collective_device(group)
         state = self._ensure_state(device)
         for name, tensor in state.items():
+            op = dist.ReduceOp.MAX if name in self._max_states else dist.ReduceOp.SUM
             if tensor.device == device:
-                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+                dist.all_reduce(tensor, op=op, group=group)
             else:
                 moved = tensor.to(device)
-                dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+                dist.all_reduce(moved, op=op, group=group)
                 state[name] = moved.to(tensor.device)
         return self

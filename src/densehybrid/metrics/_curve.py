@@ -144,8 +144,8 @@ def best_f1_index(curve: Curve) -> tuple[int, float]:
     return index, float(f1[index])
 
 
-def average_precision_bounds(curve: Curve) -> tuple[float, float]:
-    """Lowest and highest AP over every order of the pixels inside each group.
+def average_precision_bounds(curve: Curve, uncertain: torch.Tensor | None = None) -> tuple[float, float]:
+    """Lowest and highest AP over every order of the pixels inside the ``uncertain`` groups.
 
     Used for the binned pooled state: a bin may merge distinct scores, whose true order inside the bin is unknown.
     The best case ranks a bin's anomalies tied above its inliers; the worst ranks its inliers above its anomalies,
@@ -154,8 +154,12 @@ def average_precision_bounds(curve: Curve) -> tuple[float, float]:
     .. math:: \\mathrm{hi} = p \\frac{T + p}{T + F + p},\\qquad
               \\mathrm{lo} = \\sum_{j=1}^{p} \\frac{T + j}{D + j} = p - (D - T)\\,(\\psi(D + p + 1) - \\psi(D + 1))
 
-    with ``D = T + F + n`` and the digamma function ``psi`` (harmonic-number differences). Returns NaN bounds without
-    anomaly pixels.
+    with ``D = T + F + n`` and the digamma function ``psi`` (harmonic-number differences). Groups that are not
+    uncertain (a single distinct score) contribute their tied value to both. Returns NaN bounds without anomalies.
+
+    Args:
+        curve: grouped counts.
+        uncertain: (G,) bool, True for groups that may hold several distinct scores; None means all groups.
     """
     num_pos = curve.num_pos
     if num_pos == 0:
@@ -164,10 +168,12 @@ def average_precision_bounds(curve: Curve) -> tuple[float, float]:
     pos, neg = curve.pos.to(torch.float64), curve.neg.to(torch.float64)
     above_pos, above_neg = tps - pos, fps - neg
     has_pos = pos > 0  # groups without anomalies add nothing (and would divide 0 by 0 at the top)
-    high = torch.where(has_pos, pos * (above_pos + pos) / (above_pos + above_neg + pos).clamp(min=1), 0.0)
     depth = above_pos + above_neg + neg
-    harmonic = torch.special.digamma(depth + pos + 1) - torch.special.digamma(depth + 1)
-    low = pos - (depth - above_pos) * harmonic
     tied = torch.where(has_pos, pos * (above_pos + pos) / (depth + pos).clamp(min=1), 0.0)
-    low = torch.minimum(low, tied)  # guard digamma rounding: the worst order is never above the tied value
+    high = torch.where(has_pos, pos * (above_pos + pos) / (above_pos + above_neg + pos).clamp(min=1), 0.0)
+    harmonic = torch.special.digamma(depth + pos + 1) - torch.special.digamma(depth + 1)
+    low = torch.minimum(pos - (depth - above_pos) * harmonic, tied)  # digamma rounding: never above the tied value
+    if uncertain is not None:
+        high = torch.where(uncertain, high, tied)
+        low = torch.where(uncertain, low, tied)
     return float(low.sum() / num_pos), float(high.sum() / num_pos)
