@@ -1,0 +1,349 @@
+"""Pooled AP / AUROC / FPR95 at benchmark scale: densehybrid.metrics against sklearn, pytorch-ood and torchmetrics.
+
+Synthetic frames of 1024x2048 pixels (DenseHybrid-like log-domain float32 scores, ~3% anomaly pixels in a few
+rectangles, the top 12% of rows void = 255) are generated deterministically, one at a time. Each method runs in a
+fresh child process so that its wall time and peak resident memory are its own:
+
+* ``ours``: :class:`densehybrid.metrics.AnomalyMetrics` (fixed 2**24-bin histogram), ``update`` per frame;
+* ``exact``: the exact sort-based path of ``densehybrid.metrics.functional`` on all valid pixels at once (the
+  reference values; its memory grows with the pixels);
+* ``sklearn``: ``average_precision_score`` + ``roc_curve`` (+ ``auc``) on the concatenated valid pixels;
+* ``pytorch_ood``: pytorch-ood 0.4 ``OODSegmentationMetrics(device="cpu", void_label=255)`` (AP = its trapezoidal
+  ``AUPR-OUT``);
+* ``torchmetrics``: exact ``BinaryAveragePrecision``/``BinaryAUROC``/``BinaryROC`` (``thresholds=None``) in one
+  ``MetricCollection``; it applies a sigmoid to scores outside [0, 1], which creates ties where float32 saturates.
+
+Peers whose memory grows with the pixels run on the first ``--peer-frames`` frames. Their time is extrapolated to
+the full run as ``t * (n_full / n) * log(n_full) / log(n)`` (the n log n sort dominates) and their memory linearly,
+and the table says so. Differences are taken against the exact values on the same pixels. Data generation is not
+timed. Requires the ``bench`` extras: ``pip install -e ".[bench]"``.
+
+Usage::
+
+    python benchmarks/metrics.py                                # 100 frames (2.1e8 px), peers on 10 frames
+    python benchmarks/metrics.py --frames 5 --peer-frames 2     # quick run
+    python benchmarks/metrics.py --methods ours exact --json metrics.json
+    python benchmarks/metrics.py --accuracy                     # error of the binned state vs the bin width
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+METHODS = ("ours", "exact", "sklearn", "pytorch_ood", "torchmetrics")
+PEERS = ("sklearn", "pytorch_ood", "torchmetrics")
+
+
+def make_frame(index: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One synthetic frame: (H, W) float32 scores and (H, W) uint8 target in {0, 1, 255}."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    target = torch.zeros(height, width, dtype=torch.uint8)
+    for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+        h = int(torch.randint(height // 20, height // 6, (1,), generator=g))
+        w = int(torch.randint(width // 30, width // 8, (1,), generator=g))
+        top = int(torch.randint(height // 8, height - h, (1,), generator=g))
+        left = int(torch.randint(0, width - w, (1,), generator=g))
+        target[top : top + h, left : left + w] = 1
+    target[: int(0.12 * height)] = 255
+    scores = torch.randn(height, width, generator=g).mul_(1.5).sub_(2.0)
+    scores += 3.0 * (target == 1) + 0.3 * float(torch.randn((), generator=g))
+    return scores, target
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Method(ABC):
+    """``feed`` one frame at a time, then ``finish`` -> (ap, auroc, fpr95, extra)."""
+
+    @abstractmethod
+    def feed(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        """Take one (H, W) frame."""
+
+    @abstractmethod
+    def finish(self) -> tuple[float, float, float, dict[str, Any]]:
+        """Compute AP, AUROC, FPR95 and method-specific extras."""
+
+
+class Ours(Method):
+    def __init__(self) -> None:
+        from densehybrid.metrics import AnomalyMetrics
+
+        self.metric = AnomalyMetrics()
+
+    def feed(self, scores, target):
+        self.metric.update(scores[None], target[None])
+
+    def finish(self):
+        r = self.metric.compute()
+        bounds = {k: r[k] for k in ("ap_error_bound", "auroc_error_bound", "fpr95_error_bound", "bits", "exact")}
+        return r["ap"], r["auroc"], r["fpr95"], bounds
+
+
+class Collecting(Method):
+    """Keeps the valid pixels of every frame, as exact pooled metrics must."""
+
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def feed(self, scores, target):
+        keep = target != 255
+        self.scores.append(scores[keep])
+        self.labels.append(target[keep])
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, labels = torch.cat(self.scores), torch.cat(self.labels)
+        self.scores, self.labels = [], []
+        return scores, labels
+
+
+class Exact(Collecting):
+    def finish(self):
+        from densehybrid.metrics import _curve
+        from densehybrid.metrics.functional import exact_curve
+
+        scores, labels = self.gathered()
+        curve = exact_curve(scores, labels.to(torch.int64))
+        del scores, labels
+        index = _curve.index_at_tpr(curve, 0.95)
+        return _curve.average_precision(curve), _curve.auroc(curve), _curve.fpr_at_index(curve, index), {}
+
+
+class Sklearn(Collecting):
+    def finish(self):
+        from sklearn.metrics import auc, average_precision_score, roc_curve
+
+        scores, labels = self.gathered()
+        y, s = labels.numpy(), scores.numpy()
+        ap = average_precision_score(y, s)
+        fpr, tpr, _ = roc_curve(y, s)
+        index = int(np.searchsorted(tpr, 0.95))
+        return float(ap), float(auc(fpr, tpr)), float(fpr[index]), {}
+
+
+class PytorchOOD(Method):
+    def __init__(self) -> None:
+        from pytorch_ood.metrics import OODSegmentationMetrics
+
+        self.metric = OODSegmentationMetrics(device="cpu", void_label=255)
+
+    def feed(self, scores, target):
+        labels = target.to(torch.int64)
+        labels[labels == 1] = -1  # pytorch-ood marks OOD with negative labels
+        self.metric.update(scores[None], labels[None])
+
+    def finish(self):
+        r = self.metric.compute()
+        return float(r["AUPR-OUT"]), float(r["AUROC"]), float(r["FPR95TPR"]), {}
+
+
+class Torchmetrics(Method):
+    def __init__(self) -> None:
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryROC
+
+        self.metric = MetricCollection(
+            {
+                "ap": BinaryAveragePrecision(ignore_index=255),
+                "auroc": BinaryAUROC(ignore_index=255),
+                "roc": BinaryROC(ignore_index=255),
+            },
+            compute_groups=True,
+        )
+
+    def feed(self, scores, target):
+        self.metric.update(scores.reshape(-1), target.reshape(-1).to(torch.int64))
+
+    def finish(self):
+        r = self.metric.compute()
+        fpr, tpr, _ = r["roc"]
+        index = int(torch.searchsorted(tpr.contiguous(), torch.tensor([0.95], dtype=tpr.dtype)))
+        return float(r["ap"]), float(r["auroc"]), float(fpr[index]), {}
+
+
+WORKERS = {"ours": Ours, "exact": Exact, "sklearn": Sklearn, "pytorch_ood": PytorchOOD, "torchmetrics": Torchmetrics}
+
+
+def run_worker(method: str, frames: int, height: int, width: int, seed: int) -> dict[str, Any]:
+    """Feed ``frames`` frames to one method in this process and measure it."""
+    runner = WORKERS[method]()
+    make_frame(0, 8, 8, seed)  # warm up the generator code path before the baseline is read
+    baseline = current_rss_mb()
+    seconds, evaluated = 0.0, 0
+    for index in range(frames):
+        scores, target = make_frame(index, height, width, seed)
+        evaluated += int((target != 255).sum())
+        start = time.perf_counter()
+        runner.feed(scores, target)
+        seconds += time.perf_counter() - start
+        del scores, target
+    start = time.perf_counter()
+    ap, auroc, fpr95, extra = runner.finish()
+    seconds += time.perf_counter() - start
+    peak = peak_rss_mb()
+    return {
+        "method": method,
+        "frames": frames,
+        "pixels": frames * height * width,
+        "evaluated_pixels": evaluated,
+        "seconds": seconds,
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": baseline,
+        "ap": ap,
+        "auroc": auroc,
+        "fpr95": fpr95,
+        **extra,
+    }
+
+
+def spawn(method: str, frames: int, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--frames", str(frames)]
+    command += ["--size", str(args.size[0]), str(args.size[1]), "--seed", str(args.seed)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"method": method, "frames": frames, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def extrapolate(row: dict[str, Any], full_pixels: int) -> tuple[float, float]:
+    """(seconds, MB above baseline) scaled from the row's pixels to ``full_pixels`` (n log n time, linear memory)."""
+    ratio = full_pixels / row["pixels"]
+    seconds = row["seconds"] * ratio * math.log(full_pixels) / math.log(row["pixels"])
+    return seconds, (row["peak_rss_mb"] - row["baseline_rss_mb"]) * ratio
+
+
+def table(rows: list[dict[str, Any]], full: dict[str, Any]) -> str:
+    exact_by_frames = {r["frames"]: r for r in rows if r["method"] == "exact" and "error" not in r}
+    ours = next((r for r in rows if r["method"] == "ours" and "error" not in r), None)
+    lines = [
+        "| method | frames (pixels) | time (s) | time at full size (s) | peak RSS (MB) | above baseline (MB) | at full "
+        "size (MB) | AP | AUROC | FPR95 | abs. dAP | abs. dAUROC | abs. dFPR95 | speed-up of ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['frames']} | failed: {' '.join(r['error'])} |" + " |" * 11)
+            continue
+        above = r["peak_rss_mb"] - r["baseline_rss_mb"]
+        if r["pixels"] == full["pixels"]:
+            full_time, full_mem, note = r["seconds"], above, ""
+        else:
+            full_time, full_mem = extrapolate(r, full["pixels"])
+            note = " (extrapolated)"
+        reference = exact_by_frames.get(r["frames"])
+        deltas = ["-"] * 3
+        if reference is not None and r["method"] != "exact":
+            deltas = [f"{abs(r[k] - reference[k]):.1e}" for k in ("ap", "auroc", "fpr95")]
+        speedup = f"{full_time / ours['seconds']:.0f}x" if ours is not None and r is not ours else "-"
+        lines.append(
+            f"| {r['method']} | {r['frames']} ({r['evaluated_pixels']:.2e}) | {r['seconds']:.2f} | "
+            f"{full_time:.1f}{note} | {r['peak_rss_mb']:.0f} | {above:.0f} | {full_mem:.0f}{note} | {r['ap']:.6f} | "
+            f"{r['auroc']:.6f} | {r['fpr95']:.6f} | {deltas[0]} | {deltas[1]} | {deltas[2]} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def accuracy_study(bits: list[int], pixels: int, seed: int) -> str:
+    """Markdown table: |pooled - exact| per score distribution and bin width, with the reported bounds."""
+    from densehybrid.metrics import AnomalyMetrics, _curve
+    from densehybrid.metrics.functional import exact_curve
+
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(pixels, generator=g) < 0.05).to(torch.int64)
+    noise = torch.randn(pixels, generator=g)
+    distributions = {
+        "gaussian N(0,1) vs N(2,1)": noise + 2 * labels,
+        "log-domain N(-2,1.5) vs N(1,1.5)": noise * 1.5 - 2 + 3 * labels,
+        "gaussian shifted by +100": noise + 2 * labels + 100,
+        "sigmoid probabilities": torch.sigmoid(3 * noise + 6 * labels),
+        "float16 probabilities": torch.sigmoid(3 * noise + 6 * labels).half(),
+        "magnitudes exp(20 N(0,1))": torch.exp(20 * noise + 5 * labels),
+    }
+    lines = [
+        "| scores | bits | abs. dAP (bound) | abs. dAUROC (bound) | abs. dFPR95 (bound) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, scores in distributions.items():
+        curve = exact_curve(scores, labels)
+        exact = (
+            _curve.average_precision(curve),
+            _curve.auroc(curve),
+            _curve.fpr_at_index(curve, _curve.index_at_tpr(curve, 0.95)),
+        )
+        for b in bits:
+            metric = AnomalyMetrics(bits=b)
+            metric.update(scores.reshape(1, 1, -1), labels.reshape(1, 1, -1))
+            r = metric.compute()
+            cells = [
+                f"{abs(r[key] - value):.1e} ({r[key + '_error_bound']:.1e})"
+                for key, value in zip(("ap", "auroc", "fpr95"), exact)
+            ]
+            lines.append(f"| {name} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=100, help="frames for ours and the exact reference")
+    parser.add_argument("--peer-frames", type=int, default=10, help="frames for sklearn/pytorch-ood/torchmetrics")
+    parser.add_argument("--size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write all rows to this file")
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="instead: |pooled - exact| for several score distributions and bin widths (2**21 pixels each)",
+    )
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, args.frames, args.size[0], args.size[1], args.seed)))
+        return
+    if args.accuracy:
+        print(accuracy_study([16, 20, 24], 1 << 21, args.seed))
+        return
+    rows = []
+    jobs = [(m, args.peer_frames if m in PEERS else args.frames) for m in args.methods]
+    if any(m in PEERS for m in args.methods) and args.peer_frames != args.frames:
+        jobs.append(("exact", args.peer_frames))  # reference values on the peers' pixels
+    for method, frames in jobs:
+        print(f"running {method} on {frames} frames ...", file=sys.stderr, flush=True)
+        rows.append(spawn(method, frames, args))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    full = {"pixels": args.frames * args.size[0] * args.size[1]}
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, full size = {full['pixels']:.2e} pixels")
+    print(table(rows, full))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
