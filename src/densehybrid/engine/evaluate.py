@@ -89,6 +89,7 @@ def evaluate(
     batch_size: int = 4,
     num_workers: int = 0,
     progress: bool = True,
+    amp: bool = True,
 ) -> EvaluationResult:
     """Anomaly metrics for every score (and segmentation metrics for semantic targets) in one pass.
 
@@ -108,6 +109,8 @@ def evaluate(
         sample_pixels: keep about this many random evaluated pixels per score for plots (0: none).
         seed: seeds the pixel subsample.
         device, batch_size, num_workers, progress: loop settings.
+        amp: run the model under bfloat16 autocast on CUDA (see :func:`model_outputs`); False keeps float32, as
+            the released evaluation code does.
 
     Returns:
         :class:`EvaluationResult`.
@@ -125,7 +128,7 @@ def evaluate(
     opened = ConfusionMatrix(num_classes) if target_kind == "semantic" and threshold is not None else None
     sampler = _PixelSampler(sample_pixels, len(dataset), seed) if sample_pixels else None
     num_images = 0
-    for batch, out in model_outputs(model, dataset, device, batch_size, num_workers, progress=progress):
+    for batch, out in model_outputs(model, dataset, device, batch_size, num_workers, amp=amp, progress=progress):
         target = batch["target"].to(out.logits.device).long()
         binary = anomaly_target(target, num_classes) if target_kind == "semantic" else target
         group_targets = dict(groups(batch, binary)) if groups is not None else {"all": binary}
