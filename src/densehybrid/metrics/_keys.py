@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import torch
 
-# Mantissa bits of each supported score dtype: a bin is exact when it is at most one ulp of the input dtype wide.
-MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
-
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
     """Int32 keys whose integer order is the order of the scores rounded to float32.
@@ -51,18 +48,3 @@ def keys_to_float(keys: torch.Tensor) -> torch.Tensor:
     # Reinterpret the low 32 bits as float32 (values >= 2**31 wrap to the negative int32 with the same bits).
     bits32 = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
     return bits32.view(torch.float32).to(torch.float64)
-
-
-def bin_lower_edges(indices: torch.Tensor, bits: int) -> torch.Tensor:
-    """Smallest float32 score of each bin: scores ``>=`` the edge are exactly the scores in this bin and above.
-
-    Args:
-        indices: int64 bin indices in ``[0, 2**bits)`` (bin ``i`` holds keys ``k`` with ``k >> (32 - bits)`` equal to
-            ``i - 2**(bits - 1)``).
-        bits: number of key bits kept per bin.
-
-    Returns:
-        float64 tensor of lower edges.
-    """
-    keys = (indices.to(torch.int64) - (1 << (bits - 1))) << (32 - bits)
-    return keys_to_float(keys)
