@@ -116,13 +116,13 @@ class ConfusionMatrix(SumStateMetric):
         flat_target = target.to(confusion.device).reshape(-1)
         total = flat_pred.numel()
         step = _CPU_CHUNK if confusion.device.type == "cpu" else max(total, 1)
-        ones = torch.ones(1, dtype=torch.int64, device=confusion.device)
+        ones = torch.ones(min(step, total), dtype=torch.int64, device=confusion.device)
         for start in range(0, total, step):
             rows = flat_target[start : start + step].to(torch.int64)
-            index = rows * size + flat_pred[start : start + step]
+            index = rows * size + flat_pred[start : start + step].to(torch.int64)
             if self.ignore_index is not None:
                 index.masked_fill_(rows == self.ignore_index, size * size)
-            confusion.index_add_(0, index, ones.expand(index.numel()))
+            confusion.scatter_add_(0, index, ones[: index.numel()])
 
     def confusion(self) -> torch.Tensor:
         """(K+1, K+1) int64 matrix, rows = target, columns = prediction (CPU copy)."""
