@@ -1,0 +1,329 @@
+"""Options and helpers shared by the commands that run a checkpoint: model loading, loop settings, JSON, tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from densehybrid.errors import CheckpointError, DenseHybridError
+
+# Keyword arguments recorded with a model that point at weight files used only to initialise training.
+_INIT_ONLY_KWARGS = ("pretrained", "pretrained_backbone")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
+    """``--checkpoint``, ``--model`` and ``--num-classes``."""
+    from densehybrid.models import list_models
+
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file to load (released file or our own)")
+    parser.add_argument(
+        "--model",
+        required=model_required,
+        default=None,
+        help=f"registered model name (one of: {', '.join(list_models())})"
+        + ("" if model_required else "; default: the name the checkpoint records (checkpoints written by densehybrid)"),
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=None,
+        help="known classes K of the model (default: the checkpoint's, else the benchmark's)",
+    )
+
+
+def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--batch-size``, ``--num-workers``, ``--amp`` and ``--no-progress``."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=1, help="frames per forward pass (frames of a batch share one size)"
+    )
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="bfloat16 autocast on CUDA (faster; scores differ slightly from the float32 released evaluation)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--root``, ``--option``, ``--limit`` and ``--input-scale``."""
+    parser.add_argument("--root", required=True, help="the benchmark's dataset root (see docs/datasets.md)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="loader option, repeatable (e.g. cityscapes_root=DIR, encoding=hendrycks)",
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N frames (a quick look, not comparable)"
+    )
+    parser.add_argument(
+        "--input-scale",
+        type=positive_float,
+        default=1.0,
+        help="resize the model input by this factor; metrics stay at the labels' full resolution",
+    )
+
+
+def load_model(
+    checkpoint: str | os.PathLike[str],
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    default_num_classes: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a checkpoint needs and load it, reading the file once.
+
+    The architecture is ``model_name`` or the ``model_name`` the checkpoint records (checkpoints written by
+    ``densehybrid``'s training loop), with the recorded ``model_kwargs`` (e.g. ``decoder_channels``) when the names
+    agree; weight-file arguments used only for initialisation (``pretrained``, ``pretrained_backbone``) are dropped,
+    since the checkpoint holds every weight. K is ``num_classes``, else the checkpoint's, else
+    ``default_num_classes``.
+
+    Args:
+        checkpoint: checkpoint file (released state dicts, nested dicts, ``module.`` prefixes, safetensors).
+        model_name: a registered model name; required when the checkpoint records none.
+        num_classes: K, overriding the checkpoint's.
+        default_num_classes: K when neither ``num_classes`` nor the checkpoint gives one (the benchmark's).
+
+    Returns:
+        ``(model, info)``: the model in eval mode on the CPU and a JSON-ready dict (``model``, ``checkpoint``,
+        ``num_classes``, ``model_kwargs``, ``num_classes_from``).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, holds no state dict or does not fit the model.
+        ValueError: no model name or no K can be determined, or an unknown model name.
+    """
+    from densehybrid.models import create_model, list_models
+    from densehybrid.models.checkpoint import check_state_dict, read_checkpoint_file, split_checkpoint, strip_prefix
+
+    state, metadata = split_checkpoint(read_checkpoint_file(checkpoint))
+    recorded = metadata.get("model_name") if isinstance(metadata.get("model_name"), str) else None
+    name = model_name or recorded
+    if name is None:
+        raise ValueError(
+            f"Expected `--model` for checkpoint {str(checkpoint)!r}, which does not record its architecture (a "
+            f"released file?). Pass --model NAME, one of: {', '.join(list_models())}."
+        )
+    recorded_kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), Mapping) else {}
+    kwargs = {k: v for k, v in recorded_kwargs.items() if k not in _INIT_ONLY_KWARGS} if name == recorded else {}
+    recorded_k = kwargs.pop("num_classes", None) or recorded_kwargs.get("num_classes") or metadata.get("num_classes")
+    recorded_k = recorded_k if isinstance(recorded_k, int) and not isinstance(recorded_k, bool) else None
+    if num_classes is not None:
+        k, source = num_classes, "--num-classes"
+    elif recorded_k is not None:
+        k, source = recorded_k, "checkpoint"
+    else:
+        k, source = default_num_classes, "benchmark"
+    if k is None:
+        raise ValueError(f"Expected `--num-classes` for checkpoint {str(checkpoint)!r}, which does not record it.")
+    try:
+        model = create_model(name, num_classes=k, **kwargs)
+    except TypeError as exc:
+        raise CheckpointError(
+            f"Cannot rebuild model {name!r} with the arguments checkpoint {str(checkpoint)!r} records "
+            f"({sorted(kwargs)}): {exc}"
+        ) from exc
+    state = strip_prefix(state)
+    *_, message = check_state_dict(model, state, source=f"checkpoint {str(checkpoint)!r}")
+    if message:
+        raise CheckpointError(message)
+    model.load_state_dict(state)
+    info = {
+        "model": name,
+        "checkpoint": str(checkpoint),
+        "num_classes": k,
+        "num_classes_from": source,
+        "model_kwargs": {key: value for key, value in kwargs.items() if _plain(value)},
+    }
+    return model.eval(), info
+
+
+def check_sml_arguments(scores: Sequence[str], sml_statistics: str | os.PathLike[str] | None) -> None:
+    """Check that ``--sml-statistics`` is given exactly when ``sml`` is among the scores (before loading weights).
+
+    Raises:
+        ValueError: ``sml`` without a statistics file, or a file without ``sml``.
+    """
+    from densehybrid.scores import score_info
+
+    wanted = [score_info(name).name for name in scores]
+    if sml_statistics is None and "sml" in wanted:
+        raise ValueError(
+            "Expected `--sml-statistics FILE` for score 'sml' (per-class max-logit statistics fitted on training "
+            "data: torch.save(fit_sml_statistics(...).to_dict(), FILE)), but got none."
+        )
+    if sml_statistics is not None and "sml" not in wanted:
+        raise ValueError("Expected `--sml-statistics` only together with `--score sml`.")
+
+
+def load_score_options(
+    scores: Sequence[str], sml_statistics: str | os.PathLike[str] | None, num_classes: int
+) -> dict[str, dict[str, Any]]:
+    """Per-score keyword options: the ``sml`` statistics read from a file saved with ``SMLStatistics.to_dict``.
+
+    Raises:
+        ValueError: ``sml`` without a statistics file, a file given without ``sml``, or statistics for another K.
+        DenseHybridError: the statistics file is missing or unreadable.
+    """
+    import torch
+
+    from densehybrid.scores import SMLStatistics
+
+    check_sml_arguments(scores, sml_statistics)
+    if sml_statistics is None:
+        return {}
+    path = Path(sml_statistics)
+    if not path.is_file():
+        raise DenseHybridError(f"Expected `--sml-statistics` {str(path)!r} to be an existing file, but it is missing.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises pickle, zip and runtime errors for a damaged file
+        raise DenseHybridError(
+            f"Cannot read SML statistics {str(path)!r} (truncated or not a torch file?): {exc}"
+        ) from exc
+    if isinstance(state, Mapping) and "sml_statistics" in state:
+        state = state["sml_statistics"]
+    try:
+        statistics = SMLStatistics.from_dict(state)
+    except (TypeError, ValueError) as exc:
+        raise DenseHybridError(f"Expected SML statistics (means, stds, counts) in {str(path)!r}: {exc}") from exc
+    if statistics.num_classes != num_classes:
+        raise ValueError(
+            f"Expected SML statistics for the model's {num_classes} classes, but {str(path)!r} covers "
+            f"{statistics.num_classes}."
+        )
+    return {"sml": {"statistics": statistics}}
+
+
+def parse_metric_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to keyword options, values read as int, float, true/false/none or text.
+
+    Raises:
+        ValueError: an item without ``=`` or a repeated key.
+    """
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"Expected `--metric-option` as KEY=VALUE (e.g. variant=streethazards), but got {item!r}.")
+        if key in options:
+            raise ValueError(f"Expected each `--metric-option` key once, but got {key!r} twice.")
+        options[key] = _literal(text.strip())
+    return options
+
+
+def _literal(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple))
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN/infinity as None and tuples as lists, so the output is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return json_ready(value.item())
+    return value
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as strict, indented JSON, atomically (a temporary file renamed over ``path``).
+
+    Raises:
+        DenseHybridError: the file cannot be written (missing permission, a directory in the way, ...).
+    """
+    path = Path(path)
+    text = json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise DenseHybridError(f"Cannot write `--out` {str(path)!r}: {exc.strerror or exc}.") from exc
+    return path
+
+
+def percent(value: Any) -> str:
+    """A metric in [0, 1] as a percentage with two decimals; ``-`` when undefined."""
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    return f"{100.0 * value:.2f}"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])

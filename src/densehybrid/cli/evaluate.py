@@ -1,0 +1,157 @@
+"""``densehybrid evaluate``: a checkpoint on a benchmark under the benchmark's own protocol; a table and a JSON file."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from densehybrid.cli._common import (
+    add_data_arguments,
+    add_loop_arguments,
+    add_model_arguments,
+    check_sml_arguments,
+    format_table,
+    load_model,
+    load_score_options,
+    parse_metric_options,
+    percent,
+    write_json,
+)
+from densehybrid.data.datasets import BENCHMARKS, get_benchmark, list_benchmarks, parse_dataset_options
+from densehybrid.metrics import COMPONENT_TRACKS, PROTOCOLS
+
+HELP = "evaluate a checkpoint on a benchmark with its official protocol (AP, FPR95, AUROC, sIoU/PPV/F1, mIoU)"
+DESCRIPTION = (
+    "Run a checkpoint over a benchmark at full resolution and measure anomaly detection with the benchmark's own "
+    "protocol: pixels pooled over the split (Fishyscapes, RoadAnomaly, COCO20/80), per-image means (StreetHazards), "
+    "or the SMIYC toolkit's binned pooled curve plus component metrics (SMIYC tracks, LostAndFound). Semantic "
+    "benchmarks also get the closed-set mIoU; Cityscapes gets only that. Prints a table (percentages) to stdout, "
+    "progress bars to stderr, and writes every number to a JSON file. Benchmarks: "
+    + ", ".join(f"{name} ({BENCHMARKS[name].protocol})" for name in list_benchmarks() if BENCHMARKS[name].protocol)
+    + "."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(list_benchmarks())}")
+    add_data_arguments(parser)
+    parser.add_argument("--split", default=None, help="split to evaluate (default: the benchmark's evaluation split)")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--score",
+        action="append",
+        default=None,
+        help="anomaly score, repeatable (default: densehybrid; none for cityscapes; see `densehybrid scores`)",
+    )
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default=None, help="metric protocol (default: the benchmark's own)"
+    )
+    parser.add_argument(
+        "--metric-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option of the protocol's metric, repeatable (e.g. variant=streethazards for per_image, bits=20 for "
+        "pooled, float16=false for smiyc)",
+    )
+    parser.add_argument(
+        "--components",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SMIYC component metrics (sIoU, PPV, mean F1) at the best-F1 threshold; a second pass over the frames "
+        "(default: on for the smiyc protocol)",
+    )
+    parser.add_argument(
+        "--component-track",
+        choices=tuple(COMPONENT_TRACKS),
+        default=None,
+        help="component size limits: anomaly 500/100 px, obstacle 50/10 px (default: the benchmark's SMIYC track)",
+    )
+    parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
+    parser.add_argument(
+        "--out", default=None, help="JSON file to write (default: evaluate-BENCHMARK-SPLIT.json in the current folder)"
+    )
+    add_loop_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from densehybrid import __version__
+    from densehybrid.evaluation import evaluate_benchmark, resolve_request
+
+    spec = get_benchmark(args.benchmark)
+    # Everything that needs neither data nor weights is checked first: a checkpoint can take a while to read.
+    _, scores, _, _ = resolve_request(spec, args.score, args.protocol, args.components, args.component_track)
+    check_sml_arguments(scores, args.sml_statistics)
+    dataset_options = parse_dataset_options(args.option)
+    metric_options = parse_metric_options(args.metric_option)
+    model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
+    score_options = load_score_options(scores, args.sml_statistics, info["num_classes"])
+    result = evaluate_benchmark(
+        spec,
+        args.root,
+        model,
+        scores,
+        split=args.split,
+        dataset_options=dataset_options,
+        protocol=args.protocol,
+        protocol_options=metric_options,
+        score_options=score_options,
+        components=args.components,
+        component_track=args.component_track,
+        limit=args.limit,
+        input_scale=args.input_scale,
+        amp=args.amp,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    out = args.out or f"evaluate-{spec.name}-{result['split']}.json"
+    document = {
+        "command": "evaluate",
+        "densehybrid_version": __version__,
+        **info,
+        **result,
+        "settings": {
+            "root": str(args.root),
+            "options": dataset_options,
+            "limit": args.limit,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "amp": args.amp,
+        },
+    }
+    path = write_json(out, document)
+    print(format_results(document))
+    print(f"JSON: {path}")
+    return 0
+
+
+def format_results(result: dict[str, Any]) -> str:
+    """The compact stdout report of :func:`run`: one row per score (percentages), then the closed-set mIoU."""
+    lines = [
+        f"{result['benchmark']} ({result['split']}): {result['num_images']} images, protocol {result['protocol']}, "
+        f"model {result['model']} (K={result['num_classes']})"
+    ]
+    if not result["complete"]:
+        expected = result["expected_images"]
+        of = f" of the {expected} in a complete split" if expected else ""
+        lines.append(f"partial evaluation ({result['num_images']} images{of}): not comparable to published numbers")
+    if result["input_scale"] != 1.0:
+        lines.append(f"model input resized by {result['input_scale']}: not comparable to full-resolution numbers")
+    components = result.get("components") or {}
+    if result["anomaly"]:
+        header = ["score", "AP", "FPR95", "AUROC"] + (["sIoU", "PPV", "mean F1"] if components else [])
+        rows = []
+        for name, metrics in result["anomaly"].items():
+            row = [name, percent(metrics.get("ap")), percent(metrics.get("fpr95")), percent(metrics.get("auroc"))]
+            if components:
+                parts = components.get(name) or {}
+                row += [percent(parts.get("siou")), percent(parts.get("ppv")), percent(parts.get("mean_f1"))]
+            rows.append(row)
+        lines += ["", format_table(header, rows)]
+        if components:
+            lines.append(f"components: SMIYC {result['component_track']} track, at each score's best-F1 threshold")
+    if result.get("closed_set"):
+        lines += ["", f"closed-set mIoU: {percent(result['closed_set']['miou'])}"]
+    return "\n".join(lines)
