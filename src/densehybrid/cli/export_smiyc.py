@@ -34,7 +34,12 @@ _TOOLKIT_SPLITS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(list_benchmarks())}")
     parser.add_argument("--root", required=True, help="the benchmark's dataset root")
-    parser.add_argument("--model", required=True, help="registered model name (see `densehybrid models`)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="registered model name (see `densehybrid models`); default: the name the checkpoint records "
+        "(checkpoints written by densehybrid)",
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file to load into the model")
     parser.add_argument("--method", required=True, help="method name the SMIYC toolkit is run with")
     parser.add_argument("--out", required=True, help="output root (the toolkit's DIR_OUTPUTS)")
@@ -46,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--squash-center", type=float, default=None, help="sigmoid centre (default: fitted)")
     parser.add_argument("--squash-scale", type=float, default=None, help="sigmoid temperature (default: fitted)")
     parser.add_argument(
-        "--num-classes", type=int, default=None, help="known classes of the model (default: the benchmark's)"
+        "--num-classes",
+        type=int,
+        default=None,
+        help="known classes of the model (default: the checkpoint's, else the benchmark's)",
     )
     parser.add_argument(
         "--dataset",
@@ -60,9 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densehybrid.cli._common import load_model
     from densehybrid.engine.runtime import select_device
-    from densehybrid.models import create_model
-    from densehybrid.models.checkpoint import load_checkpoint
     from densehybrid.scores import get_score, score_info
 
     spec = get_benchmark(args.benchmark)
@@ -77,9 +84,8 @@ def run(args: argparse.Namespace) -> int:
             f"Expected a score that needs no fitted statistics, but {args.score!r} does; choose another --score."
         )
     score_fn = get_score(args.score)
-    num_classes = args.num_classes or spec.num_known_classes
-    if num_classes is None:
-        raise ValueError(f"Expected `--num-classes` for benchmark {spec.name!r}, which has no default model classes.")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"Expected `--num-classes` to be a positive integer, but got {args.num_classes}.")
 
     dataset = spec.create(args.root, split, **parse_dataset_options(args.option))
     frames = dataset.frames[: args.limit] if args.limit else dataset.frames
@@ -91,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     device = select_device(args.device)
-    model = create_model(args.model, num_classes=num_classes)
-    load_checkpoint(model, args.checkpoint)
+    model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     model.to(device).eval()
     squash = None if args.squash == "none" else Squash(args.squash, args.squash_center, args.squash_scale)
     writer = SmiycWriter(
