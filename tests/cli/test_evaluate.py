@@ -235,6 +235,8 @@ def test_argument_errors_name_the_problem(tmp_path, checkpoints, capsys):
     smiyc = FAKE_TREES["smiyc-anomaly"](tmp_path / "smiyc")
     assert _run("smiyc-anomaly", smiyc, path19, out, "--split", "all") == 1  # test labels are hidden
     assert "no public labels" in _error(capsys)
+    assert _run("smiyc-anomaly", smiyc, path19, out, "--metric-option", "bits=20") == 1  # a pooled-only option
+    assert "'smiyc' metric" in _error(capsys)
     assert _run("ade20k", FAKE_TREES["ade20k"](tmp_path / "ade"), path19, out) == 1
     assert "negatives" in _error(capsys)
     cityscapes = FAKE_TREES["cityscapes"](tmp_path / "cs")

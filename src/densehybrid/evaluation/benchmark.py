@@ -16,6 +16,7 @@ returns the metrics as a JSON-ready dict:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -304,6 +305,7 @@ def evaluate_benchmark(
     spec = get_benchmark(spec) if isinstance(spec, str) else spec
     protocol, names, components, track = resolve_request(spec, scores, protocol, components, component_track)
     names = check_scores(names, score_options)
+    _check_protocol_options(protocol, protocol_options)
     loader, dataset = open_benchmark(spec, root, split, dataset_options, limit, input_scale)
     k = model_num_classes(model, loader, num_classes, spec.name)
     semantic = loader.target_kind == "semantic"
@@ -358,6 +360,16 @@ def evaluate_benchmark(
         "component_track": track if components else None,
         "closed_set": closed,
     }
+
+
+def _check_protocol_options(protocol: str, options: Mapping[str, Any] | None) -> None:
+    parameters = inspect.signature(PROTOCOLS[protocol].__init__).parameters
+    allowed = sorted(name for name in parameters if name not in ("self", "device"))
+    unknown = sorted(set(options or {}) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"Expected options of the {protocol!r} metric among ({', '.join(allowed)}), but got {', '.join(unknown)}."
+        )
 
 
 def _component_metrics(
