@@ -242,8 +242,8 @@ def _sample_blocks(rng: np.random.Generator, cam_h: float) -> _Blocks:
     )
 
 
-def _render_background(rng: np.random.Generator, lay: _Layout) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Ground, facades and sky: (H, W, 3) float32 colours, (H, W) uint8 labels, geometry for the sprites."""
+def _render_background(rng: np.random.Generator, lay: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ground, facades and sky: (H, W, 3) float32 colours, (H, W) uint8 labels and the (H, W) bool ground mask."""
     H, W, f = lay.height, lay.width, lay.f
     image = np.zeros((H, W, 3), dtype=np.float32)
     label = np.zeros((H, W), dtype=np.uint8)
@@ -381,8 +381,7 @@ def _render_background(rng: np.random.Generator, lay: _Layout) -> tuple[np.ndarr
     clouds = (np.clip(clouds[srows, scols] + cover, 0, 1) * rng.uniform(0.3, 0.9))[:, None]
     image[srows, scols] = gradient * (1 - clouds) + cloud_c[None, :] * clouds
     label[srows, scols] = SKY
-    geometry = {"ground": ground, "zg": zg}
-    return image, label, geometry
+    return image, label, ground
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -787,13 +786,12 @@ def render_scene(rng: np.random.Generator, height: int, width: int, num_anomalie
         The :class:`Scene` (uint8 image, target and family maps, anomaly records).
     """
     lay = _sample_layout(rng, height, width)
-    image, label, geometry = _render_background(rng, lay)
+    image, label, ground = _render_background(rng, lay)
     sprites = _known_objects(rng, lay)
     anomalies = _place_anomalies(rng, lay, num_anomalies, sprites) if num_anomalies else []
     family = np.zeros((height, width), dtype=np.uint8)
     everything = sorted(sprites + anomalies, key=lambda s: -s.z)
     # Soft contact shadows on the ground, before any object is painted over them.
-    ground = geometry["ground"]
     rows = (np.arange(height) + 0.5)[:, None]
     cols = (np.arange(width) + 0.5)[None, :]
     darkness = np.ones((height, width), dtype=np.float32)
