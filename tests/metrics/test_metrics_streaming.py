@@ -10,6 +10,8 @@ import torch
 from densehybrid.metrics import (
     PROTOCOLS,
     AnomalyMetrics,
+    ComponentMetrics,
+    ConfusionMatrix,
     PerImageAnomalyMetrics,
     SmiycAnomalyMetrics,
     anomaly_metrics,
@@ -141,8 +143,8 @@ def test_merge_equals_single_pass(case_factory):
 
 
 def test_large_batch_uses_several_cpu_chunks(case_factory):
-    # More pixels than one vectorised CPU step (2**18) to cover the chunk loop.
-    scores, target = case_factory("float16", seed=1, shape=(1, 600, 500))
+    # More pixels than several vectorised CPU steps (2**15 each) to cover the chunk loop.
+    scores, target = case_factory("float16", seed=1, shape=(1, 300, 400))
     result = _pooled(scores, target, bits=19)
     assert result["exact"] is True
     assert result["ap"] == pytest.approx(average_precision(scores, target), abs=1e-12)
@@ -151,11 +153,50 @@ def test_large_batch_uses_several_cpu_chunks(case_factory):
 
 def test_state_size_is_fixed():
     metric = AnomalyMetrics(bits=16)
+    sizes = None
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         metric.update(torch.randn(2, 50, 60, generator=g), torch.randint(0, 2, (2, 50, 60), generator=g))
-        assert metric._state["hist"].numel() == (2 << 16) + 1
+        current = {name: tensor.numel() for name, tensor in metric._state.items()}
+        assert sizes in (None, current)
+        sizes = current
+    assert sizes["bins"] == 4 * ((1 << 16) + 1)
     assert metric.compute()["num_anomaly"] + metric.compute()["num_inlier"] == 3 * 2 * 50 * 60
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        AnomalyMetrics(bits=16),
+        PerImageAnomalyMetrics(),
+        SmiycAnomalyMetrics(),
+        ComponentMetrics(0.5, min_segment_size=1, min_instance_size=1),
+        ConfusionMatrix(num_classes=2),
+    ],
+    ids=lambda metric: type(metric).__name__,
+)
+def test_update_does_not_modify_its_inputs(case_factory, metric):
+    scores, target = case_factory("continuous", seed=8)
+    scores_copy, target_copy = scores.clone(), target.clone()
+    if isinstance(metric, ConfusionMatrix):
+        metric.update(target.clamp(max=2), target)
+    else:
+        metric.update(scores, target)
+    assert torch.equal(scores, scores_copy) and torch.equal(target, target_copy)
+
+
+def test_int32_counts_are_flushed_before_they_could_overflow(case_factory, monkeypatch):
+    import densehybrid.metrics.streaming as streaming
+
+    scores, target = case_factory("ties", seed=3, shape=(3, 20, 30))
+    expected = _pooled(scores, target, bits=16)
+    monkeypatch.setattr(streaming, "_INT32_MAX", 700)  # flush after (almost) every 600-pixel frame
+    monkeypatch.setattr(streaming, "_CPU_CHUNK", 600)
+    metric = AnomalyMetrics(bits=16)
+    for index in range(3):
+        metric.update(scores[index : index + 1], target[index : index + 1])
+        assert int(metric._state["pending"]) <= 700
+    assert metric.compute() == expected
 
 
 def test_reset_forgets_updates(case_factory):

@@ -6,8 +6,9 @@ score in memory (sorting 2*10^8 pixels takes several GB), so the state here is a
 pixels over ``2**bits`` bins of order-preserving float keys (:mod:`densehybrid.metrics._keys`), plus the smallest
 and largest key seen in each bin:
 
-* memory: ``2 * 2**bits`` int64 counts and ``2 * 2**bits`` int32 key offsets (384 MiB of address space for the
-  default ``bits=24``; on CPU only the pages of occupied bins become resident), independent of the pixel count;
+* memory: per bin two int64 counts plus four int32 words updated per pixel (two counts and the key range, side by
+  side so that one cache line serves a pixel), 512 MiB of address space for the default ``bits=24``; on CPU only
+  the pages of occupied bins become resident. Independent of the pixel count;
 * resolution: a bin spans ``2**(32 - bits)`` consecutive float32 values, a relative score width of at most
   ``2**(9 - bits)`` (3.05e-5 for ``bits=24``) at every magnitude from 1e-38 to 3.4e38 (subnormals below
   ``2**(32 - bits - 149)``, 3.6e-43 for ``bits=24``, share the bin of zero);
@@ -31,8 +32,10 @@ from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index
 from densehybrid.metrics._keys import keys_to_float, order_keys
 from densehybrid.metrics.functional import warn_degenerate
 
-# Pixels per vectorised step on CPU: small enough that the temporaries of one step stay in the L2 cache.
-_CPU_CHUNK = 1 << 18
+# Pixels per vectorised step on CPU: the three scatters of a step then hit cache lines that the first one loaded,
+# and each elementwise op stays at torch's parallelisation grain, so it runs on one thread (steady on busy machines).
+_CPU_CHUNK = 1 << 15
+_INT32_MAX = 2**31 - 1
 DEFAULT_BITS = 24
 MIN_BITS, MAX_BITS = 12, 28
 
@@ -72,7 +75,8 @@ class AnomalyMetrics(SumStateMetric):
     """
 
     protocol = "pooled"
-    _max_states = ("high", "low")
+    # After _flush() the int32 count columns of "bins" are zero, so the whole tensor combines by maximum.
+    _max_states = ("bins",)
 
     def __init__(
         self,
@@ -94,15 +98,25 @@ class AnomalyMetrics(SumStateMetric):
         return (self.bits, self.ignore_index)
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
-        size = 1 << self.bits
+        slots = (1 << self.bits) + 1  # the last bin collects ignored pixels
         return {
-            # [2 * bin + label] for label 0 (inlier) / 1 (anomaly); the last slot counts ignored pixels.
-            "hist": zeros(2 * size + 1, torch.int64, device),
-            # Per bin, 1 + the largest and span - the smallest key offset inside the bin (0: empty), so that both
-            # combine by maximum and start from zero; the last slot takes ignored pixels.
-            "high": zeros(size + 1, torch.int32, device),
-            "low": zeros(size + 1, torch.int32, device),
+            # Per bin: [inliers, anomalies, 1 + largest key offset, span - smallest key offset] (0: empty). The int32
+            # counts are moved to "totals" before they could overflow (see _flush).
+            "bins": zeros(4 * slots, torch.int32, device),
+            "totals": zeros(2 * slots, torch.int64, device),
+            "pending": torch.zeros((), dtype=torch.int64, device=device),  # pixels in the int32 counts
         }
+
+    def _flush(self) -> None:
+        """Move the int32 counts of every occupied bin into the int64 totals (touching only those bins)."""
+        if self._state is None or int(self._state["pending"]) == 0:
+            return
+        bins = self._state["bins"].view(-1, 4)
+        totals = self._state["totals"].view(-1, 2)
+        occupied = (bins[:, 0] != 0).logical_or_(bins[:, 1] != 0).nonzero().squeeze(1)
+        totals[occupied] += bins[occupied, :2].to(torch.int64)
+        bins[occupied, :2] = 0
+        self._state["pending"].zero_()
 
     @torch.no_grad()
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
@@ -117,44 +131,61 @@ class AnomalyMetrics(SumStateMetric):
         """
         check_anomaly_inputs(scores, target, self.ignore_index, batched=True, validate_args=self.validate_args)
         state = self._ensure_state(scores.device)
-        hist, high, low = state["hist"], state["high"], state["low"]
-        flat_scores = scores.to(hist.device).reshape(-1)
-        flat_target = target.to(hist.device).reshape(-1)
+        bins = state["bins"]
+        flat_scores = scores.to(bins.device).reshape(-1)
+        flat_target = target.to(bins.device).reshape(-1)
         total = flat_scores.numel()
-        step = _CPU_CHUNK if hist.device.type == "cpu" else max(total, 1)
-        shift, span, size = 32 - self.bits, 1 << (32 - self.bits), 1 << self.bits
-        ones = torch.ones(min(step, total), dtype=torch.int64, device=hist.device)
+        step = _CPU_CHUNK if bins.device.type == "cpu" else max(total, 1)
+        shift, span, dump = 32 - self.bits, 1 << (32 - self.bits), 4 << self.bits
+        ones = torch.ones(min(step, total), dtype=torch.int32, device=bins.device)
         for start in range(0, total, step):
-            keys = order_keys(flat_scores[start : start + step])
-            offsets = keys & (span - 1)  # position of the key inside its bin
-            bins = (keys >> shift).to(torch.int64)  # arithmetic shift: floor, so negative keys keep their order
-            bins += size // 2
-            labels = flat_target[start : start + step].to(torch.int64)
-            index = bins * 2 + labels
+            count = min(step, total - start)
+            if int(state["pending"]) + count > _INT32_MAX:
+                self._flush()
+            keys = order_keys(flat_scores[start : start + count])
+            slot = (keys >> shift).to(torch.int64)  # arithmetic shift: floor, so negative keys keep their order
+            slot += 1 << (self.bits - 1)
+            slot *= 4
+            labels = flat_target[start : start + count].to(torch.int64)
             if self.ignore_index is not None:
-                ignored = labels == self.ignore_index
-                index.masked_fill_(ignored, 2 * size)
-                bins.masked_fill_(ignored, size)
-            hist.scatter_add_(0, index, ones[: index.numel()])
-            high.scatter_reduce_(0, bins, offsets + 1, "amax")
-            low.scatter_reduce_(0, bins, span - offsets, "amax")
+                slot.masked_fill_(labels == self.ignore_index, dump)
+            bins.scatter_add_(0, slot + labels.clamp(0, 1), ones[:count])
+            offsets = keys & (span - 1)  # position of the key inside its bin
+            slot += 2
+            bins.scatter_reduce_(0, slot, offsets + 1, "amax")
+            slot += 1
+            bins.scatter_reduce_(0, slot, span - offsets, "amax")
+            state["pending"] += count
+
+    def merge(self, other: AnomalyMetrics) -> AnomalyMetrics:
+        """Add the state of ``other`` (fed with different data) to this metric, in place."""
+        self._flush()
+        if isinstance(other, AnomalyMetrics):
+            other._flush()
+        return super().merge(other)
+
+    def sync(self, group: Any = None) -> AnomalyMetrics:
+        """Reduce the state over all processes (counts by SUM, key ranges by MAX); see :meth:`SumStateMetric.sync`."""
+        self._flush()
+        return super().sync(group)
 
     def _curve(self) -> tuple[_curve.Curve, torch.Tensor, int]:
         """Grouped counts of the occupied bins (highest first), which of them held several scores, ignored count."""
         if self._state is None:
             empty = torch.zeros(0, dtype=torch.int64)
             return _curve.Curve(empty, empty, empty.to(torch.float64)), empty.bool(), 0
-        hist, high, low = self._state["hist"], self._state["high"], self._state["low"]
-        counts = hist[:-1].view(-1, 2)
+        self._flush()
+        totals = self._state["totals"]
+        counts = totals.view(-1, 2)[:-1]
         # nonzero() on the flat counts avoids materialising a (2**bits,) temporary; bins come out ascending.
-        occupied = torch.unique_consecutive(hist[:-1].nonzero().squeeze(1) >> 1).flip(0)
+        occupied = torch.unique_consecutive(totals[:-2].nonzero().squeeze(1) >> 1).flip(0)
         grouped = counts[occupied]
+        ranges = self._state["bins"].view(-1, 4)[occupied, 2:].to(torch.int64)
         span = 1 << (32 - self.bits)
-        smallest = span - low[occupied].to(torch.int64)
-        largest = high[occupied].to(torch.int64) - 1
+        largest, smallest = ranges[:, 0] - 1, span - ranges[:, 1]
         start_keys = (occupied - (1 << (self.bits - 1))) << (32 - self.bits)
         curve = _curve.Curve(grouped[:, 1], grouped[:, 0], keys_to_float(start_keys + smallest))
-        return curve, largest > smallest, int(hist[-1])
+        return curve, largest > smallest, int(totals[-2:].sum())
 
     def compute(self) -> dict[str, Any]:
         """Metrics over everything added so far.
