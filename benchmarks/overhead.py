@@ -3,10 +3,13 @@
 Two paths share the same network and input and are timed interleaved in one process (the order alternates each
 repetition so that thermal or load drift hits both alike):
 
-* **closed-set**: pre-logit features -> classifier -> bilinear upsampling of the K logits -> argmax.
+* **closed-set**: pre-logit features -> classifier -> bilinear upsampling of the K logits (the model's own
+  ``align_corners``) -> arg-max over classes.
 * **DenseHybrid**: the same, plus the dataset-posterior head on the same features, upsampling of its 2 channels, the
   hybrid score ``s_H = log_softmax(ood_logits)[:, 1] - logsumexp(logits)`` at full resolution and the open-set map
-  (the closed-set prediction with pixels above a threshold set to K).
+  (the closed-set prediction with pixels above a threshold set to K). ``logsumexp`` reuses the per-pixel maximum
+  that the arg-max computes anyway: ``m + log(sum(exp(logits - m)))``, the same stable formula as
+  ``torch.logsumexp`` without its second maximum pass.
 
 Because end-to-end timings of a 20-100 s CPU forward carry a few percent of noise, the extra work alone (head,
 upsampling, score, open-set map on the already computed features and logits) is also timed, many times, and reported
@@ -78,18 +81,21 @@ def benchmark(
 
     def closed_set() -> torch.Tensor:
         logits = upsample(model.forward_head(model.forward_features(images)))
-        return logits.argmax(1)
+        # `max(1)` gives the arg-max; on the CPU it is several times faster than `argmax(1)` across channels.
+        return logits.max(1).indices
 
-    def extra(features: torch.Tensor, logits: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    def extra(features: torch.Tensor, logits: torch.Tensor, top: torch.Tensor, prediction: torch.Tensor):
         ood_logits = upsample(model.forward_ood_head(features))
-        score = ood_logits.log_softmax(1)[:, 1] - logits.logsumexp(1)
-        return prediction.masked_fill(score > threshold, num_classes)
+        # logsumexp(logits) reusing the per-pixel maximum that the arg-max already computed (same stable formula).
+        log_likelihood = top + (logits - top.unsqueeze(1)).exp_().sum(1).log_()
+        score = ood_logits.log_softmax(1)[:, 1] - log_likelihood
+        return score, prediction.masked_fill(score > threshold, num_classes)
 
     def densehybrid() -> tuple[torch.Tensor, torch.Tensor]:
         features = model.forward_features(images)
         logits = upsample(model.forward_head(features))
-        prediction = logits.argmax(1)
-        return prediction, extra(features, logits, prediction)
+        top, prediction = logits.max(1)
+        return extra(features, logits, top, prediction)
 
     closed_times, hybrid_times = [], []
     with torch.inference_mode():
@@ -97,11 +103,11 @@ def benchmark(
         for _ in range(max(warmup, 1)):
             features = model.forward_features(images)
             logits = upsample(model.forward_head(features))
-            prediction = logits.argmax(1)
-        job = functools.partial(extra, features, logits, prediction)
+            top, prediction = logits.max(1)
+        job = functools.partial(extra, features, logits, top, prediction)
         job()
         extra_times = [_timed(job, device)[0] for _ in range(extra_repeats)]
-        del job, features, logits, prediction  # free them before the end-to-end timings
+        del job, features, logits, top, prediction  # free them before the end-to-end timings
         for r in range(repeats):
             pair = [("closed", closed_set), ("hybrid", densehybrid)]
             for label, fn in pair if r % 2 == 0 else reversed(pair):
