@@ -5,8 +5,8 @@ rectangles, the top 12% of rows void = 255) are generated deterministically, one
 fresh child process so that its wall time and peak resident memory are its own:
 
 * ``ours``: :class:`densehybrid.metrics.AnomalyMetrics` (fixed 2**24-bin histogram), ``update`` per frame;
-* ``exact``: the exact sort-based path of ``densehybrid.metrics.functional`` on all valid pixels at once (the
-  reference values; its memory grows with the pixels);
+* ``exact``: the reference values, from one in-place numpy sort of packed (order key, label) int64 values (8 bytes
+  per valid pixel, the leanest exact method here; its memory grows with the pixels);
 * ``sklearn``: ``average_precision_score`` + ``roc_curve`` (+ ``auc``) on the concatenated valid pixels;
 * ``pytorch_ood``: pytorch-ood 0.4 ``OODSegmentationMetrics(device="cpu", void_label=255)`` (AP = its trapezoidal
   ``AUPR-OUT``);
@@ -45,6 +45,14 @@ import torch
 
 METHODS = ("ours", "exact", "sklearn", "pytorch_ood", "torchmetrics")
 PEERS = ("sklearn", "pytorch_ood", "torchmetrics")
+LABELS = {
+    "ours": "densehybrid `AnomalyMetrics` (ours)",
+    "exact": "exact reference (in-place numpy sort)",
+    "sklearn": "scikit-learn `average_precision_score` + `roc_curve`",
+    "pytorch_ood": "pytorch-ood `OODSegmentationMetrics`",
+    "torchmetrics": "torchmetrics exact `BinaryAveragePrecision`/`AUROC`/`ROC`",
+}
+PACKAGES = {"sklearn": "scikit-learn", "pytorch_ood": "pytorch-ood", "torchmetrics": "torchmetrics"}
 
 
 def make_frame(index: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,16 +125,58 @@ class Collecting(Method):
         return scores, labels
 
 
-class Exact(Collecting):
-    def finish(self):
-        from densehybrid.metrics import _curve
-        from densehybrid.metrics.functional import exact_curve
+class Exact(Method):
+    """Exact pooled metrics with 8 bytes per pixel: one in-place sort of packed (order key, label) int64 values.
 
-        scores, labels = self.gathered()
-        curve = exact_curve(scores, labels.to(torch.int64))
-        del scores, labels
-        index = _curve.index_at_tpr(curve, 0.95)
-        return _curve.average_precision(curve), _curve.auroc(curve), _curve.fpr_at_index(curve, index), {}
+    The reference values of the table. The order keys are those of :mod:`densehybrid.metrics._keys` (the float32
+    order, ties shared); the sorted array is walked from the highest score down in blocks of whole tie groups.
+    """
+
+    block = 1 << 22  # pixels per step of the walk (grown when one tie group is larger)
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+
+    def feed(self, scores, target):
+        from densehybrid.metrics._keys import order_keys
+
+        keep = target != 255
+        packed = order_keys(scores[keep]).to(torch.int64)
+        packed.mul_(2).add_(target[keep].to(torch.int64))
+        self.parts.append(packed.numpy())
+
+    def finish(self):
+        packed = np.concatenate(self.parts)
+        self.parts = []
+        packed.sort()  # in place, ascending
+        num_pos = int(np.count_nonzero(packed & 1))
+        num_neg = packed.size - num_pos
+        ap = area = 0.0
+        tp = fp = 0
+        fpr95 = math.nan
+        high = packed.size
+        block = self.block
+        while high > 0:
+            low = max(high - block, 0)
+            if low > 0:  # start the block at a tie-group boundary so that no group is split
+                keys = packed[low:high] >> 1
+                changes = np.flatnonzero(keys[1:] != keys[:-1])
+                if changes.size == 0:
+                    block *= 2
+                    continue
+                low += int(changes[0]) + 1
+            keys, labels = packed[low:high] >> 1, packed[low:high] & 1
+            starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            pos = np.add.reduceat(labels, starts)[::-1].astype(np.float64)  # highest group first
+            neg = np.diff(np.r_[starts, keys.size])[::-1] - pos
+            tps, fps = tp + np.cumsum(pos), fp + np.cumsum(neg)
+            ap += float(np.sum(pos * tps / (tps + fps)))
+            area += float(np.sum(neg * (2 * tps - pos)))
+            if math.isnan(fpr95) and tps[-1] >= 0.95 * num_pos:
+                fpr95 = float(fps[np.argmax(tps / num_pos >= 0.95)]) / num_neg
+            tp, fp = tps[-1], fps[-1]
+            high = low
+        return ap / num_pos, area / (2 * num_pos * num_neg), fpr95, {}
 
 
 class Sklearn(Collecting):
@@ -219,6 +269,8 @@ def run_worker(method: str, frames: int, height: int, width: int, seed: int) -> 
 def spawn(method: str, frames: int, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--frames", str(frames)]
     command += ["--size", str(args.size[0]), str(args.size[1]), "--seed", str(args.seed)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"method": method, "frames": frames, "error": done.stderr.strip().splitlines()[-1:]}
@@ -241,8 +293,9 @@ def table(rows: list[dict[str, Any]], full: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        name = LABELS[r["method"]]
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['frames']} | failed: {' '.join(r['error'])} |" + " |" * 11)
+            lines.append(f"| {name} | {r['frames']} | failed: {' '.join(r['error'])} |" + " |" * 11)
             continue
         above = r["peak_rss_mb"] - r["baseline_rss_mb"]
         if r["pixels"] == full["pixels"]:
@@ -256,7 +309,7 @@ def table(rows: list[dict[str, Any]], full: dict[str, Any]) -> str:
             deltas = [f"{abs(r[k] - reference[k]):.1e}" for k in ("ap", "auroc", "fpr95")]
         speedup = f"{full_time / ours['seconds']:.0f}x" if ours is not None and r is not ours else "-"
         lines.append(
-            f"| {r['method']} | {r['frames']} ({r['evaluated_pixels']:.2e}) | {r['seconds']:.2f} | "
+            f"| {name} | {r['frames']} ({r['evaluated_pixels']:.2e}) | {r['seconds']:.2f} | "
             f"{full_time:.1f}{note} | {r['peak_rss_mb']:.0f} | {above:.0f} | {full_mem:.0f}{note} | {r['ap']:.6f} | "
             f"{r['auroc']:.6f} | {r['fpr95']:.6f} | {deltas[0]} | {deltas[1]} | {deltas[2]} | {speedup} |"
         )
@@ -275,8 +328,9 @@ def accuracy_study(bits: list[int], pixels: int, seed: int) -> str:
         "gaussian N(0,1) vs N(2,1)": noise + 2 * labels,
         "log-domain N(-2,1.5) vs N(1,1.5)": noise * 1.5 - 2 + 3 * labels,
         "gaussian shifted by +100": noise + 2 * labels + 100,
-        "sigmoid probabilities": torch.sigmoid(3 * noise + 6 * labels),
-        "float16 probabilities": torch.sigmoid(3 * noise + 6 * labels).half(),
+        "sigmoid probabilities p": torch.sigmoid(3 * noise + 6 * labels),
+        "the same p passed as -log1p(-p)": -torch.log1p(-torch.sigmoid(3 * noise + 6 * labels)),
+        "the same p in float16": torch.sigmoid(3 * noise + 6 * labels).half(),
         "magnitudes exp(20 N(0,1))": torch.exp(20 * noise + 5 * labels),
     }
     lines = [
@@ -309,6 +363,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in every worker (default: torch's)")
     parser.add_argument("--json", help="also write all rows to this file")
     parser.add_argument(
         "--accuracy",
@@ -317,6 +372,8 @@ def main() -> None:
     )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.frames, args.size[0], args.size[1], args.seed)))
         return
@@ -338,7 +395,18 @@ def main() -> None:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, full size = {full['pixels']:.2e} pixels")
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for method in sorted({m for m in args.methods if m in PACKAGES}):
+        try:
+            versions.append(f"{PACKAGES[method]} {version(PACKAGES[method])}")
+        except PackageNotFoundError:
+            versions.append(f"{PACKAGES[method]} (not installed)")
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), full size = {full['pixels']:.2e} pixels"
+    )
     print(table(rows, full))
     if args.json:
         with open(args.json, "w") as f:

@@ -129,13 +129,22 @@ class AnomalyMetrics(SumStateMetric):
         Raises:
             ValueError: mismatched shapes, NaN scores or ids outside the encoding (the state is left unchanged).
         """
-        check_anomaly_inputs(scores, target, self.ignore_index, batched=True, validate_args=self.validate_args)
+        check_anomaly_inputs(scores, target, self.ignore_index, batched=True, validate_args=False)
         state = self._ensure_state(scores.device)
         bins = state["bins"]
         flat_scores = scores.to(bins.device).reshape(-1)
         flat_target = target.to(bins.device).reshape(-1)
         total = flat_scores.numel()
         step = _CPU_CHUNK if bins.device.type == "cpu" else max(total, 1)
+        if self.validate_args:
+            # A separate pass, so that invalid input leaves the state untouched.
+            for start in range(0, total, step):
+                chunk_scores, chunk_target = flat_scores[start : start + step], flat_target[start : start + step]
+                bad = (chunk_target != 0) & (chunk_target != 1)
+                if self.ignore_index is not None:
+                    bad &= chunk_target != self.ignore_index
+                if bool(torch.isnan(chunk_scores).any()) or bool(bad.any()):
+                    check_anomaly_inputs(scores, target, self.ignore_index, batched=True)
         shift, span, dump = 32 - self.bits, 1 << (32 - self.bits), 4 << self.bits
         ones = torch.ones(min(step, total), dtype=torch.int32, device=bins.device)
         for start in range(0, total, step):
