@@ -405,7 +405,8 @@ def main() -> None:
             versions.append(f"{PACKAGES[method]} (not installed)")
     threads = args.threads or torch.get_num_threads()
     print(
-        f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), full size = {full['pixels']:.2e} pixels"
+        f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), numpy {np.__version__}, "
+        f"{', '.join(versions)}; full size = {full['pixels']:.2e} pixels"
     )
     print(table(rows, full))
     if args.json:
