@@ -1,0 +1,152 @@
+"""``densehybrid evaluate-open-set``: open-mIoU with a threshold calibrated on held-out data, two folds."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from densehybrid.cli._common import (
+    add_data_arguments,
+    add_loop_arguments,
+    add_model_arguments,
+    check_sml_arguments,
+    format_table,
+    load_model,
+    load_score_options,
+    percent,
+    positive_float,
+    write_json,
+)
+from densehybrid.data.datasets import get_benchmark, parse_dataset_options
+from densehybrid.openset import CALIBRATION_METHODS
+from densehybrid.scores import get_score
+
+HELP = "open-set segmentation: open-mIoU with a calibrated threshold (StreetHazards two towns, COCO20/80)"
+DESCRIPTION = (
+    "Open-set evaluation: pixels whose anomaly score exceeds a threshold become the unknown class, and open-mIoU "
+    "counts undetected anomalies and false detections against the known classes. streethazards runs the released "
+    "DenseHybrid protocol: the threshold is calibrated on test town t5 (score and label maps downsampled by "
+    "--calibration-scale, default 0.5; first threshold with TPR > --tpr) and applied to town t6 at full resolution, "
+    "then the other way round; the result is the image-weighted average of the two folds, with the closed-set mIoU "
+    "of both towns. coco20 runs the same two folds over the two halves of COCO val2017 (sorted by image id; our "
+    "choice, since the TPAMI calibration split is not public; calibration scale 1.0). Prints a table, writes JSON."
+)
+
+_BENCHMARKS = ("streethazards", "coco20")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", required=True, choices=_BENCHMARKS, help="open-set benchmark")
+    add_data_arguments(parser)
+    add_model_arguments(parser)
+    parser.add_argument("--score", default="densehybrid", help="anomaly score that decides 'unknown'")
+    parser.add_argument(
+        "--calibration",
+        choices=CALIBRATION_METHODS,
+        default="tpr",
+        help="threshold rule on the calibration part: tpr (first threshold with TPR > --tpr, released) or f1 (best F1)",
+    )
+    parser.add_argument("--tpr", type=float, default=0.95, help="target true-positive rate of the calibration")
+    parser.add_argument(
+        "--calibration-scale",
+        type=positive_float,
+        default=None,
+        help="resize factor of the calibration score/label maps (default: 0.5 streethazards, 1.0 coco20)",
+    )
+    parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON file to write (default: evaluate-open-set-BENCHMARK.json in the current folder)",
+    )
+    add_loop_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from densehybrid import __version__
+    from densehybrid.evaluation import coco_open_set, streethazards_open_set
+
+    if not 0.0 < args.tpr < 1.0:
+        raise ValueError(f"Expected `--tpr` in (0, 1), but got {args.tpr}.")
+    if args.calibration_scale is not None and args.calibration_scale > 1.0:
+        raise ValueError(f"Expected `--calibration-scale` in (0, 1], but got {args.calibration_scale}.")
+    spec = get_benchmark(args.benchmark)
+    get_score(args.score)  # an unknown name fails here, before the checkpoint is read
+    check_sml_arguments([args.score], args.sml_statistics)
+    dataset_options = parse_dataset_options(args.option)
+    model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
+    score_options = load_score_options([args.score], args.sml_statistics, info["num_classes"])
+    protocol = streethazards_open_set if spec.name == "streethazards" else coco_open_set
+    kwargs: dict[str, Any] = {}
+    if args.calibration_scale is not None:
+        kwargs["calibration_scale"] = args.calibration_scale
+    result = protocol(
+        args.root,
+        model,
+        args.score,
+        dataset_options=dataset_options,
+        limit=args.limit,
+        input_scale=args.input_scale,
+        target_tpr=args.tpr,
+        method=args.calibration,
+        score_options=score_options,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        amp=args.amp,
+        progress=not args.no_progress,
+        **kwargs,
+    )
+    document = {
+        "command": "evaluate-open-set",
+        "densehybrid_version": __version__,
+        **info,
+        **result,
+        "settings": {
+            "root": str(args.root),
+            "options": dataset_options,
+            "limit": args.limit,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "amp": args.amp,
+        },
+    }
+    path = write_json(args.out or f"evaluate-open-set-{spec.name}.json", document)
+    print(format_results(document))
+    print(f"JSON: {path}")
+    return 0
+
+
+def format_results(result: dict[str, Any]) -> str:
+    """The stdout report of :func:`run`: one row per fold, then the weighted open-mIoU and pooled closed mIoU."""
+    rule = f"TPR > {result['target_tpr']}" if result["calibration_method"] == "tpr" else "best F1"
+    lines = [
+        f"{result['benchmark']} open-set: score {result['score']}, threshold at {rule} on the calibration part "
+        f"(maps x{result['calibration_scale']}), model {result['model']} (K={result['num_classes']})"
+    ]
+    if result.get("input_scale", 1.0) != 1.0:
+        lines.append(f"model input resized by {result['input_scale']}: not comparable to full-resolution numbers")
+    header = ["calibrate -> evaluate", "threshold", "images", "open-mIoU", "anomaly IoU", "closed mIoU"]
+    rows = [
+        [
+            f"{fold['calibration']} -> {fold['evaluation']}",
+            f"{fold['threshold']:.4g}",
+            str(fold["num_images"]),
+            percent(fold["open_miou"]),
+            percent(fold["anomaly_iou"]),
+            percent(fold["closed_miou"]),
+        ]
+        for fold in result["folds"]
+    ]
+    rows.append(
+        [
+            "both (weighted; closed pooled)",
+            "",
+            str(result["num_images"]),
+            percent(result["open_miou"]),
+            percent(result["anomaly_iou"]),
+            percent(result["closed_miou"]),
+        ]
+    )
+    lines += ["", format_table(header, rows)]
+    return "\n".join(lines)

@@ -1,0 +1,383 @@
+"""Open-set segmentation protocols: a threshold calibrated on one part of the data, open-mIoU on the other.
+
+StreetHazards (:func:`streethazards_open_set`) follows the released DenseHybrid ``evaluate_osr.py``
+(https://github.com/matejgrcic/DenseHybrid; Grcić et al., ECCV 2022):
+
+1. the anomaly score of every pixel of one test town is computed at full resolution, then the score map is
+   downsampled bilinearly by ``calibration_scale`` (0.5) and the label map by nearest neighbour; ignored pixels
+   are dropped and all remaining pixels of the town are pooled;
+2. the threshold is the first ROC threshold whose TPR exceeds the target (0.95), strictly
+   (:func:`~densehybrid.openset.calibrate_threshold` with ``strict=True``);
+3. on the *other* town, at full resolution, pixels with ``score > threshold`` become the unknown class K
+   (:func:`~densehybrid.openset.predict_open_set`) and open-IoU is accumulated in one confusion matrix
+   (:class:`~densehybrid.metrics.ConfusionMatrix`);
+4. both folds are run (calibrate on t5, evaluate t6; calibrate on t6, evaluate t5) and the final open-mIoU is
+   their average weighted by the number of evaluated images; the closed-set mIoU is pooled over both towns.
+
+COCO20/80 (:func:`coco_open_set`): the TPAMI paper's calibration split is not in our sources (its scripts are not
+released). Our choice mirrors the StreetHazards protocol: COCO val2017, sorted by image id, is cut into two halves;
+the threshold calibrated on one half is applied to the other, both ways, and the open-mIoU is the image-weighted
+average, so every val image is evaluated once and never with a threshold fitted on itself. The default calibration
+scale is 1.0 (COCO images are small). Numbers from this protocol are ours, not the paper's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from densehybrid.data.datasets import BenchmarkDataset, get_benchmark
+from densehybrid.engine.evaluate import model_outputs
+from densehybrid.evaluation.benchmark import (
+    check_scores,
+    dataset_worker_errors,
+    model_num_classes,
+    open_benchmark,
+    same_size_batches,
+)
+from densehybrid.labels import ANOMALY, anomaly_target
+from densehybrid.metrics import ConfusionMatrix
+from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold, predict_open_set
+from densehybrid.scores import get_score
+
+#: Benchmarks with an open-set protocol and their default calibration scale.
+OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0}
+#: The StreetHazards test towns, in fold order.
+STREETHAZARDS_TOWNS = ("t5", "t6")
+
+
+def _loop_kwargs(device, batch_size, num_workers, amp, progress) -> dict[str, Any]:
+    return {"device": device, "batch_size": batch_size, "num_workers": num_workers, "amp": amp, "progress": progress}
+
+
+def calibration_pairs(
+    model: nn.Module,
+    dataset: Dataset,
+    score: str,
+    num_classes: int,
+    scale: float = 1.0,
+    score_options: Mapping[str, Any] | None = None,
+    desc: str = "calibrate",
+    **loop: Any,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(scores, binary target)`` per batch for :func:`~densehybrid.openset.calibrate_threshold`.
+
+    Scores are computed at the label resolution, then both maps are resized by ``scale``: bilinearly
+    (``align_corners=False``) for scores, nearest-neighbour for labels, as the released StreetHazards code does.
+
+    Args:
+        model: the model.
+        dataset: semantic targets (ids ``0..K-1``, anomaly K, ignore 255).
+        score: registered score name.
+        num_classes: K.
+        scale: resize factor of the calibration maps (1.0: none).
+        score_options: keyword options of the score.
+        desc: progress-bar label.
+        **loop: ``device``, ``batch_size``, ``num_workers``, ``amp``, ``progress`` of
+            :func:`~densehybrid.engine.evaluate.model_outputs`.
+    """
+    score_fn = get_score(score)
+    for batch, out in model_outputs(model, dataset, desc=desc, **loop):
+        scores = score_fn(out.logits, out.ood_logits, **dict(score_options or {}))
+        binary = anomaly_target(batch["target"].to(scores.device).long(), num_classes)
+        if scale != 1.0:
+            scores = F.interpolate(scores[:, None], scale_factor=scale, mode="bilinear", align_corners=False)[:, 0]
+            binary = F.interpolate(binary[:, None].float(), scale_factor=scale, mode="nearest")[:, 0].long()
+        yield scores, binary
+
+
+def open_set_confusion(
+    model: nn.Module,
+    dataset: Dataset,
+    score: str,
+    threshold: float,
+    num_classes: int,
+    score_options: Mapping[str, Any] | None = None,
+    desc: str = "open-set",
+    **loop: Any,
+) -> tuple[ConfusionMatrix, ConfusionMatrix, int]:
+    """Closed-set and open-set confusion matrices of ``dataset`` at full (label) resolution.
+
+    Returns:
+        ``(closed, open, num_images)``: the closed-set matrix holds the argmax over the K classes, the open-set one
+        the same argmax with ``score > threshold`` pixels set to K.
+    """
+    score_fn = get_score(score)
+    closed, opened = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
+    num_images = 0
+    for batch, out in model_outputs(model, dataset, desc=desc, **loop):
+        target = batch["target"].to(out.logits.device).long()
+        scores = score_fn(out.logits, out.ood_logits, **dict(score_options or {}))
+        closed.update(out.logits.argmax(1), target)
+        opened.update(predict_open_set(out.logits, scores, threshold), target)
+        num_images += target.shape[0]
+    return closed, opened, num_images
+
+
+class _CountAnomalies:
+    """Pass ``(scores, binary target)`` pairs through, counting anomaly pixels (to explain a failed calibration)."""
+
+    def __init__(self, pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = pairs
+        self.anomalies = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for scores, binary in self.pairs:
+            self.anomalies += int((binary == ANOMALY).sum())
+            yield scores, binary
+
+
+def _weighted(values: Sequence[float], weights: Sequence[int]) -> float:
+    total = sum(weights)
+    if total == 0 or any(math.isnan(v) for v in values):
+        return math.nan
+    return sum(v * w for v, w in zip(values, weights)) / total
+
+
+def two_fold_open_set(
+    model: nn.Module,
+    parts: Mapping[str, Dataset],
+    score: str = "densehybrid",
+    *,
+    num_classes: int,
+    target_tpr: float = 0.95,
+    method: str = "tpr",
+    calibration_scale: float = 0.5,
+    score_options: Mapping[str, Mapping[str, Any]] | None = None,
+    class_names: Sequence[str] = (),
+    device: str | torch.device = "auto",
+    batch_size: int = 1,
+    num_workers: int = 0,
+    amp: bool = False,
+    progress: bool = True,
+    benchmark: str = "",
+) -> dict[str, Any]:
+    """Calibrate on each of two parts, evaluate open-mIoU on the other, and average weighted by image count.
+
+    Args:
+        model: the model.
+        parts: exactly two named datasets with semantic targets (ids ``0..K-1``, anomaly K, ignore 255).
+        score: the anomaly score that decides "unknown".
+        num_classes: K.
+        target_tpr: TPR the threshold reaches on the calibration part (``method="tpr"``; strictly above it).
+        method: ``"tpr"`` (released code) or ``"f1"`` (best pixel F1 on the calibration part).
+        calibration_scale: resize factor of the calibration score and label maps.
+        score_options: per-score keyword options.
+        class_names: the K class names, stored beside the per-class IoUs.
+        device, batch_size, num_workers, amp, progress: loop settings.
+        benchmark: name used in error messages.
+
+    Returns:
+        A JSON-ready dict: ``folds`` (per fold: ``calibration``, ``evaluation``, ``threshold``,
+        ``calibration_images``, ``num_images``, ``open_miou``, ``open_iou``, ``anomaly_iou``, ``closed_miou``),
+        ``open_miou`` and ``anomaly_iou`` (image-weighted means over the folds), ``closed_miou`` and ``closed_iou``
+        (pooled over both parts), ``miou_gap`` (closed minus open), ``num_images``, ``class_names`` and the settings.
+
+    Raises:
+        ValueError: not two parts, a bad method/TPR/scale, or a calibration part without anomaly pixels.
+    """
+    if len(parts) != 2:
+        raise ValueError(f"Expected exactly two parts for the two-fold protocol, but got {list(parts)}.")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"Expected `method` to be one of {', '.join(CALIBRATION_METHODS)}, but got {method!r}.")
+    if isinstance(target_tpr, bool) or not isinstance(target_tpr, (int, float)) or not 0.0 < target_tpr < 1.0:
+        raise ValueError(f"Expected `target_tpr` in (0, 1), but got {target_tpr!r}.")
+    if isinstance(calibration_scale, bool) or not isinstance(calibration_scale, (int, float)):
+        raise ValueError(f"Expected `calibration_scale` to be a number in (0, 1], but got {calibration_scale!r}.")
+    if not 0.0 < calibration_scale <= 1.0:
+        raise ValueError(f"Expected `calibration_scale` in (0, 1], but got {calibration_scale!r}.")
+    (score,) = check_scores([score], score_options)
+    options = dict((score_options or {}).get(score, {}))
+    loop = _loop_kwargs(device, batch_size, num_workers, amp, progress)
+    names = list(parts)
+    thresholds: dict[str, float] = {}
+    with dataset_worker_errors(), same_size_batches(batch_size, benchmark):
+        for name in names:
+            pairs = calibration_pairs(
+                model, parts[name], score, num_classes, calibration_scale, options, desc=f"calibrate {name}", **loop
+            )
+            counted = _CountAnomalies(pairs)
+            try:
+                thresholds[name] = calibrate_threshold(counted, method=method, target_tpr=target_tpr, strict=True)
+            except ValueError as exc:
+                if counted.anomalies:
+                    raise
+                raise ValueError(
+                    f"Expected anomaly pixels in the calibration part {name!r} of {benchmark or 'the data'}, but "
+                    "found none: the threshold cannot be calibrated there."
+                ) from exc
+        folds, pooled_closed = [], ConfusionMatrix(num_classes)
+        for calibration, evaluation in ((names[0], names[1]), (names[1], names[0])):
+            closed, opened, count = open_set_confusion(
+                model,
+                parts[evaluation],
+                score,
+                thresholds[calibration],
+                num_classes,
+                options,
+                desc=f"open-set {evaluation}",
+                **loop,
+            )
+            pooled_closed.merge(closed)
+            open_result, closed_result = opened.compute(), closed.compute()
+            folds.append(
+                {
+                    "calibration": calibration,
+                    "evaluation": evaluation,
+                    "threshold": thresholds[calibration],
+                    "calibration_images": len(parts[calibration]),
+                    "num_images": count,
+                    "open_miou": open_result["open_miou"],
+                    "open_iou": open_result["open_iou"],
+                    "anomaly_iou": open_result["anomaly_iou"],
+                    "closed_miou": closed_result["miou"],
+                    "num_pixels": open_result["num_pixels"],
+                }
+            )
+    counts = [fold["num_images"] for fold in folds]
+    closed_all = pooled_closed.compute()
+    open_miou = _weighted([fold["open_miou"] for fold in folds], counts)
+    return {
+        "score": score,
+        "calibration_method": method,
+        "target_tpr": float(target_tpr) if method == "tpr" else None,
+        "strict_tpr": True if method == "tpr" else None,
+        "calibration_scale": float(calibration_scale),
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+        "num_images": sum(counts),
+        "folds": folds,
+        "open_miou": open_miou,
+        "anomaly_iou": _weighted([fold["anomaly_iou"] for fold in folds], counts),
+        "closed_miou": closed_all["miou"],
+        "closed_iou": closed_all["iou"],
+        "miou_gap": closed_all["miou"] - open_miou,
+    }
+
+
+def _check_options(options: Mapping[str, Any] | None, reserved: str, benchmark: str) -> dict[str, Any]:
+    options = dict(options or {})
+    if reserved in options:
+        raise ValueError(
+            f"Expected no `{reserved}` option for the open-set protocol of {benchmark!r}: the protocol chooses the "
+            f"parts itself, but got {reserved}={options[reserved]!r}."
+        )
+    return options
+
+
+def _describe(loader: BenchmarkDataset, indices: range) -> dict[str, Any]:
+    return {
+        "num_images": len(indices),
+        "first_frame": loader.frames[indices[0]].name if len(indices) else None,
+        "last_frame": loader.frames[indices[-1]].name if len(indices) else None,
+    }
+
+
+def streethazards_open_set(
+    root: str | Path,
+    model: nn.Module,
+    score: str = "densehybrid",
+    *,
+    dataset_options: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    input_scale: float = 1.0,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The StreetHazards two-fold open-set protocol of the released code (see the module docstring).
+
+    Args:
+        root: the StreetHazards root (``test/images/test/{t5,t6}``, ...).
+        model: a model with the benchmark's K (12 with the default encoding).
+        score: the anomaly score.
+        dataset_options: loader options (e.g. ``encoding``); ``towns`` is set by the protocol.
+        limit: only the first ``limit`` frames of each town (a quick look).
+        input_scale: resize factor of the model input; metrics stay at full resolution.
+        num_classes: K; default the model's.
+        **kwargs: :func:`two_fold_open_set` options (``target_tpr``, ``method``, ``calibration_scale`` (default
+            0.5), ``score_options``, ``device``, ``batch_size``, ``num_workers``, ``amp``, ``progress``).
+
+    Returns:
+        :func:`two_fold_open_set`'s dict plus ``benchmark``, ``split``, ``input_scale`` and ``parts`` (frames per
+        town).
+    """
+    options = _check_options(dataset_options, "towns", "streethazards")
+    parts: dict[str, Dataset] = {}
+    described = {}
+    loader = None
+    for town in STREETHAZARDS_TOWNS:
+        loader, dataset = open_benchmark("streethazards", root, "test", {**options, "towns": town}, limit, input_scale)
+        parts[town] = dataset
+        described[town] = _describe(loader, range(len(dataset)))
+    k = model_num_classes(model, loader, num_classes, "streethazards")
+    kwargs.setdefault("calibration_scale", OPEN_SET_BENCHMARKS["streethazards"])
+    result = two_fold_open_set(
+        model, parts, score, num_classes=k, class_names=loader.class_names, benchmark="streethazards", **kwargs
+    )
+    return _with_header(result, "streethazards", "test", input_scale, described)
+
+
+def coco_open_set(
+    root: str | Path,
+    model: nn.Module,
+    score: str = "densehybrid",
+    *,
+    split: str | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    input_scale: float = 1.0,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """COCO20/80 open-set evaluation, two folds over the halves of COCO val2017 (our protocol, see the module
+    docstring).
+
+    Args:
+        root: the COCO-Stuff ``dataset`` folder.
+        model: a model with K = 20 (21 with ``background=class``).
+        score: the anomaly score.
+        split: default ``val2017``.
+        dataset_options: loader options (``known_classes``, ``background``).
+        limit: only the first ``limit`` frames of each half (a quick look).
+        input_scale: resize factor of the model input.
+        num_classes: K; default the model's.
+        **kwargs: :func:`two_fold_open_set` options (``calibration_scale`` defaults to 1.0 here).
+
+    Returns:
+        :func:`two_fold_open_set`'s dict plus ``benchmark``, ``split``, ``input_scale`` and ``parts`` (frames and
+        first/last image of each half).
+    """
+    spec = get_benchmark("coco20")
+    loader, _ = open_benchmark(spec, root, split, dataset_options, None, input_scale)
+    n = len(loader)
+    if n < 2:
+        raise ValueError(f"Expected at least 2 COCO frames to cut into halves, but {str(root)!r} has {n}.")
+    half = (n + 1) // 2
+    parts: dict[str, Dataset] = {}
+    described = {}
+    for start, stop in ((0, half), (half, n)):
+        indices = range(start, stop if limit is None else min(stop, start + limit))
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"Expected `limit` to be a positive integer, but got {limit!r}.")
+        name = f"{loader.split}[{start}:{stop}]"
+        parts[name] = Subset(loader, indices)
+        described[name] = _describe(loader, indices)
+    k = model_num_classes(model, loader, num_classes, spec.name)
+    kwargs.setdefault("calibration_scale", OPEN_SET_BENCHMARKS["coco20"])
+    result = two_fold_open_set(
+        model, parts, score, num_classes=k, class_names=loader.class_names, benchmark=spec.name, **kwargs
+    )
+    return _with_header(result, spec.name, loader.split, input_scale, described)
+
+
+def _with_header(
+    result: dict[str, Any], benchmark: str, split: str, input_scale: float, parts: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {"benchmark": benchmark, "split": split, "input_scale": float(input_scale), "parts": dict(parts), **result}
