@@ -118,7 +118,7 @@ def calibrate_threshold(
     metric = AnomalyMetrics(ignore_index=ignore_index)
     for scores, target in batches:
         metric.update(scores, target)
-    curve, _ = metric._curve()
+    curve = metric._curve()[0]  # grouped (anomaly, inlier) counts per distinct score bin, highest first
     if curve.num_pos == 0:
         raise ValueError("Expected anomaly pixels in the calibration data, but found none: cannot set a threshold.")
     if method == "f1":

@@ -20,7 +20,6 @@ from densehybrid.errors import DenseHybridError
 COMMANDS: dict[str, str] = {
     "demo": "demo",
     "toy2d": "toy2d",
-    "train": "train",
     "evaluate": "evaluate",
     "evaluate-open-set": "evaluate_open_set",
     "export-smiyc": "export_smiyc",

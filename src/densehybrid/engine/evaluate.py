@@ -61,13 +61,14 @@ def model_outputs(
     model.to(device).eval()
     use_amp = amp and device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            images = batch["image"].to(device, non_blocking=True)
-            size = tuple(batch["target"].shape[-2:]) if "target" in batch else tuple(images.shape[-2:])
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(images, output_size=size)
-            yield batch, type(out)(out.logits.float(), out.ood_logits.float())
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = batch["image"].to(device, non_blocking=True)
+        size = tuple(batch["target"].shape[-2:]) if "target" in batch else tuple(images.shape[-2:])
+        # no_grad, not inference_mode: the mode must not leak into the caller's code while this generator is
+        # suspended at `yield` (metric states created there would become inference tensors).
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(images, output_size=size)
+        yield batch, type(out)(out.logits.float(), out.ood_logits.float())
 
 
 def evaluate(
