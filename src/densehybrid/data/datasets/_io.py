@@ -37,6 +37,10 @@ class DatasetFileError(DatasetError):
         self.fix = fix
         super().__init__(f"{problem} {fix}".strip())
 
+    def __reduce__(self):
+        # DataLoader workers pickle exceptions back to the main process: rebuild from the same three fields.
+        return (type(self), (str(self.path), self.problem, self.fix))
+
 
 def _open(path: Path, what: str) -> Image.Image:
     if not path.is_file():
