@@ -220,6 +220,9 @@ def test_custom_ignore_index_and_uint8_target(case_factory):
     result = _pooled(scores, relabelled, bits=16, ignore_index=2)
     assert result == expected
     assert _pooled(scores, target.to(torch.uint8), bits=16) == expected
+    valid = target != 255
+    as_bool = _pooled(scores[valid].reshape(1, 1, -1), (target[valid] == 1).reshape(1, 1, -1), bits=16)
+    assert as_bool["ap"] == expected["ap"] and as_bool["num_ignored"] == 0
 
 
 def test_no_anomaly_warns_and_returns_nan():
@@ -253,6 +256,7 @@ def test_no_inlier_keeps_ap_and_warns_for_auroc():
         (torch.rand(4, 4), torch.zeros(4, 4, dtype=torch.long), ValueError, r"\(N, H, W\)"),
         (torch.full((1, 2, 2), float("nan")), torch.zeros(1, 2, 2, dtype=torch.long), ValueError, "NaN"),
         (torch.rand(1, 2, 2), torch.full((1, 2, 2), 3), ValueError, r"\[3\]"),
+        (torch.rand(1, 2, 2), torch.full((1, 2, 2), -3, dtype=torch.int32), ValueError, r"\[-3\]"),
     ],
 )
 def test_invalid_inputs_raise(scores, target, error, match):

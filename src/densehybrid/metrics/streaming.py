@@ -139,23 +139,25 @@ class AnomalyMetrics(SumStateMetric):
         if self.validate_args:
             # A separate pass, so that invalid input leaves the state untouched.
             for start in range(0, total, step):
-                chunk_scores, chunk_target = flat_scores[start : start + step], flat_target[start : start + step]
-                bad = (chunk_target != 0) & (chunk_target != 1)
-                if self.ignore_index is not None:
+                chunk_target = flat_target[start : start + step]
+                bad = (chunk_target & ~1) != 0 if chunk_target.dtype != torch.bool else None  # ids other than 0, 1
+                if bad is not None and self.ignore_index is not None:
                     bad &= chunk_target != self.ignore_index
-                if bool(torch.isnan(chunk_scores).any()) or bool(bad.any()):
+                if bool(flat_scores[start : start + step].isnan().any()) or (bad is not None and bool(bad.any())):
                     check_anomaly_inputs(scores, target, self.ignore_index, batched=True)
         shift, span, dump = 32 - self.bits, 1 << (32 - self.bits), 4 << self.bits
         ones = torch.ones(min(step, total), dtype=torch.int32, device=bins.device)
+        pending = int(state["pending"])
         for start in range(0, total, step):
             count = min(step, total - start)
-            if int(state["pending"]) + count > _INT32_MAX:
+            if pending + count > _INT32_MAX:
                 self._flush()
+                pending = 0
             keys = order_keys(flat_scores[start : start + count])
-            slot = (keys >> shift).to(torch.int64)  # arithmetic shift: floor, so negative keys keep their order
+            slot = keys >> shift  # arithmetic shift: floor, so negative keys keep their order
             slot += 1 << (self.bits - 1)
-            slot *= 4
-            labels = flat_target[start : start + count].to(torch.int64)
+            slot = (slot << 2).to(torch.int64)  # 4 words per bin
+            labels = flat_target[start : start + count]
             if self.ignore_index is not None:
                 slot.masked_fill_(labels == self.ignore_index, dump)
             bins.scatter_add_(0, slot + labels.clamp(0, 1), ones[:count])
@@ -164,7 +166,8 @@ class AnomalyMetrics(SumStateMetric):
             bins.scatter_reduce_(0, slot, offsets + 1, "amax")
             slot += 1
             bins.scatter_reduce_(0, slot, span - offsets, "amax")
-            state["pending"] += count
+            pending += count
+        state["pending"].fill_(pending)
 
     def merge(self, other: AnomalyMetrics) -> AnomalyMetrics:
         """Add the state of ``other`` (fed with different data) to this metric, in place."""
