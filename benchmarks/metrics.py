@@ -298,6 +298,13 @@ def table(rows: list[dict[str, Any]], full: dict[str, Any]) -> str:
             lines.append(f"| {name} | {r['frames']} | failed: {' '.join(r['error'])} |" + " |" * 11)
             continue
         above = r["peak_rss_mb"] - r["baseline_rss_mb"]
+        if r["method"] == "exact" and r["pixels"] != full["pixels"]:
+            lines.append(
+                f"| {name}, on the peers' frames | {r['frames']} ({r['evaluated_pixels']:.2e}) | {r['seconds']:.2f} | - "
+                f"| {r['peak_rss_mb']:.0f} | {above:.0f} | - | {r['ap']:.6f} | {r['auroc']:.6f} | {r['fpr95']:.6f} "
+                "| - | - | - | - |"
+            )
+            continue
         if r["pixels"] == full["pixels"]:
             full_time, full_mem, note = r["seconds"], above, ""
         else:
