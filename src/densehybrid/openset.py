@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,7 @@ def calibrate_threshold(
     Returns:
         the threshold; apply it as ``scores > threshold``.
     """
-    from densehybrid.metrics import AnomalyMetrics, _curve
+    from densehybrid.metrics import AnomalyMetrics
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"Expected `method` to be one of {CALIBRATION_METHODS}, but got {method!r}.")
@@ -118,11 +119,7 @@ def calibrate_threshold(
     metric = AnomalyMetrics(ignore_index=ignore_index)
     for scores, target in batches:
         metric.update(scores, target)
-    curve = metric._curve()[0]  # grouped (anomaly, inlier) counts per distinct score bin, highest first
-    if curve.num_pos == 0:
+    threshold = metric.best_f1_threshold() if method == "f1" else metric.threshold_at_tpr(target_tpr, strict=strict)
+    if math.isnan(threshold):
         raise ValueError("Expected anomaly pixels in the calibration data, but found none: cannot set a threshold.")
-    if method == "f1":
-        index, _ = _curve.best_f1_index(curve)
-    else:
-        index = _curve.index_at_tpr(curve, target_tpr, strict=strict)
-    return float(_curve.threshold_at_index(curve, index))
+    return float(threshold)

@@ -310,3 +310,16 @@ def test_cuda_inputs_match_cpu(case_factory):
     metric.update(scores.cuda(), target.cuda())
     assert metric.device.type == "cuda"
     assert metric.compute() == _pooled(scores, target, bits=20)
+
+
+def test_threshold_methods_equal_the_functional_ones():
+    from densehybrid.metrics import AnomalyMetrics, best_f1_threshold, threshold_at_tpr
+
+    g = torch.Generator().manual_seed(5)
+    target = (torch.rand(2, 16, 16, generator=g) < 0.25).long()
+    scores = torch.randn(2, 16, 16, generator=g) + target
+    metric = AnomalyMetrics()
+    metric.update(scores, target)
+    for strict in (False, True):
+        assert metric.threshold_at_tpr(0.9, strict=strict) == threshold_at_tpr(scores, target, 0.9, strict=strict)
+    assert metric.best_f1_threshold() == best_f1_threshold(scores, target)[0]

@@ -199,6 +199,17 @@ class AnomalyMetrics(SumStateMetric):
         curve = _curve.Curve(grouped[:, 1], grouped[:, 0], keys_to_float(start_keys + smallest))
         return curve, largest > smallest, int(totals[-2:].sum())
 
+    def threshold_at_tpr(self, tpr: float = 0.95, strict: bool = False) -> float:
+        """Score threshold of the first operating point with TPR >= ``tpr`` (``strict``: TPR > ``tpr``, the released
+        DenseHybrid rule); NaN without anomaly pixels. Used to calibrate open-set thresholds."""
+        curve = self._curve()[0]
+        return _curve.threshold_at_index(curve, _curve.index_at_tpr(curve, tpr, strict=strict))
+
+    def best_f1_threshold(self) -> float:
+        """Score threshold of the operating point with the highest pixel F1; NaN without anomaly pixels."""
+        curve = self._curve()[0]
+        return _curve.threshold_at_index(curve, _curve.best_f1_index(curve)[0])
+
     def compute(self) -> dict[str, Any]:
         """Metrics over everything added so far.
 
