@@ -84,7 +84,9 @@ def benchmark(
         # `max(1)` gives the arg-max; on the CPU it is several times faster than `argmax(1)` across channels.
         return logits.max(1).indices
 
-    def extra(features: torch.Tensor, logits: torch.Tensor, top: torch.Tensor, prediction: torch.Tensor):
+    def extra(
+        features: torch.Tensor, logits: torch.Tensor, top: torch.Tensor, prediction: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ood_logits = upsample(model.forward_ood_head(features))
         # logsumexp(logits) reusing the per-pixel maximum that the arg-max already computed (same stable formula).
         log_likelihood = top + (logits - top.unsqueeze(1)).exp_().sum(1).log_()

@@ -4,7 +4,8 @@ Segmenter (Strudel et al., "Segmenter: Transformer for Semantic Segmentation", I
 TPAMI 2024 extension of DenseHybrid (Grcić et al., "Hybrid Open-set Segmentation with Synthetic Negative Data"):
 
 * **Encoder**: a timm Vision Transformer (``/16`` patches, class token) whose position embeddings are resampled to
-  the input's patch grid on the fly; images are zero-padded (after normalisation) to a multiple of 16.
+  the input's patch grid on the fly; images are zero-padded (after normalisation) to a multiple of 16. Like
+  Segmenter's reference encoder it carries an unused 1000-way ImageNet head (``encoder.head``).
 * **Decoder** (mask transformer): the patch tokens are projected (``proj_dec``), K learnt class embeddings
   (``cls_emb``) are appended, and two pre-norm transformer blocks process them jointly, followed by ``decoder_norm``.
 * **Closed-set logits**: patches and class embeddings are projected (``proj_patch``, ``proj_classes``),
@@ -77,7 +78,6 @@ class MaskTransformer(nn.Module):
         super().__init__()
         num_heads = num_heads or max(dim // 64, 1)
         self.num_classes = num_classes
-        self.proj_dec = nn.Linear(encoder_dim, dim)
         # Stochastic depth rising linearly to `drop_path_rate` (plain floats: the model may be built on meta).
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
@@ -94,6 +94,7 @@ class MaskTransformer(nn.Module):
             for rate in rates
         )
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
+        self.proj_dec = nn.Linear(encoder_dim, dim)
         self.proj_patch = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
         self.proj_classes = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
         self.decoder_norm = nn.LayerNorm(dim)
@@ -188,7 +189,8 @@ class Segmenter(nn.Module):
             encoder,
             pretrained=False,
             img_size=image_size,
-            num_classes=0,
+            # An ImageNet head that is never used, as in Segmenter's reference encoder, whose checkpoints hold it.
+            num_classes=1000,
             global_pool="",
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
@@ -267,8 +269,9 @@ def load_vit_weights(encoder: nn.Module, path: str | PathLike[str], weights_only
     """Load ImageNet ViT weights from a local file into a timm ViT encoder.
 
     Accepted: timm checkpoints (``.pth``, ``.bin``, ``.safetensors``), the original JAX ``.npz`` files, and a
-    Segmenter checkpoint (its ``encoder.*`` entries). Position embeddings are resampled to the encoder's grid and the
-    ImageNet classifier is dropped; every other encoder parameter must be present.
+    Segmenter checkpoint (its ``encoder.*`` entries). Position embeddings are resampled to the encoder's grid; the
+    unused ImageNet head is taken when its shape fits and kept otherwise; every other encoder parameter must be
+    present.
 
     Args:
         encoder: timm ``VisionTransformer``.
@@ -294,6 +297,10 @@ def load_vit_weights(encoder: nn.Module, path: str | PathLike[str], weights_only
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     state = checkpoint_filter_fn(state, encoder)
     own = encoder.state_dict()
+    # The unused ImageNet head loads only when its shape fits (an in21k file has 21,843 classes).
+    for key in [k for k in own if k.startswith("head.")]:
+        if key not in state or state[key].shape != own[key].shape:
+            state[key] = own[key]
     ignored = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state)
     if missing:
