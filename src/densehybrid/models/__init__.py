@@ -1,5 +1,6 @@
 """Models: the DenseHybrid wrapper, adapters, official architectures and checkpoint loading."""
 
+from densehybrid.models.checkpoint import load_checkpoint
 from densehybrid.models.heads import BNReluConv, DatasetPosteriorHead
 from densehybrid.models.hybrid import DenseHybrid, Normalize, Segmenter
 from densehybrid.models.output import HybridOutput
@@ -15,4 +16,5 @@ __all__ = [
     "Segmenter",
     "create_model",
     "list_models",
+    "load_checkpoint",
 ]

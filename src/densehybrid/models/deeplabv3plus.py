@@ -36,7 +36,7 @@ from torch import nn
 
 from densehybrid.errors import CheckpointError
 from densehybrid.models.heads import DatasetPosteriorHead
-from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_images
+from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_images, resolve_output_size
 from densehybrid.models.output import HybridOutput
 from densehybrid.models.wideresnet38 import WideResNet38, forward_wide_resnet38, wide_resnet38_a2_stages
 
@@ -171,7 +171,7 @@ class DeepLabV3PlusWRN38(nn.Module):
             :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
         """
         check_images(images)
-        size = _output_size(images, output_size)
+        size = resolve_output_size(images, output_size)
         features = self.forward_features(images)
         logits, ood_logits = self.final(features), self.logits_ood(features)
         return HybridOutput(_resize(logits, size), _resize(ood_logits, size))
@@ -179,15 +179,6 @@ class DeepLabV3PlusWRN38(nn.Module):
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == size else _upsample_corners(x, size)
-
-
-def _output_size(images: torch.Tensor, output_size: tuple[int, int] | None) -> tuple[int, int]:
-    if output_size is None:
-        return int(images.shape[-2]), int(images.shape[-1])
-    size = tuple(output_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"Expected `output_size` to be two positive ints (H, W), but got {output_size!r}.")
-    return size  # type: ignore[return-value]
 
 
 def load_closed_set_weights(

@@ -68,6 +68,17 @@ def check_images(images: torch.Tensor) -> None:
         raise TypeError(f"Expected `images` to be float in [0, 1], but got dtype {images.dtype}.")
 
 
+def resolve_output_size(images: torch.Tensor, output_size: Sequence[int] | None) -> tuple[int, int]:
+    """Validate ``images`` and return the (H, W) both outputs get: ``output_size`` or the input's own size."""
+    check_images(images)
+    if output_size is None:
+        return int(images.shape[-2]), int(images.shape[-1])
+    size = tuple(output_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"Expected `output_size` to be two positive ints (H, W), but got {output_size!r}.")
+    return size  # type: ignore[return-value]
+
+
 def upsample(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
     """Bilinear resize of a dense map to ``size`` (no-op when it already has that size)."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -129,8 +140,7 @@ class DenseHybrid(nn.Module):
         Returns:
             :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
         """
-        check_images(images)
-        size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
+        size = resolve_output_size(images, output_size)
         features = self.segmenter.forward_features(self.normalize(images))
         logits = self.segmenter.forward_head(features)
         if self.num_classes is not None and logits.shape[1] != self.num_classes:

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from densehybrid.errors import CheckpointError
 from densehybrid.models.heads import BNReluConv, DatasetPosteriorHead
-from densehybrid.models.hybrid import Normalize, check_images, upsample
+from densehybrid.models.hybrid import Normalize, check_images, resolve_output_size, upsample
 from densehybrid.models.output import HybridOutput
 
 logger = logging.getLogger(__name__)
@@ -396,19 +396,9 @@ class LadderDenseNet(nn.Module):
         Returns:
             :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
         """
-        size = _output_size(images, output_size)
+        size = resolve_output_size(images, output_size)
         features = self.forward_features(images)
         return HybridOutput(upsample(self.logits(features), size), upsample(self.logits_ood(features), size))
-
-
-def _output_size(images: torch.Tensor, output_size: Sequence[int] | None) -> tuple[int, int]:
-    check_images(images)
-    if output_size is None:
-        return int(images.shape[-2]), int(images.shape[-1])
-    size = tuple(output_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"Expected `output_size` to be two positive ints (H, W), but got {output_size!r}.")
-    return size  # type: ignore[return-value]
 
 
 # torchvision's own densenet121-a639ec97.pth predates its current names: `denselayer1.norm.1.weight` is now

@@ -34,7 +34,7 @@ from torch import nn
 
 from densehybrid.errors import CheckpointError
 from densehybrid.models.heads import DatasetPosteriorHead
-from densehybrid.models.hybrid import Normalize, check_images
+from densehybrid.models.hybrid import Normalize, check_images, resolve_output_size
 from densehybrid.models.output import HybridOutput
 
 logger = logging.getLogger(__name__)
@@ -243,14 +243,8 @@ class Segmenter(nn.Module):
         Returns:
             :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
         """
-        check_images(images)
+        size = resolve_output_size(images, output_size)
         h, w = int(images.shape[-2]), int(images.shape[-1])
-        if output_size is None:
-            size = (h, w)
-        else:
-            size = tuple(output_size)
-            if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-                raise ValueError(f"Expected `output_size` to be two positive ints (H, W), but got {output_size!r}.")
         features = self.forward_features(images)
         grid = features[0].shape[-2:]
         padded = (grid[0] * self.patch_size, grid[1] * self.patch_size)
