@@ -80,7 +80,7 @@ class DemoConfig:
     test_images: int = 100
     model: str = "ladder_resnet18"
     closed_epochs: int = 12
-    finetune_epochs: int = 4
+    finetune_epochs: int = 10
     batch_size: int = 8
     lr: float = 1e-3
     finetune_lr: float = 1e-4

@@ -335,3 +335,12 @@ def test_colorize_and_example_grid(tmp_path) -> None:
 
     with Image.open(path) as im:
         assert im.size[0] == SMALL[1] * 3 and im.size[1] > 2 * SMALL[0]
+
+
+def test_cached_negatives_equal_freshly_generated_ones() -> None:
+    cached = rs.RoadSceneNegatives(seed=3, size=(24, 24), length=4)
+    fresh = rs.RoadSceneNegatives(seed=3, size=(24, 24), length=4, cache=False)
+    for i in (0, 1, 0, 5):  # 5 wraps to 1; 0 is served from the cache the second time
+        (a_img, a_seg), (b_img, b_seg) = cached[i % 4], fresh[i % 4]
+        assert torch.equal(a_img, b_img) and torch.equal(a_seg, b_seg)
+        assert a_seg.dtype == torch.int64

@@ -582,12 +582,15 @@ class RoadSceneNegatives(Dataset):
         seed: the benchmark seed.
         size: (h, w) of every negative.
         length: number of distinct negatives.
+        cache: keep generated negatives in memory (``length * h * w * 16`` bytes): segmenting a negative again
+            would cost a fair share of a CPU training step.
     """
 
-    def __init__(self, seed: int = 0, size: tuple[int, int] = (64, 64), length: int = 1000) -> None:
+    def __init__(self, seed: int = 0, size: tuple[int, int] = (64, 64), length: int = 1000, cache: bool = True) -> None:
         self.seed = _check_seed(seed)
         self.size = _check_size(size, "size", 16)
         self.length = _check_index(length, "length")
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None  # index -> arrays
 
     def __len__(self) -> int:
         return self.length
@@ -595,8 +598,14 @@ class RoadSceneNegatives(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -self.length <= index < self.length:
             raise IndexError(f"Expected `index` in [0, {self.length}), but got {index}.")
-        image, segments = generate_negative(self.seed, index % self.length, self.size)
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(segments)
+        index %= self.length
+        if self._cache is not None and index in self._cache:
+            image, segments = self._cache[index]
+        else:
+            image, segments = generate_negative(self.seed, index, self.size)
+            if self._cache is not None:
+                self._cache[index] = (image, segments.astype(np.int32))
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(segments.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------------
