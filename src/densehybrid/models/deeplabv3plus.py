@@ -170,7 +170,6 @@ class DeepLabV3PlusWRN38(nn.Module):
         Returns:
             :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
         """
-        check_images(images)
         size = resolve_output_size(images, output_size)
         features = self.forward_features(images)
         logits, ood_logits = self.final(features), self.logits_ood(features)
