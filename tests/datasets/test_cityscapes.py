@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.datasets.conftest import expected_target, raw_label, rgb
-from tests.datasets.fake_trees import make_fake_cityscapes, write_image, write_label
 
 from densehybrid.data.datasets import Cityscapes
 from densehybrid.errors import DatasetError
+from tests.datasets.conftest import expected_target, raw_label, rgb
+from tests.datasets.fake_trees import make_fake_cityscapes, write_image, write_label
 
 # The official cityscapesScripts table, written out independently of the library.
 TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12}

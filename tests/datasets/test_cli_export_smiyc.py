@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.datasets.fake_trees import make_fake_fs_laf, make_fake_road_anomaly, make_fake_smiyc_anomaly
 
 from densehybrid.cli import main
 from densehybrid.data.datasets import RoadAnomaly21
 from densehybrid.models import create_model
 from densehybrid.scores import densehybrid
 from densehybrid.smiyc_export import read_anomaly_map
+from tests.datasets.fake_trees import make_fake_fs_laf, make_fake_road_anomaly, make_fake_smiyc_anomaly
 
 
 @pytest.fixture(scope="module")

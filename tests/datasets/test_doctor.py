@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-from tests.datasets.fake_trees import FAKE_TREES, make_fake_cityscapes, make_fake_fs_laf, pattern, write_label
 
 from densehybrid.cli import main
 from densehybrid.data.datasets import get_benchmark, list_benchmarks
 from densehybrid.doctor import describe_values, diagnose
+from tests.datasets.fake_trees import FAKE_TREES, make_fake_cityscapes, make_fake_fs_laf, pattern, write_label
 
 # benchmark -> (which file of frame 0 to duplicate without a partner, how to rename it)
 UNPAIRED = {

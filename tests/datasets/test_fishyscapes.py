@@ -5,11 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tests.datasets.conftest import expected_target, raw_label, rgb
-from tests.datasets.fake_trees import make_fake_fs_laf, make_fake_fs_static
 
 from densehybrid.data.datasets import FishyscapesLAF, FishyscapesStatic
 from densehybrid.errors import DatasetError
+from tests.datasets.conftest import expected_target, raw_label, rgb
+from tests.datasets.fake_trees import make_fake_fs_laf, make_fake_fs_static
 
 
 def test_fs_laf_official_pairs_labels_with_laf_images_of_both_splits(tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.datasets.conftest import expected_target, raw_label
-from tests.datasets.fake_trees import make_fake_ade20k, make_fake_coco, make_fake_road_anomaly, write_label
 
 from densehybrid.data.datasets import ADE20K, VOC_CLASSES, COCOOpenSet, RoadAnomaly
 from densehybrid.errors import DatasetError
+from tests.datasets.conftest import expected_target, raw_label
+from tests.datasets.fake_trees import make_fake_ade20k, make_fake_coco, make_fake_road_anomaly, write_label
 
 
 def test_road_anomaly_maps_2_to_anomaly(tmp_path):

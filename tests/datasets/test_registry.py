@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.datasets.fake_trees import FAKE_TREES
 
 from densehybrid.data.datasets import (
     BENCHMARKS,
@@ -15,6 +14,7 @@ from densehybrid.data.datasets import (
     parse_dataset_options,
 )
 from densehybrid.labels import IGNORE_INDEX
+from tests.datasets.fake_trees import FAKE_TREES
 
 SMIYC_PERSISTENCE = {"AnomalyTrack-all", "ObstacleTrack-all", "LostAndFound-test", "LostAndFound-train"}
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from densehybrid.data.datasets import LostAndFound, LostAndFoundNoKnown, RoadAnomaly21, RoadObstacle21
+from densehybrid.errors import DatasetError
 from tests.datasets.conftest import expected_target, raw_label
 from tests.datasets.fake_trees import (
     make_fake_lost_and_found,
@@ -10,9 +13,6 @@ from tests.datasets.fake_trees import (
     make_fake_smiyc_obstacle,
     write_image,
 )
-
-from densehybrid.data.datasets import LostAndFound, LostAndFoundNoKnown, RoadAnomaly21, RoadObstacle21
-from densehybrid.errors import DatasetError
 
 
 def test_road_anomaly21_splits_labels_and_persistence_name(tmp_path):

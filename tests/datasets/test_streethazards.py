@@ -3,11 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.datasets.conftest import expected_target, raw_label, rgb
-from tests.datasets.fake_trees import make_fake_streethazards
 
 from densehybrid.data.datasets import StreetHazards
 from densehybrid.errors import DatasetError
+from tests.datasets.conftest import expected_target, raw_label, rgb
+from tests.datasets.fake_trees import make_fake_streethazards
 
 # The released DenseHybrid remap, written out: raw-1, "other" (raw 4) ignored, later ids shifted down, anomaly 12.
 DENSEHYBRID = {1: 0, 2: 1, 3: 2, 4: 255, 5: 3, 6: 4, 7: 5, 8: 6, 9: 7, 10: 8, 11: 9, 12: 10, 13: 11, 14: 12}
