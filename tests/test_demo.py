@@ -82,3 +82,18 @@ def test_demo_help_documents_every_option(capsys):
 def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--train-images", "0"]) == 1
     assert "train_images" in capsys.readouterr().err
+
+
+def test_demo_retrains_a_stage_whose_settings_changed(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    run_demo(DemoConfig.quick(**{**TINY, "out_dir": copy, "closed_epochs": 2}), command="densehybrid demo --quick")
+    closed = torch.load(copy / "closed_set.pt", weights_only=True)
+    assert closed["settings"]["closed_epochs"] == 2 and len(closed["history"]) == 2
+    finetuned = torch.load(copy / "densehybrid.pt", weights_only=True)
+    assert finetuned["settings"]["closed_epochs"] == 2  # fine-tuning restarted from the new closed-set model

@@ -13,7 +13,6 @@ Stages (each timed, each resumable: finished stages are reused from ``out_dir`` 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,10 +31,11 @@ from densehybrid.data import (
 )
 from densehybrid.engine import ClosedSetObjective, DenseHybridObjective, NegativeStream, TrainConfig, fit
 from densehybrid.engine.evaluate import EvaluationResult, evaluate, model_outputs
-from densehybrid.engine.runtime import seed_everything, select_device
+from densehybrid.engine.runtime import atomic_torch_save, seed_everything, select_device
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
 from densehybrid.losses import DenseHybridLoss
 from densehybrid.models import create_model
+from densehybrid.models.checkpoint import read_checkpoint_file
 from densehybrid.negatives import NegativePaster
 from densehybrid.openset import calibrate_threshold, predict_open_set
 from densehybrid.scores import SMLStatistics, fit_sml_statistics, get_score, list_scores
@@ -167,27 +167,53 @@ def _train_config(config: DemoConfig, epochs: int, lr: float, seed_offset: int) 
     )
 
 
-def _load_finished(model: torch.nn.Module, path: Path) -> bool:
-    """Load a finished stage's weights into ``model``; False if the stage has not finished."""
-    if not path.exists():
-        return False
-    from densehybrid.models.checkpoint import load_checkpoint
+def _stage_settings(config: DemoConfig, stage: str) -> dict[str, Any]:
+    """The settings a stage's result depends on: a finished stage is reused only when they are unchanged."""
+    settings = {
+        "model": config.model,
+        "seed": config.seed,
+        "image_size": list(config.image_size),
+        "train_images": config.train_images,
+        "batch_size": config.batch_size,
+        "closed_epochs": config.closed_epochs,
+        "lr": config.lr,
+    }
+    if stage == "densehybrid":
+        settings.update(
+            finetune_epochs=config.finetune_epochs,
+            finetune_lr=config.finetune_lr,
+            negative_size=config.negative_size,
+            beta=config.beta,
+            lambda_=config.lambda_,
+        )
+    return settings
 
-    state = load_checkpoint(model, path)
-    return bool(state.get("finished"))
+
+def _reuse_stage(model: torch.nn.Module, path: Path, train_dir: Path, settings: dict[str, Any]) -> bool:
+    """Load a finished stage into ``model`` if it was made with ``settings``; otherwise clear its stale state."""
+    if path.exists():
+        stored = read_checkpoint_file(path)
+        if stored.get("settings") == settings:
+            model.load_state_dict(stored["model"])
+            return True
+        path.unlink()
+    # an interrupted run of the same settings resumes; one of other settings must not
+    last = train_dir / "last.pt"
+    if last.exists():
+        if read_checkpoint_file(last).get("metadata", {}).get("demo_settings") != settings:
+            last.unlink()
+    return False
 
 
-def _mark_finished(path: Path, model: torch.nn.Module, extra: Mapping[str, Any]) -> None:
-    from densehybrid.engine.runtime import atomic_torch_save
-
+def _mark_finished(path: Path, model: torch.nn.Module, settings: dict[str, Any], history: list) -> None:
     atomic_torch_save(
         {
             "model": model.state_dict(),
             "model_name": getattr(model, "model_name", None),
             "model_kwargs": getattr(model, "model_kwargs", None),
             "data_config": model.data_config,
-            "finished": True,
-            **extra,
+            "settings": settings,
+            "history": history,
         },
         path,
     )
@@ -259,8 +285,8 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     closed_model = create_model(config.model, num_classes=num_classes)
-    closed_path = out / "closed_set.pt"
-    if not (config.resume and _load_finished(closed_model, closed_path)):
+    closed_path, closed_settings = out / "closed_set.pt", _stage_settings(config, "closed")
+    if not (config.resume and _reuse_stage(closed_model, closed_path, out / "train_closed_set", closed_settings)):
         result = fit(
             closed_model,
             train_set,
@@ -268,16 +294,18 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
             _train_config(config, config.closed_epochs, config.lr, 0),
             out_dir=out / "train_closed_set",
             resume=config.resume,
+            metadata={"demo_settings": closed_settings},
         )
-        _mark_finished(closed_path, closed_model, {"history": result.history})
+        _mark_finished(closed_path, closed_model, closed_settings, result.history)
     timings["closed-set training"] = time.perf_counter() - t0
 
     # stage 3: DenseHybrid fine-tuning from the closed-set weights
     t0 = time.perf_counter()
     hybrid_model = create_model(config.model, num_classes=num_classes)
     hybrid_model.load_state_dict(closed_model.state_dict())
-    hybrid_path = out / "densehybrid.pt"
-    if config.finetune_epochs and not (config.resume and _load_finished(hybrid_model, hybrid_path)):
+    hybrid_path, hybrid_settings = out / "densehybrid.pt", _stage_settings(config, "densehybrid")
+    reused = config.resume and _reuse_stage(hybrid_model, hybrid_path, out / "train_densehybrid", hybrid_settings)
+    if config.finetune_epochs and not reused:
         objective = DenseHybridObjective(
             DenseHybridLoss(beta=config.beta, lambda_=config.lambda_),
             NegativeStream(negatives, crop_size=config.negative_size),
@@ -290,8 +318,9 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
             _train_config(config, config.finetune_epochs, config.finetune_lr, 1),
             out_dir=out / "train_densehybrid",
             resume=config.resume,
+            metadata={"demo_settings": hybrid_settings},
         )
-        _mark_finished(hybrid_path, hybrid_model, {"history": result.history})
+        _mark_finished(hybrid_path, hybrid_model, hybrid_settings, result.history)
     timings["DenseHybrid fine-tuning"] = time.perf_counter() - t0
 
     # stage 4: SML statistics and threshold calibration
@@ -381,19 +410,12 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     )
     files = write_report(data, out)
     timings["report"] = time.perf_counter() - t0
-    # the timings in results.json include the report stage too
-    results_path = files["json"]
-    stored = json.loads(results_path.read_text())
+    # results.json was written before the report stage ended: add its time
+    stored = json.loads(files["json"].read_text())
     stored["timings"] = timings
-    results_path.write_text(json.dumps(stored, indent=2, allow_nan=False, default=_json_default))
+    files["json"].write_text(json.dumps(stored, indent=2))
     table = format_table(rows, families=["real", "procedural", "all"])
     return DemoResult(rows, segmentation, threshold, timings, files, table, verdict)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
 
 
 def _fit_sml(model: torch.nn.Module, dataset, common: Mapping[str, Any]) -> SMLStatistics:

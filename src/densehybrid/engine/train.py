@@ -228,6 +228,7 @@ def training_checkpoint(
     generator: torch.Generator,
     history: list[dict[str, float]],
     scaler: torch.amp.GradScaler | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to continue a run exactly, plus what is needed to rebuild the model."""
     return {
@@ -248,6 +249,7 @@ def training_checkpoint(
         "generator": generator.get_state(),
         "rng": rng_state(),
         "history": history,
+        "metadata": metadata or {},
     }
 
 
@@ -259,6 +261,7 @@ def fit(
     out_dir: str | Path | None = None,
     resume: bool = False,
     on_epoch_end: Callable[[int, nn.Module], dict[str, float] | None] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_set`` with ``objective``; checkpoint to ``out_dir/last.pt``.
 
@@ -271,6 +274,7 @@ def fit(
         out_dir: where ``last.pt`` is written atomically (None: no checkpoints).
         resume: continue from ``out_dir/last.pt`` if it exists.
         on_epoch_end: optional callback ``(epoch, model) -> metrics`` (e.g. validation), logged in the history.
+        metadata: plain values stored in every checkpoint under ``"metadata"`` (e.g. what the run is for).
 
     Returns:
         :class:`TrainResult`; ``finished`` is False when ``config.max_steps`` stopped the run early.
@@ -297,7 +301,17 @@ def fit(
         if checkpoint_path is None:
             return None
         state = training_checkpoint(
-            model, optimizer, config, objective_name, epoch, step_in_epoch, global_step, generator, history, scaler
+            model,
+            optimizer,
+            config,
+            objective_name,
+            epoch,
+            step_in_epoch,
+            global_step,
+            generator,
+            history,
+            scaler,
+            metadata,
         )
         return atomic_torch_save(state, checkpoint_path)
 
