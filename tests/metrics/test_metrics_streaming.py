@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -323,3 +324,22 @@ def test_threshold_methods_equal_the_functional_ones():
     for strict in (False, True):
         assert metric.threshold_at_tpr(0.9, strict=strict) == threshold_at_tpr(scores, target, 0.9, strict=strict)
     assert metric.best_f1_threshold() == best_f1_threshold(scores, target)[0]
+
+
+def test_coarse_bins_warn_instead_of_returning_a_silently_inexact_number():
+    from densehybrid.metrics import AnomalyMetrics
+
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(1, 200, 200, generator=g) < 0.3).long()
+    # probabilities crowded just below 1: many distinct float32 values per 2**-12-wide bin
+    scores = torch.sigmoid(torch.randn(1, 200, 200, generator=g) + 12 + 0.5 * target)
+    metric = AnomalyMetrics(bits=12)
+    metric.update(scores, target)
+    with pytest.warns(UserWarning, match="differ from the exact ones"):
+        result = metric.compute()
+    assert not result["exact"] and result["ap_error_bound"] > 1e-4
+    exact = AnomalyMetrics()
+    exact.update(scores.half(), target)  # float16 scores are binned exactly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert exact.compute()["exact"]

@@ -21,6 +21,7 @@ and largest key seen in each bin:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -282,4 +283,28 @@ class AnomalyMetrics(SumStateMetric):
             # The exact crossing lies inside bin b*: the FPR is off by at most that bin's inliers.
             fpr95_error_bound=float(curve.neg[tpr_index]) / num_neg if crossing_uncertain else 0.0,
         )
+        _warn_if_coarse(result)
         return result
+
+
+#: Error bound above which :meth:`AnomalyMetrics.compute` warns that the binned metrics may differ from exact ones.
+ERROR_BOUND_WARNING = 1e-4
+
+
+def _warn_if_coarse(result: dict[str, Any]) -> None:
+    """Warn when a guaranteed error bound exceeds :data:`ERROR_BOUND_WARNING`: never a silently coarse number."""
+    loose = {
+        name: result[f"{name}_error_bound"]
+        for name in ("ap", "auroc", "fpr95")
+        if result[f"{name}_error_bound"] > ERROR_BOUND_WARNING
+    }
+    if loose:
+        bounds = ", ".join(f"{name} <= {bound:.2g}" for name, bound in loose.items())
+        warnings.warn(
+            f"The binned pooled metrics may differ from the exact ones by more than {ERROR_BOUND_WARNING:g} "
+            f"({bounds}): many distinct float32 scores share a bin. Pass scores with more spread (e.g. logits or "
+            f"-log1p(-p) instead of probabilities near 1), float16 scores (exact), or a larger `bits` "
+            f"(now {result['bits']}).",
+            UserWarning,
+            stacklevel=3,
+        )
