@@ -36,8 +36,7 @@ from torch import nn
 
 from densehybrid.errors import CheckpointError
 from densehybrid.models.heads import DatasetPosteriorHead
-from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_images, resolve_output_size
-from densehybrid.models.output import HybridOutput
+from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, HybridModel, Normalize, check_images
 from densehybrid.models.wideresnet38 import WideResNet38, forward_wide_resnet38, wide_resnet38_a2_stages
 
 logger = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ class AtrousSpatialPyramidPooling(nn.Module):
         return torch.cat([pooled, *(branch(x) for branch in self.features)], dim=1)
 
 
-class DeepLabV3PlusWRN38(nn.Module):
+class DeepLabV3PlusWRN38(HybridModel):
     """DeepLabV3+ on Wider ResNet-38 with the closed-set classifier and the dataset-posterior head.
 
     Args:
@@ -100,6 +99,9 @@ class DeepLabV3PlusWRN38(nn.Module):
         >>> tuple(out.logits.shape), tuple(out.ood_logits.shape)  # doctest: +SKIP
         ((1, 19, 64, 64), (1, 2, 64, 64))
     """
+
+    # the released model resizes its outputs with align_corners=True (the compat fixture confirms it)
+    align_corners = True
 
     def __init__(
         self,
@@ -159,25 +161,6 @@ class DeepLabV3PlusWRN38(nn.Module):
     def forward_ood_head(self, features: torch.Tensor) -> torch.Tensor:
         """Dataset-posterior logits (N, 2, h, w) at the feature resolution."""
         return self.logits_ood(features)
-
-    def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
-        """Closed-set logits and dataset-posterior logits.
-
-        Args:
-            images: (N, 3, H, W) float in [0, 1].
-            output_size: (H_out, W_out) of both outputs; defaults to (H, W).
-
-        Returns:
-            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
-        """
-        size = resolve_output_size(images, output_size)
-        features = self.forward_features(images)
-        logits, ood_logits = self.final(features), self.logits_ood(features)
-        return HybridOutput(_resize(logits, size), _resize(ood_logits, size))
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == size else _upsample_corners(x, size)
 
 
 def load_closed_set_weights(

@@ -86,7 +86,32 @@ def upsample(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
-class DenseHybrid(nn.Module):
+class HybridModel(nn.Module):
+    """Base of models whose closed-set and dataset-posterior heads read one feature map.
+
+    Subclasses define ``forward_features(images)``, ``forward_head(features)`` and ``forward_ood_head(features)``;
+    :meth:`forward` runs them and resizes both outputs bilinearly (``align_corners`` as the architecture uses).
+    """
+
+    align_corners: bool = False
+
+    def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
+        """Closed-set logits and dataset-posterior logits.
+
+        Args:
+            images: (N, 3, H, W) float in [0, 1].
+            output_size: (H_out, W_out) of both outputs; defaults to (H, W).
+
+        Returns:
+            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
+        """
+        size = resolve_output_size(images, output_size)
+        features = self.forward_features(images)
+        logits, ood_logits = self.forward_head(features), self.forward_ood_head(features)
+        return HybridOutput(upsample(logits, size, self.align_corners), upsample(ood_logits, size, self.align_corners))
+
+
+class DenseHybrid(HybridModel):
     """Open-set wrapper around a closed-set segmenter.
 
     Args:
@@ -130,25 +155,22 @@ class DenseHybrid(nn.Module):
         """Input normalisation, saved with checkpoints."""
         return self.normalize.config
 
-    def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
-        """Closed-set logits and dataset-posterior logits.
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images in [0, 1] -> the segmenter's (N, C, h, w) pre-logit features."""
+        return self.segmenter.forward_features(self.normalize(images))
 
-        Args:
-            images: (N, 3, H, W) float in [0, 1].
-            output_size: (H_out, W_out) of both outputs; defaults to (H, W).
-
-        Returns:
-            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
-        """
-        size = resolve_output_size(images, output_size)
-        features = self.segmenter.forward_features(self.normalize(images))
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Closed-set logits (N, K, h, w) from the segmenter's classifier."""
         logits = self.segmenter.forward_head(features)
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"Expected the segmenter to produce {self.num_classes} logit channels, but got {logits.shape[1]}."
             )
-        ood_logits = self.logits_ood(features)
-        return HybridOutput(upsample(logits, size), upsample(ood_logits, size))
+        return logits
+
+    def forward_ood_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Dataset-posterior logits (N, 2, h, w)."""
+        return self.logits_ood(features)
 
     def freeze_segmenter(self) -> None:
         """Train only the dataset-posterior head: freeze the segmenter, BatchNorm statistics included."""

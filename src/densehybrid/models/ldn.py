@@ -38,8 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from densehybrid.errors import CheckpointError
 from densehybrid.models.heads import BNReluConv, DatasetPosteriorHead
-from densehybrid.models.hybrid import Normalize, check_images, resolve_output_size, upsample
-from densehybrid.models.output import HybridOutput
+from densehybrid.models.hybrid import HybridModel, Normalize, check_images, upsample
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +312,7 @@ class LadderDecoder(nn.Module):
         return x
 
 
-class LadderDenseNet(nn.Module):
+class LadderDenseNet(HybridModel):
     """Ladder-DenseNet with the closed-set classifier and the DenseHybrid dataset-posterior head.
 
     Args:
@@ -385,20 +384,6 @@ class LadderDenseNet(nn.Module):
     def forward_ood_head(self, features: torch.Tensor) -> torch.Tensor:
         """Dataset-posterior logits (N, 2, h, w) at the feature resolution."""
         return self.logits_ood(features)
-
-    def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
-        """Closed-set logits and dataset-posterior logits.
-
-        Args:
-            images: (N, 3, H, W) float in [0, 1].
-            output_size: (H_out, W_out) of both outputs; defaults to (H, W).
-
-        Returns:
-            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
-        """
-        size = resolve_output_size(images, output_size)
-        features = self.forward_features(images)
-        return HybridOutput(upsample(self.logits(features), size), upsample(self.logits_ood(features), size))
 
 
 # torchvision's own densenet121-a639ec97.pth predates its current names: `denselayer1.norm.1.weight` is now
