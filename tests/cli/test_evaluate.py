@@ -22,15 +22,6 @@ EVALUATED = sorted(name for name, spec in BENCHMARKS.items() if spec.protocol is
 MODEL_KWARGS = {"decoder_channels": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Frames are tiny: one intra-op thread is faster than two fighting over the CI's two cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """K -> (checkpoint path written like the training loop's, the model in eval mode)."""

@@ -24,15 +24,6 @@ from tests.datasets.fake_trees import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Frames are tiny: one intra-op thread is faster than two fighting over the CI's two cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")

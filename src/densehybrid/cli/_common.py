@@ -287,6 +287,28 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def result_document(
+    command: str, info: Mapping[str, Any], result: Mapping[str, Any], args: argparse.Namespace, options: Any
+) -> dict[str, Any]:
+    """The JSON document of an evaluation command: what ran, its results and the settings that shape them."""
+    from densehybrid import __version__
+
+    return {
+        "command": command,
+        "densehybrid_version": __version__,
+        **info,
+        **result,
+        "settings": {
+            "root": str(args.root),
+            "options": options,
+            "limit": args.limit,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "amp": args.amp,
+        },
+    }
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as strict, indented JSON, atomically (a temporary file renamed over ``path``).
 

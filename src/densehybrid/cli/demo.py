@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     parser.add_argument("--out", type=Path, default=d.out_dir, help="output folder for the report and checkpoints")
     parser.add_argument("--data-dir", type=Path, default=None, help="benchmark cache folder (default: OUT/data)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny images, splits and epochs (~1-2 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny images, splits and epochs (under a minute on 2 CPU cores)"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the benchmark and of training")
     parser.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(

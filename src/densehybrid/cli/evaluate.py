@@ -15,6 +15,7 @@ from densehybrid.cli._common import (
     load_score_options,
     parse_metric_options,
     percent,
+    result_document,
     write_json,
 )
 from densehybrid.data.datasets import BENCHMARKS, get_benchmark, list_benchmarks, parse_dataset_options
@@ -75,7 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid import __version__
     from densehybrid.evaluation import evaluate_benchmark, resolve_request
 
     spec = get_benchmark(args.benchmark)
@@ -107,20 +107,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     out = args.out or f"evaluate-{spec.name}-{result['split']}.json"
-    document = {
-        "command": "evaluate",
-        "densehybrid_version": __version__,
-        **info,
-        **result,
-        "settings": {
-            "root": str(args.root),
-            "options": dataset_options,
-            "limit": args.limit,
-            "device": args.device,
-            "batch_size": args.batch_size,
-            "amp": args.amp,
-        },
-    }
+    document = result_document("evaluate", info, result, args, dataset_options)
     path = write_json(out, document)
     print(format_results(document))
     print(f"JSON: {path}")

@@ -15,6 +15,7 @@ from densehybrid.cli._common import (
     load_score_options,
     percent,
     positive_float,
+    result_document,
     write_json,
 )
 from densehybrid.data.datasets import get_benchmark, parse_dataset_options
@@ -63,7 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid import __version__
     from densehybrid.evaluation import coco_open_set, streethazards_open_set
 
     if not 0.0 < args.tpr < 1.0:
@@ -97,20 +97,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **kwargs,
     )
-    document = {
-        "command": "evaluate-open-set",
-        "densehybrid_version": __version__,
-        **info,
-        **result,
-        "settings": {
-            "root": str(args.root),
-            "options": dataset_options,
-            "limit": args.limit,
-            "device": args.device,
-            "batch_size": args.batch_size,
-            "amp": args.amp,
-        },
-    }
+    document = result_document("evaluate-open-set", info, result, args, dataset_options)
     path = write_json(args.out or f"evaluate-open-set-{spec.name}.json", document)
     print(format_results(document))
     print(f"JSON: {path}")
