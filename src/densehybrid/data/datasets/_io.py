@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from densehybrid.errors import DatasetError
 
@@ -57,14 +57,50 @@ def _open(path: Path, what: str) -> Image.Image:
     return image
 
 
+def _integer_depth(values: np.ndarray, mode: str) -> int:
+    # 16-bit modes are explicit; a 32-bit "I" image (how Pillow opens some 16-bit PNGs) is read by its largest value.
+    if mode.startswith("I;16"):
+        return 16
+    top = int(values.max(initial=0))
+    return 8 if top <= 255 else 16 if top <= 65535 else 32
+
+
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert a decoded PIL image of any mode to RGB bytes, upright.
+
+    The EXIF orientation is applied. 16-bit and 32-bit integer images are scaled to 8 bits by their bit depth
+    (not clipped); float images in [0, 1] are scaled by 255, others clipped to [0, 255]; greyscale, palette, CMYK,
+    YCbCr and LAB images are converted; the alpha channel of RGBA/LA/PA images is dropped.
+
+    Returns:
+        (H, W, 3) uint8 array.
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.float64)
+        depth = _integer_depth(values, mode)
+        grey = np.clip(np.rint(values / (2**depth - 1) * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode != "RGB":
+        image = image.convert("RGBA" if "A" in mode or mode == "P" else "RGB").convert("RGB")
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB bytes.
+    """Read an image file as RGB bytes, whatever its PIL mode (see :func:`image_to_rgb`).
 
     Greyscale, palette and RGBA files (StreetHazards stores RGBA PNGs) are converted to RGB; the alpha channel is
-    dropped.
+    dropped; 16-bit files are scaled to 8 bits, not clipped; the EXIF orientation is applied.
 
     Args:
-        path: image file (PNG, JPEG, WebP).
+        path: image file (PNG, JPEG, WebP, ...).
 
     Returns:
         (H, W, 3) uint8 array.
@@ -73,10 +109,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
         DatasetFileError: the file is missing or cannot be decoded.
     """
     path = Path(path)
-    image = _open(path, "image")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+    return image_to_rgb(_open(path, "image"))
 
 
 def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
