@@ -21,6 +21,7 @@ import numpy as np
 from densehybrid.data.datasets import BenchmarkDataset, BenchmarkSpec, get_benchmark
 from densehybrid.data.datasets._io import DatasetFileError, check_same_size
 from densehybrid.errors import DatasetError
+from densehybrid.labels import IGNORE_INDEX
 
 SEVERITIES = ("error", "warning", "info")
 _LISTED_VALUES = 10
@@ -164,6 +165,7 @@ def _check_labels(report: DoctorReport, dataset: BenchmarkDataset, max_label_che
         return
     indices = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), max_label_checks)).round().astype(int))
     allowed = describe_values(dataset.raw_label_values)
+    decoded, all_void = 0, 0
     for index in indices:
         frame = frames[int(index)]
         try:
@@ -177,6 +179,9 @@ def _check_labels(report: DoctorReport, dataset: BenchmarkDataset, max_label_che
             report.add("error", err.path, err.problem, err.fix)
             continue
         unexpected = dataset.unexpected_values(raw)
+        decoded += 1
+        if not unexpected and bool((dataset.encode_target(raw, frame) == IGNORE_INDEX).all()):
+            all_void += 1
         if unexpected:
             shown = ", ".join(str(v) for v in unexpected[:_LISTED_VALUES])
             more = f" (and {len(unexpected) - _LISTED_VALUES} more)" if len(unexpected) > _LISTED_VALUES else ""
@@ -187,6 +192,15 @@ def _check_labels(report: DoctorReport, dataset: BenchmarkDataset, max_label_che
                 f"Expected label ids in {allowed} ({report.benchmark} encoding), but got {shown}{more}.",
                 hint or "Use the label files of the official archive unmodified (re-extract this file).",
             )
+    if decoded and all_void == decoded:
+        report.add(
+            "error",
+            report.root,
+            f"Expected labelled pixels, but every pixel of the {decoded} label file(s) decoded is void after the "
+            f"{report.benchmark} encoding: no metric can be computed on this tree.",
+            "Check that these are the benchmark's label files (not blank placeholders or another dataset's "
+            "annotations), and that the --option values (e.g. layout, label_type) match the tree.",
+        )
 
 
 def diagnose(
@@ -229,10 +243,11 @@ def diagnose(
     root = Path(root).expanduser()
     report = DoctorReport(benchmark, str(root), split, expected_frames=spec.expected_counts.get(split))
     if not root.is_dir():
+        found = "it is a file" if root.exists() else "it does not exist"
         report.add(
             "error",
             root,
-            f"Expected the {benchmark} root {str(root)!r} to be a directory, but it does not exist.",
+            f"Expected the {benchmark} root {str(root)!r} to be a directory, but {found}.",
             _download_fix(spec),
         )
         return report
@@ -244,6 +259,9 @@ def diagnose(
     except DatasetError as err:
         report.add("error", root, str(err), _download_fix(spec))
         return report
+    except OSError as err:
+        _unreadable(report, root, err)
+        return report
     resolved = getattr(dataset, "resolved_layout", None)
     if resolved is not None:
         report.add("info", root, f"Detected the {resolved!r} layout.")
@@ -251,5 +269,18 @@ def diagnose(
         report.add("error", issue.path, issue.problem[:1].upper() + issue.problem[1:] + ".", issue.fix)
     report.num_frames = len(dataset.frames)
     _check_count(report, spec, allow_partial)
-    _check_labels(report, dataset, max_label_checks)
+    try:
+        _check_labels(report, dataset, max_label_checks)
+    except OSError as err:
+        _unreadable(report, root, err)
     return report
+
+
+def _unreadable(report: DoctorReport, root: Path, err: OSError) -> None:
+    path = err.filename or root
+    report.add(
+        "error",
+        path,
+        f"Expected {str(path)!r} to be readable, but reading failed ({err.strerror or err}).",
+        "Fix the permissions of the dataset tree (e.g. `chmod -R u+rX ROOT`) or copy it somewhere readable.",
+    )

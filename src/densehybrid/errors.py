@@ -13,3 +13,15 @@ class CheckpointError(DenseHybridError):
 
 class DatasetError(DenseHybridError):
     """A dataset tree is missing, incomplete or encoded differently than expected."""
+
+
+class OutputError(DenseHybridError):
+    """An output path cannot be written, is in the way, or would overwrite an input or an earlier result."""
+
+
+class ResourceError(DenseHybridError):
+    """A request exceeds what this machine can give (memory, CPU cores)."""
+
+
+class NonFiniteError(DenseHybridError):
+    """A model or a training run produced NaN or infinite values."""

@@ -21,7 +21,10 @@ def test_road_anomaly_maps_2_to_anomaly(tmp_path):
     assert torch.equal(ds[0]["target"], torch.from_numpy(expected_target(raw, {0: 0, 2: 1})))
     assert len(RoadAnomaly(root / "RoadAnomaly_jpg")) == 3
     write_label(ds.frames[1].label, np.array([[0, 1, 2, 3]] * 16).repeat(8, 1))
-    assert ds[1]["target"][0, ::8].tolist() == [0, 255, 1, 255]  # undefined ids become void, never inlier
+    with pytest.raises(DatasetError, match=r"holds 1, 3, .*--void-unknown-ids"):  # undefined ids are an error
+        ds[1]
+    ds.void_unknown_ids = True  # or, asked for, void: never inlier
+    assert ds[1]["target"][0, ::8].tolist() == [0, 255, 1, 255]
 
 
 def test_road_anomaly_label_folder_without_image(tmp_path):

@@ -157,7 +157,7 @@ def test_weights_only_refusal_explains_the_remedy(ldn, ldn_state, tmp_path):
 
 
 def test_unreadable_files(ldn, tmp_path):
-    with pytest.raises(CheckpointError, match="existing checkpoint file"):
+    with pytest.raises(CheckpointError, match="to be an existing file"):
         load_checkpoint(ldn, tmp_path / "absent.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="Cannot read checkpoint"):

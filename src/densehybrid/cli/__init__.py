@@ -2,8 +2,10 @@
 
 Each command lives in its own module under ``densehybrid.cli`` and provides ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. Commands only parse options and report; the work is done by the
-library. Errors a user can fix print one ``Error: ...`` line to stderr and exit 1 (usage errors exit 2); set
-``--debug`` or ``DENSEHYBRID_DEBUG=1`` for the full traceback.
+library. :func:`main` is the one place where failures become exit codes (see :data:`EXIT_CODES`): a failure the user
+can fix (bad data, checkpoint, output path, option value, resources, a diverging run) prints one ``Error: ...`` line
+to stderr; anything else is a bug and prints one ``Internal error: ...`` line asking for a report. ``--debug`` (or
+``DENSEHYBRID_DEBUG=1``) re-raises with the full traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +14,23 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
+from types import TracebackType
 
 from densehybrid import __version__
 from densehybrid.errors import DenseHybridError
+
+#: Exit status of ``densehybrid COMMAND``: documented in docs/usage.md.
+EXIT_CODES: dict[int, str] = {
+    0: "success (doctor: no error found)",
+    1: "a failure the user can fix: bad input data, checkpoint, output path, option value, not enough memory or "
+    "cores, a diverging or non-finite run (doctor: the tree has errors)",
+    2: "usage error: unknown command or option, malformed option value",
+    70: "internal error: a bug in densehybrid (please report it; --debug shows the traceback)",
+    130: "interrupted (Ctrl-C)",
+}
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 # command name -> module under densehybrid.cli
 COMMANDS: dict[str, str] = {
@@ -77,22 +93,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raised_by_densehybrid(traceback: TracebackType | None) -> bool:
+    """True when the innermost frame of ``traceback`` is densehybrid's own code (a deliberate, worded raise)."""
+    last = None
+    while traceback is not None:
+        last, traceback = traceback, traceback.tb_next
+    if last is None:
+        return False
+    try:
+        return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def _expected_failure(exc: BaseException) -> str | None:
+    """The one-line message of a failure the user can fix, or None when ``exc`` is a bug.
+
+    ``ValueError``/``TypeError`` are the library's documented errors for bad arguments, but only when densehybrid
+    raised them itself; one escaping from NumPy or torch means an input was not validated, which is a bug.
+    """
+    import torch
+
+    if isinstance(exc, DenseHybridError):
+        return str(exc)
+    if isinstance(exc, (ValueError, TypeError)) and _raised_by_densehybrid(exc.__traceback__):
+        return str(exc)
+    if isinstance(exc, FloatingPointError):
+        return str(exc)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return (
+            f"Out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): lower --batch-size, "
+            "--input-scale or the image sizes, or use a device with more memory."
+        )
+    if isinstance(exc, OSError):
+        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        return f"Cannot access{where}: {exc.strerror or exc}."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``densehybrid`` console script."""
+    """Entry point of the ``densehybrid`` console script; returns an exit status of :data:`EXIT_CODES`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_USAGE
     debug = args.debug or os.environ.get("DENSEHYBRID_DEBUG") == "1"
     try:
         return int(args._run(args) or 0)
-    except (DenseHybridError, ValueError, TypeError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
         if debug:
             raise
-        print(f"Error: {exc}", file=sys.stderr)
-        print("(run with --debug or DENSEHYBRID_DEBUG=1 for the full traceback)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        message = _expected_failure(exc)
+        if message is not None:
+            print(f"Error: {message}", file=sys.stderr)
+            return EXIT_ERROR
+        print(
+            f"Internal error: {type(exc).__name__}: {exc} (a bug in densehybrid {__version__}: please report it with "
+            "the command line; run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from densehybrid.errors import CheckpointError, DenseHybridError
+from densehybrid.engine.outputs import atomic_write_text
+from densehybrid.errors import CheckpointError, DenseHybridError, NonFiniteError, OutputError
 
 # Keyword arguments recorded with a model that point at weight files used only to initialise training.
 _INIT_ONLY_KWARGS = ("pretrained", "pretrained_backbone")
@@ -52,6 +53,59 @@ def positive_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and infinities refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+#: Largest ``--input-scale``: the model input grows with its square (x4 = 16 times the pixels of the frame).
+MAX_INPUT_SCALE = 4.0
+
+
+def input_scale(text: str) -> float:
+    """argparse type: ``--input-scale`` in (0, :data:`MAX_INPUT_SCALE`]."""
+    value = positive_float(text)
+    if value > MAX_INPUT_SCALE:
+        raise argparse.ArgumentTypeError(f"expected a factor in (0, {MAX_INPUT_SCALE:g}], got {text!r}")
+    return value
+
+
+def device_option(text: str) -> str:
+    """argparse type: a device name torch knows and this machine has (checked before any work)."""
+    from densehybrid.engine.runtime import select_device
+
+    try:
+        select_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def worker_count(text: str) -> int:
+    """argparse type: DataLoader workers, 0 up to the usable CPU cores."""
+    from densehybrid.engine.resources import check_num_workers
+    from densehybrid.errors import ResourceError
+
+    value = non_negative_int(text)
+    try:
+        return check_num_workers(value)
+    except ResourceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str = "the output file") -> None:
+    """``--overwrite``: allow replacing existing results (inputs are never overwritten)."""
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace {what} if it exists (an input is never overwritten)"
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
     """``--checkpoint``, ``--model`` and ``--num-classes``."""
     from densehybrid.models import list_models
@@ -74,11 +128,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
 
 def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--batch-size``, ``--num-workers``, ``--amp`` and ``--no-progress``."""
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=device_option, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--batch-size", type=positive_int, default=1, help="frames per forward pass (frames of a batch share one size)"
     )
-    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    parser.add_argument(
+        "--num-workers",
+        type=worker_count,
+        default=min(2, _usable_cores()),
+        help="DataLoader worker processes (at most the CPU cores available)",
+    )
     parser.add_argument(
         "--amp",
         action="store_true",
@@ -102,10 +161,38 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--input-scale",
-        type=positive_float,
+        type=input_scale,
         default=1.0,
-        help="resize the model input by this factor; metrics stay at the labels' full resolution",
+        help=f"resize the model input by this factor in (0, {MAX_INPUT_SCALE:g}]; metrics stay at the labels' full "
+        "resolution",
     )
+    add_label_check_argument(parser)
+
+
+def add_label_check_argument(parser: argparse.ArgumentParser) -> None:
+    """``--void-unknown-ids``: the one switch of the label check every command runs on the label files it reads."""
+    parser.add_argument(
+        "--void-unknown-ids",
+        action="store_true",
+        help="treat label ids outside the benchmark's encoding as void instead of stopping with an error "
+        "(the numbers then ignore those pixels)",
+    )
+
+
+def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The loader options of ``--option KEY=VALUE`` plus the label check's ``--void-unknown-ids``."""
+    from densehybrid.data.datasets import parse_dataset_options
+
+    options: dict[str, Any] = dict(parse_dataset_options(args.option))
+    if getattr(args, "void_unknown_ids", False):
+        options["void_unknown_ids"] = True
+    return options
+
+
+def _usable_cores() -> int:
+    from densehybrid.engine.resources import usable_cpu_count
+
+    return usable_cpu_count()
 
 
 def load_model(
@@ -167,7 +254,7 @@ def load_model(
             f"({sorted(kwargs)}): {exc}"
         ) from exc
     state = strip_prefix(state)
-    *_, message = check_state_dict(model, state, source=f"checkpoint {str(checkpoint)!r}")
+    *_, message = check_state_dict(model, state, source=f"checkpoint {str(checkpoint)!r}", for_cli=True)
     if message:
         raise CheckpointError(message)
     model.load_state_dict(state)
@@ -179,6 +266,15 @@ def load_model(
         "model_kwargs": {key: value for key, value in kwargs.items() if _plain(value)},
     }
     return model.eval(), info
+
+
+@contextlib.contextmanager
+def naming_checkpoint(checkpoint: str | os.PathLike[str]) -> Iterator[None]:
+    """Name ``checkpoint`` in a :class:`~densehybrid.errors.NonFiniteError` raised by the block (NaN outputs)."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"Checkpoint {str(checkpoint)!r} gives unusable outputs. {exc}") from exc
 
 
 def check_sml_arguments(scores: Sequence[str], sml_statistics: str | os.PathLike[str] | None) -> None:
@@ -312,25 +408,17 @@ def result_document(
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as strict, indented JSON, atomically (a temporary file renamed over ``path``).
 
+    Check the path with :func:`densehybrid.engine.outputs.check_output_file` before the work; this only writes.
+
     Raises:
-        DenseHybridError: the file cannot be written (missing permission, a directory in the way, ...).
+        OutputError: the file cannot be written (missing permission, a directory in the way, a full disk, ...).
     """
     path = Path(path)
     text = json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        return atomic_write_text(path, text)
     except OSError as exc:
-        raise DenseHybridError(f"Cannot write `--out` {str(path)!r}: {exc.strerror or exc}.") from exc
-    return path
+        raise OutputError(f"Cannot write `--out` {str(path)!r}: {exc.strerror or exc}.") from exc
 
 
 def percent(value: Any) -> str:

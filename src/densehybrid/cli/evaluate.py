@@ -9,16 +9,20 @@ from densehybrid.cli._common import (
     add_data_arguments,
     add_loop_arguments,
     add_model_arguments,
+    add_overwrite_argument,
     check_sml_arguments,
+    dataset_options,
     format_table,
     load_model,
     load_score_options,
+    naming_checkpoint,
     parse_metric_options,
     percent,
     result_document,
     write_json,
 )
-from densehybrid.data.datasets import BENCHMARKS, get_benchmark, list_benchmarks, parse_dataset_options
+from densehybrid.data.datasets import BENCHMARKS, get_benchmark, list_benchmarks
+from densehybrid.engine.outputs import check_output_file
 from densehybrid.metrics import COMPONENT_TRACKS, PROTOCOLS
 
 HELP = "evaluate a checkpoint on a benchmark with its official protocol (AP, FPR95, AUROC, sIoU/PPV/F1, mIoU)"
@@ -72,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="JSON file to write (default: evaluate-BENCHMARK-SPLIT.json in the current folder)"
     )
+    add_overwrite_argument(parser, "the JSON file")
     add_loop_arguments(parser)
 
 
@@ -82,34 +87,39 @@ def run(args: argparse.Namespace) -> int:
     # Everything that needs neither data nor weights is checked first: a checkpoint can take a while to read.
     _, scores, _, _ = resolve_request(spec, args.score, args.protocol, args.components, args.component_track)
     check_sml_arguments(scores, args.sml_statistics)
-    dataset_options = parse_dataset_options(args.option)
+    options = dataset_options(args)
     metric_options = parse_metric_options(args.metric_option)
+    out = check_output_file(
+        args.out or f"evaluate-{spec.name}-{args.split or spec.split}.json",
+        inputs=[args.checkpoint, args.sml_statistics, args.root],
+        overwrite=args.overwrite,
+    )
     model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     score_options = load_score_options(scores, args.sml_statistics, info["num_classes"])
-    result = evaluate_benchmark(
-        spec,
-        args.root,
-        model,
-        scores,
-        split=args.split,
-        dataset_options=dataset_options,
-        protocol=args.protocol,
-        protocol_options=metric_options,
-        score_options=score_options,
-        components=args.components,
-        component_track=args.component_track,
-        limit=args.limit,
-        input_scale=args.input_scale,
-        amp=args.amp,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-    )
-    out = args.out or f"evaluate-{spec.name}-{result['split']}.json"
-    document = result_document("evaluate", info, result, args, dataset_options)
+    with naming_checkpoint(args.checkpoint):
+        result = evaluate_benchmark(
+            spec,
+            args.root,
+            model,
+            scores,
+            split=args.split,
+            dataset_options=options,
+            protocol=args.protocol,
+            protocol_options=metric_options,
+            score_options=score_options,
+            components=args.components,
+            component_track=args.component_track,
+            limit=args.limit,
+            input_scale=args.input_scale,
+            amp=args.amp,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+        )
+    document = result_document("evaluate", info, result, args, options)
+    print(format_results(document), flush=True)  # printed first: a failed write must not lose the results
     path = write_json(out, document)
-    print(format_results(document))
     print(f"JSON: {path}")
     return 0
 

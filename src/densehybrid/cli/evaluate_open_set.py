@@ -9,16 +9,20 @@ from densehybrid.cli._common import (
     add_data_arguments,
     add_loop_arguments,
     add_model_arguments,
+    add_overwrite_argument,
     check_sml_arguments,
+    dataset_options,
     format_table,
     load_model,
     load_score_options,
+    naming_checkpoint,
     percent,
     positive_float,
     result_document,
     write_json,
 )
-from densehybrid.data.datasets import get_benchmark, parse_dataset_options
+from densehybrid.data.datasets import get_benchmark
+from densehybrid.engine.outputs import check_output_file
 from densehybrid.openset import CALIBRATION_METHODS
 from densehybrid.scores import get_score
 
@@ -60,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON file to write (default: evaluate-open-set-BENCHMARK.json in the current folder)",
     )
+    add_overwrite_argument(parser, "the JSON file")
     add_loop_arguments(parser)
 
 
@@ -73,33 +78,39 @@ def run(args: argparse.Namespace) -> int:
     spec = get_benchmark(args.benchmark)
     get_score(args.score)  # an unknown name fails here, before the checkpoint is read
     check_sml_arguments([args.score], args.sml_statistics)
-    dataset_options = parse_dataset_options(args.option)
+    options = dataset_options(args)
+    out = check_output_file(
+        args.out or f"evaluate-open-set-{spec.name}.json",
+        inputs=[args.checkpoint, args.sml_statistics, args.root],
+        overwrite=args.overwrite,
+    )
     model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     score_options = load_score_options([args.score], args.sml_statistics, info["num_classes"])
     protocol = streethazards_open_set if spec.name == "streethazards" else coco_open_set
     kwargs: dict[str, Any] = {}
     if args.calibration_scale is not None:
         kwargs["calibration_scale"] = args.calibration_scale
-    result = protocol(
-        args.root,
-        model,
-        args.score,
-        dataset_options=dataset_options,
-        limit=args.limit,
-        input_scale=args.input_scale,
-        target_tpr=args.tpr,
-        method=args.calibration,
-        score_options=score_options,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        amp=args.amp,
-        progress=not args.no_progress,
-        **kwargs,
-    )
-    document = result_document("evaluate-open-set", info, result, args, dataset_options)
-    path = write_json(args.out or f"evaluate-open-set-{spec.name}.json", document)
-    print(format_results(document))
+    with naming_checkpoint(args.checkpoint):
+        result = protocol(
+            args.root,
+            model,
+            args.score,
+            dataset_options=options,
+            limit=args.limit,
+            input_scale=args.input_scale,
+            target_tpr=args.tpr,
+            method=args.calibration,
+            score_options=score_options,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            amp=args.amp,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+    document = result_document("evaluate-open-set", info, result, args, options)
+    print(format_results(document), flush=True)  # printed first: a failed write must not lose the results
+    path = write_json(out, document)
     print(f"JSON: {path}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 import torch
@@ -32,6 +33,14 @@ _TOOLKIT_SPLITS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from densehybrid.cli._common import (
+        add_overwrite_argument,
+        device_option,
+        finite_float,
+        non_negative_int,
+        positive_int,
+    )
+
     parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(list_benchmarks())}")
     parser.add_argument("--root", required=True, help="the benchmark's dataset root")
     parser.add_argument(
@@ -43,16 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file to load into the model")
     parser.add_argument("--method", required=True, help="method name the SMIYC toolkit is run with")
     parser.add_argument("--out", required=True, help="output root (the toolkit's DIR_OUTPUTS)")
+    add_overwrite_argument(parser, "the maps of an earlier export of the same method and dataset (all of them)")
     parser.add_argument(
         "--split", default=None, help="split to export (default: the frames of a submission, e.g. 'all' for SMIYC)"
     )
     parser.add_argument("--score", default="densehybrid", help="anomaly score (see `densehybrid scores`)")
     parser.add_argument("--squash", choices=("none", *SQUASHES), default="none", help="monotone map before float16")
-    parser.add_argument("--squash-center", type=float, default=None, help="sigmoid centre (default: fitted)")
-    parser.add_argument("--squash-scale", type=float, default=None, help="sigmoid temperature (default: fitted)")
+    parser.add_argument("--squash-center", type=finite_float, default=None, help="sigmoid centre (default: fitted)")
+    parser.add_argument(
+        "--squash-scale", type=finite_float, default=None, help="sigmoid temperature (default: fitted)"
+    )
     parser.add_argument(
         "--num-classes",
-        type=int,
+        type=positive_int,
         default=None,
         help="known classes of the model (default: the checkpoint's, else the benchmark's)",
     )
@@ -61,21 +73,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"SMIYC dataset folder to write into (default: the frames' own; one of {', '.join(SMIYC_DATASETS)})",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--limit", type=int, default=None, help="export only the first N frames (a quick check)")
-    parser.add_argument("--compression-level", type=int, default=9, help="gzip level 0..9")
+    parser.add_argument("--device", type=device_option, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="export only the first N frames (a quick check)"
+    )
+    parser.add_argument("--compression-level", type=non_negative_int, default=9, help="gzip level 0..9")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="loader option, repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid.cli._common import load_model
+    from densehybrid.cli._common import load_model, naming_checkpoint
+    from densehybrid.engine.evaluate import check_finite_outputs
+    from densehybrid.engine.outputs import check_output_dir, remove_stale_temporaries, staging_dir, swap_in
     from densehybrid.engine.runtime import select_device
     from densehybrid.scores import get_score, score_info
+    from densehybrid.smiyc_export import anomaly_map_path
 
     spec = get_benchmark(args.benchmark)
     split = args.split or spec.export_split or spec.split
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"Expected `--limit` to be a positive integer, but got {args.limit}.")
     if args.squash != "sigmoid" and (args.squash_center is not None or args.squash_scale is not None):
         raise ValueError(f"Expected `--squash-center`/`--squash-scale` only with --squash sigmoid, not {args.squash}.")
     info = score_info(args.score)
@@ -84,9 +99,8 @@ def run(args: argparse.Namespace) -> int:
             f"Expected a score that needs no fitted statistics, but {args.score!r} does; choose another --score."
         )
     score_fn = get_score(args.score)
-    if args.num_classes is not None and args.num_classes < 1:
-        raise ValueError(f"Expected `--num-classes` to be a positive integer, but got {args.num_classes}.")
 
+    # Labels are not read: an export needs only the images, so a bad label file must not stop it.
     dataset = spec.create(args.root, split, **parse_dataset_options(args.option))
     frames = dataset.frames[: args.limit] if args.limit else dataset.frames
     targets = [args.dataset or frame.smiyc_dataset or spec.smiyc_dataset for frame in frames]
@@ -95,22 +109,42 @@ def run(args: argparse.Namespace) -> int:
             f"Expected a SMIYC dataset for every frame, but benchmark {spec.name!r} has none for some frames: pass "
             f"--dataset NAME (one of {', '.join(SMIYC_DATASETS)})."
         )
+    # Every dataset folder this export writes is replaced as a whole, so no map of an earlier export stays beside
+    # the new ones (the toolkit would evaluate a mixture).
+    folders = sorted({anomaly_map_path(args.out, args.method, target, "frame").parent for target in targets})
+    out = check_output_dir(
+        args.out,
+        inputs=[args.checkpoint, args.root],
+        outputs=[str(folder.relative_to(args.out)) for folder in folders],
+        overwrite=args.overwrite,
+    )
+    method_dir = out / "anomaly_p" / args.method
+    remove_stale_temporaries(method_dir.parent, f".{args.method}.*.tmp")
 
     device = select_device(args.device)
     model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     model.to(device).eval()
     squash = None if args.squash == "none" else Squash(args.squash, args.squash_center, args.squash_scale)
-    writer = SmiycWriter(
-        args.out, args.method, squash=squash, compression_level=args.compression_level, check_float16=True
-    )
-    with torch.inference_mode():
-        for index in tqdm(range(len(frames)), desc=f"export {spec.name}", unit="frame", file=sys.stderr):
-            sample = dataset[index]
-            image = sample["image"].unsqueeze(0).to(device)
-            output = model(image, output_size=tuple(image.shape[-2:]))
-            scores = score_fn(output.logits, output.ood_logits)[0]
-            writer.write(sample["name"], scores, dataset=targets[index])
-    print(json.dumps(writer.summary(), indent=2))
+    staged = staging_dir(method_dir)
+    try:
+        writer = SmiycWriter(
+            staged, args.method, squash=squash, compression_level=args.compression_level, check_float16=True
+        )
+        with torch.inference_mode(), naming_checkpoint(args.checkpoint):
+            for index in tqdm(range(len(frames)), desc=f"export {spec.name}", unit="frame", file=sys.stderr):
+                frame = frames[index]
+                image = dataset.load_image(frame).unsqueeze(0).to(device)
+                output = model(image, output_size=tuple(image.shape[-2:]))
+                check_finite_outputs(output, {"name": [frame.name]})
+                scores = score_fn(output.logits, output.ood_logits)[0]
+                writer.write(frame.name, scores, dataset=targets[index])
+        summary = writer.summary()
+        for folder in folders:
+            swap_in(staged / "anomaly_p" / args.method / folder.name, folder)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    summary["out"] = str(method_dir)
+    print(json.dumps(summary, indent=2))
     if spec.name in _TOOLKIT_SPLITS:
         print(
             f"Evaluate with the SMIYC toolkit: DIR_OUTPUTS={args.out} python -m road_anomaly_benchmark metric "

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from densehybrid.engine.batches import collate
 from densehybrid.engine.runtime import select_device
+from densehybrid.errors import NonFiniteError
 from densehybrid.labels import ANOMALY, INLIER, anomaly_target
 from densehybrid.metrics import ConfusionMatrix, anomaly_metrics
 from densehybrid.openset import predict_open_set
@@ -68,7 +69,31 @@ def model_outputs(
         # suspended at `yield` (metric states created there would become inference tensors).
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(images, output_size=size)
+        check_finite_outputs(out, batch)
         yield batch, type(out)(out.logits.float(), out.ood_logits.float())
+
+
+def check_finite_outputs(out: Any, batch: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`~densehybrid.errors.NonFiniteError` when a model output holds NaN or infinite values.
+
+    A model with damaged weights (a diverged training run) gives NaN everywhere; every score and metric downstream
+    would then fail with a misleading message or, worse, rank NaN silently.
+
+    Args:
+        out: a ``HybridOutput`` (``logits``, ``ood_logits`` may be None).
+        batch: the batch, whose ``name`` entries identify the frames in the message.
+    """
+    for name in ("logits", "ood_logits"):
+        tensor = getattr(out, name, None)
+        if tensor is None or bool(torch.isfinite(tensor).all()):
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        names = list((batch or {}).get("name") or [])
+        frames = f" on frame(s) {', '.join(map(str, names[:3]))}" if names else ""
+        raise NonFiniteError(
+            f"Expected finite model outputs, but {bad} of {tensor.numel()} `{name}` values are NaN or infinite"
+            f"{frames}: the weights are probably damaged (e.g. saved from a diverged training run)."
+        )
 
 
 def evaluate(

@@ -22,9 +22,20 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"Expected `--device` to be auto, cpu, cuda or cuda:N (or another torch device), but got {device!r}."
+        ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Expected a visible CUDA device for `--device {device}`, but torch sees none. Use cpu.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"Expected `--device {device}` among the {torch.cuda.device_count()} visible CUDA device(s), but it is not."
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"Expected an available Apple GPU for `--device {device}`, but torch sees none. Use cpu.")
     return resolved
 
 

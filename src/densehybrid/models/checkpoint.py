@@ -49,7 +49,8 @@ def read_checkpoint_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Expected `path` to be an existing checkpoint file, but got {str(path)!r}.")
+        found = "a folder" if path.is_dir() else "missing"
+        raise CheckpointError(f"Expected checkpoint {str(path)!r} to be an existing file, but it is {found}.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -72,9 +73,9 @@ def read_checkpoint_file(
         raise CheckpointError(
             f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {err}"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # a damaged file makes torch's reader raise almost any type (KeyError, IndexError, ...)
         raise CheckpointError(
-            f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {err}"
+            f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {type(err).__name__}: {err}"
         ) from err
 
 
@@ -234,9 +235,15 @@ def _mismatch_hints(
     missing: list[str],
     unexpected: list[str],
     mismatched: list[str],
+    for_cli: bool = False,
 ) -> list[str]:
     hints = []
-    if missing and not unexpected and all(k.startswith("logits_ood.") for k in missing):
+    if missing and not unexpected and all(k.startswith("logits_ood.") for k in missing) and for_cli:
+        hints.append(
+            "The file is a closed-set checkpoint without the dataset-posterior head: the commands need a model "
+            "fine-tuned with DenseHybrid (its head holds the anomaly score)."
+        )
+    elif missing and not unexpected and all(k.startswith("logits_ood.") for k in missing):
         hints.append(
             "The file is a closed-set checkpoint without the dataset-posterior head: load it with `strict=False` so "
             "that the head starts fresh (for DeepLabV3+ WRN38 use `create_model('deeplabv3plus_wrn38', "
@@ -252,14 +259,20 @@ def _mismatch_hints(
     if num_classes is not None and len(differing) == 1:
         (theirs, ours) = next(iter(differing))
         if ours == num_classes and theirs is not None:
-            hints.append(f"The checkpoint was trained for {theirs} classes: build the model with num_classes={theirs}.")
+            build = f"pass --num-classes {theirs}" if for_cli else f"build the model with num_classes={theirs}"
+            hints.append(f"The checkpoint was trained for {theirs} classes: {build}.")
     best = _best_model(state)
     own_rank = _rank(state, {k: tuple(v.shape) for k, v in own.items()})
     if best is not None and best[0] != getattr(model, "model_name", None) and best[1] > own_rank:
         k = _infer_num_classes(state, best[0])
+        build = (
+            f"pass --model {best[0]}" + (f" --num-classes {k}" if k else "")
+            if for_cli
+            else f"build it with create_model({best[0]!r}, num_classes={k or '...'})"
+        )
         hints.append(
             f"Its parameters fit the registered model {best[0]!r} best ({best[1][0]:.0%} of names shared, "
-            f"{own_rank[0]:.0%} with this model): build it with create_model({best[0]!r}, num_classes={k or '...'})."
+            f"{own_rank[0]:.0%} with this model): {build}."
         )
     elif (missing or unexpected) and (best is None or best[1][0] < 0.5):
         hints.append("No registered model fits its names: is it a checkpoint of another library or architecture?")
@@ -267,7 +280,7 @@ def _mismatch_hints(
 
 
 def check_state_dict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the checkpoint"
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the checkpoint", *, for_cli: bool = False
 ) -> tuple[list[str], list[str], list[str], str]:
     """Compare a state dict with a model's.
 
@@ -275,6 +288,7 @@ def check_state_dict(
         model: the model to load into.
         state: parameter name -> tensor (prefixes stripped).
         source: how to name the state dict in the message.
+        for_cli: word the hints as command-line options (``--model``, ``--num-classes``) instead of Python calls.
 
     Returns:
         ``(missing, unexpected, mismatched, message)``: sorted name lists (``mismatched`` = present in both with
@@ -298,7 +312,7 @@ def check_state_dict(
     if mismatched:
         shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
         message += _listing("shape mismatches", shapes, separator="; ")
-    hints = _mismatch_hints(model, state, missing, unexpected, mismatched)
+    hints = _mismatch_hints(model, state, missing, unexpected, mismatched, for_cli)
     if hints:
         message += "\n" + "\n".join(hints)
     return missing, unexpected, mismatched, message

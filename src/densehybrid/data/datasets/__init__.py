@@ -120,12 +120,15 @@ class BenchmarkSpec:
         Args:
             root: the dataset root (see :attr:`expected_tree`).
             split: default :attr:`split`.
-            **options: loader options (see :meth:`option_names`), plus ``transform`` and ``strict``.
+            **options: loader options (see :meth:`option_names`), plus ``transform``, ``strict`` and
+                ``void_unknown_ids`` (label ids outside the encoding become void instead of raising; see
+                :meth:`BenchmarkDataset.check_label_ids`).
 
         Raises:
             ValueError: an unknown option or split.
             DatasetError: the tree is missing or broken.
         """
+        void_unknown_ids = _flag(options.pop("void_unknown_ids", False), "void_unknown_ids")
         allowed = set(self.option_names()) | {"transform", "strict"}
         unknown = sorted(set(options) - allowed)
         if unknown:
@@ -133,7 +136,17 @@ class BenchmarkSpec:
             raise ValueError(
                 f"Expected options of benchmark {self.name!r} among ({available}), but got {', '.join(unknown)}."
             )
-        return self.dataset(root, split=self.split if split is None else split, **self.options, **options)
+        dataset = self.dataset(root, split=self.split if split is None else split, **self.options, **options)
+        dataset.void_unknown_ids = void_unknown_ids
+        return dataset
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no", ""):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"Expected option `{name}` to be true or false, but got {value!r}.")
 
 
 def _spec(name: str, dataset: type[BenchmarkDataset], **fields: Any) -> BenchmarkSpec:

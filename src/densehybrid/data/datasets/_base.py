@@ -24,6 +24,7 @@ from densehybrid.labels import IGNORE_INDEX
 
 TARGET_KINDS = ("semantic", "anomaly")
 _LISTED = 5
+_LISTED_IDS = 10
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,10 @@ class BenchmarkDataset(Dataset, ABC):
         num_classes: K for semantic sets, None for anomaly sets.
         class_names: the K class names of a semantic set.
         splits: the accepted ``split`` values; ``default_split`` is used when ``split`` is None.
-        raw_label_values: the ids a label file of the official encoding may contain (checked by the doctor).
+        raw_label_values: the ids a label file of the official encoding may contain. Every label file read is
+            checked against them (:meth:`check_label_ids`); ``densehybrid doctor`` checks a sample up front.
+        void_unknown_ids: instance switch of that check: False (default) raises on ids outside the encoding, True
+            makes them void knowingly (``--void-unknown-ids``).
         label_table: raw id -> library id lookup (:func:`~densehybrid.data.datasets._io.lookup_table`).
         expected_tree: the expected tree, shown in error messages and the docs.
         download: where to get the data.
@@ -132,6 +136,7 @@ class BenchmarkDataset(Dataset, ABC):
     splits: ClassVar[tuple[str, ...]] = ()
     default_split: ClassVar[str] = ""
     raw_label_values: frozenset[int] = frozenset()
+    void_unknown_ids: bool = False
     label_table: np.ndarray
     expected_tree: ClassVar[str] = ""
     download: ClassVar[str] = ""
@@ -153,10 +158,11 @@ class BenchmarkDataset(Dataset, ABC):
         self.split = split
         self.transform = transform
         if not self.root.is_dir():
+            found = "is a file" if self.root.exists() else "does not exist"
             raise DatasetFileError(
                 self.root,
                 f"Expected `root` {str(self.root)!r} to be the {self.benchmark_name or type(self).__name__} "
-                "directory, but it does not exist.",
+                f"directory, but it {found}.",
                 self.how_to_fix(),
             )
         discovery = self.discover()
@@ -219,6 +225,44 @@ class BenchmarkDataset(Dataset, ABC):
         values = np.unique(raw)
         return [int(v) for v in values if int(v) not in self.raw_label_values]
 
+    def check_label_ids(self, raw: np.ndarray, path: Path) -> None:
+        """Refuse a label file holding ids outside :attr:`raw_label_values`, unless :attr:`void_unknown_ids`.
+
+        Silently voiding them would drop the pixels from every metric: a tree in another encoding would give a
+        number for the wrong pixels. The check is one table lookup per pixel.
+
+        Raises:
+            DatasetFileError: naming the file, the offending ids, the allowed ones and the remedy.
+        """
+        if self.void_unknown_ids or not self.raw_label_values:
+            return
+        known = self._known_ids()
+        low, high = int(raw.min(initial=0)), int(raw.max(initial=0))
+        if low >= 0 and high < known.size and bool(known[raw].all()):
+            return
+        unexpected = self.unexpected_values(raw)
+        if not unexpected:
+            return
+        shown = ", ".join(str(v) for v in unexpected[:_LISTED_IDS])
+        more = f" (and {len(unexpected) - _LISTED_IDS} more)" if len(unexpected) > _LISTED_IDS else ""
+        hint = self.label_hint(unexpected, raw)
+        raise DatasetFileError(
+            path,
+            f"Expected label ids of the {self.benchmark_name or type(self).__name__} encoding in {str(path)!r}, but "
+            f"it holds {shown}{more}, which the encoding does not define.",
+            (hint + " " if hint else "")
+            + "Use the label files of the official archive, or pass --void-unknown-ids to treat these ids as void "
+            "(their pixels are then left out of every metric).",
+        )
+
+    def _known_ids(self) -> np.ndarray:
+        cached = getattr(self, "_known_id_table", None)
+        if cached is None:
+            cached = np.zeros(max(self.raw_label_values) + 1, dtype=bool)
+            cached[sorted(self.raw_label_values)] = True
+            self._known_id_table = cached
+        return cached
+
     def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
         """A dataset-specific guess at why a label file holds ``unexpected`` ids (empty when there is none)."""
         del unexpected, raw
@@ -238,6 +282,7 @@ class BenchmarkDataset(Dataset, ABC):
             target = np.full((height, width), IGNORE_INDEX, dtype=np.int64)
         else:
             check_same_size(frame.image, (height, width), frame.label, raw.shape)
+            self.check_label_ids(raw, frame.label)
             target = self.encode_target(raw, frame)
         sample = {"image": image, "target": torch.from_numpy(target), "name": frame.name, "path": str(frame.image)}
         if self.transform is not None:
