@@ -13,6 +13,7 @@ Stages (each timed, each resumable: finished stages are reused from ``out_dir`` 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,10 @@ from densehybrid.data import (
 )
 from densehybrid.engine import ClosedSetObjective, DenseHybridObjective, NegativeStream, TrainConfig, fit
 from densehybrid.engine.evaluate import EvaluationResult, evaluate, model_outputs
+from densehybrid.engine.outputs import atomic_write_text, remove_stale_temporaries
+from densehybrid.engine.resources import check_memory
 from densehybrid.engine.runtime import atomic_torch_save, seed_everything, select_device
+from densehybrid.errors import CheckpointError, NonFiniteError
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
 from densehybrid.losses import DenseHybridLoss
 from densehybrid.models import create_model
@@ -126,8 +130,30 @@ class DemoConfig:
         if self.negative_size <= 16:
             # rectangles are drawn with sides 16, 24, ... below the crop side, as in the released code
             raise ValueError(f"Expected `negative_size` > 16 px, but got {self.negative_size}.")
+        for name in ("lr", "finetune_lr", "beta", "lambda_", "target_tpr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
+        for name in ("lr", "finetune_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Expected `{name}` > 0, but got {getattr(self, name)}.")
         if not 0 < self.target_tpr <= 1:
             raise ValueError(f"Expected `target_tpr` in (0, 1], but got {self.target_tpr}.")
+        if self.negative_size > max(self.image_size):
+            raise ValueError(
+                f"Expected `negative_size` at most the larger scene side ({max(self.image_size)} px), but got "
+                f"{self.negative_size}: a larger negative is cropped to the scene anyway."
+            )
+        images = self.train_images + self.val_images + self.test_images
+        # uint8 scenes, targets and family maps (5 bytes a pixel), plus the 500 cached negatives of side
+        # 2 * negative_size (16 bytes a pixel, see RoadSceneNegatives)
+        planned = images * self.image_size[0] * self.image_size[1] * 5 + 500 * (2 * self.negative_size) ** 2 * 16
+        check_memory(
+            planned,
+            f"the benchmark ({images} scenes of {self.image_size[0]}x{self.image_size[1]}) and the negatives "
+            f"(side {2 * self.negative_size})",
+            "Lower --image-size, the image counts or --negative-size.",
+        )
 
 
 @dataclass
@@ -196,16 +222,27 @@ def _reuse_stage(model: torch.nn.Module, path: Path, train_dir: Path, settings: 
         if stored.get("settings") == settings:
             model.load_state_dict(stored["model"])
             return True
-        path.unlink()
+        # kept until the retrained stage replaces it atomically: an interrupted re-run leaves the old one intact
     # an interrupted run of the same settings resumes; one of other settings must not
     last = train_dir / "last.pt"
     if last.exists():
-        if read_checkpoint_file(last).get("metadata", {}).get("demo_settings") != settings:
+        try:
+            same = read_checkpoint_file(last).get("metadata", {}).get("demo_settings") == settings
+        except CheckpointError:
+            same = False  # a damaged partial run of any settings: start that stage over
+        if not same:
             last.unlink()
     return False
 
 
 def _mark_finished(path: Path, model: torch.nn.Module, settings: dict[str, Any], history: list) -> None:
+    damaged = [name for name, tensor in model.state_dict().items() if not bool(torch.isfinite(tensor.float()).all())]
+    if damaged:
+        raise NonFiniteError(
+            f"Expected finite weights at the end of stage {path.stem!r}, but {len(damaged)} tensor(s) hold NaN or "
+            f"infinite values (first: {damaged[0]}): training diverged, so the stage is not saved. Lower the "
+            "learning rate."
+        )
     atomic_torch_save(
         {
             "model": model.state_dict(),
@@ -264,6 +301,9 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     timings: dict[str, float] = {}
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "train_closed_set", out / "train_densehybrid", out / "figures"):
+        remove_stale_temporaries(folder)  # left by saves killed mid-write
+    remove_stale_temporaries(config.data_dir, "*.tmp")  # the benchmark cache writes NAME.tmp
     seed_everything(config.seed)
     device = select_device(config.device)
 
@@ -413,7 +453,7 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     # results.json was written before the report stage ended: add its time
     stored = json.loads(files["json"].read_text())
     stored["timings"] = timings
-    files["json"].write_text(json.dumps(stored, indent=2))
+    atomic_write_text(files["json"], json.dumps(stored, indent=2))
     table = format_table(rows, families=["real", "procedural", "all"])
     return DemoResult(rows, segmentation, threshold, timings, files, table, verdict)
 

@@ -48,6 +48,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from densehybrid import metrics as anomaly_metrics
+from densehybrid.engine.outputs import atomic_path, atomic_write_text
+from densehybrid.engine.resources import check_memory
 from densehybrid.engine.runtime import select_device
 from densehybrid.labels import IGNORE_INDEX
 from densehybrid.losses import DenseHybridLoss
@@ -268,8 +270,8 @@ def _plot(
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
     return path
 
 
@@ -325,6 +327,12 @@ def run_toy2d(
     lr = _check_positive_float("lr", lr)
     pretrain_lr = _check_positive_float("pretrain_lr", pretrain_lr)
     criterion = DenseHybridLoss(likelihood=likelihood)  # validates `likelihood`
+    points = 2 * NUM_CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + NEGATIVES + BORDER_ANOMALIES + FAR_ANOMALIES
+    check_memory(  # float32: parameters with Adam's two moments and gradients; activations; the heatmap grid
+        4 * (4 * hidden * (hidden + 8) + 6 * points * hidden + resolution**2 * (3 * hidden + 16)),
+        f"the toy model (--hidden {hidden}) and its heatmap (--resolution {resolution})",
+        "Lower --hidden or --resolution.",
+    )
     torch_device = select_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -446,5 +454,5 @@ def run_toy2d(
     }
     serialisable = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
     serialisable["table"] = format_table(rows, list(FAMILIES), bold=False)
-    json_path.write_text(json.dumps(serialisable, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(json_path, json.dumps(serialisable, indent=2) + "\n")
     return result

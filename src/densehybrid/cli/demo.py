@@ -18,6 +18,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from densehybrid.cli._common import device_option, finite_float, non_negative_int, positive_float, positive_int
     from densehybrid.demo import DemoConfig
 
     d = DemoConfig()
@@ -27,43 +28,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="smoke run: tiny images, splits and epochs (under a minute on 2 CPU cores)"
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the benchmark and of training")
-    parser.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device_option, default=d.device, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--model", default=None, help=f"registered model name (default {d.model}; --quick: a lighter one)"
     )
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None, help="scene size")
-    parser.add_argument("--train-images", type=int, default=None, help=f"training scenes (default {d.train_images})")
-    parser.add_argument("--val-images", type=int, default=None, help=f"validation scenes (default {d.val_images})")
-    parser.add_argument("--test-images", type=int, default=None, help=f"test scenes (default {d.test_images})")
+    parser.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None, help="scene size")
     parser.add_argument(
-        "--closed-epochs", type=int, default=None, help=f"closed-set epochs (default {d.closed_epochs})"
+        "--train-images", type=positive_int, default=None, help=f"training scenes (default {d.train_images})"
+    )
+    parser.add_argument(
+        "--val-images", type=positive_int, default=None, help=f"validation scenes (default {d.val_images})"
+    )
+    parser.add_argument("--test-images", type=positive_int, default=None, help=f"test scenes (default {d.test_images})")
+    parser.add_argument(
+        "--closed-epochs", type=positive_int, default=None, help=f"closed-set epochs (default {d.closed_epochs})"
     )
     parser.add_argument(
         "--finetune-epochs",
-        type=int,
+        type=non_negative_int,
         default=None,
         help=f"DenseHybrid fine-tuning epochs (default {d.finetune_epochs})",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help=f"images per step (default {d.batch_size})")
-    parser.add_argument("--lr", type=float, default=None, help=f"closed-set learning rate (default {d.lr})")
     parser.add_argument(
-        "--finetune-lr", type=float, default=None, help=f"fine-tuning learning rate (default {d.finetune_lr})"
+        "--batch-size", type=positive_int, default=None, help=f"images per step (default {d.batch_size})"
+    )
+    parser.add_argument("--lr", type=positive_float, default=None, help=f"closed-set learning rate (default {d.lr})")
+    parser.add_argument(
+        "--finetune-lr", type=positive_float, default=None, help=f"fine-tuning learning rate (default {d.finetune_lr})"
     )
     parser.add_argument(
-        "--negative-size", type=int, default=None, help=f"pasted negative crop side in px (default {d.negative_size})"
+        "--negative-size",
+        type=positive_int,
+        default=None,
+        help=f"pasted negative crop side in px (default {d.negative_size})",
     )
     parser.add_argument(
-        "--beta", type=float, default=None, help=f"weight of the negative likelihood term (default {d.beta})"
+        "--beta", type=finite_float, default=None, help=f"weight of the negative likelihood term (default {d.beta})"
     )
     parser.add_argument(
         "--lambda",
         dest="lambda_",
-        type=float,
+        type=finite_float,
         default=None,
         help=f"weight of the dataset-posterior term (default {d.lambda_})",
     )
     parser.add_argument(
-        "--target-tpr", type=float, default=None, help=f"TPR of the open-set threshold on val (default {d.target_tpr})"
+        "--target-tpr",
+        type=finite_float,
+        default=None,
+        help=f"TPR of the open-set threshold on val (default {d.target_tpr})",
     )
     parser.add_argument("--no-resume", action="store_true", help="retrain every stage even if OUT holds finished ones")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -71,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from densehybrid.demo import DemoConfig, run_demo
+    from densehybrid.engine.outputs import check_output_dir
+
+    # The demo owns --out: finished stages there are reused, so existing files are expected, not refused.
+    check_output_dir(args.out)
+    if args.data_dir is not None:
+        check_output_dir(args.data_dir, option="--data-dir")
 
     overrides = {
         "out_dir": args.out,

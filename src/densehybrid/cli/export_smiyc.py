@@ -59,9 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", default="densehybrid", help="anomaly score (see `densehybrid scores`)")
     parser.add_argument("--squash", choices=("none", *SQUASHES), default="none", help="monotone map before float16")
     parser.add_argument("--squash-center", type=finite_float, default=None, help="sigmoid centre (default: fitted)")
-    parser.add_argument(
-        "--squash-scale", type=finite_float, default=None, help="sigmoid temperature (default: fitted)"
-    )
+    parser.add_argument("--squash-scale", type=finite_float, default=None, help="sigmoid temperature (default: fitted)")
     parser.add_argument(
         "--num-classes",
         type=positive_int,

@@ -18,13 +18,30 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from densehybrid.cli._common import (
+        add_overwrite_argument,
+        device_option,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
+
     parser.add_argument("--out", default="runs/toy2d", help="output folder for toy2d.png and metrics.json")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the toy data and the model initialisation")
-    parser.add_argument("--pretrain-steps", type=int, default=1000, help="closed-set pre-training steps (full batch)")
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="Adam learning rate of closed-set pre-training")
-    parser.add_argument("--steps", type=int, default=1000, help="DenseHybrid fine-tuning steps (full batch)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="initial fine-tuning learning rate (cosine decay to 0)")
-    parser.add_argument("--hidden", type=int, default=64, help="width of the MLP's two hidden layers")
+    add_overwrite_argument(parser, "toy2d.png and metrics.json")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the toy data and the model initialisation"
+    )
+    parser.add_argument(
+        "--pretrain-steps", type=positive_int, default=1000, help="closed-set pre-training steps (full batch)"
+    )
+    parser.add_argument(
+        "--pretrain-lr", type=positive_float, default=3e-3, help="Adam learning rate of closed-set pre-training"
+    )
+    parser.add_argument("--steps", type=positive_int, default=1000, help="DenseHybrid fine-tuning steps (full batch)")
+    parser.add_argument(
+        "--lr", type=positive_float, default=3e-4, help="initial fine-tuning learning rate (cosine decay to 0)"
+    )
+    parser.add_argument("--hidden", type=positive_int, default=64, help="width of the MLP's two hidden layers")
     parser.add_argument(
         "--likelihood",
         choices=("negatives", "paired"),
@@ -32,14 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="likelihood term of the DenseHybrid loss: 'negatives' (released code) or 'paired' (also raises the "
         "inlier likelihood)",
     )
-    parser.add_argument("--resolution", type=int, default=200, help="heatmap grid points per axis")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto")
+    parser.add_argument("--resolution", type=positive_int, default=200, help="heatmap grid points per axis")
+    parser.add_argument("--device", type=device_option, default="cpu", help="torch device: cpu, cuda, cuda:N or auto")
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `densehybrid --help` does not pay for torch and matplotlib.
+    from densehybrid.engine.outputs import check_output_dir
     from densehybrid.toy2d import FAMILIES, SCORE_NAMES, run_toy2d
 
+    check_output_dir(args.out, outputs=["toy2d.png", "metrics.json"], overwrite=args.overwrite)
     result = run_toy2d(
         args.out,
         seed=args.seed,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +47,7 @@ from densehybrid.data._roadscene_render import (
     render_scene,
 )
 from densehybrid.data._roadscene_sources import NEGATIVE_SOURCES, REAL_ANOMALY_SOURCES, TEXTURE_SOURCES
+from densehybrid.data.datasets._io import describe_npz_error
 from densehybrid.errors import DatasetError
 from densehybrid.labels import IGNORE_INDEX
 
@@ -419,9 +421,9 @@ class RoadSceneBenchmark:
                 arrays = {key: npz[key] for key in ("images", "targets", "families")}
             with open(self.root / "anomalies.json", encoding="utf-8") as fh:
                 records = json.load(fh)[split]
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise DatasetError(
-                f"Expected {str(path)!r} to be a readable RoadScene split, but got {err}. {remedy}"
+                f"Expected {str(path)!r} to be a readable RoadScene split, but {describe_npz_error(err)}. {remedy}"
             ) from err
         data = RoadSceneSplit(
             arrays["images"],

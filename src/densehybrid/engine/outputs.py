@@ -216,7 +216,9 @@ def staging_dir(beside: str | os.PathLike[str]) -> Path:
     """A new empty temporary folder ``.NAME.*.tmp`` beside ``beside``, to build a result in before :func:`swap_in`."""
     beside = Path(beside)
     beside.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{beside.name}.", suffix=TEMPORARY_SUFFIX, dir=beside.parent))
+    return Path(
+        tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{beside.name}.", suffix=TEMPORARY_SUFFIX, dir=beside.parent)
+    )
 
 
 def swap_in(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> Path:
@@ -228,8 +230,9 @@ def swap_in(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> Pa
     final.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if final.exists() or final.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}.old.", suffix=TEMPORARY_SUFFIX,
-                                    dir=final.parent))
+        old = Path(
+            tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}.old.", suffix=TEMPORARY_SUFFIX, dir=final.parent)
+        )
         old.rmdir()
         os.replace(final, old)
     os.replace(staged, final)

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from densehybrid.engine.batches import ResumableSampler, collate, unpack_sample
+from densehybrid.engine.outputs import remove_stale_temporaries
 from densehybrid.engine.runtime import atomic_torch_save, rng_state, select_device, set_rng_state
+from densehybrid.errors import CheckpointError
 from densehybrid.labels import IGNORE_INDEX
 from densehybrid.models.output import HybridOutput
 
@@ -75,8 +77,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
-        if self.lr <= 0 or self.lr_min < 0:
-            raise ValueError(f"Expected `lr` > 0 and `lr_min` >= 0, but got {self.lr} and {self.lr_min}.")
+        if not (math.isfinite(self.lr) and math.isfinite(self.lr_min)) or self.lr <= 0 or self.lr_min < 0:
+            raise ValueError(f"Expected finite `lr` > 0 and `lr_min` >= 0, but got {self.lr} and {self.lr_min}.")
         self.betas = tuple(self.betas)
 
 
@@ -229,8 +231,13 @@ def training_checkpoint(
     history: list[dict[str, float]],
     scaler: torch.amp.GradScaler | None = None,
     metadata: dict[str, Any] | None = None,
+    epoch_sums: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to continue a run exactly, plus what is needed to rebuild the model."""
+    """Everything needed to continue a run exactly, plus what is needed to rebuild the model.
+
+    ``epoch_sums`` are the sums of the logged values over the steps done so far in the current epoch, so that a
+    resumed epoch's averages in the history count every step of the epoch once.
+    """
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -250,6 +257,7 @@ def training_checkpoint(
         "rng": rng_state(),
         "history": history,
         "metadata": metadata or {},
+        "epoch_sums": dict(epoch_sums or {}),
     }
 
 
@@ -290,12 +298,24 @@ def fit(
     checkpoint_path = Path(out_dir) / "last.pt" if out_dir is not None else None
 
     epoch, step_in_epoch, global_step, history = 0, 0, 0, []
+    sums: dict[str, float] = {}
+    summed_steps = 0  # steps whose logs are in `sums` (fewer than step_in_epoch after resuming an older checkpoint)
+    if checkpoint_path is not None:
+        remove_stale_temporaries(checkpoint_path.parent)  # a save killed mid-write leaves its .last.pt.*.tmp
     if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = load_training_state(checkpoint_path, model, optimizer, scaler)
+        try:
+            state = load_training_state(checkpoint_path, model, optimizer, scaler)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc} The run cannot continue from it: start over with `--no-resume` (resume=False in Python) or "
+                f"delete {str(checkpoint_path)!r}."
+            ) from exc
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         history = state["history"]
+        if step_in_epoch and state.get("epoch_sums"):
+            sums, summed_steps = dict(state["epoch_sums"]), step_in_epoch
 
     def save() -> Path | None:
         if checkpoint_path is None:
@@ -312,6 +332,7 @@ def fit(
             history,
             scaler,
             metadata,
+            sums,
         )
         return atomic_torch_save(state, checkpoint_path)
 
@@ -332,7 +353,6 @@ def fit(
             num_workers=config.num_workers,
             collate_fn=collate,
         )
-        sums: dict[str, float] = {}
         t0 = time.perf_counter()
         bar = tqdm(
             loader,
@@ -365,13 +385,14 @@ def fit(
             global_step += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
+            summed_steps += 1
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if config.checkpoint_every and global_step % config.checkpoint_every == 0:
                 save()
             if config.max_steps is not None and global_step >= config.max_steps:
                 path = save()
                 return TrainResult(epoch, global_step, False, history, path)
-        record = {k: v / max(step_in_epoch, 1) for k, v in sums.items()}
+        record = {k: v / max(summed_steps, 1) for k, v in sums.items()}
         record.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=optimizer.param_groups[0]["lr"])
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch, model) or {})
@@ -379,6 +400,7 @@ def fit(
         history.append(record)
         epoch += 1
         step_in_epoch = 0
+        sums, summed_steps = {}, 0
         save()
     return TrainResult(epoch, global_step, True, history, checkpoint_path)
 

@@ -174,7 +174,7 @@ def read_overlay(path: str | Path, key: str = "rgb") -> np.ndarray:
             overlay = np.asarray(archive[key])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DatasetFileError(
-            path, f"Expected overlay {str(path)!r} to be a readable .npz file, but reading failed ({err}).", _REDOWNLOAD
+            path, f"Expected overlay {str(path)!r} to be a readable .npz file, but {describe_npz_error(err)}.", _REDOWNLOAD
         ) from err
     if overlay.ndim != 3 or overlay.shape[2] != 3:
         raise DatasetFileError(
@@ -183,6 +183,16 @@ def read_overlay(path: str | Path, key: str = "rgb") -> np.ndarray:
             _REDOWNLOAD,
         )
     return overlay.astype(np.int32)
+
+
+def describe_npz_error(err: BaseException) -> str:
+    """What a failed ``np.load`` of an ``.npz`` file means, without NumPy's advice to unpickle unknown data."""
+    text = str(err)
+    if "pickle" in text.lower() or isinstance(err, zipfile.BadZipFile):
+        return "it is not a NumPy .npz archive (damaged, or another kind of file under this name)"
+    if isinstance(err, EOFError) or "truncated" in text.lower():
+        return "it is truncated"
+    return f"reading failed ({text})"
 
 
 def lookup_table(mapping: dict[int, int], size: int = 256, default: int = 255) -> np.ndarray:
