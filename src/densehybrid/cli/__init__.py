@@ -106,6 +106,19 @@ def _raised_by_densehybrid(traceback: TracebackType | None) -> bool:
         return False
 
 
+def _from_worker(text: str) -> tuple[str, str | None] | None:
+    """``(message, raising file)`` of an error PyTorch re-raised from a DataLoader worker (its text holds the
+    worker's traceback), or None for any other error."""
+    if "Original Traceback" not in text:
+        return None
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    files = [line for line in lines if line.startswith('File "')]
+    origin = files[-1].split('"')[1] if files else None
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    return (rest if sep and " " not in head else last), origin
+
+
 def _expected_failure(exc: BaseException) -> str | None:
     """The one-line message of a failure the user can fix, or None when ``exc`` is a bug.
 
@@ -114,6 +127,13 @@ def _expected_failure(exc: BaseException) -> str | None:
     """
     import torch
 
+    worker = _from_worker(str(exc))
+    if worker is not None:
+        message, origin = worker
+        ours = origin is not None and Path(origin).resolve().is_relative_to(_PACKAGE_DIR)
+        if isinstance(exc, DenseHybridError) or (ours and isinstance(exc, (ValueError, TypeError, RuntimeError))):
+            return message
+        return None
     if isinstance(exc, DenseHybridError):
         return str(exc)
     if isinstance(exc, (ValueError, TypeError)) and _raised_by_densehybrid(exc.__traceback__):
@@ -153,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         if message is not None:
             print(f"Error: {message}", file=sys.stderr)
             return EXIT_ERROR
+        worker = _from_worker(str(exc))
+        text = worker[0] if worker else (str(exc).strip().splitlines() or [""])[0]
         print(
-            f"Internal error: {type(exc).__name__}: {exc} (a bug in densehybrid {__version__}: please report it with "
-            "the command line; run with --debug for the traceback)",
+            f"Internal error: {type(exc).__name__}: {text} (a bug in densehybrid {__version__}: please report it "
+            "with the command line; run with --debug for the traceback)",
             file=sys.stderr,
         )
         return EXIT_INTERNAL

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -68,6 +69,13 @@ class ScaleImage:
         if self.scale == 1.0:
             return sample
         image = sample["image"][None]
+        height, width = image.shape[-2:]
+        if min(math.floor(height * self.scale), math.floor(width * self.scale)) < 1:
+            raise DatasetError(
+                f"Expected `--input-scale` {self.scale:g} to leave at least 1 px per side, but frame "
+                f"{sample.get('name', '?')!r} of {height}x{width} px would become "
+                f"{math.floor(height * self.scale)}x{math.floor(width * self.scale)}: use a larger scale."
+            )
         resized = F.interpolate(
             image, scale_factor=self.scale, mode="bilinear", align_corners=False, antialias=self.scale < 1
         )
