@@ -80,7 +80,10 @@ def test_demo_help_documents_every_option(capsys):
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--train-images", "0"]) == 1
+    with pytest.raises(SystemExit) as exc:  # a malformed option value is a usage error (exit 2)
+        main(["demo", "--quick", "--out", str(tmp_path), "--train-images", "0"])
+    assert exc.value.code == 2 and "--train-images" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--train-images", "2", "--batch-size", "4"]) == 1
     assert "train_images" in capsys.readouterr().err
 
 

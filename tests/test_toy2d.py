@@ -128,5 +128,6 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["toy2d", "--out", str(tmp_path), "--hidden", "0"]) == 1
-    assert "Error: Expected `hidden` to be a positive integer, but got 0." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a malformed option value is a usage error (exit 2)
+        main(["toy2d", "--out", str(tmp_path), "--hidden", "0"])
+    assert exc.value.code == 2 and "--hidden: expected a positive integer, got '0'" in capsys.readouterr().err

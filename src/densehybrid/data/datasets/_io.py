@@ -174,7 +174,9 @@ def read_overlay(path: str | Path, key: str = "rgb") -> np.ndarray:
             overlay = np.asarray(archive[key])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DatasetFileError(
-            path, f"Expected overlay {str(path)!r} to be a readable .npz file, but {describe_npz_error(err)}.", _REDOWNLOAD
+            path,
+            f"Expected overlay {str(path)!r} to be a readable .npz file, but {describe_npz_error(err)}.",
+            _REDOWNLOAD,
         ) from err
     if overlay.ndim != 3 or overlay.shape[2] != 3:
         raise DatasetFileError(
