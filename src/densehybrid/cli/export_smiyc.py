@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -109,15 +111,16 @@ def run(args: argparse.Namespace) -> int:
         )
     # Every dataset folder this export writes is replaced as a whole, so no map of an earlier export stays beside
     # the new ones (the toolkit would evaluate a mixture).
-    folders = sorted({anomaly_map_path(args.out, args.method, target, "frame").parent for target in targets})
+    out_root = Path(args.out).expanduser()
+    folders = sorted({anomaly_map_path(out_root, args.method, target, "frame").parent for target in targets})
     out = check_output_dir(
-        args.out,
+        out_root,
         inputs=[args.checkpoint, args.root],
-        outputs=[str(folder.relative_to(args.out)) for folder in folders],
+        outputs=[str(folder.relative_to(out_root)) for folder in folders],
         overwrite=args.overwrite,
     )
     method_dir = out / "anomaly_p" / args.method
-    remove_stale_temporaries(method_dir.parent, f".{args.method}.*.tmp")
+    remove_stale_temporaries(method_dir.parent, f".{glob.escape(args.method)}.*.tmp")
 
     device = select_device(args.device)
     model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)

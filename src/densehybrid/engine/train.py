@@ -279,7 +279,8 @@ def fit(
         objective: :class:`ClosedSetObjective`, :class:`DenseHybridObjective` or a callable
             ``(model, images, target, generator) -> (loss, logs)``.
         config: optimisation settings.
-        out_dir: where ``last.pt`` is written atomically (None: no checkpoints).
+        out_dir: where ``last.pt`` is written atomically (None: no checkpoints); temporaries of saves killed
+            mid-write (``.*.tmp``) found there are removed first.
         resume: continue from ``out_dir/last.pt`` if it exists.
         on_epoch_end: optional callback ``(epoch, model) -> metrics`` (e.g. validation), logged in the history.
         metadata: plain values stored in every checkpoint under ``"metadata"`` (e.g. what the run is for).
