@@ -51,6 +51,8 @@ def read_checkpoint_file(
     if not path.is_file():
         found = "a folder" if path.is_dir() else "missing"
         raise CheckpointError(f"Expected checkpoint {str(path)!r} to be an existing file, but it is {found}.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Expected checkpoint {str(path)!r} to hold weights, but the file is empty.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
