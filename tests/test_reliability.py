@@ -397,12 +397,26 @@ def test_11_diverging_and_unexpected_failures(monkeypatch, capsys, tmp_path):
     assert main(["models"]) == 70
     assert "Internal error: KeyError" in _one_line_error(capsys) and set(EXIT_CODES) == {0, 1, 2, 70, 130}
 
-    def numpy_bug(args):
-        return np.zeros(2) + np.zeros(3)  # a ValueError that densehybrid did not raise is a bug, not a user error
+    # A ValueError that densehybrid code raised deliberately is the user's; one that NumPy raised inside
+    # densehybrid code (no `raise` line) is a bug.
+    from densehybrid.cli import _PACKAGE_DIR
 
-    monkeypatch.setattr(command, "run", numpy_bug)
+    namespace = {"np": np}
+    exec(
+        compile("def run(args):\n    return np.zeros(2) + np.zeros(3)\n", str(_PACKAGE_DIR / "x.py"), "exec"), namespace
+    )
+    monkeypatch.setattr(command, "run", namespace["run"])
     assert main(["models"]) == 70
-    _one_line_error(capsys)
+    assert "Internal error: ValueError" in _one_line_error(capsys)
+
+    def deliberate(args):
+        from densehybrid.data.datasets import get_benchmark
+
+        return get_benchmark("no-such-benchmark")
+
+    monkeypatch.setattr(command, "run", deliberate)
+    assert main(["models"]) == 1
+    assert "Unknown benchmark" in _one_line_error(capsys)
 
 
 def test_11_unreadable_dataset_folder_in_doctor(fs_laf, monkeypatch, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import linecache
 import os
 import sys
 from pathlib import Path
@@ -94,16 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raised_by_densehybrid(traceback: TracebackType | None) -> bool:
-    """True when the innermost frame of ``traceback`` is densehybrid's own code (a deliberate, worded raise)."""
+    """True when the innermost frame of ``traceback`` is a ``raise`` statement of densehybrid's own code.
+
+    That is a deliberate, worded error. A ``ValueError`` raised by NumPy's or torch's C code inside our code (a
+    broadcast of mismatched shapes) has our frame innermost too, but not on a ``raise`` line.
+    """
     last = None
     while traceback is not None:
         last, traceback = traceback, traceback.tb_next
     if last is None:
         return False
+    filename = last.tb_frame.f_code.co_filename
     try:
-        return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
     except (OSError, ValueError):
         return False
+    return ours and linecache.getline(filename, last.tb_lineno).lstrip().startswith("raise")
 
 
 def _from_worker(text: str) -> tuple[str, str | None] | None:
