@@ -251,8 +251,8 @@ def test_7_swap_in_keeps_the_old_result_until_the_new_one_is_complete(tmp_path):
 
 # -- 8. per-epoch averages of the history are right after a resume --------------------------------------------------
 def test_8_history_averages_are_identical_after_a_resume(tiny_set, tmp_path):
-    fast = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3, checkpoint_every=1)
-    reference = fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, **fast), out_dir=tmp_path / "a")
+    fast = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3)
+    reference = fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, **fast))
     fit(
         tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, max_steps=2, **fast), out_dir=tmp_path / "b"
     )
