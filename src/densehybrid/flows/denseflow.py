@@ -359,7 +359,8 @@ class InvertibleDenseBlock(nn.Module):
                 if noise == "mean":
                     eta = x.new_zeros(shape)
                 else:
-                    eta = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+                    draw_device = generator.device if generator is not None else x.device
+                    eta = torch.randn(shape, generator=generator, device=draw_device, dtype=x.dtype).to(x.device)
                 # -log q(eta_hat | x) = -log N(eta) + sum log sigma
                 total = total - _standard_normal_log_prob(eta) + _sum_per_item(log_scale)
                 earlier.append(out)
@@ -568,7 +569,8 @@ class DenseFlow(nn.Module):
         if noise == "mean":
             u = torch.full(x.shape, 0.5, dtype=dtype, device=x.device)
         else:
-            u = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
+            draw_device = generator.device if generator is not None else x.device
+            u = torch.rand(x.shape, generator=generator, dtype=dtype, device=draw_device).to(x.device)
         z, log_prob = self.transforms[0](x, u)
         for t in self.transforms[1:]:
             if isinstance(t, InvertibleDenseBlock):
@@ -660,8 +662,11 @@ class DenseFlow(nn.Module):
         base_shape, factored_shapes = self.latent_shapes(height, width)
         device, dtype = self.base_dist.loc.device, self.base_dist.loc.dtype
 
+        # Draw where the generator lives (a CPU generator can drive a flow on the GPU), then move.
+        draw_device = generator.device if generator is not None else device
+
         def draw(shape: tuple[int, ...]) -> torch.Tensor:
-            return torch.randn((n, *shape), generator=generator, device=device, dtype=dtype)
+            return torch.randn((n, *shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             eps_base = draw(base_shape)
