@@ -228,3 +228,23 @@ def test_actnorm_initialises_from_the_first_training_batch():
 def test_bad_inputs_get_one_clear_message(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call(small_flow())
+
+
+def test_small_configuration_and_gradient_checkpointing_give_the_same_function():
+    flow = DenseFlow.small()
+    assert flow.stride == 8 and sum(p.numel() for p in flow.parameters()) < 300_000
+    torch.manual_seed(0)
+    plain = DenseFlow.small(layers_config=[1, 1, 1])
+    torch.manual_seed(0)
+    saving = DenseFlow.small(layers_config=[1, 1, 1], checkpointing=True)
+    saving.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    grads = []
+    for f in (plain, saving):
+        f.train()
+        with torch.no_grad():  # move the zero-initialised couplings so that their gradients are not trivial
+            for p in f.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        f.bits_per_dim(x, generator=torch.Generator().manual_seed(0)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in f.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
