@@ -214,13 +214,29 @@ def test_registry_and_metadata():
             "energy",
             "entropy",
             "sml",
+            "dicnet",
         }
     )
-    assert S.list_scores() == sorted(S.SCORES)
+    assert S.list_scores(None) == sorted(S.SCORES)
+    assert S.list_scores() == sorted(set(S.SCORES) - {"dicnet"})  # default: what a DenseHybrid output supports
+    assert S.list_scores(("logits", "teacher_features", "student_features")) == [
+        "dicnet",
+        "energy",
+        "entropy",
+        "generative",
+        "max_logit",
+        "msp",
+        "sml",
+    ]
+    assert S.score_info("dicnet").inputs == ("teacher_features", "student_features")
+    assert S.score_info("densehybrid").inputs == ("logits", "ood_logits")
+    assert S.score_info("msp").inputs == ("logits",)
     assert [n for n in S.list_scores() if S.requires_ood_logits(n)] == ["densehybrid", "discriminative"]
     assert [n for n in S.list_scores() if S.requires_fit(n)] == ["sml"]
     assert S.score_info("energy").description
-    with pytest.raises(ValueError, match="Unknown score 'enrgy'. Available: densehybrid, discriminative, energy"):
+    with pytest.raises(
+        ValueError, match="Unknown score 'enrgy'. Available: densehybrid, dicnet, discriminative, energy"
+    ):
         S.get_score("enrgy")
     with pytest.raises(ValueError, match="Unknown score"):
         S.requires_ood_logits("nope")
@@ -314,9 +330,11 @@ def test_sml_requires_matching_statistics():
 def test_cli_lists_every_score(capsys):
     assert main(["scores"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == S.list_scores()
+    assert [line.split()[0] for line in lines] == S.list_scores(None)
+    assert "needs features" in next(line for line in lines if line.startswith("dicnet"))
     assert "needs ood head" in next(line for line in lines if line.startswith("densehybrid"))
     assert "needs fit" in next(line for line in lines if line.startswith("sml"))
     assert main(["scores", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {row["name"]: row["requires_ood_logits"] for row in rows}["discriminative"] is True
+    assert {row["name"]: row["inputs"] for row in rows}["dicnet"] == ["teacher_features", "student_features"]
