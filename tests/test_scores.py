@@ -338,3 +338,31 @@ def test_cli_lists_every_score(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {row["name"]: row["requires_ood_logits"] for row in rows}["discriminative"] is True
     assert {row["name"]: row["inputs"] for row in rows}["dicnet"] == ["teacher_features", "student_features"]
+
+
+@pytest.mark.parametrize("name", S.list_scores())
+def test_compute_score_equals_the_function_on_a_hybrid_output(name):
+    from densehybrid.models import HybridOutput
+
+    logits, ood_logits = _inputs(3, 5)
+    expected = S.get_score(name)(logits, ood_logits, **_options(name))
+    assert torch.equal(S.compute_score(name, HybridOutput(logits, ood_logits), **_options(name)), expected)
+
+
+def test_score_contract_says_what_each_score_needs():
+    from densehybrid.models import DistillationOutput, HybridOutput
+
+    features = torch.randn(2, 8, 3, 4)
+    out = DistillationOutput(torch.randn(2, K, 12, 16), features, features + 1.0)
+    assert torch.allclose(S.compute_score("dicnet", out), torch.ones(2, 12, 16))  # at the logits' (output) size
+    assert S.compute_score("dicnet", out, size=(6, 8)).shape == (2, 6, 8)
+    torch.testing.assert_close(S.compute_score("msp", out), S.msp(out.logits))
+    with pytest.raises(ValueError, match="dataset-posterior logits of a DenseHybrid model.*gives logits, "):
+        S.compute_score("densehybrid", out)
+    with pytest.raises(ValueError, match=r"teacher and student features of a DiCNet model \(teacher_features, "):
+        S.compute_score("dicnet", HybridOutput(*_inputs(2, 2)))
+    S.check_score_inputs(["msp", "dicnet"], DistillationOutput._fields)
+    with pytest.raises(ValueError, match="but model 'x' gives logits, ood_logits. Scores for this model: densehybrid"):
+        S.check_score_inputs(["msp", "dicnet"], HybridOutput._fields, "model 'x'")
+    with pytest.raises(ValueError, match="Unknown score"):
+        S.compute_score("nope", out)

@@ -99,3 +99,14 @@ def test_a_score_of_the_other_method_gives_one_clear_message(setup, tmp_path, ca
     message = _error(capsys)
     assert "dataset-posterior logits of a DenseHybrid model" in message and "Scores for this model: dicnet" in message
     assert not out.exists()
+
+
+def test_open_set_evaluation_with_the_dicnet_score(setup, tmp_path):
+    root, files, _ = setup
+    out = tmp_path / "open.json"
+    args = ["evaluate-open-set", "--benchmark", "streethazards", "--root", str(root), "--checkpoint", str(files[12])]
+    args += ["--score", "dicnet", "--out", str(out), "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["score"] == "dicnet"
+    assert 0.0 <= result["open_miou"] <= 1.0

@@ -146,3 +146,14 @@ def test_student_loads_a_torchvision_backbone(tmp_path):
     student = PPMStudent(18, 8, pretrained_backbone=path)
     assert torch.equal(student.encoder.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
     assert student.encoder.conv1.padding == (1, 1)  # the released 7x7 stem padding
+
+
+def test_open_set_prediction_with_the_dicnet_score():
+    from densehybrid.openset import OpenSetPredictor
+
+    model = create_model("dicnet", num_classes=3, teacher="ladder_mobilenetv3", decoder_channels=8).eval()
+    prediction = OpenSetPredictor(model, "dicnet", threshold=0.0)(torch.rand(1, 3, 32, 48))
+    assert prediction.scores.shape == prediction.open_set.shape == (1, 32, 48)
+    assert (prediction.open_set == 3).all()  # every squared discrepancy is above 0: all pixels are "unknown"
+    with pytest.raises(ValueError, match="dataset-posterior logits of a DenseHybrid model"):
+        OpenSetPredictor(model, "densehybrid")
