@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,22 @@ def test_open_set_evaluation_with_the_dicnet_score(setup, tmp_path):
     result = json.loads(out.read_text())
     assert result["score"] == "dicnet"
     assert 0.0 <= result["open_miou"] <= 1.0
+
+
+@pytest.mark.filterwarnings("ignore:SMIYC files store float16")
+def test_export_smiyc_writes_the_dicnet_score(setup, tmp_path, capsys):
+    from densehybrid.data.datasets.smiyc import RoadAnomaly21
+    from densehybrid.smiyc_export import read_anomaly_map
+    from tests.datasets.fake_trees import make_fake_smiyc_anomaly
+
+    _, files, models = setup
+    root = make_fake_smiyc_anomaly(tmp_path / "data", n_validation=1, n_test=0)
+    args = ["export-smiyc", "--benchmark", "smiyc-anomaly", "--root", str(root), "--checkpoint", str(files[12])]
+    args += ["--method", "DiCNet", "--score", "dicnet", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    sample = RoadAnomaly21(root, split="all")[0]
+    with torch.inference_mode():
+        expected = compute_score("dicnet", models[12](sample["image"][None]))[0]
+    stored = read_anomaly_map(tmp_path / "out" / "anomaly_p" / "DiCNet" / "AnomalyTrack-all" / f"{sample['name']}.hdf5")
+    np.testing.assert_allclose(stored.astype(np.float32), expected.numpy(), rtol=2e-3, atol=1e-3)
