@@ -63,4 +63,6 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 def _is_plain(value) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list, tuple))
+    if isinstance(value, (list, tuple)):  # e.g. a pair of file names; a Path inside would not load weights-only
+        return all(_is_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
