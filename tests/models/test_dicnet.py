@@ -158,3 +158,28 @@ def test_open_set_prediction_with_the_dicnet_score():
     assert (prediction.open_set == 3).all()  # every squared discrepancy is above 0: all pixels are "unknown"
     with pytest.raises(ValueError, match="dataset-posterior logits of a DenseHybrid model"):
         OpenSetPredictor(model, "densehybrid")
+
+
+def test_a_light_timm_student(tmp_path):
+    import timm
+
+    backbone = timm.create_model("mobilenetv3_large_100", pretrained=False)
+    path = tmp_path / "mnv3.pth"
+    torch.save(backbone.state_dict(), path)
+    model = create_model(
+        "dicnet",
+        num_classes=3,
+        teacher="ladder_mobilenetv3",
+        decoder_channels=8,
+        student_backbone="mobilenetv3_large_100",
+        pretrained_backbone=str(path),
+    ).eval()
+    assert model.model_kwargs["student_backbone"] == "mobilenetv3_large_100"
+    assert torch.equal(model.student.encoder.conv_stem.weight, backbone.conv_stem.weight)
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 32, 48))
+    assert out.student_features.shape == out.teacher_features.shape == (1, 8, 8, 12)
+    resnet_student = sum(p.numel() for p in PPMStudent(18, 8).parameters())
+    assert sum(p.numel() for p in model.student.parameters()) < resnet_student / 3  # a light student
+    with pytest.raises(CheckpointError, match="missing"):
+        create_model("dicnet", num_classes=3, student_backbone="resnet18", pretrained_backbone=str(path))

@@ -118,11 +118,16 @@ class DilatedResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def pyramid_pooling(in_channels: int, pool_scales: Sequence[int] = POOL_SCALES) -> nn.ModuleList:
+def pyramid_pooling(
+    in_channels: int, pool_scales: Sequence[int] = POOL_SCALES, branch_channels: int = 512
+) -> nn.ModuleList:
     """The PSPNet pyramid pooling branches: per scale AdaptiveAvgPool -> conv1x1 to 512 -> BN -> ReLU."""
     return nn.ModuleList(
         nn.Sequential(
-            nn.AdaptiveAvgPool2d(scale), nn.Conv2d(in_channels, 512, 1, bias=False), nn.BatchNorm2d(512), nn.ReLU()
+            nn.AdaptiveAvgPool2d(scale),
+            nn.Conv2d(in_channels, branch_channels, 1, bias=False),
+            nn.BatchNorm2d(branch_channels),
+            nn.ReLU(),
         )
         for scale in pool_scales
     )
@@ -196,15 +201,32 @@ class PSPNet(nn.Module):
         return self.decoder.conv_last[4](self.decoder.conv_last[3](self.decoder.conv_last[2](features)))
 
 
+def init_decoder_(module: nn.Module) -> None:
+    """The released decoder initialisation: Kaiming-normal convolutions, BatchNorm weight 1 and bias 1e-4."""
+    for child in module.modules():
+        if isinstance(child, nn.Conv2d):
+            nn.init.kaiming_normal_(child.weight)
+        elif isinstance(child, nn.BatchNorm2d):
+            nn.init.ones_(child.weight)
+            nn.init.constant_(child.bias, 1e-4)
+
+
 class PPMDecoderHead(nn.Module):
     """The student's decoder: pyramid pooling and one 3x3 convolution (``conv_last.0``), no BatchNorm after it."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool_scales: Sequence[int] = POOL_SCALES) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        pool_scales: Sequence[int] = POOL_SCALES,
+        branch_channels: int = 512,
+    ) -> None:
         super().__init__()
-        self.ppm = pyramid_pooling(in_channels, pool_scales)
+        self.ppm = pyramid_pooling(in_channels, pool_scales, branch_channels)
         self.conv_last = nn.Sequential(
-            nn.Conv2d(in_channels + len(pool_scales) * 512, out_channels, 3, padding=1, bias=False)
+            nn.Conv2d(in_channels + len(pool_scales) * branch_channels, out_channels, 3, padding=1, bias=False)
         )
+        init_decoder_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_last(pyramid_features(self.ppm, x))
@@ -237,12 +259,6 @@ class PPMStudent(nn.Module):
         self.encoder = DilatedResNet(depth, deep_stem=False, stem_padding=stem_padding)
         self.decoder = PPMDecoderHead(self.encoder.out_channels, feature_channels)
         self.feature_channels = feature_channels
-        for module in self.decoder.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.constant_(module.bias, 1e-4)
         if pretrained_backbone is not None:
             load_backbone(self.encoder, pretrained_backbone)
 
@@ -262,6 +278,61 @@ def load_backbone(encoder: DilatedResNet, path: str | PathLike[str]) -> None:
     if message:
         raise CheckpointError(message)
     encoder.load_state_dict(state)
+
+
+class TimmStudent(nn.Module):
+    """A light student (our addition): one stage of a timm backbone, pyramid pooling, conv3x3 to the teacher's width.
+
+    The released design (encoder, pyramid pooling, one 3x3 convolution) on any timm CNN, for teachers and budgets
+    where a dilated ResNet is too heavy (e.g. on a CPU).
+
+    Args:
+        backbone: a timm model name supporting ``features_only=True`` (e.g. ``"mobilenetv3_large_100"``).
+        feature_channels: width of the student feature, equal to the teacher's.
+        out_index: the backbone stage read (2: stride 8 for most CNNs).
+        branch_channels: channels of each pyramid-pooling branch (the released student has 512).
+        pretrained_backbone: a local timm state-dict file for the backbone (never downloaded; its classifier, absent
+            from a ``features_only`` model, is ignored).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        feature_channels: int,
+        out_index: int = 2,
+        branch_channels: int = 128,
+        pretrained_backbone: str | PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        if isinstance(feature_channels, bool) or not isinstance(feature_channels, int) or feature_channels < 1:
+            raise ValueError(f"Expected `feature_channels` to be a positive int, but got {feature_channels!r}.")
+        self.encoder = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(out_index,))
+        if pretrained_backbone is not None:
+            _load_partial(self.encoder, pretrained_backbone)
+        in_channels = self.encoder.feature_info.channels()[-1]
+        self.decoder = PPMDecoderHead(in_channels, feature_channels, branch_channels=branch_channels)
+        self.feature_channels = feature_channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, C, h, w) student features."""
+        return self.decoder(self.encoder(images)[-1])
+
+
+def _load_partial(module: nn.Module, path: str | PathLike[str]) -> None:
+    """Load the entries of a backbone file that ``module`` has; every parameter of ``module`` must be among them."""
+    from densehybrid.errors import CheckpointError
+    from densehybrid.models.checkpoint import read_checkpoint_file, split_checkpoint, strip_prefix
+
+    state = strip_prefix(split_checkpoint(read_checkpoint_file(path))[0])
+    missing = [k for k in module.state_dict() if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise CheckpointError(
+            f"Expected backbone file {str(path)!r} to hold weights for this backbone, but {len(missing)} entries are "
+            f"missing, e.g. {missing[:5]}."
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k in module.state_dict()}, strict=False)
 
 
 def teacher_feature_channels(teacher: nn.Module) -> int:
@@ -500,6 +571,7 @@ def dicnet(
     num_classes: int,
     teacher: str = "ladder_resnet18",
     student_depth: int = 18,
+    student_backbone: str | None = None,
     pretrained: str | PathLike[str] | None = None,
     pretrained_backbone: str | PathLike[str] | None = None,
     **teacher_kwargs,
@@ -509,10 +581,13 @@ def dicnet(
     Args:
         num_classes: K of the teacher.
         teacher: a registered model name (its dense pre-logit features are distilled).
-        student_depth: ResNet depth of the student (18 or 34).
+        student_depth: ResNet depth of the dilated-ResNet student (18 or 34).
+        student_backbone: instead, a timm backbone name for a light :class:`TimmStudent` (our addition), e.g.
+            ``"mobilenetv3_large_100"``.
         pretrained: the teacher's trained checkpoint (a closed-set checkpoint without the dataset-posterior head is
             accepted: that head is not used).
-        pretrained_backbone: a torchvision-format ImageNet ResNet file for the student's encoder.
+        pretrained_backbone: an ImageNet weight file for the student's encoder (torchvision format for the ResNet,
+            timm format for ``student_backbone``).
         **teacher_kwargs: architecture arguments of the teacher (e.g. ``decoder_channels`` of the ladder models).
 
     Returns:
@@ -534,5 +609,8 @@ def dicnet(
             raise CheckpointError(message)
         teacher_model.load_state_dict(state, strict=False)
     width = teacher_feature_channels(teacher_model)
-    student = PPMStudent(student_depth, width, stem_padding=3, pretrained_backbone=pretrained_backbone)
+    if student_backbone is not None:
+        student = TimmStudent(student_backbone, width, pretrained_backbone=pretrained_backbone)
+    else:
+        student = PPMStudent(student_depth, width, stem_padding=3, pretrained_backbone=pretrained_backbone)
     return DiCNet(teacher_model, student, num_classes=num_classes)
