@@ -183,3 +183,11 @@ def test_a_light_timm_student(tmp_path):
     assert sum(p.numel() for p in model.student.parameters()) < resnet_student / 3  # a light student
     with pytest.raises(CheckpointError, match="missing"):
         create_model("dicnet", num_classes=3, student_backbone="resnet18", pretrained_backbone=str(path))
+
+
+def test_a_released_part_loaded_into_the_whole_model_names_the_submodule(released):
+    model = create_model("dicnet_pspnet", num_classes=13)
+    with pytest.raises(CheckpointError, match=r"load_checkpoint\(model\.student, PATH\)"):
+        load_checkpoint(model, released["student"])
+    with pytest.raises(CheckpointError, match=r"load_checkpoint\(model\.teacher\.decoder, PATH\)"):
+        load_checkpoint(model, released["teacher_decoder"])
