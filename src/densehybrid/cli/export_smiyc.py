@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from densehybrid.engine.evaluate import check_finite_outputs
     from densehybrid.engine.outputs import check_output_dir, remove_stale_temporaries, staging_dir, swap_in
     from densehybrid.engine.runtime import select_device
-    from densehybrid.scores import get_score, score_info
+    from densehybrid.models.output import output_fields
+    from densehybrid.scores import check_score_inputs, compute_score, score_info
     from densehybrid.smiyc_export import anomaly_map_path
 
     spec = get_benchmark(args.benchmark)
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"Expected a score that needs no fitted statistics, but {args.score!r} does; choose another --score."
         )
-    score_fn = get_score(args.score)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"Expected `--num-classes` to be a positive integer, but got {args.num_classes}.")
 
     # Labels are not read: an export needs only the images, so a bad label file must not stop it.
     dataset = spec.create(args.root, split, **parse_dataset_options(args.option))
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     model.to(device).eval()
+    check_score_inputs([info.name], output_fields(model), f"checkpoint {str(args.checkpoint)!r}")
     squash = None if args.squash == "none" else Squash(args.squash, args.squash_center, args.squash_scale)
     staged = staging_dir(method_dir)
     try:
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 image = dataset.load_image(frame).unsqueeze(0).to(device)
                 output = model(image, output_size=tuple(image.shape[-2:]))
                 check_finite_outputs(output, {"name": [frame.name]})
-                scores = score_fn(output.logits, output.ood_logits)[0]
+                scores = compute_score(info.name, output)[0]
                 writer.write(frame.name, scores, dataset=targets[index])
         summary = writer.summary()
         for folder in folders:
