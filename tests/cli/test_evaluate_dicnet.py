@@ -86,7 +86,7 @@ def test_released_dicnet_variant_counts_every_pixel(setup, tmp_path, capsys):
     for key in ("ap", "auroc", "fpr95"):
         assert result[key] == pytest.approx(expected[key], abs=1e-6), key
     # Without the hendrycks encoding the variant is refused with the remedy.
-    assert _run(root, files[12], out, "--score", "dicnet", "--metric-option", "variant=dicnet") == 1
+    assert _run(root, files[12], tmp_path / "r2.json", "--score", "dicnet", "--metric-option", "variant=dicnet") == 1
     assert "--option encoding=hendrycks" in _error(capsys)
 
 
