@@ -55,7 +55,8 @@ class TrainConfig:
         eps: Adam epsilon (1e-7 in the released recipes).
         seed: seeds batch order, augmentation and negatives.
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        amp: mixed precision on CUDA (ignored on CPU); off by default, as the released recipes train in float32.
+        amp: mixed precision on CUDA (ignored on CPU). The recipes of ``densehybrid train`` turn it off: the released
+            code trains in float32.
         hflip: random horizontal flips in the loop (recipes flip in their data transform instead).
         num_workers: DataLoader workers.
         checkpoint_every: also write ``last.pt`` every this many steps (0: only at the end of each epoch).
@@ -80,7 +81,7 @@ class TrainConfig:
     eps: float = 1e-7
     seed: int = 0
     device: str = "auto"
-    amp: bool = False
+    amp: bool = True
     hflip: bool = True
     num_workers: int = 0
     checkpoint_every: int = 0
