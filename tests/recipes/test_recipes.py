@@ -108,7 +108,9 @@ def test_every_shipped_recipe_resolves_and_is_listed(capsys):
     listing = capsys.readouterr().out
     for name in list_recipes():
         assert name in listing
-    assert "python ldn_streethazards_finetune.py" in listing
+    assert "python ldn_streethazards_finetune.py" in listing and len(listing.splitlines()) == len(list_recipes())
+    assert main(["recipes", "--methods"]) == 0
+    assert "closed-set" in capsys.readouterr().out
     generic = load_recipe("generic")
     assert generic["data"]["dataset"] == "folder" and generic["negatives"]["required"] is False
 
@@ -154,6 +156,18 @@ def test_print_config_output_is_a_recipe_file_a_user_can_edit(capsys, tmp_path):
     toml.write_text('method = "closed-set"\n[optim]\nepochs = 1\n[bogus]\nx = 1\n')
     with pytest.raises(ValueError, match=r"Unknown recipe key 'bogus' in recipe file .*mine.toml"):
         load_recipe(toml)
+
+
+def test_training_labels_are_checked_and_anomalies_ignored():
+    import torch
+
+    from densehybrid.recipes.run import TrainingTargets
+
+    check = TrainingTargets(3)
+    out = check({"image": torch.zeros(3, 2, 2), "target": torch.tensor([[0, 3], [255, 2]]), "path": "a.png"})
+    assert out["target"].tolist() == [[0, 255], [255, 2]]  # K (anomaly) is ignored in training
+    with pytest.raises(ValueError, match=r"label of 'b.png' holds 7"):
+        check({"image": torch.zeros(3, 1, 2), "target": torch.tensor([[0, 7]]), "path": "b.png"})
 
 
 def test_a_new_method_plugs_in_with_one_registration():

@@ -8,6 +8,10 @@ import json
 from densehybrid.cli._common import json_ready
 
 HELP = "list the training recipes and the released command each stands for (--json: resolved configurations)"
+DESCRIPTION = (
+    "One line per recipe: its name, its training method and the released training command it stands for. --json "
+    "prints every resolved value; copy a recipe with `densehybrid train --recipe NAME --print-config > mine.json`."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(json_ready(recipes), indent=2))
         return 0
     width = max(len(r["name"]) for r in recipes.values())
+    methods = max(len(r["method"]) for r in recipes.values())
     for recipe in recipes.values():
-        print(f"{recipe['name']:<{width}}  [{recipe['method']}] {recipe['description']}")
-        print(f"{'':<{width}}  seed: {recipe['seed_command'] or '(none: not a released recipe)'}")
+        seed = recipe["seed_command"] or f"(not a released recipe: {recipe['description']})"
+        print(f"{recipe['name']:<{width}}  {recipe['method']:<{methods}}  {seed}")
     return 0
