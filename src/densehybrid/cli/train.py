@@ -12,7 +12,7 @@ from densehybrid.cli._common import json_ready, positive_int, write_json
 
 HELP = "train or fine-tune a model with a recipe (the released ones: `densehybrid recipes`)"
 DESCRIPTION = (
-    "Train as a recipe says: the released recipes reproduce the published DenseHybrid checkpoints, `generic` trains "
+    "Train as a recipe says: the released recipes follow the released DenseHybrid training scripts, `generic` trains "
     "any registered model on your own folder tree. Writes last.pt (every run.checkpoint_every steps and at each "
     "epoch end), best.pt (best validation epoch), log.jsonl, TensorBoard events and train-summary.json into --out. "
     "Re-running the same command resumes an unfinished run; Ctrl-C stops after the current step with a checkpoint. "
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set",
         dest="overrides",
         action="append",
-        default=[],
+        default=None,
         metavar="KEY=VALUE",
         help="override a recipe key, repeatable (e.g. optim.lr=1e-5, augment.crop=256, model.kwargs.image_size=256)",
     )
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from densehybrid.recipes import load_recipe
     from densehybrid.recipes.run import SUMMARY_NAME, RunInputs, check_output_dir, train_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides or [])
     if args.print_config:
         print(json.dumps(json_ready(recipe), indent=2))
         return 0
