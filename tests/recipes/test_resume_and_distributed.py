@@ -105,9 +105,9 @@ def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(si
 def test_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp_path):
     # LayerNorm only (no BatchNorm), no dropout, full-image crops: per-rank losses average over equal pixel counts,
     # so 2 processes x 2 images must follow 1 process x 4 images up to float rounding.
-    root = make_folder_tree(tmp_path / "mine", n_train=8, n_val=0, size=(32, 32))
+    root = make_folder_tree(tmp_path / "mine", n_train=8, n_val=2, size=(32, 32))
     items = [
-        "augment.crop=32", "augment.scale=[1, 1]", "optim.batch_size=4", "optim.epochs=2", "run.num_workers=0",
+        "augment.crop=32", "augment.scale=[1, 1]", "optim.batch_size=4", "optim.epochs=3", "run.num_workers=0",
         "run.checkpoint_every=1", "model.name=segmenter_vit_ti16", "model.kwargs.image_size=32",
         "model.kwargs.drop_path_rate=0.0", "model.kwargs.decoder_dropout=0.0",
     ]  # fmt: skip
@@ -119,29 +119,34 @@ def test_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_in_on
     single = tmp_path / "single"
     assert main(args(single)) == 0
     reference = _losses(single)
-    assert sorted(reference) == [1, 2, 3, 4]
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    reference_val = [h["val_miou"] for h in json.loads((single / "train-summary.json").read_text())["history"]]
 
     double = tmp_path / "double"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
-        [*torchrun, "-m", "densehybrid", *args(double), "--max-steps", "2"],
+        [*torchrun, "-m", "densehybrid", *args(double), "--max-steps", "5"],
         env=_env(),
         capture_output=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     summary = json.loads((double / "train-summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    assert summary["world_size"] == 2 and summary["global_step"] == 5
     distributed = _losses(double)
-    for step in (1, 2):
+    for step in (1, 2, 3, 4, 5):
         assert abs(distributed[step] - reference[step]) <= DDP_LOSS_TOLERANCE, (step, distributed, reference)
     assert torch.load(double / "last.pt", weights_only=True)["world_size"] == 2
+    # validation of epochs 1 and 2 ran on both ranks (one frame each) and was summed over them
+    distributed_val = [h["val_miou"] for h in summary["history"]]
+    assert len(distributed_val) == 2
+    assert distributed_val == pytest.approx(reference_val[:2], abs=0.02)
 
     assert main(args(double)) == 0  # the 2-process checkpoint resumes in 1 process
     resumed = json.loads((double / "train-summary.json").read_text())
-    assert resumed["resumed"] and resumed["world_size"] == 1 and resumed["global_step"] == 4
+    assert resumed["resumed"] and resumed["world_size"] == 1 and resumed["global_step"] == 6
     continued = _losses(double)
-    for step in (3, 4):
+    for step in (6,):
         assert abs(continued[step] - reference[step]) <= DDP_LOSS_TOLERANCE, (step, continued, reference)
     expected, got = _state(single / "last.pt"), _state(double / "last.pt")
     # BatchNorm running statistics (the posterior head's, which closed-set training does not train) are per rank
