@@ -95,6 +95,9 @@ def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(si
     assert main(_train_args(root, neg, out)) == 0  # the same command again
     summary = json.loads((out / "train-summary.json").read_text())
     assert summary["resumed"] and summary["finished"] and summary["global_step"] == total
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # steps logged after the last checkpoint of the killed run are trained again and logged once
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, total + 1))
     expected, resumed = _state(reference / "last.pt"), _state(out / "last.pt")
     assert expected.keys() == resumed.keys()
     for key in expected:

@@ -206,13 +206,14 @@ def _trained_fields(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if isinstance(v, Mapping)}
 
 
-def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> bool:
-    """True when ``out/last.pt`` exists and belongs to the same recipe; raise when it belongs to another one."""
+def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> int | None:
+    """The global step of ``out/last.pt`` when it exists and belongs to the same recipe (None when there is none);
+    raise when it belongs to another one."""
     from densehybrid.models.checkpoint import read_checkpoint_file
 
     path = out / "last.pt"
     if not path.is_file():
-        return False
+        return None
     state = read_checkpoint_file(path)
     metadata = state.get("metadata") if isinstance(state, Mapping) else None
     previous = metadata.get("recipe") if isinstance(metadata, Mapping) else None
@@ -223,7 +224,25 @@ def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> bool:
             f"Expected `--out` {str(out)!r} to be empty or to hold an unfinished run of the same configuration, but "
             f"its last.pt was written by another configuration. Use another --out, or --no-resume to start over."
         )
-    return True
+    return int(state.get("global_step", 0))
+
+
+def _trim_log(path: Path, global_step: int) -> None:
+    """Drop the step records a killed run logged after its last checkpoint (they are trained again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if record.get("kind") == "train" and record.get("step", 0) > global_step:
+            continue
+        kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -303,10 +322,14 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
         poly_power=optim["poly_power"],
         best_metric=run["best_metric"] if val_set is not None else None,
     )
-    resume = out is not None and inputs.resume and _check_resumable(out, recipe)
-    if out is not None and not inputs.resume and distributed.is_main():
-        for name in ("last.pt", "best.pt", LOG_NAME, SUMMARY_NAME):
-            (out / name).unlink(missing_ok=True)
+    resumed_step = _check_resumable(out, recipe) if out is not None and inputs.resume else None
+    resume = resumed_step is not None
+    if out is not None and distributed.is_main():
+        if resume:
+            _trim_log(out / LOG_NAME, resumed_step)
+        elif not inputs.resume:
+            for name in ("last.pt", "best.pt", LOG_NAME, SUMMARY_NAME):
+                (out / name).unlink(missing_ok=True)
     distributed.barrier()
 
     log = RunLog(out)
