@@ -160,3 +160,17 @@ def test_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path, capsys):
     torch.save({k: v for k, v in closed.items() if not k.startswith("logits_ood.")}, tmp_path / "closed.pt")
     ok = base + ["--data-root", str(root), "--init", str(tmp_path / "closed.pt"), "--max-steps", "1"]
     assert main(ok) == 0
+
+
+def test_an_out_folder_of_another_configuration_is_refused_unless_no_resume(tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    out = tmp_path / "run"
+    base = ["train", "--recipe", "generic", "--data-root", str(root), "--out", str(out), "--device", "cpu"]
+    base += ["--no-progress", "--max-steps", "1", *sets(*TINY, *LIGHT_LADDER)]
+    assert main(base) == 0
+    before = (out / "last.pt").read_bytes()
+    assert main([*base, "--set", "optim.lr=1e-3"]) == 1
+    assert "written by another configuration" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
+    assert main([*base, "--set", "optim.lr=1e-3", "--no-resume"]) == 0
+    assert not json.loads((out / "train-summary.json").read_text())["resumed"]
