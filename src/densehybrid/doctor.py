@@ -232,6 +232,8 @@ def diagnose(
     Raises:
         ValueError: an unknown benchmark, split or option, or a negative ``max_label_checks``.
     """
+    if benchmark == "folder":
+        return diagnose_folder(root, split, max_label_checks)
     spec = get_benchmark(benchmark)
     split = spec.split if split is None else split
     if split not in spec.dataset.splits:
@@ -284,3 +286,45 @@ def _unreadable(report: DoctorReport, root: Path, err: OSError) -> None:
         f"Expected {str(path)!r} to be readable, but reading failed ({err.strerror or err}).",
         "Fix the permissions of the dataset tree (e.g. `chmod -R u+rX ROOT`) or copy it somewhere readable.",
     )
+
+
+def diagnose_folder(root: str | Path, split: str | None = None, max_label_checks: int = 20) -> DoctorReport:
+    """Check a user's training tree (:class:`~densehybrid.data.datasets.FolderDataset`): ``classes.txt``, the
+    ``images``/``labels`` pairing and label values of ``split`` (default ``train``, plus ``val`` when ``DIR/val``
+    exists).
+
+    Returns:
+        a :class:`DoctorReport` covering the checked splits (``num_frames`` counts both).
+    """
+    from densehybrid.data.datasets import FolderDataset
+
+    if not isinstance(max_label_checks, int) or max_label_checks < 0:
+        raise ValueError(f"Expected `max_label_checks` to be a non-negative int, but got {max_label_checks!r}.")
+    if split is not None and split not in FolderDataset.splits:
+        raise ValueError(f"Expected `split` of 'folder' to be one of train, val, but got {split!r}.")
+    root = Path(root).expanduser()
+    splits = [split] if split is not None else ["train"] + (["val"] if (root / "val").is_dir() else [])
+    report = DoctorReport("folder", str(root), ",".join(splits))
+    fix = f"Expected tree under DIR:\n{FolderDataset.expected_tree}"
+    if not root.is_dir():
+        report.add(
+            "error", root, f"Expected the training folder {str(root)!r} to be a directory, but it does not exist.", fix
+        )
+        return report
+    for name in splits:
+        try:
+            dataset = FolderDataset(root, name, strict=False)
+        except DatasetFileError as err:
+            report.add("error", err.path, err.problem, err.fix)
+            continue
+        if name == splits[0]:
+            report.add(
+                "info", root / "classes.txt", f"{dataset.num_classes} classes: {', '.join(dataset.class_names)}."
+            )
+        for issue in dataset.issues:
+            report.add("error", issue.path, issue.problem[:1].upper() + issue.problem[1:] + ".", issue.fix)
+        report.num_frames += len(dataset.frames)
+        _check_labels(report, dataset, max_label_checks)
+    if "val" not in splits and split is None:
+        report.add("info", root / "val", "No validation split (DIR/val): training runs without per-epoch validation.")
+    return report

@@ -103,6 +103,26 @@ def _stack_padded(
     return padded, heights, widths
 
 
+def _check_rectangles(
+    too_small: torch.Tensor,
+    crop_h: torch.Tensor,
+    crop_w: torch.Tensor,
+    neg_h: torch.Tensor,
+    neg_w: torch.Tensor,
+    height: int,
+    width: int,
+    min_side: int,
+) -> None:
+    """Raise for the first item that needs a rectangle mask but whose crop has no side above ``min_side``."""
+    if bool(too_small.any()):
+        i = int(torch.nonzero(too_small)[0])
+        raise ValueError(
+            f"Expected every negative crop to be larger than `min_side`={min_side} on both sides for rectangle masks, "
+            f"but got a {int(crop_h[i])}x{int(crop_w[i])} crop for item {i} (negative "
+            f"{int(neg_h[i])}x{int(neg_w[i])}, image {height}x{width}). Use larger negatives or a smaller `min_side`."
+        )
+
+
 def _uniform_index(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Map uniforms in [0, 1) to integers uniform in ``[0, count)`` (``count`` >= 1 where it matters)."""
     return torch.minimum((u * count).floor().long(), (count - 1).clamp(min=0))
@@ -120,6 +140,7 @@ def paste_negatives(
     min_side: int = 16,
     side_step: int = 8,
     num_classes_in_mask: int = 2,
+    max_class_pixels: int | None = None,
 ) -> PasteResult:
     r"""Paste one negative crop into every image of a batch, with the released code's mask sampling.
 
@@ -150,6 +171,9 @@ def paste_negatives(
         min_side: smallest rectangle side in pixels.
         side_step: step between rectangle sides.
         num_classes_in_mask: how many segment ids are drawn for a semantic mask.
+        max_class_pixels: draw semantic-mask ids only among those covering fewer than this many pixels of the crop
+            (the released COCO20 recipe: 10,000, i.e. small ADE20k classes); an item without such an id gets a
+            rectangle. None: every id present.
 
     Returns:
         :class:`PasteResult` ``(images, target, negative_mask)``; the inputs are not modified.
@@ -224,14 +248,7 @@ def paste_negatives(
     is_rect = u[:, 2] < rect_prob if segments is not None else torch.ones(batch, dtype=torch.bool)
     rect_h = min_side + side_step * _uniform_index(u[:, 3], num_sides)
     rect_w = min_side + side_step * _uniform_index(u[:, 4], num_sides)
-    too_small = is_rect & (num_sides == 0)
-    if bool(too_small.any()):
-        i = int(torch.nonzero(too_small)[0])
-        raise ValueError(
-            f"Expected every negative crop to be larger than `min_side`={min_side} on both sides for rectangle masks, "
-            f"but got a {int(crop_h[i])}x{int(crop_w[i])} crop for item {i} (negative "
-            f"{int(neg_h[i])}x{int(neg_w[i])}, image {height}x{width}). Use larger negatives or a smaller `min_side`."
-        )
+    _check_rectangles(is_rect & (num_sides == 0), crop_h, crop_w, neg_h, neg_w, height, width, min_side)
     rect_y = _uniform_index(u[:, 5], crop_h - rect_h + 1)
     rect_x = _uniform_index(u[:, 6], crop_w - rect_w + 1)
     paste_y = _uniform_index(u[:, 7], height - crop_h + 1)
@@ -267,7 +284,9 @@ def paste_negatives(
         ids, compact = torch.unique(segments, return_inverse=True)
         present = torch.zeros((batch, ids.numel()), dtype=torch.int64, device=device)
         present.scatter_add_(1, compact.reshape(batch, -1), in_crop.reshape(batch, -1).long())
-        present = present > 0
+        present = (present > 0) & (present < max_class_pixels) if max_class_pixels is not None else present > 0
+        is_rect = is_rect | (present.sum(dim=1) == 0)
+        _check_rectangles(is_rect.cpu() & (num_sides == 0), crop_h, crop_w, neg_h, neg_w, height, width, min_side)
         # The r-th present id (0-based) is the number of ids whose running presence count is <= r.
         rank = _uniform_index(u[:, 9:], present.sum(dim=1, keepdim=True).cpu()).to(device)  # (N, k)
         running = present.long().cumsum(dim=1)  # (N, U)
@@ -308,6 +327,7 @@ class NegativePaster(nn.Module):
         num_classes_in_mask: int = 2,
         ignore_index: int = IGNORE_INDEX,
         generator: torch.Generator | None = None,
+        max_class_pixels: int | None = None,
     ) -> None:
         super().__init__()
         _check_options(rect_prob, min_side, side_step, num_classes_in_mask, ignore_index)
@@ -321,6 +341,9 @@ class NegativePaster(nn.Module):
         self.num_classes_in_mask = num_classes_in_mask
         self.ignore_index = ignore_index
         self.generator = generator
+        if max_class_pixels is not None:
+            _check_int("max_class_pixels", max_class_pixels, 1)
+        self.max_class_pixels = max_class_pixels
 
     def forward(
         self,
@@ -341,6 +364,7 @@ class NegativePaster(nn.Module):
             min_side=self.min_side,
             side_step=self.side_step,
             num_classes_in_mask=self.num_classes_in_mask,
+            max_class_pixels=self.max_class_pixels,
         )
 
     def extra_repr(self) -> str:

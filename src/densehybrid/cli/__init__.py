@@ -43,6 +43,8 @@ COMMANDS: dict[str, str] = {
     "doctor": "doctor",
     "models": "models",
     "scores": "scores",
+    "train": "train",
+    "recipes": "recipes",
 }
 
 

@@ -14,12 +14,14 @@ DESCRIPTION = (
     "image, the number of frames against a complete download, and the label ids of a sample of frames. Prints each "
     "problem with its file and a fix; exits 1 when there is an error. Benchmarks: "
     + ", ".join(f"{name} ({BENCHMARKS[name].description})" for name in list_benchmarks())
-    + "."
+    + "; and folder (your own training data: DIR/classes.txt, DIR/images, DIR/labels, optional DIR/val)."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("benchmark", metavar="BENCHMARK", help=f"one of: {', '.join(list_benchmarks())}")
+    parser.add_argument(
+        "benchmark", metavar="BENCHMARK", help=f"one of: {', '.join(list_benchmarks())}, or folder (your own data)"
+    )
     parser.add_argument("root", metavar="ROOT", help="the dataset root (see docs/datasets.md for each tree)")
     parser.add_argument("--split", default=None, help="split to check (default: the benchmark's evaluation split)")
     parser.add_argument(

@@ -4,11 +4,17 @@
 epoch), one ``torch.Generator`` for augmentation and negative sampling, and atomic checkpoints holding the model,
 optimiser, scheduler, position (epoch, step) and every RNG state. A run stopped after any checkpoint and resumed
 ends with exactly the parameters of an uninterrupted run (on deterministic kernels, e.g. the CPU).
+
+Under ``torchrun`` (an initialised ``torch.distributed`` process group) the same loop runs data-parallel: the model is
+wrapped in ``DistributedDataParallel``, every step's global batch of ``batch_size`` samples is split across the ranks
+(so a run gives the same batches at any world size), the logged losses are averaged over the ranks, and only rank 0
+writes checkpoints (see :mod:`densehybrid.engine.distributed`).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from densehybrid.engine import distributed
 from densehybrid.engine.batches import ResumableSampler, collate, unpack_sample
 from densehybrid.engine.outputs import remove_stale_temporaries
 from densehybrid.engine.runtime import atomic_torch_save, rng_state, select_device, set_rng_state
@@ -30,6 +37,8 @@ from densehybrid.models.output import HybridOutput
 
 CHECKPOINT_FORMAT = "densehybrid-checkpoint"
 CHECKPOINT_VERSION = 1
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant", "poly")
 
 
 @dataclass
@@ -38,22 +47,30 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training set.
-        batch_size: images per step.
-        lr: Adam learning rate of the decoder and heads.
+        batch_size: images per step (the global batch: split across the ranks of a distributed run).
+        lr: learning rate of the decoder and heads.
         backbone_lr_ratio: the backbone (parameters whose name contains ``backbone``) trains at ``lr * ratio``
             (1/4 in the released recipes).
         lr_min: end of the per-epoch cosine schedule.
-        weight_decay: Adam weight decay.
+        weight_decay: weight decay.
         betas: Adam betas.
         eps: Adam epsilon (1e-7 in the released recipes).
         seed: seeds batch order, augmentation and negatives.
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        amp: mixed precision on CUDA (ignored on CPU).
-        hflip: random horizontal flips.
+        amp: mixed precision on CUDA (ignored on CPU). The recipes of ``densehybrid train`` turn it off: the released
+            code trains in float32.
+        hflip: random horizontal flips in the loop (recipes flip in their data transform instead).
         num_workers: DataLoader workers.
         checkpoint_every: also write ``last.pt`` every this many steps (0: only at the end of each epoch).
         max_steps: stop after this many optimiser steps in total (a checkpoint is written), e.g. for smoke runs.
         progress: show a tqdm progress bar.
+        optimizer: ``"adam"`` or ``"sgd"`` (plain SGD with ``momentum``; the released Segmenter recipe uses none).
+        momentum: SGD momentum.
+        schedule: per-epoch learning rate: ``"cosine"`` (to ``lr_min``), ``"constant"`` or ``"poly"``
+            (``lr * (1 - epoch / epochs) ** poly_power``).
+        poly_power: exponent of the poly schedule.
+        best_metric: a key of the ``on_epoch_end`` metrics; the checkpoint of the epoch where it is highest is
+            also written to ``best.pt`` (None: no best checkpoint).
     """
 
     epochs: int = 10
@@ -72,6 +89,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     max_steps: int | None = None
     progress: bool = True
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    schedule: str = "cosine"
+    poly_power: float = 0.9
+    best_metric: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -79,6 +101,10 @@ class TrainConfig:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
         if not (math.isfinite(self.lr) and math.isfinite(self.lr_min)) or self.lr <= 0 or self.lr_min < 0:
             raise ValueError(f"Expected finite `lr` > 0 and `lr_min` >= 0, but got {self.lr} and {self.lr_min}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Expected `optimizer` to be one of {', '.join(OPTIMIZERS)}, but got {self.optimizer!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Expected `schedule` to be one of {', '.join(SCHEDULES)}, but got {self.schedule!r}.")
         self.betas = tuple(self.betas)
 
 
@@ -91,6 +117,7 @@ class TrainResult:
     finished: bool
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
+    interrupted: bool = False
 
 
 class ClosedSetObjective:
@@ -114,14 +141,18 @@ class NegativeStream:
 
     Samples are ``(image (3, h, w), segments (h, w))`` tuples or dicts with ``image`` and ``target``/``segments``;
     segments are class masks of the negative image (the released code uses ADE20k's 150-class labels).
-    Each drawn image is randomly cropped (after resizing its shorter side up, if needed) to ``crop_size``.
+    Each drawn image is randomly cropped (after resizing its shorter side up, if needed) to ``crop_size``, or, when
+    ``transform`` is given, goes through it instead: ``transform(image, segments) -> (image, segments)`` (e.g.
+    :class:`densehybrid.data.transforms.NegativeCrop`, the released recipes' resize-then-crop), run with torch's global
+    RNG seeded from the trainer's generator so that a resumed run draws the same crops.
     """
 
-    def __init__(self, dataset: Dataset, crop_size: int) -> None:
+    def __init__(self, dataset: Dataset, crop_size: int, transform: Callable | None = None) -> None:
         if len(dataset) == 0:
             raise ValueError("Expected the negative dataset to hold at least one image, but it is empty.")
         self.dataset = dataset
         self.crop_size = int(crop_size)
+        self.transform = transform
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(len(self.dataset), (count,), generator=generator).tolist()
@@ -132,7 +163,15 @@ class NegativeStream:
                 image, seg = sample["image"], sample.get("segments", sample.get("target"))
             else:
                 image, seg = unpack_sample(sample)
-            image, seg = self._crop(image, seg, generator)
+            if self.transform is None:
+                image, seg = self._crop(image, seg, generator)
+            else:
+                if seg is None:
+                    seg = torch.zeros(image.shape[-2:], dtype=torch.int64)
+                seed = int(torch.randint(2**62, (1,), generator=generator))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image, seg = self.transform(image, seg)
             images.append(image)
             segments.append(seg)
         return torch.stack(images), torch.stack(segments)
@@ -160,33 +199,41 @@ class DenseHybridObjective:
         loss: a :class:`~densehybrid.losses.DenseHybridLoss` (or any callable with its signature).
         negatives: stream of negative crops.
         paster: a :class:`~densehybrid.negatives.NegativePaster` (pasting options).
+        pastes: negatives pasted into every image, one after the other (1 in the traffic-scene recipes, 3 on COCO20);
+            the negative mask is the union of the pasted regions.
     """
 
     name = "densehybrid"
 
-    def __init__(self, loss: Callable, negatives: NegativeStream, paster: Callable) -> None:
-        self.loss, self.negatives, self.paster = loss, negatives, paster
+    def __init__(self, loss: Callable, negatives: NegativeStream, paster: Callable, pastes: int = 1) -> None:
+        if int(pastes) < 1:
+            raise ValueError(f"Expected `pastes` to be >= 1, but got {pastes}.")
+        self.loss, self.negatives, self.paster, self.pastes = loss, negatives, paster, int(pastes)
 
     def __call__(
         self, model: nn.Module, images: torch.Tensor, target: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        neg_images, neg_segments = self.negatives.draw(images.shape[0], generator)
-        pasted = self.paster(
-            images,
-            target,
-            neg_images.to(images.device, images.dtype),
-            neg_segments.to(images.device),
-            generator=generator,
-        )
-        out: HybridOutput = model(pasted.images, output_size=tuple(target.shape[-2:]))
-        terms = self.loss(out.logits.float(), out.ood_logits.float(), pasted.target, pasted.negative_mask)
+        negative_mask = torch.zeros_like(target, dtype=torch.bool)
+        for _ in range(self.pastes):
+            neg_images, neg_segments = self.negatives.draw(images.shape[0], generator)
+            pasted = self.paster(
+                images,
+                target,
+                neg_images.to(images.device, images.dtype),
+                neg_segments.to(images.device),
+                generator=generator,
+            )
+            images, target = pasted.images, pasted.target
+            negative_mask = negative_mask | pasted.negative_mask
+        out: HybridOutput = model(images, output_size=tuple(target.shape[-2:]))
+        terms = self.loss(out.logits.float(), out.ood_logits.float(), target, negative_mask)
         logs = {k: float(v.detach()) for k, v in terms._asdict().items()}
         logs["loss"] = logs.pop("total")
         return terms.total, logs
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with two groups: backbone at ``lr * backbone_lr_ratio``, everything else at ``lr``."""
+    """Adam (or SGD) with two groups: backbone at ``lr * backbone_lr_ratio``, everything else at ``lr``."""
     backbone, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -195,6 +242,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if backbone:
         lr = config.lr * config.backbone_lr_ratio
         groups.append({"params": backbone, "lr": lr, "initial_lr": lr})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.Adam(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
@@ -203,9 +252,18 @@ def cosine_lr(base: float, lr_min: float, epoch: int, epochs: int) -> float:
     return lr_min + (base - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
+def epoch_lr(base: float, config: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based) for a group whose initial rate is ``base``, per ``config.schedule``."""
+    if config.schedule == "constant":
+        return base
+    if config.schedule == "poly":
+        return base * (1 - epoch / config.epochs) ** config.poly_power
+    return cosine_lr(base, config.lr_min, epoch, config.epochs)
+
+
 def _set_epoch_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = cosine_lr(group["initial_lr"], config.lr_min, epoch, config.epochs)
+        group["lr"] = epoch_lr(group["initial_lr"], config, epoch)
 
 
 def _hflip(images: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
@@ -258,6 +316,7 @@ def training_checkpoint(
         "history": history,
         "metadata": metadata or {},
         "epoch_sums": dict(epoch_sums or {}),
+        "world_size": distributed.world_size(),
     }
 
 
@@ -270,26 +329,42 @@ def fit(
     resume: bool = False,
     on_epoch_end: Callable[[int, nn.Module], dict[str, float] | None] | None = None,
     metadata: dict[str, Any] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    sync_bn: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``train_set`` with ``objective``; checkpoint to ``out_dir/last.pt``.
 
     Args:
         model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``).
-        train_set: samples with an image (3, H, W) in [0, 1] and a target (H, W) of class ids / 255.
+        train_set: samples with an image (3, H, W) in [0, 1] and a target (H, W) of class ids / 255. A dataset with a
+            ``set_epoch(epoch)`` method is told the epoch before each pass (per-epoch seeded augmentation).
         objective: :class:`ClosedSetObjective`, :class:`DenseHybridObjective` or a callable
-            ``(model, images, target, generator) -> (loss, logs)``.
+            ``(model, images, target, generator) -> (loss, logs)``. An objective with ``state_dict()`` /
+            ``load_state_dict()`` (e.g. one that trains a second network) is checkpointed with the run, and one with
+            ``after_step(model, generator)`` is called after every optimiser step.
         config: optimisation settings.
-        out_dir: where ``last.pt`` is written atomically (None: no checkpoints); temporaries of saves killed
-            mid-write (``.*.tmp``) found there are removed first.
+        out_dir: where ``last.pt`` (and ``best.pt`` with ``config.best_metric``) is written atomically (None: no
+            checkpoints); temporaries of saves killed mid-write (``.*.tmp``) found there are removed first.
         resume: continue from ``out_dir/last.pt`` if it exists.
         on_epoch_end: optional callback ``(epoch, model) -> metrics`` (e.g. validation), logged in the history.
         metadata: plain values stored in every checkpoint under ``"metadata"`` (e.g. what the run is for).
+        on_step: optional callback ``(global_step, logs)`` after every step (logs averaged over the ranks).
+        stop: optional callable polled after every step; when it returns True (on any rank) the run writes a
+            checkpoint and returns with ``interrupted=True`` (e.g. on SIGINT).
+        sync_bn: convert BatchNorm layers to SyncBatchNorm in a distributed run (CUDA only).
 
     Returns:
-        :class:`TrainResult`; ``finished`` is False when ``config.max_steps`` stopped the run early.
+        :class:`TrainResult`; ``finished`` is False when ``config.max_steps`` or ``stop`` ended the run early.
     """
-    device = select_device(config.device)
+    device = distributed.local_device(select_device(config.device))
     model.to(device)
+    world, rank = distributed.world_size(), distributed.rank()
+    if config.batch_size % world:
+        raise ValueError(
+            f"Expected `batch_size` ({config.batch_size}, the global batch) to be divisible by the {world} processes."
+        )
+    train_model = distributed.wrap(model, device, sync_bn) if world > 1 else model
     optimizer = build_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     use_amp = config.amp and device.type == "cuda"
@@ -317,9 +392,11 @@ def fit(
         history = state["history"]
         if step_in_epoch and state.get("epoch_sums"):
             sums, summed_steps = dict(state["epoch_sums"]), step_in_epoch
+        if state.get("objective_state") is not None and hasattr(objective, "load_state_dict"):
+            objective.load_state_dict(state["objective_state"])
 
     def save() -> Path | None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or not distributed.is_main():
             return None
         state = training_checkpoint(
             model,
@@ -335,6 +412,8 @@ def fit(
             metadata,
             sums,
         )
+        if hasattr(objective, "state_dict"):
+            state["objective_state"] = objective.state_dict()
         return atomic_torch_save(state, checkpoint_path)
 
     steps_per_epoch = len(train_set) // config.batch_size
@@ -344,13 +423,13 @@ def fit(
         )
     while epoch < config.epochs:
         _set_epoch_lr(optimizer, config, epoch)
-        model.train()
+        train_model.train()
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
         sampler = ResumableSampler(len(train_set), config.seed, epoch, start=step_in_epoch * config.batch_size)
         loader = DataLoader(
             train_set,
-            batch_size=config.batch_size,
-            sampler=sampler,
-            drop_last=True,
+            batch_sampler=distributed.ShardedBatchSampler(sampler, config.batch_size, rank, world),
             num_workers=config.num_workers,
             collate_fn=collate,
         )
@@ -359,16 +438,18 @@ def fit(
             loader,
             total=steps_per_epoch - step_in_epoch,
             desc=f"{objective_name} epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress,
+            disable=not config.progress or not distributed.is_main(),
             leave=False,
         )
         for batch in bar:
             images = batch["image"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True).long()
+            # one shared stream on every rank; each rank draws from its own generator derived from it
+            step_generator = distributed.rank_generator(generator) if world > 1 else generator
             if config.hflip:
-                images, target = _hflip(images, target, generator)
+                images, target = _hflip(images, target, step_generator)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                loss, logs = objective(model, images, target, generator)
+                loss, logs = objective(train_model, images, target, step_generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"The training loss became {float(loss)} at step {global_step} (epoch {epoch + 1}); "
@@ -382,28 +463,58 @@ def fit(
             else:
                 loss.backward()
                 optimizer.step()
+            if hasattr(objective, "after_step"):
+                objective.after_step(train_model, step_generator)
             step_in_epoch += 1
             global_step += 1
+            logs = distributed.mean_over_ranks(logs) if world > 1 else logs
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             summed_steps += 1
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if on_step is not None:
+                on_step(global_step, logs)
             if config.checkpoint_every and global_step % config.checkpoint_every == 0:
                 save()
-            if config.max_steps is not None and global_step >= config.max_steps:
+            stopping = stop is not None and distributed.any_rank(bool(stop()))
+            if stopping or (config.max_steps is not None and global_step >= config.max_steps):
                 path = save()
-                return TrainResult(epoch, global_step, False, history, path)
+                distributed.barrier()
+                return TrainResult(epoch, global_step, False, history, path, interrupted=stopping)
         record = {k: v / max(summed_steps, 1) for k, v in sums.items()}
         record.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=optimizer.param_groups[0]["lr"])
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch, model) or {})
-            model.train()
+            train_model.train()
         history.append(record)
         epoch += 1
         step_in_epoch = 0
         sums, summed_steps = {}, 0
-        save()
+        path = save()
+        if path is not None and _is_best(history, config.best_metric):
+            _atomic_copy(path, path.with_name("best.pt"))
+    distributed.barrier()
     return TrainResult(epoch, global_step, True, history, checkpoint_path)
+
+
+def _is_best(history: list[dict[str, float]], metric: str | None) -> bool:
+    """Whether the last epoch of ``history`` has the highest finite ``metric`` so far (ties: the earliest wins)."""
+    if metric is None:
+        return False
+    values = [h.get(metric) for h in history]
+    last = values[-1]
+    if not isinstance(last, (int, float)) or not math.isfinite(last):
+        return False
+    earlier = [v for v in values[:-1] if isinstance(v, (int, float)) and math.isfinite(v)]
+    return not earlier or last > max(earlier)
+
+
+def _atomic_copy(source: Path, target: Path) -> Path:
+    """Copy ``source`` over ``target`` through a temporary file and a rename (never a half-written ``target``)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+    return target
 
 
 def load_training_state(

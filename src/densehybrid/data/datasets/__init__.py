@@ -26,6 +26,7 @@ from densehybrid.data.datasets.ade20k import ADE20K, ADE20K_CLASSES
 from densehybrid.data.datasets.cityscapes import CITYSCAPES_CLASSES, LABEL_ID_TO_TRAIN_ID, Cityscapes
 from densehybrid.data.datasets.coco import COCO_THINGS, VOC_CLASSES, COCOOpenSet
 from densehybrid.data.datasets.fishyscapes import FishyscapesLAF, FishyscapesStatic
+from densehybrid.data.datasets.folder import FolderDataset, ImageFolder
 from densehybrid.data.datasets.road_anomaly import RoadAnomaly
 from densehybrid.data.datasets.smiyc import LostAndFound, LostAndFoundNoKnown, RoadAnomaly21, RoadObstacle21
 from densehybrid.data.datasets.streethazards import StreetHazards
@@ -48,7 +49,9 @@ __all__ = [
     "Discovery",
     "FishyscapesLAF",
     "FishyscapesStatic",
+    "FolderDataset",
     "Frame",
+    "ImageFolder",
     "LostAndFound",
     "LostAndFoundNoKnown",
     "PairingIssue",

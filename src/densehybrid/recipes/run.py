@@ -1,0 +1,403 @@
+"""Run a resolved recipe: build the data, model and objective it describes, train with :func:`~densehybrid.engine.fit`,
+validate each epoch, log, and report.
+
+Everything a user can get wrong (the output folder, the dataset tree, the label values, the ``--init`` file, the
+negatives) is checked before the first file is written. A run whose ``out`` folder already holds ``last.pt`` of the
+same recipe resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from densehybrid.engine import distributed
+from densehybrid.engine.runtime import seed_everything, select_device
+from densehybrid.engine.train import TrainConfig, fit
+from densehybrid.errors import CheckpointError, DenseHybridError
+from densehybrid.labels import IGNORE_INDEX
+from densehybrid.recipes.methods import MethodContext, get_method
+
+RUN_KIND = "densehybrid-training-run"
+SUMMARY_NAME = "train-summary.json"
+LOG_NAME = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+_POSTERIOR_HEAD = "logits_ood."
+
+
+# -- outputs (one place: where a run writes and how it checks that it can) ------------------------------------------
+def check_output_dir(out: str | Path) -> Path:
+    """Create ``out`` if needed and prove it is writable (a temporary file is written and removed).
+
+    Raises:
+        DenseHybridError: ``out`` is a file, cannot be created, or is not writable.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DenseHybridError(f"Expected `--out` {str(out)!r} to be a directory, but it is a file.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=out)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise DenseHybridError(
+            f"Expected `--out` {str(out)!r} to be a writable directory: {exc.strerror or exc}."
+        ) from exc
+    return out
+
+
+class RunLog:
+    """JSON lines (``log.jsonl``) and TensorBoard event files of a run; writes on rank 0 only."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.path = None if out is None or not distributed.is_main() else out / LOG_NAME
+        self.writer = None
+        if self.path is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install still trains
+                warnings.warn("TensorBoard is not importable; logging to log.jsonl only.", UserWarning, stacklevel=2)
+            else:
+                self.writer = SummaryWriter(str(out / TENSORBOARD_DIR))
+
+    def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
+        if self.path is None:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **values}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# -- data -------------------------------------------------------------------------------------------------------------
+class TrainingTargets:
+    """Checks a training sample's labels against K and ignores anomaly pixels (id K) of the training split.
+
+    Raises:
+        ValueError: a label value outside ``[0, K]`` other than 255; the message names the file and the value.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def __call__(self, sample: dict) -> dict:
+        target = sample["target"]
+        bad = (target > self.num_classes) & (target != IGNORE_INDEX)
+        if bool(bad.any()):
+            value = int(target[bad][0])
+            where = sample.get("path", sample.get("name", "a training sample"))
+            raise ValueError(
+                f"Expected label values in [0, {self.num_classes}) or 255 (ignore) for the model's "
+                f"{self.num_classes} classes, but the label of {where!r} holds {value}."
+            )
+        target = torch.where(target == self.num_classes, torch.full_like(target, IGNORE_INDEX), target)
+        return {**sample, "target": target}
+
+
+def _compose(*steps: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    def apply(sample: dict) -> dict:
+        for step in steps:
+            sample = step(sample)
+        return sample
+
+    return apply
+
+
+def open_dataset(recipe: Mapping[str, Any], root: Path, split: str) -> Any:
+    """The recipe's dataset (a benchmark loader or :class:`~densehybrid.data.datasets.FolderDataset`) on ``root``."""
+    from densehybrid.data.datasets import FolderDataset, get_benchmark
+
+    data = recipe["data"]
+    if data["dataset"] == "folder":
+        if data["options"]:
+            raise ValueError(f"Expected no `data.options` for the folder dataset, but got {sorted(data['options'])}.")
+        return FolderDataset(root, split)
+    return get_benchmark(data["dataset"]).create(root, split, **data["options"])
+
+
+def _num_classes(recipe: Mapping[str, Any], dataset: Any) -> int:
+    wanted = recipe["model"]["num_classes"]
+    found = getattr(dataset, "num_classes", None)
+    if wanted and found and wanted != found:
+        raise ValueError(
+            f"Expected the {recipe['data']['dataset']} data to have model.num_classes = {wanted} classes, but it has "
+            f"{found}. Set model.num_classes={found} or use matching data."
+        )
+    k = wanted or found
+    if not k:
+        raise ValueError("Expected `model.num_classes` (the dataset does not say how many classes it has).")
+    return int(k)
+
+
+# -- model ------------------------------------------------------------------------------------------------------------
+def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Module:
+    """The recipe's model, initialised from ``init`` as ``model.init_as`` says.
+
+    Raises:
+        CheckpointError: ``init`` is missing or holds weights of another architecture (only the dataset-posterior
+            head may be missing from a checkpoint used as initialisation).
+    """
+    from densehybrid.models import create_model
+    from densehybrid.models.checkpoint import check_state_dict, read_checkpoint_file, split_checkpoint, strip_prefix
+
+    model_cfg = recipe["model"]
+    kwargs = dict(model_cfg["kwargs"])
+    how = model_cfg["init_as"]
+    if init and not Path(init).expanduser().is_file():
+        raise CheckpointError(f"Expected `--init` {init!r} to be an existing weights file, but it is missing.")
+    if init and how != "checkpoint":
+        kwargs[how] = str(Path(init).expanduser())
+    seed_everything(recipe["run"]["seed"])
+    model = create_model(model_cfg["name"], num_classes=num_classes, **kwargs)
+    if init and how == "checkpoint":
+        state, _ = split_checkpoint(read_checkpoint_file(init))
+        state = strip_prefix(state)
+        missing, unexpected, mismatched, message = check_state_dict(model, state, source=f"`--init` {init!r}")
+        missing = [k for k in missing if not k.startswith(_POSTERIOR_HEAD)]
+        if missing or unexpected or mismatched:
+            raise CheckpointError(
+                f"Expected `--init` {init!r} to hold weights of model {model_cfg['name']!r} with K={num_classes} (the "
+                f"posterior head may be missing), but it does not fit.\n{message}"
+            )
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
+@dataclass
+class RunInputs:
+    """Where a recipe runs: the command line's paths and limits."""
+
+    data_root: Path | None = None
+    neg_root: Path | None = None
+    init: str = ""
+    out: Path | None = None
+    max_steps: int | None = None
+    device: str = "auto"
+    progress: bool = True
+    resume: bool = True
+
+
+def _trained_fields(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """What must match for a run to resume: everything except the descriptive top-level keys."""
+    return {k: v for k, v in recipe.items() if isinstance(v, Mapping)}
+
+
+def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> int | None:
+    """The global step of ``out/last.pt`` when it exists and belongs to the same recipe (None when there is none);
+    raise when it belongs to another one."""
+    from densehybrid.models.checkpoint import read_checkpoint_file
+
+    path = out / "last.pt"
+    if not path.is_file():
+        return None
+    state = read_checkpoint_file(path)
+    metadata = state.get("metadata") if isinstance(state, Mapping) else None
+    previous = metadata.get("recipe") if isinstance(metadata, Mapping) else None
+    if previous is None or _trained_fields(json.loads(json.dumps(previous))) != _trained_fields(
+        json.loads(json.dumps(recipe))
+    ):
+        raise DenseHybridError(
+            f"Expected `--out` {str(out)!r} to be empty or to hold an unfinished run of the same configuration, but "
+            f"its last.pt was written by another configuration. Use another --out, or --no-resume to start over."
+        )
+    return int(state.get("global_step", 0))
+
+
+def _trim_log(path: Path, global_step: int) -> None:
+    """Drop the step records a killed run logged after its last checkpoint (they are trained again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if record.get("kind") == "train" and record.get("step", 0) > global_step:
+            continue
+        kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train as ``recipe`` says; return the run summary (also what ``train-summary.json`` holds).
+
+    Args:
+        recipe: a resolved recipe (:func:`densehybrid.recipes.load_recipe`).
+        inputs: data/negative roots, ``--init``, output folder and limits.
+        stop: polled after every step; True writes a checkpoint and ends the run (e.g. on SIGINT).
+
+    Raises:
+        ValueError, DenseHybridError: bad inputs, before anything is written.
+    """
+    started = time.perf_counter()
+    method = get_method(recipe["method"])
+    out = check_output_dir(inputs.out) if inputs.out is not None else None
+    if inputs.data_root is None:
+        raise ValueError(f"Expected `--data-root DIR` (the {recipe['data']['dataset']} tree), but got none.")
+    device = select_device(inputs.device)
+    distributed.init_from_env(device)
+    device = distributed.local_device(device)
+
+    # data: the trees are opened (and checked) before anything is written
+    train_set = open_dataset(recipe, inputs.data_root, recipe["data"]["train_split"])
+    num_classes = _num_classes(recipe, train_set)
+    val_set = None
+    if recipe["run"]["validate"] and recipe["data"]["val_split"]:
+        optional = recipe["data"]["dataset"] == "folder" and not (inputs.data_root / "val").is_dir()
+        if not optional:
+            val_set = open_dataset(recipe, inputs.data_root, recipe["data"]["val_split"])
+    from densehybrid.data.transforms import AugmentedDataset, SegmentationAugment
+
+    augment = recipe["augment"]
+    pipeline = _compose(
+        TrainingTargets(num_classes),
+        SegmentationAugment(augment["crop"], augment["scale"], augment["fill"], augment["flip"]),
+    )
+    train_data = AugmentedDataset(train_set, pipeline, seed=recipe["run"]["seed"])
+    train_data[0]  # decode one sample now: a broken file or bad label fails before the run starts
+
+    init = inputs.init or recipe["model"]["init"]
+    if method.build_model is not None:
+        context = MethodContext(recipe, None, num_classes, device, inputs.neg_root, inputs.data_root)
+        model = method.build_model(context)
+    else:
+        model = build_model(recipe, num_classes, init)
+    model.to(device)
+    effective = method
+    notes: list[str] = []
+    if method.uses_negatives and inputs.neg_root is None and not recipe["negatives"]["required"]:
+        effective = get_method("closed-set")
+        notes.append("no --neg-root: closed-set training (pass --neg-root DIR for DenseHybrid training)")
+    context = MethodContext(recipe, model, num_classes, device, inputs.neg_root, inputs.data_root)
+    objective = effective.build(context)
+
+    optim, run = recipe["optim"], recipe["run"]
+    config = TrainConfig(
+        epochs=optim["epochs"],
+        batch_size=optim["batch_size"],
+        lr=optim["lr"],
+        backbone_lr_ratio=optim["backbone_lr_ratio"],
+        lr_min=optim["lr_min"],
+        weight_decay=optim["weight_decay"],
+        betas=tuple(optim["betas"]),
+        eps=optim["eps"],
+        seed=run["seed"],
+        device=str(device),
+        amp=run["amp"],
+        hflip=False,  # flips are part of the seeded data transform
+        num_workers=run["num_workers"],
+        checkpoint_every=run["checkpoint_every"],
+        max_steps=inputs.max_steps,
+        progress=inputs.progress,
+        optimizer=optim["optimizer"],
+        momentum=optim["momentum"],
+        schedule=optim["schedule"],
+        poly_power=optim["poly_power"],
+        best_metric=run["best_metric"] if val_set is not None else None,
+    )
+    resumed_step = _check_resumable(out, recipe) if out is not None and inputs.resume else None
+    resume = resumed_step is not None
+    if out is not None and distributed.is_main():
+        if resume:
+            _trim_log(out / LOG_NAME, resumed_step)
+        elif not inputs.resume:
+            for name in ("last.pt", "best.pt", LOG_NAME, SUMMARY_NAME):
+                (out / name).unlink(missing_ok=True)
+    distributed.barrier()
+
+    log = RunLog(out)
+
+    def on_step(step: int, logs: dict[str, float]) -> None:
+        log.write("train", step, logs)
+
+    def on_epoch_end(epoch: int, trained: nn.Module) -> dict[str, float]:
+        if val_set is None:
+            return {}
+        limit = run["val_limit"] or None
+        metrics = validate_model(trained, val_set, num_classes, device, limit, run["amp"])
+        log.write("val", epoch + 1, metrics)
+        return metrics
+
+    metadata = {"kind": RUN_KIND, "recipe": recipe, "num_classes": num_classes, "method": effective.name}
+    try:
+        result = fit(
+            model,
+            train_data,
+            objective,
+            config,
+            out_dir=out,
+            resume=resume,
+            on_epoch_end=on_epoch_end,
+            metadata=metadata,
+            on_step=on_step,
+            stop=stop,
+            sync_bn=run["sync_bn"],
+        )
+    finally:
+        log.close()
+    best = None
+    if config.best_metric is not None:
+        scored = [h for h in result.history if isinstance(h.get(config.best_metric), float)]
+        scored = [h for h in scored if math.isfinite(h[config.best_metric])]
+        if scored:
+            top = max(scored, key=lambda h: h[config.best_metric])
+            best = {"metric": config.best_metric, "value": top[config.best_metric], "epoch": top["epoch"]}
+    steps_per_epoch = len(train_data) // config.batch_size
+    return {
+        "kind": RUN_KIND,
+        "recipe": recipe["name"],
+        "method": effective.name,
+        "finished": result.finished,
+        "interrupted": result.interrupted,
+        "resumed": bool(resume),
+        "epoch": result.epoch,
+        "epochs": config.epochs,
+        "global_step": result.global_step,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": distributed.world_size(),
+        "device": str(device),
+        "num_classes": num_classes,
+        "checkpoint": None if out is None else str(out / "last.pt"),
+        "best_checkpoint": None if best is None or out is None else str(out / "best.pt"),
+        "best": best,
+        "history": result.history,
+        "seconds": time.perf_counter() - started,
+        "notes": notes,
+        "resolved_recipe": recipe,
+    }
+
+
+def validate_model(
+    model: nn.Module, dataset: Any, num_classes: int, device: torch.device, limit: int | None, amp: bool
+) -> dict[str, float]:
+    """Per-epoch validation (see :func:`densehybrid.engine.validation.validate`)."""
+    from densehybrid.engine.validation import validate
+
+    return validate(model, dataset, num_classes, device, limit=limit, amp=amp)
