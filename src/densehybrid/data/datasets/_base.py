@@ -92,6 +92,19 @@ def files_with_suffix(directory: Path, suffix: str, recursive: bool = True) -> l
     return sorted(p for p in found if p.is_file())
 
 
+def _id_ranges(values) -> str:
+    """Sorted ids as compact ranges: ``[0, 1, 2, 5, 255] -> "0..2, 5, 255"``."""
+    ids = sorted({int(v) for v in values})
+    parts, start = [], None
+    for i, v in enumerate(ids):
+        if start is None:
+            start = v
+        if i + 1 == len(ids) or ids[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(parts)
+
+
 class BenchmarkDataset(Dataset, ABC):
     """Base class of the benchmark loaders.
 
@@ -249,7 +262,7 @@ class BenchmarkDataset(Dataset, ABC):
         raise DatasetFileError(
             path,
             f"Expected label ids of the {self.benchmark_name or type(self).__name__} encoding in {str(path)!r}, but "
-            f"it holds {shown}{more}, which the encoding does not define.",
+            f"it holds {shown}{more}, which the encoding does not define (it defines {_id_ranges(self.raw_label_values)}).",
             (hint + " " if hint else "")
             + "Use the label files of the official archive, or pass --void-unknown-ids to treat these ids as void "
             "(their pixels are then left out of every metric).",
