@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(json_ready(recipe), indent=2))
         return 0
     out = Path(args.out) if args.out else Path("runs") / recipe["name"]
-    check_output_dir(out)
+    check_output_dir(out, [args.data_root, args.neg_root, args.init or None])
     inputs = RunInputs(
         data_root=Path(args.data_root).expanduser() if args.data_root else None,
         neg_root=Path(args.neg_root).expanduser() if args.neg_root else None,

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from densehybrid.engine import distributed
+from densehybrid.engine import distributed, outputs
 from densehybrid.engine.runtime import seed_everything, select_device
 from densehybrid.engine.train import TrainConfig, fit
 from densehybrid.errors import CheckpointError, DenseHybridError
@@ -37,24 +35,15 @@ _POSTERIOR_HEAD = "logits_ood."
 
 
 # -- outputs (one place: where a run writes and how it checks that it can) ------------------------------------------
-def check_output_dir(out: str | Path) -> Path:
-    """Create ``out`` if needed and prove it is writable (a temporary file is written and removed).
+def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Apply the library's output-path policy to a run folder (a run resumes its own folder, so nothing in it is
+    refused), then create it.
 
     Raises:
-        DenseHybridError: ``out`` is a file, cannot be created, or is not writable.
+        OutputError: ``out`` is a file, one of ``inputs``, or not writable.
     """
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DenseHybridError(f"Expected `--out` {str(out)!r} to be a directory, but it is a file.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=out)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise DenseHybridError(
-            f"Expected `--out` {str(out)!r} to be a writable directory: {exc.strerror or exc}."
-        ) from exc
+    out = outputs.check_output_dir(out, inputs=inputs)
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -258,7 +247,11 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
     """
     started = time.perf_counter()
     method = get_method(recipe["method"])
-    out = check_output_dir(inputs.out) if inputs.out is not None else None
+    out = (
+        check_output_dir(inputs.out, [inputs.data_root, inputs.neg_root, inputs.init or None])
+        if inputs.out is not None
+        else None
+    )
     if inputs.data_root is None:
         raise ValueError(f"Expected `--data-root DIR` (the {recipe['data']['dataset']} tree), but got none.")
     device = select_device(inputs.device)
