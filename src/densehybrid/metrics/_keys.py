@@ -48,3 +48,97 @@ def keys_to_float(keys: torch.Tensor) -> torch.Tensor:
     # Reinterpret the low 32 bits as float32 (values >= 2**31 wrap to the negative int32 with the same bits).
     bits32 = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
     return bits32.view(torch.float32).to(torch.float64)
+
+
+
+# Spread keys: the float32 key space re-allotted so that [0, 1] is resolved like log(p) near 0 AND like -log1p(-p)
+# near 1. Constants are magnitude bit patterns (exponent << 23 | mantissa) of |x|.
+_MANTISSA = 1 << 23
+_HALF = 126 * _MANTISSA  # 0.5
+_ONE = 127 * _MANTISSA  # 1.0
+_SMALLEST_GAP = 103 * _MANTISSA  # 2**-24, the smallest non-zero 1 - |x| for |x| < 1
+_EXTRA = _HALF - _SMALLEST_GAP  # keys added by the expansion of [0.5, 1): 23 binades
+_HIGH = 210 * _MANTISSA  # |x| >= 2**83: two consecutive float32 values per key (room for the expansion)
+#: Smallest key magnitude of the compressed range (|x| >= 2**83).
+SPREAD_HIGH_KEY = _HIGH + _EXTRA
+#: Key of +inf, alone in its key.
+SPREAD_INF_KEY = SPREAD_HIGH_KEY + ((255 * _MANTISSA - _HIGH) >> 1)
+
+
+def spread_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Int32 keys in the order of the float32 scores, with the resolution moved to where probabilities need it.
+
+    :func:`order_keys` gives every binade ``[2**e, 2**(e + 1))`` the same share of the key space, so probabilities
+    crowded near 1 (one binade, ``[0.5, 1)``, of 2**23 values) get as few keys as ``[0.25, 0.5)``, and a histogram on
+    the keys cannot tell 0.99999 from 0.999995. Here a magnitude ``|x|`` in ``[0.5, 1)`` gets the key
+    ``bits(|x|) + bits(0.5) - bits(1 - |x|)`` (``1 - |x|`` is exact in float32, so the key is strictly increasing):
+    the term ``-bits(1 - |x|)`` spreads ``[0.5, 1)`` over the 23 binades of ``1 - |x|`` in ``[2**-24, 0.5]``, the way
+    ``-log1p(-p)`` does. Magnitudes below 0.5 keep their float key, which already spreads them like ``log(p)``;
+    magnitudes from 1 on are shifted up by those 23 binades, and from ``2**83`` on (far beyond any score, inf
+    excepted) two consecutive float32 values share a key to make room (+inf stays alone). So a histogram bin of
+    ``2**(32 - bits)`` keys has a relative width of at most ``2**(9 - bits)`` in ``|x|`` outside [0.5, 1) and in
+    ``1 - |x|`` inside it. Negative scores mirror the positive ones (``-0.0`` shares key 0).
+
+    Args:
+        scores: floating tensor of any shape, without NaN (float64 is rounded to float32).
+
+    Returns:
+        int32 tensor of the same shape, non-decreasing in the score; distinct scores get distinct keys below
+        ``2**83`` in magnitude.
+    """
+    x = scores.to(torch.float32).contiguous()
+    bits = x.view(torch.int32)
+    sign = bits >> 31
+    key = bits & 0x7FFFFFFF
+    # bits(1 - |x|) clamped to [bits(2**-24), bits(0.5)]: 0.5 - that is 0 below 0.5, the spread inside [0.5, 1) and
+    # 23 binades from 1 on (1 - |x| <= 0 there: clamped up to the smallest gap).
+    gap = torch.sub(1, x.abs()).view(torch.int32).clamp_(_SMALLEST_GAP, _HALF)
+    if key.numel() and int(key.max()) >= _HIGH:  # a rare chunk: halve the resolution from 2**83 on
+        above = (key - _HIGH).clamp_(min=0) >> 1
+        key = key.clamp_(max=_HIGH).add_(above)
+    key = key.add_(_HALF).sub_(gap)
+    return (key ^ sign) - sign
+
+
+def spread_keys_to_float(keys: torch.Tensor) -> torch.Tensor:
+    """The lowest float32 score with the given :func:`spread_keys` key, as float64.
+
+    Args:
+        keys: integer tensor of keys.
+
+    Returns:
+        float64 tensor of the same shape.
+    """
+    keys = keys.to(torch.int64)
+    mag = keys.abs()
+    negative = keys < 0
+    # Compressed range: the pair (2j, 2j + 1) above _HIGH; the lower score is the smaller magnitude unless negative.
+    pair = _HIGH + 2 * (mag - SPREAD_HIGH_KEY) + negative.to(torch.int64)
+    m = torch.where(mag >= _ONE + _EXTRA, mag - _EXTRA, mag)
+    m = torch.where(mag >= SPREAD_HIGH_KEY, pair.clamp(max=255 * _MANTISSA), m)
+    expanded = (mag >= _HALF) & (mag < _ONE + _EXTRA)
+    if bool(expanded.any()):
+        m = m.clone()
+        m[expanded] = _expanded_bits(mag[expanded])
+    magnitude = keys_to_float(m)
+    return torch.where(negative, -magnitude, magnitude)
+
+
+def _expanded_bits(keys: torch.Tensor) -> torch.Tensor:
+    """Bit patterns (int64) of the float32 magnitudes in [0.5, 1) with the given spread keys.
+
+    With ``1 - |x| = j * 2**-24`` (an integer ``j`` in [1, 2**23]) in the binade ``[2**e, 2**(e + 1))`` of ``j``,
+    the key is ``bits(0.5) + 2**23 + bits(0.5) - (bits(j * 2**-24) + j)`` and ``bits(j * 2**-24) = (e + 103) * 2**23
+    + (j - 2**e) * 2**(23 - e)``, which is linear in ``j``: solve it for the binade that gives an integer in range.
+    """
+    g = 2 * _HALF + _MANTISSA - keys  # bits(j * 2**-24) + j
+    first = ((g >> 23) - 103).clamp(0, 23)
+    j = torch.zeros_like(keys)
+    for e in (first, (first - 1).clamp(min=0)):
+        divisor = (1 << (23 - e)) + 1
+        numerator = g - (e + 102) * _MANTISSA
+        candidate = numerator // divisor
+        fits = (numerator % divisor == 0) & (candidate >= (1 << e)) & (candidate < (2 << e))
+        j = torch.where(fits & (j == 0), candidate, j)
+    magnitude = (1 - j.to(torch.float64) * 2.0**-24).to(torch.float32)  # exact
+    return magnitude.view(torch.int32).to(torch.int64)

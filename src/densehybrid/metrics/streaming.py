@@ -30,7 +30,7 @@ from densehybrid.labels import IGNORE_INDEX
 from densehybrid.metrics import _curve
 from densehybrid.metrics._base import SumStateMetric, zeros
 from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index
-from densehybrid.metrics._keys import keys_to_float, order_keys
+from densehybrid.metrics._keys import SPREAD_HIGH_KEY, SPREAD_INF_KEY, spread_keys, spread_keys_to_float
 from densehybrid.metrics.functional import warn_degenerate
 
 # Pixels per vectorised step on CPU: the three scatters of a step then hit cache lines that the first one loaded,
@@ -154,7 +154,7 @@ class AnomalyMetrics(SumStateMetric):
             if pending + count > _INT32_MAX:
                 self._flush()
                 pending = 0
-            keys = order_keys(flat_scores[start : start + count])
+            keys = spread_keys(flat_scores[start : start + count])
             slot = keys >> shift  # arithmetic shift: floor, so negative keys keep their order
             slot += 1 << (self.bits - 1)
             slot = (slot << 2).to(torch.int64)  # 4 words per bin
@@ -197,8 +197,12 @@ class AnomalyMetrics(SumStateMetric):
         span = 1 << (32 - self.bits)
         largest, smallest = ranges[:, 0] - 1, span - ranges[:, 1]
         start_keys = (occupied - (1 << (self.bits - 1))) << (32 - self.bits)
-        curve = _curve.Curve(grouped[:, 1], grouped[:, 0], keys_to_float(start_keys + smallest))
-        return curve, largest > smallest, int(totals[-2:].sum())
+        low, high = start_keys + smallest, start_keys + largest
+        # From 2**83 on one key of the spread keys may stand for two scores (+-inf are alone in theirs).
+        compressed = (high >= SPREAD_HIGH_KEY) | (low <= -SPREAD_HIGH_KEY)
+        compressed &= ~((low == high) & (low.abs() == SPREAD_INF_KEY))
+        curve = _curve.Curve(grouped[:, 1], grouped[:, 0], spread_keys_to_float(low))
+        return curve, (largest > smallest) | compressed, int(totals[-2:].sum())
 
     def threshold_at_tpr(self, tpr: float = 0.95, strict: bool = False) -> float:
         """Score threshold of the first operating point with TPR >= ``tpr`` (``strict``: TPR > ``tpr``, the released
