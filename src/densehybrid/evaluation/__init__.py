@@ -21,6 +21,7 @@ from densehybrid.evaluation.open_set import (
     calibration_pairs,
     coco_open_set,
     open_set_confusion,
+    open_set_folds,
     streethazards_open_set,
     two_fold_open_set,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "ScaleImage",
     "calibration_pairs",
     "coco_open_set",
+    "open_set_folds",
     "evaluate_benchmark",
     "open_benchmark",
     "open_set_confusion",

@@ -50,7 +50,6 @@ def keys_to_float(keys: torch.Tensor) -> torch.Tensor:
     return bits32.view(torch.float32).to(torch.float64)
 
 
-
 # Spread keys: the float32 key space re-allotted so that [0, 1] is resolved like log(p) near 0 AND like -log1p(-p)
 # near 1. Constants are magnitude bit patterns (exponent << 23 | mantissa) of |x|.
 _MANTISSA = 1 << 23

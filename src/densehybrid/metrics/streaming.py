@@ -39,6 +39,10 @@ _CPU_CHUNK = 1 << 15
 _INT32_MAX = 2**31 - 1
 DEFAULT_BITS = 24
 MIN_BITS, MAX_BITS = 12, 28
+#: FPR95 operating-point rules: "at_least" = the first point with TPR >= 0.95 (the exact definition, as SMIYC and
+#: scikit-learn users compute it); "above" = the first point of scikit-learn's ``roc_curve`` with TPR > 0.95 (the
+#: released DenseHybrid Fishyscapes code, ``evaluations/base.py``).
+FPR95_RULES = ("at_least", "above")
 
 
 class AnomalyMetrics(SumStateMetric):
@@ -51,7 +55,7 @@ class AnomalyMetrics(SumStateMetric):
     .. math::
         \mathrm{AP} = \sum_b \frac{p_b}{P} \frac{TP_b}{TP_b + FP_b},\qquad
         \mathrm{AUROC} = \frac{1}{PN}\sum_b n_b \frac{TP_{b-1} + TP_b}{2},\qquad
-        \mathrm{FPR95} = \frac{FP_{b^*}}{N},\ b^* = \min\{b: TP_b \ge 0.95 P\}
+        \mathrm{FPR95} = \frac{FP_{b^*}}{N},\ b^* = \min\{b: TP_b \ge 0.95 P\}\ (\texttt{fpr95\_rule="at\_least"})
 
     with ``p_b, n_b`` the anomaly/inlier pixels of bin ``b`` and ``TP_b, FP_b`` the cumulative counts down to it.
 
@@ -62,6 +66,10 @@ class AnomalyMetrics(SumStateMetric):
         validate_args: scan every batch for NaN scores and ids outside {0, 1, ``ignore_index``}.
         device: device of the state; None allocates it on the device of the first :meth:`update` (later batches
             are moved there).
+        fpr95_rule: ``"at_least"`` (default): FPR at the first operating point with TPR >= 0.95, as the SMIYC
+            toolkit and scikit-learn users compute it; ``"above"``: the first point of scikit-learn's ``roc_curve``
+            with TPR > 0.95, the released DenseHybrid Fishyscapes code (``evaluations/base.py``). ``densehybrid
+            evaluate`` picks each benchmark's released rule.
 
     Example:
         >>> metric = AnomalyMetrics()
@@ -86,17 +94,21 @@ class AnomalyMetrics(SumStateMetric):
         ignore_index: int | None = IGNORE_INDEX,
         validate_args: bool = True,
         device: torch.device | str | None = None,
+        fpr95_rule: str = "at_least",
     ) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"Expected `bits` to be an int in [{MIN_BITS}, {MAX_BITS}], but got {bits!r}.")
+        if fpr95_rule not in FPR95_RULES:
+            raise ValueError(f"Expected `fpr95_rule` to be one of {', '.join(FPR95_RULES)}, but got {fpr95_rule!r}.")
         check_ignore_index(ignore_index)
+        self.fpr95_rule = fpr95_rule
         self.bits = bits
         self.ignore_index = ignore_index
         self.validate_args = validate_args
         super().__init__(device)
 
     def _config(self) -> tuple:
-        return (self.bits, self.ignore_index)
+        return (self.bits, self.ignore_index, self.fpr95_rule)
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         slots = (1 << self.bits) + 1  # the last bin collects ignored pixels
@@ -204,11 +216,15 @@ class AnomalyMetrics(SumStateMetric):
         curve = _curve.Curve(grouped[:, 1], grouped[:, 0], spread_keys_to_float(low))
         return curve, (largest > smallest) | compressed, int(totals[-2:].sum())
 
-    def threshold_at_tpr(self, tpr: float = 0.95, strict: bool = False) -> float:
+    def threshold_at_tpr(self, tpr: float = 0.95, strict: bool = False, drop_intermediate: bool | None = None) -> float:
         """Score threshold of the first operating point with TPR >= ``tpr`` (``strict``: TPR > ``tpr``, the released
-        DenseHybrid rule); NaN without anomaly pixels. Used to calibrate open-set thresholds."""
+        StreetHazards rule); NaN without anomaly pixels. Used to calibrate open-set thresholds.
+
+        ``drop_intermediate`` (default: as ``strict``) skips the points scikit-learn's ``roc_curve`` drops, as the
+        released code that walks it does (see :func:`densehybrid.metrics._curve.index_at_tpr`)."""
         curve = self._curve()[0]
-        return _curve.threshold_at_index(curve, _curve.index_at_tpr(curve, tpr, strict=strict))
+        index = _curve.index_at_tpr(curve, tpr, strict=strict, drop_intermediate=drop_intermediate)
+        return _curve.threshold_at_index(curve, index)
 
     def best_f1_threshold(self) -> float:
         """Score threshold of the operating point with the highest pixel F1; NaN without anomaly pixels."""
@@ -221,8 +237,9 @@ class AnomalyMetrics(SumStateMetric):
         Returns:
             A dict with
 
-            * ``ap``, ``auroc``, ``fpr95``: average precision, area under the ROC curve, FPR at the first operating
-              point with TPR >= 0.95;
+            * ``ap``, ``auroc``, ``fpr95``: average precision, area under the ROC curve, FPR at the operating point
+              that ``fpr95_rule`` picks (the first with TPR >= 0.95, or with ``"above"`` the first point of
+              scikit-learn's ``roc_curve`` with TPR > 0.95); ``fpr95_rule`` itself;
             * ``threshold_at_tpr95``: the smallest evaluated score of that point's bin; ``score >= threshold``
               reproduces its TPR and FPR on the evaluated data;
             * ``best_f1``, ``best_f1_threshold``: the highest pixel F1 and its threshold (same convention);
@@ -240,6 +257,7 @@ class AnomalyMetrics(SumStateMetric):
         num_pos, num_neg = curve.num_pos, curve.num_neg
         result: dict[str, Any] = {
             "protocol": self.protocol,
+            "fpr95_rule": self.fpr95_rule,
             "ap": math.nan,
             "auroc": math.nan,
             "fpr95": math.nan,
@@ -263,7 +281,7 @@ class AnomalyMetrics(SumStateMetric):
         ap_uncertain = multi & (curve.pos > 0) & (fps > 0)
         pair_uncertain = multi & (curve.pos > 0) & (curve.neg > 0)
         ap = _curve.average_precision(curve)
-        tpr_index = _curve.index_at_tpr(curve, 0.95)
+        tpr_index = _curve.index_at_tpr(curve, 0.95, strict=self.fpr95_rule == "above")
         f1_index, best_f1 = _curve.best_f1_index(curve)
         ap_low, ap_high = _curve.average_precision_bounds(curve, ap_uncertain)
         exact = not bool(ap_uncertain.any() or pair_uncertain.any())
