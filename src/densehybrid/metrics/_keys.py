@@ -53,11 +53,17 @@ def keys_to_float(keys: torch.Tensor) -> torch.Tensor:
 # Spread keys: the float32 key space re-allotted so that [0, 1] is resolved like log(p) near 0 AND like -log1p(-p)
 # near 1. Constants are magnitude bit patterns (exponent << 23 | mantissa) of |x|.
 _MANTISSA = 1 << 23
+#: Magnitudes in [1 - 2**-k, 1) are spread, k = SPREAD_FROM_EXPONENT (1: all of [0.5, 1), which resolves crowded
+#: probabilities anywhere there; a larger k touches fewer histogram pages for scores that merely pass through).
+SPREAD_FROM_EXPONENT = 1
 _HALF = 126 * _MANTISSA  # 0.5
 _ONE = 127 * _MANTISSA  # 1.0
 _SMALLEST_GAP = 103 * _MANTISSA  # 2**-24, the smallest non-zero 1 - |x| for |x| < 1
-_EXTRA = _HALF - _SMALLEST_GAP  # keys added by the expansion of [0.5, 1): 23 binades
-_HIGH = 210 * _MANTISSA  # |x| >= 2**83: two consecutive float32 values per key (room for the expansion)
+_SPREAD_GAP = (127 - SPREAD_FROM_EXPONENT) * _MANTISSA  # bits(2**-k): 1 - |x| below it is spread
+_SPREAD_START = int(torch.tensor(1 - 2.0**-SPREAD_FROM_EXPONENT).view(torch.int32))  # bits(1 - 2**-k)
+_EXTRA = _SPREAD_GAP - _SMALLEST_GAP  # keys added by the expansion: 24 - k binades
+_HIGH = 2 * (256 * _MANTISSA - 1 - _EXTRA) - 255 * _MANTISSA  # from here on two float32 values share a key
+_HIGH -= _HIGH % _MANTISSA
 #: Smallest key magnitude of the compressed range (|x| >= 2**83).
 SPREAD_HIGH_KEY = _HIGH + _EXTRA
 #: Key of +inf, alone in its key.
@@ -76,7 +82,8 @@ def spread_keys(scores: torch.Tensor) -> torch.Tensor:
     magnitudes from 1 on are shifted up by those 23 binades, and from ``2**83`` on (far beyond any score, inf
     excepted) two consecutive float32 values share a key to make room (+inf stays alone). So a histogram bin of
     ``2**(32 - bits)`` keys has a relative width of at most ``2**(9 - bits)`` in ``|x|`` outside [0.5, 1) and in
-    ``1 - |x|`` inside it. Negative scores mirror the positive ones (``-0.0`` shares key 0).
+    ``1 - |x|`` inside it. Negative scores mirror the positive ones (``-0.0`` shares key 0). (With
+    :data:`SPREAD_FROM_EXPONENT` = k > 1 only ``[1 - 2**-k, 1)`` is spread, over 24 - k binades.)
 
     Args:
         scores: floating tensor of any shape, without NaN (float64 is rounded to float32).
@@ -91,11 +98,11 @@ def spread_keys(scores: torch.Tensor) -> torch.Tensor:
     key = bits & 0x7FFFFFFF
     # bits(1 - |x|) clamped to [bits(2**-24), bits(0.5)]: 0.5 - that is 0 below 0.5, the spread inside [0.5, 1) and
     # 23 binades from 1 on (1 - |x| <= 0 there: clamped up to the smallest gap).
-    gap = torch.sub(1, x.abs()).view(torch.int32).clamp_(_SMALLEST_GAP, _HALF)
+    gap = torch.sub(1, x.abs()).view(torch.int32).clamp_(_SMALLEST_GAP, _SPREAD_GAP)
     if key.numel() and int(key.max()) >= _HIGH:  # a rare chunk: halve the resolution from 2**83 on
         above = (key - _HIGH).clamp_(min=0) >> 1
         key = key.clamp_(max=_HIGH).add_(above)
-    key = key.add_(_HALF).sub_(gap)
+    key = key.add_(_SPREAD_GAP).sub_(gap)
     return (key ^ sign) - sign
 
 
@@ -115,7 +122,7 @@ def spread_keys_to_float(keys: torch.Tensor) -> torch.Tensor:
     pair = _HIGH + 2 * (mag - SPREAD_HIGH_KEY) + negative.to(torch.int64)
     m = torch.where(mag >= _ONE + _EXTRA, mag - _EXTRA, mag)
     m = torch.where(mag >= SPREAD_HIGH_KEY, pair.clamp(max=255 * _MANTISSA), m)
-    expanded = (mag >= _HALF) & (mag < _ONE + _EXTRA)
+    expanded = (mag >= _SPREAD_START) & (mag < _ONE + _EXTRA)
     if bool(expanded.any()):
         m = m.clone()
         m[expanded] = _expanded_bits(mag[expanded])
@@ -124,13 +131,13 @@ def spread_keys_to_float(keys: torch.Tensor) -> torch.Tensor:
 
 
 def _expanded_bits(keys: torch.Tensor) -> torch.Tensor:
-    """Bit patterns (int64) of the float32 magnitudes in [0.5, 1) with the given spread keys.
+    """Bit patterns (int64) of the float32 magnitudes in the spread range [1 - 2**-k, 1) with the given spread keys.
 
-    With ``1 - |x| = j * 2**-24`` (an integer ``j`` in [1, 2**23]) in the binade ``[2**e, 2**(e + 1))`` of ``j``,
-    the key is ``bits(0.5) + 2**23 + bits(0.5) - (bits(j * 2**-24) + j)`` and ``bits(j * 2**-24) = (e + 103) * 2**23
+    With ``1 - |x| = j * 2**-24`` (an integer ``j`` in [1, 2**(24 - k)]) in the binade ``[2**e, 2**(e + 1))`` of
+    ``j``, the key is ``bits(0.5) + 2**23 + bits(2**-k) - (bits(j * 2**-24) + j)`` and ``bits(j * 2**-24) = (e + 103) * 2**23
     + (j - 2**e) * 2**(23 - e)``, which is linear in ``j``: solve it for the binade that gives an integer in range.
     """
-    g = 2 * _HALF + _MANTISSA - keys  # bits(j * 2**-24) + j
+    g = _HALF + _MANTISSA + _SPREAD_GAP - keys  # bits(j * 2**-24) + j
     first = ((g >> 23) - 103).clamp(0, 23)
     j = torch.zeros_like(keys)
     for e in (first, (first - 1).clamp(min=0)):
