@@ -210,7 +210,7 @@ class AnomalyMetrics(SumStateMetric):
         largest, smallest = ranges[:, 0] - 1, span - ranges[:, 1]
         start_keys = (occupied - (1 << (self.bits - 1))) << (32 - self.bits)
         low, high = start_keys + smallest, start_keys + largest
-        # From 2**83 on one key of the spread keys may stand for two scores (+-inf are alone in theirs).
+        # From 2**118 on one key of the spread keys may stand for two scores (+-inf are alone in theirs).
         compressed = (high >= SPREAD_HIGH_KEY) | (low <= -SPREAD_HIGH_KEY)
         compressed &= ~((low == high) & (low.abs() == SPREAD_INF_KEY))
         curve = _curve.Curve(grouped[:, 1], grouped[:, 0], spread_keys_to_float(low))
