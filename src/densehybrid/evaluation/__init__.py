@@ -2,8 +2,9 @@
 
 * :func:`evaluate_benchmark`: anomaly metrics (pooled, per-image or SMIYC), SMIYC component metrics and closed-set
   mIoU of a model on a registered benchmark (``densehybrid evaluate``);
-* :func:`streethazards_open_set`, :func:`coco_open_set`, :func:`two_fold_open_set`: a threshold calibrated on one
-  part, open-mIoU on the other, both ways (``densehybrid evaluate-open-set``).
+* :func:`streethazards_open_set`, :func:`coco_open_set`, :func:`two_fold_open_set`, :func:`open_set_folds`: a
+  threshold calibrated on one part, open-mIoU on another or the same part, as each released script does
+  (``densehybrid evaluate-open-set``).
 """
 
 from __future__ import annotations

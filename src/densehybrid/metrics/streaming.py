@@ -195,10 +195,13 @@ class AnomalyMetrics(SumStateMetric):
         return super().sync(group)
 
     def _curve(self) -> tuple[_curve.Curve, torch.Tensor, int]:
-        """Grouped counts of the occupied bins (highest first), which of them held several scores, ignored count."""
+        """Grouped counts of the occupied bins (highest first), which of them held several scores, ignored count.
+
+        The curve's ``thresholds`` are the bins' smallest spread keys (int64), decoded by :func:`_threshold`.
+        """
         if self._state is None:
             empty = torch.zeros(0, dtype=torch.int64)
-            return _curve.Curve(empty, empty, empty.to(torch.float64)), empty.bool(), 0
+            return _curve.Curve(empty, empty, empty), empty.bool(), 0
         self._flush()
         totals = self._state["totals"]
         counts = totals.view(-1, 2)[:-1]
@@ -213,7 +216,8 @@ class AnomalyMetrics(SumStateMetric):
         # From 2**118 on one key of the spread keys may stand for two scores (+-inf are alone in theirs).
         compressed = (high >= SPREAD_HIGH_KEY) | (low <= -SPREAD_HIGH_KEY)
         compressed &= ~((low == high) & (low.abs() == SPREAD_INF_KEY))
-        curve = _curve.Curve(grouped[:, 1], grouped[:, 0], spread_keys_to_float(low))
+        # The thresholds hold each bin's smallest key; _threshold decodes only the few that are asked for.
+        curve = _curve.Curve(grouped[:, 1], grouped[:, 0], low)
         return curve, (largest > smallest) | compressed, int(totals[-2:].sum())
 
     def threshold_at_tpr(self, tpr: float = 0.95, strict: bool = False, drop_intermediate: bool | None = None) -> float:
@@ -224,12 +228,12 @@ class AnomalyMetrics(SumStateMetric):
         released code that walks it does (see :func:`densehybrid.metrics._curve.index_at_tpr`)."""
         curve = self._curve()[0]
         index = _curve.index_at_tpr(curve, tpr, strict=strict, drop_intermediate=drop_intermediate)
-        return _curve.threshold_at_index(curve, index)
+        return _threshold(curve, index)
 
     def best_f1_threshold(self) -> float:
         """Score threshold of the operating point with the highest pixel F1; NaN without anomaly pixels."""
         curve = self._curve()[0]
-        return _curve.threshold_at_index(curve, _curve.best_f1_index(curve)[0])
+        return _threshold(curve, _curve.best_f1_index(curve)[0])
 
     def compute(self) -> dict[str, Any]:
         """Metrics over everything added so far.
@@ -287,9 +291,9 @@ class AnomalyMetrics(SumStateMetric):
         exact = not bool(ap_uncertain.any() or pair_uncertain.any())
         result.update(
             ap=ap,
-            threshold_at_tpr95=_curve.threshold_at_index(curve, tpr_index),
+            threshold_at_tpr95=_threshold(curve, tpr_index),
             best_f1=best_f1,
-            best_f1_threshold=_curve.threshold_at_index(curve, f1_index),
+            best_f1_threshold=_threshold(curve, f1_index),
             exact=exact,
             ap_error_bound=0.0 if exact else max(ap_high - ap, ap - ap_low, 0.0),
         )
@@ -307,6 +311,13 @@ class AnomalyMetrics(SumStateMetric):
         )
         _warn_if_coarse(result)
         return result
+
+
+def _threshold(curve: _curve.Curve, index: int) -> float:
+    """Score threshold of operating point ``index`` of a binned curve whose thresholds are spread keys (NaN for -1)."""
+    if index < 0:
+        return math.nan
+    return float(spread_keys_to_float(curve.thresholds[index : index + 1])[0])
 
 
 #: Error bound above which :meth:`AnomalyMetrics.compute` warns that the binned metrics may differ from exact ones.
