@@ -9,9 +9,11 @@ and largest key seen in each bin:
 * memory: per bin two int64 counts plus four int32 words updated per pixel (two counts and the key range, side by
   side so that one cache line serves a pixel), 512 MiB of address space for the default ``bits=24``; on CPU only
   the pages of occupied bins become resident. Independent of the pixel count;
-* resolution: a bin spans ``2**(32 - bits)`` consecutive float32 values, a relative score width of at most
-  ``2**(9 - bits)`` (3.05e-5 for ``bits=24``) at every magnitude from 1e-38 to 3.4e38 (subnormals below
-  ``2**(32 - bits - 149)``, 3.6e-43 for ``bits=24``, share the bin of zero);
+* resolution: a bin spans ``2**(32 - bits)`` consecutive spread keys (:func:`~densehybrid.metrics._keys.spread_keys`),
+  a relative score width of at most ``2**(9 - bits)`` (3.05e-5 for ``bits=24``) at every magnitude from 1e-38 to
+  2**118 outside [0.5, 1), and of at most ``2**(11 - bits)`` in ``1 - |score|`` inside it, so probabilities crowded
+  near 1 are resolved like ``-log1p(-p)`` (subnormals below ``2**(32 - bits - 149)``, 3.6e-43 for ``bits=24``,
+  share the bin of zero);
 * exactness: equal scores share a bin, so ties are exact, and a bin that held a single distinct score is exact;
   float16 (``bits >= 19``) and bfloat16 (``bits >= 16``) scores are therefore always exact. Otherwise the only
   error is the unknown order of distinct scores inside a bin; :meth:`AnomalyMetrics.compute` reports a guaranteed
@@ -335,8 +337,8 @@ def _warn_if_coarse(result: dict[str, Any]) -> None:
         bounds = ", ".join(f"{name} <= {bound:.2g}" for name, bound in loose.items())
         warnings.warn(
             f"The binned pooled metrics may differ from the exact ones by more than {ERROR_BOUND_WARNING:g} "
-            f"({bounds}): many distinct float32 scores share a bin. Pass scores with more spread (e.g. logits or "
-            f"-log1p(-p) instead of probabilities near 1), float16 scores (exact), or a larger `bits` "
+            f"({bounds}): many distinct float32 scores share a bin (scores crowded into a narrow range, e.g. by a "
+            f"large constant offset). Subtract the offset, pass float16 scores (exact), or a larger `bits` "
             f"(now {result['bits']}).",
             UserWarning,
             stacklevel=3,
