@@ -338,6 +338,8 @@ def accuracy_study(bits: list[int], pixels: int, seed: int) -> str:
         "sigmoid probabilities p": torch.sigmoid(3 * noise + 6 * labels),
         "the same p passed as -log1p(-p)": -torch.log1p(-torch.sigmoid(3 * noise + 6 * labels)),
         "the same p in float16": torch.sigmoid(3 * noise + 6 * labels).half(),
+        "minus the same p (-p, e.g. minus max-softmax)": -torch.sigmoid(3 * noise + 6 * labels),
+        "probabilities near 0: sigmoid(3 N + 6 y - 16)": torch.sigmoid(3 * noise + 6 * labels - 16),
         "magnitudes exp(20 N(0,1))": torch.exp(20 * noise + 5 * labels),
     }
     lines = [

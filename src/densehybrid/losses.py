@@ -257,9 +257,11 @@ def densehybrid_loss(
 
     Variants:
 
-    * ``likelihood="paired"``: the paper's derivation that also raises the likelihood of inliers, with the same
-      weight so that :math:`\ln Z(\theta)` cancels:
-      :math:`L_x = \frac{1}{|O|}\sum_O \operatorname{LSE}(s) - \frac{1}{|I|}\sum_I \operatorname{LSE}(s)`.
+    * ``likelihood="paired"``: our variant, not the released code's and not confirmed as the paper's formula: it
+      pairs the negative term with an inlier term of the same weight, so that :math:`\ln Z(\theta)` cancels (the
+      argument of the ECCV abstract about the intractable normaliser; the paper's own form of :math:`L_x` could not
+      be checked): :math:`L_x = \frac{1}{|O|}\sum_O \operatorname{LSE}(s) - \frac{1}{|I|}\sum_I
+      \operatorname{LSE}(s)`.
     * ``negative_loss="jsd"`` (NFlowJS): per negative pixel the Jensen-Shannon divergence to the uniform
       distribution, :math:`\tfrac12 KL(P\|M) + \tfrac12 KL(U\|M)`, :math:`M = (P+U)/2`,
       :math:`P = \operatorname{softmax}(s)`, weighted by :math:`\beta`. It cannot be paired.
@@ -276,7 +278,7 @@ def densehybrid_loss(
         negative_mask: (N, H, W) or (N,) bool (or 0/1) mask of pasted negative pixels.
         beta: weight :math:`\beta` of :math:`L_x`.
         lambda_: weight :math:`\lambda` of :math:`L_d`.
-        likelihood: ``"negatives"`` (released code) or ``"paired"``.
+        likelihood: ``"negatives"`` (released code) or ``"paired"`` (our Z-cancelling variant, see above).
         negative_loss: ``"lse"`` (DenseHybrid) or ``"jsd"`` (NFlowJS).
         posterior_ignore_void: exclude void pixels from :math:`L_d`.
         ignore_index: void id; None means every pixel is labelled.

@@ -100,6 +100,7 @@ def calibrate_threshold(
     target_tpr: float = 0.95,
     strict: bool = True,
     ignore_index: int = 255,
+    drop_intermediate: bool | None = None,
 ) -> float:
     """Choose the open-set threshold on labelled calibration data, streaming in fixed memory.
 
@@ -109,6 +110,9 @@ def calibrate_threshold(
         target_tpr: the true-positive rate for ``method="tpr"`` (0.95 in the released code).
         strict: ``"tpr"`` picks the first threshold with TPR > target (released code) instead of >=.
         ignore_index: target id of void pixels.
+        drop_intermediate: skip the collinear points that scikit-learn's ``roc_curve`` drops, as the released code
+            that walks it does; default: as ``strict`` (the released COCO20 code uses ``>=`` on ``roc_curve``:
+            ``strict=False, drop_intermediate=True``).
 
     Returns:
         the threshold; apply it as ``scores > threshold``.
@@ -122,7 +126,11 @@ def calibrate_threshold(
     metric = AnomalyMetrics(ignore_index=ignore_index)
     for scores, target in batches:
         metric.update(scores, target)
-    threshold = metric.best_f1_threshold() if method == "f1" else metric.threshold_at_tpr(target_tpr, strict=strict)
+    threshold = (
+        metric.best_f1_threshold()
+        if method == "f1"
+        else metric.threshold_at_tpr(target_tpr, strict=strict, drop_intermediate=drop_intermediate)
+    )
     if math.isnan(threshold):
         raise ValueError("Expected anomaly pixels in the calibration data, but found none: cannot set a threshold.")
     return float(threshold)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from densehybrid.cli import main
 from densehybrid.data.datasets import BENCHMARKS, get_benchmark
@@ -116,6 +116,11 @@ def test_pooled_metrics_equal_sklearn_on_the_same_outputs(tmp_path, checkpoints)
         assert metrics["ap"] == pytest.approx(average_precision_score(t[keep], s[keep]), abs=ap_bound)
         assert metrics["auroc"] == pytest.approx(roc_auc_score(t[keep], s[keep]), abs=auroc_bound)
         assert ap_bound < 1e-2
+        # Fishyscapes: the released rule, the first roc_curve point with TPR > 0.95
+        fpr, tpr, _ = roc_curve(t[keep], s[keep])
+        assert metrics["fpr95_rule"] == "above"
+        assert metrics["fpr95"] == pytest.approx(fpr[np.argmax(tpr > 0.95)], abs=metrics["fpr95_error_bound"] + 1e-9)
+    assert result["protocol_options"] == {"fpr95_rule": "above"}
 
 
 def test_streethazards_is_per_image_with_closed_set_miou(tmp_path, checkpoints):

@@ -1,4 +1,4 @@
-"""``densehybrid evaluate-open-set``: the StreetHazards two-town protocol and COCO20/80 halves, on fake trees."""
+"""``densehybrid evaluate-open-set``: the StreetHazards two-town protocol and the COCO20/80 protocols, on fake trees."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def _frames(model, dataset, indices=None):
             yield densehybrid(out.logits, out.ood_logits)[0], out.logits.argmax(1)[0], sample["target"]
 
 
-def _released_threshold(frames, k, scale, tpr=0.95):
-    """The released calibration: maps resized by `scale`, pooled, first ROC threshold with TPR > tpr."""
+def _released_threshold(frames, k, scale, tpr=0.95, at_least=False):
+    """The released calibration: maps resized by `scale`, pooled, first ROC threshold with TPR > tpr (StreetHazards)
+    or TPR >= tpr (COCO20)."""
     scores, labels = [], []
     for score, _, target in frames:
         binary = anomaly_target(target[None], k)
@@ -66,7 +67,7 @@ def _released_threshold(frames, k, scale, tpr=0.95):
         scores.append(score[keep].numpy())
         labels.append(binary[0][keep].numpy())
     _, tprs, thresholds = roc_curve(np.concatenate(labels), np.concatenate(scores))
-    return float(thresholds[np.argmax(tprs > tpr)])
+    return float(thresholds[np.argmax(tprs >= tpr if at_least else tprs > tpr)])
 
 
 def _iou(confusion):
@@ -105,7 +106,7 @@ def test_streethazards_two_fold_protocol_matches_the_released_procedure(tmp_path
         opened, closed = _confusions(towns[fold["evaluation"]], 12, fold["threshold"])
         pooled_closed += closed
         iou = _iou(opened)
-        assert fold["open_miou"] == pytest.approx(np.nanmean(iou[:12]))
+        assert fold["open_miou"] == pytest.approx(np.mean(np.nan_to_num(iou[:12])))  # TPAMI-era: NaN IoU -> 0
         assert fold["anomaly_iou"] == pytest.approx(iou[12])
         assert fold["closed_miou"] == pytest.approx(np.nanmean(_iou(closed)))
         assert fold["num_images"] == 2 and fold["calibration_images"] == 2
@@ -116,12 +117,36 @@ def test_streethazards_two_fold_protocol_matches_the_released_procedure(tmp_path
     assert "t5 -> t6" in printed and "open-mIoU" in printed
 
 
-def test_coco_halves_of_val_calibrate_each_other(tmp_path, checkpoints):
+def test_coco_released_protocol_calibrates_on_the_evaluated_split(tmp_path, checkpoints, capsys):
     root = make_fake_coco(tmp_path / "coco", n=5)
     path, model = checkpoints[20]
     assert _run("coco20", root, path, tmp_path / "r.json", "--tpr", "0.9") == 0
+    assert "TPR >= 0.9" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["coco_protocol"] == "released" and list(result["parts"]) == ["val2017"]
+    assert result["calibration_rule"] == "at_least" and result["nan_iou"] == "zero"
+    frames = list(_frames(model, COCOOpenSet(root)))
+    (fold,) = result["folds"]
+    assert fold["calibration"] == fold["evaluation"] == "val2017" and fold["num_images"] == 5
+    assert fold["threshold"] == pytest.approx(_released_threshold(frames, 20, 1.0, 0.9, at_least=True), abs=1e-5)
+    opened, closed = _confusions(frames, 20, fold["threshold"])
+    iou = _iou(opened)[:20]
+    assert np.isnan(iou).any()  # some known classes are absent from the fake split
+    assert result["open_miou"] == pytest.approx(np.mean(np.nan_to_num(iou)))
+    assert result["closed_miou"] == pytest.approx(np.nanmean(_iou(closed)))
+    assert _run("coco20", root, path, tmp_path / "skip.json", "--tpr", "0.9", "--nan-iou", "skip") == 0
+    skipped = json.loads((tmp_path / "skip.json").read_text())
+    assert skipped["open_miou"] == pytest.approx(np.nanmean(iou)) and skipped["nan_iou"] == "skip"
+
+
+def test_coco_halves_of_val_calibrate_each_other(tmp_path, checkpoints):
+    root = make_fake_coco(tmp_path / "coco", n=5)
+    path, model = checkpoints[20]
+    extra = ["--tpr", "0.9", "--coco-protocol", "halves", "--calibration-rule", "above", "--nan-iou", "skip"]
+    assert _run("coco20", root, path, tmp_path / "r.json", *extra) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert list(result["parts"]) == ["val2017[0:3]", "val2017[3:5]"] and result["calibration_scale"] == 1.0
+    assert result["coco_protocol"] == "halves" and result["calibration_rule"] == "above"
     assert result["parts"]["val2017[3:5]"]["first_frame"] == f"{142:012d}"
     dataset = COCOOpenSet(root)
     halves = {

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 
 from densehybrid.errors import CheckpointError
-from densehybrid.models import HybridOutput, create_model
+from densehybrid.models import HybridOutput, create_model, load_checkpoint
 from densehybrid.models.deeplabv3plus import deeplabv3plus_wrn38, load_closed_set_weights
 from densehybrid.models.ldn import ldn121
 from densehybrid.models.registry import get_model_entry
@@ -125,24 +125,123 @@ def test_forward_backward_small(models, name):
     model.zero_grad(set_to_none=True)
 
 
+@pytest.fixture(scope="module")
+def segmenter_b16() -> torch.nn.Module:
+    """The released COCO20 Segmenter (ViT-B/16, 119M parameters) with the fixture weights, built once per module."""
+    model = create_model("segmenter_vit_b16", num_classes=20)
+    model.load_state_dict(deterministic_state_dict(model), strict=True)
+    return model.eval()
+
+
+def test_segmenter_state_dict_equals_released_layout(segmenter_b16):
+    expected = json.loads((COMPAT / "segmenter_vitb_th_keys.json").read_text())
+    actual = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in segmenter_b16.state_dict().items()}
+    assert list(actual) == list(expected)  # same names in the same order
+    assert actual == expected  # same shapes and dtypes
+    assert sum(p.numel() for p in segmenter_b16.parameters()) == 119_115_540
+
+
+def test_segmenter_outputs_match_released_model(segmenter_b16):
+    ref = np.load(COMPAT / "segmenter_vitb_th_ref.npz")
+    images = torch.from_numpy(ref["input"])
+    with torch.no_grad():
+        out = segmenter_b16.forward_whole(images)
+    assert relative_error(out.logits, torch.from_numpy(ref["logits"])) < 1e-4
+    assert relative_error(out.ood_logits, torch.from_numpy(ref["logits_ood"])) < 1e-4
+    assert segmenter_b16.data_config["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    # Without the sliding window, eval-mode forward is the same whole-image pass.
+    segmenter_b16.sliding_window = False
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(segmenter_b16(images).logits, out.logits)
+    finally:
+        segmenter_b16.sliding_window = True
+
+
+def test_released_segmenter_checkpoint_names_fit_strictly(segmenter_b16, tmp_path):
+    from densehybrid.models.checkpoint import check_state_dict
+
+    # Every name and shape of the released state dict fits (meta tensors: no memory).
+    expected = json.loads((COMPAT / "segmenter_vitb_th_keys.json").read_text())
+    released = {k: torch.empty(shape, device="meta") for k, (shape, _) in expected.items()}
+    missing, unexpected, mismatched, message = check_state_dict(segmenter_b16, released)
+    assert (missing, unexpected, mismatched, message) == ([], [], [], "")
+    # The file round trip through load_checkpoint(strict=True), on the small size of the same design.
+    small = create_model("segmenter_vit_ti16", num_classes=20, image_size=64)
+    state = deterministic_state_dict(small)
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "segmenter_coco20.pth")
+    fresh = create_model("segmenter_vit_ti16", num_classes=20, image_size=64)
+    load_checkpoint(fresh, tmp_path / "segmenter_coco20.pth", strict=True)
+    torch.testing.assert_close(fresh.decoder_th.proj_patch, state["decoder_th.proj_patch"])
+
+
+@pytest.fixture(scope="module")
+def segmenter_ti() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("segmenter_vit_ti16", num_classes=3, image_size=64, window_size=64, window_stride=40).eval()
+
+
+@pytest.mark.parametrize("merge", ["logits", "softmax"])
+def test_sliding_window_on_one_window_equals_whole_image(segmenter_ti, merge):
+    images = torch.rand(2, 3, 64, 64)
+    segmenter_ti.window_merge = merge
+    with torch.no_grad():
+        slid, whole = segmenter_ti(images), segmenter_ti.forward_whole(images)
+    segmenter_ti.window_merge = "softmax"
+    for a, b in zip(slid, whole):
+        torch.testing.assert_close(a, b if merge == "logits" else b.softmax(1))
+
+
+def test_sliding_window_resizes_up_and_averages_overlaps(segmenter_ti):
+    images = torch.rand(1, 3, 40, 60)  # shorter side 40 < 64: resized to 64 x 96, windows at columns 0 and 32
+    segmenter_ti.window_merge = "logits"
+    with torch.no_grad():
+        slid = segmenter_ti(images, output_size=(20, 30))
+        resized = F.interpolate(images, size=(64, 96), mode="bilinear", align_corners=False)
+        left, right = segmenter_ti.forward_whole(resized[..., :64]), segmenter_ti.forward_whole(resized[..., 32:])
+    segmenter_ti.window_merge = "softmax"
+    for i, full in enumerate(slid):
+        merged = torch.zeros(1, full.shape[1], 64, 96)
+        merged[..., :64] += left[i]
+        merged[..., 32:] += right[i]
+        merged[..., 32:64] /= 2
+        expected = F.interpolate(merged, size=(40, 60), mode="bilinear", align_corners=False)
+        expected = F.interpolate(expected, size=(20, 30), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(full, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window_size": 0}, "window_size"),
+        ({"window_size": 64, "window_stride": 100}, "window_stride"),
+        ({"window_merge": "mean"}, "window_merge"),
+    ],
+)
+def test_segmenter_rejects_bad_window_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("segmenter_vit_ti16", num_classes=3, image_size=32, **kwargs)
+
+
 def test_segmenter_ti_forward_backward():
     model = create_model("segmenter_vit_ti16", num_classes=5, image_size=64).train()
     out = model(torch.rand(2, 3, 40, 56))  # not a multiple of 16: padded, then cropped
     assert out.logits.shape == (2, 5, 40, 56) and out.ood_logits.shape == (2, 2, 40, 56)
     (out.logits.logsumexp(1).mean() + out.ood_logits.log_softmax(1)[:, 1].mean()).backward()
-    for param in (model.encoder.patch_embed.proj.weight, model.decoder.cls_emb, model.logits_ood.conv.weight):
+    for param in (model.encoder.patch_embed.proj.weight, model.decoder.cls_emb, model.decoder_th.cls_emb):
         assert param.grad is not None and param.grad.abs().sum() > 0
-    assert model.data_config == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    cfg = model.data_config
+    assert cfg["mean"] == pytest.approx([0.485, 0.456, 0.406]) and cfg["std"] == pytest.approx([0.229, 0.224, 0.225])
 
 
 @pytest.mark.parametrize("name", ["segmenter_vit_s16", "segmenter_vit_b16"])
 def test_segmenter_forward_tiny(name):
-    model = create_model(name, num_classes=3, image_size=32).eval()
+    model = create_model(name, num_classes=3, image_size=32, sliding_window=False).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, 32, 48), output_size=(16, 24))
-        features, classes = model.forward_features(torch.rand(1, 3, 32, 48))
+        features = model.forward_features(torch.rand(1, 3, 32, 48))
     assert out.logits.shape == (1, 3, 16, 24) and out.ood_logits.shape == (1, 2, 16, 24)
-    assert features.shape == (1, model.feature_channels, 2, 3) and classes.shape == (1, 3, model.feature_channels)
+    assert features.shape == (1, model.feature_channels, 2, 3)
     assert torch.isfinite(out.logits).all()
 
 

@@ -23,6 +23,8 @@ from densehybrid.cli._common import (
 )
 from densehybrid.data.datasets import get_benchmark
 from densehybrid.engine.outputs import check_output_file
+from densehybrid.evaluation.open_set import CALIBRATION_RULES, COCO_PROTOCOLS
+from densehybrid.metrics.segmentation import NAN_IOU_RULES
 from densehybrid.openset import CALIBRATION_METHODS
 from densehybrid.scores import get_score
 
@@ -33,8 +35,11 @@ DESCRIPTION = (
     "DenseHybrid protocol: the threshold is calibrated on test town t5 (score and label maps downsampled by "
     "--calibration-scale, default 0.5; first threshold with TPR > --tpr) and applied to town t6 at full resolution, "
     "then the other way round; the result is the image-weighted average of the two folds, with the closed-set mIoU "
-    "of both towns. coco20 runs the same two folds over the two halves of COCO val2017 (sorted by image id; our "
-    "choice, since the TPAMI calibration split is not public; calibration scale 1.0). Prints a table, writes JSON."
+    "of both towns. coco20 runs, by default, the released TPAMI protocol (--coco-protocol released): the threshold "
+    "is calibrated on the same val2017 split it evaluates (pooled pixels, stuff ignored, first threshold with TPR >= "
+    "--tpr, maps at full size); --coco-protocol halves runs two folds over the halves of val2017 instead (ours). "
+    "NaN IoUs count as 0 in the open-mIoU, as the TPAMI-era scripts (--nan-iou skip: the ECCV nanmean). Prints a "
+    "table, writes JSON."
 )
 
 _BENCHMARKS = ("streethazards", "coco20")
@@ -52,6 +57,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="threshold rule on the calibration part: tpr (first threshold with TPR > --tpr, released) or f1 (best F1)",
     )
     parser.add_argument("--tpr", type=float, default=0.95, help="target true-positive rate of the calibration")
+    parser.add_argument(
+        "--calibration-rule",
+        choices=CALIBRATION_RULES,
+        default=None,
+        help="first threshold with TPR > --tpr (above) or >= --tpr (at_least); default: as released, above for "
+        "streethazards, at_least for coco20",
+    )
+    parser.add_argument(
+        "--coco-protocol",
+        choices=COCO_PROTOCOLS,
+        default="released",
+        help="coco20: calibrate on the evaluated split as released (TPAMI table), or two folds over its halves",
+    )
+    parser.add_argument(
+        "--nan-iou",
+        choices=NAN_IOU_RULES,
+        default="zero",
+        help="open-mIoU: count a known class absent from targets and predictions as 0 (TPAMI-era scripts, default) "
+        "or skip it (ECCV nanmean)",
+    )
     parser.add_argument(
         "--calibration-scale",
         type=positive_float,
@@ -87,9 +112,13 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     score_options = load_score_options([args.score], args.sml_statistics, info["num_classes"])
     protocol = streethazards_open_set if spec.name == "streethazards" else coco_open_set
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"nan_iou": args.nan_iou}
     if args.calibration_scale is not None:
         kwargs["calibration_scale"] = args.calibration_scale
+    if args.calibration_rule is not None:
+        kwargs["calibration_rule"] = args.calibration_rule
+    if spec.name == "coco20":
+        kwargs["coco_protocol"] = args.coco_protocol
     with naming_checkpoint(args.checkpoint):
         result = protocol(
             args.root,
@@ -117,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
 
 def format_results(result: dict[str, Any]) -> str:
     """The stdout report of :func:`run`: one row per fold, then the weighted open-mIoU and pooled closed mIoU."""
-    rule = f"TPR > {result['target_tpr']}" if result["calibration_method"] == "tpr" else "best F1"
+    if result["calibration_method"] == "tpr":
+        sign = ">=" if result.get("calibration_rule") == "at_least" else ">"
+        rule = f"TPR {sign} {result['target_tpr']}"
+    else:
+        rule = "best F1"
     lines = [
         f"{result['benchmark']} open-set: score {result['score']}, threshold at {rule} on the calibration part "
         f"(maps x{result['calibration_scale']}), model {result['model']} (K={result['num_classes']})"

@@ -2,8 +2,9 @@
 
 * :func:`evaluate_benchmark`: anomaly metrics (pooled, per-image or SMIYC), SMIYC component metrics and closed-set
   mIoU of a model on a registered benchmark (``densehybrid evaluate``);
-* :func:`streethazards_open_set`, :func:`coco_open_set`, :func:`two_fold_open_set`: a threshold calibrated on one
-  part, open-mIoU on the other, both ways (``densehybrid evaluate-open-set``).
+* :func:`streethazards_open_set`, :func:`coco_open_set`, :func:`two_fold_open_set`, :func:`open_set_folds`: a
+  threshold calibrated on one part, open-mIoU on another or the same part, as each released script does
+  (``densehybrid evaluate-open-set``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from densehybrid.evaluation.open_set import (
     calibration_pairs,
     coco_open_set,
     open_set_confusion,
+    open_set_folds,
     streethazards_open_set,
     two_fold_open_set,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "ScaleImage",
     "calibration_pairs",
     "coco_open_set",
+    "open_set_folds",
     "evaluate_benchmark",
     "open_benchmark",
     "open_set_confusion",

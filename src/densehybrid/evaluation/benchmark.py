@@ -48,6 +48,12 @@ BENCHMARK_TRACKS: dict[str, str] = {
     "laf-noknown": "obstacle",
 }
 
+#: FPR95 rule of the pooled protocol per benchmark, as its released evaluation computes it: the DenseHybrid
+#: Fishyscapes code takes the first ``roc_curve`` point with TPR > 0.95 (``evaluations/base.py``), the COCO20 code
+#: the first with TPR >= 0.95 (``evaluate_osr_coco.py``). Others (RoadAnomaly, SMIYC sets run pooled) use the
+#: metric's default, the exact first TPR >= 0.95.
+POOLED_FPR95_RULES: dict[str, str] = {"fs-laf": "above", "fs-static": "above", "coco20": "at_least"}
+
 _WORKER_ERROR = re.compile(r"^densehybrid\.[\w.]*(?:DatasetFileError|DatasetError|CheckpointError): (.*)$")
 
 
@@ -282,7 +288,8 @@ def evaluate_benchmark(
         split: default the benchmark's evaluation split.
         dataset_options: loader options.
         protocol: ``pooled``, ``per_image`` or ``smiyc``; default the benchmark's.
-        protocol_options: keyword options of the protocol's metric (e.g. ``{"variant": "streethazards"}``).
+        protocol_options: keyword options of the protocol's metric (e.g. ``{"variant": "streethazards"}``); the
+            pooled protocol's ``fpr95_rule`` defaults to the benchmark's released rule (:data:`POOLED_FPR95_RULES`).
         score_options: per-score keyword options, e.g. ``{"sml": {"statistics": stats}}``.
         components: SMIYC component metrics; default on exactly when the protocol is ``smiyc``. They need the
             pixel curve's best-F1 threshold, so the frames are run through the model a second time.
@@ -318,6 +325,8 @@ def evaluate_benchmark(
     check_score_inputs(names, output_fields(model), f"model {getattr(model, 'model_name', type(model).__name__)!r}")
     _check_protocol_options(protocol, protocol_options)
     _check_dicnet_variant(spec.name, protocol_options, dataset_options)
+    if protocol == "pooled" and spec.name in POOLED_FPR95_RULES:
+        protocol_options = {"fpr95_rule": POOLED_FPR95_RULES[spec.name], **dict(protocol_options or {})}
     loader, dataset = open_benchmark(spec, root, split, dataset_options, limit, input_scale)
     k = model_num_classes(model, loader, num_classes, spec.name)
     semantic = loader.target_kind == "semantic"

@@ -14,11 +14,19 @@ StreetHazards (:func:`streethazards_open_set`) follows the released DenseHybrid 
 4. both folds are run (calibrate on t5, evaluate t6; calibrate on t6, evaluate t5) and the final open-mIoU is
    their average weighted by the number of evaluated images; the closed-set mIoU is pooled over both towns.
 
-COCO20/80 (:func:`coco_open_set`): the TPAMI paper's calibration split is not in our sources (its scripts are not
-released). Our choice mirrors the StreetHazards protocol: COCO val2017, sorted by image id, is cut into two halves;
-the threshold calibrated on one half is applied to the other, both ways, and the open-mIoU is the image-weighted
-average, so every val image is evaluated once and never with a threshold fitted on itself. The default calibration
-scale is 1.0 (COCO images are small). Numbers from this protocol are ours, not the paper's.
+The TPAMI-era ``evaluate_osr_sh.py`` is the same protocol except that NaN IoUs (a known class absent from the
+targets and predictions of a town) are set to 0 before averaging; that is the default here (``nan_iou="zero"``),
+``nan_iou="skip"`` gives the ECCV ``nanmean``.
+
+COCO20/80 (:func:`coco_open_set`), ``coco_protocol="released"`` (default): the TPAMI-era ``evaluate_osr_coco.py``
+calibrates on the same split it evaluates. The anomaly score of every pixel of COCO val2017 (the released lists
+hold 4,952 images) is pooled over the split, stuff and unlabelled pixels ignored, and the threshold is the first
+threshold of scikit-learn's ``roc_curve`` with TPR >= 0.95 (``calibration_rule="at_least"``); open-mIoU over the 20
+known classes comes from one pooled confusion matrix of the same split, NaN IoUs set to 0. This is the protocol of
+the TPAMI COCO20/80 table. ``coco_protocol="halves"`` is our stricter alternative, which never applies a threshold
+to the images it was fitted on: val2017, sorted by image id, is cut into two halves; the threshold calibrated on one
+half is applied to the other, both ways, and the open-mIoU is the image-weighted average. Numbers from the halves
+protocol are ours, not the paper's.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from densehybrid.evaluation.benchmark import (
 )
 from densehybrid.labels import ANOMALY, anomaly_target
 from densehybrid.metrics import ConfusionMatrix
+from densehybrid.metrics.segmentation import NAN_IOU_RULES
 from densehybrid.models.output import output_fields
 from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold, predict_open_set
 from densehybrid.scores import check_score_inputs, compute_score, score_info
@@ -52,6 +61,11 @@ from densehybrid.scores import check_score_inputs, compute_score, score_info
 OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0}
 #: The StreetHazards test towns, in fold order.
 STREETHAZARDS_TOWNS = ("t5", "t6")
+#: Calibration rules at the target TPR: "above" = first ``roc_curve`` threshold with TPR > target (released
+#: StreetHazards code), "at_least" = first with TPR >= target (released COCO20 code).
+CALIBRATION_RULES = ("above", "at_least")
+#: COCO20/80 protocols: "released" (calibrate and evaluate on the same val split) and "halves" (two folds).
+COCO_PROTOCOLS = ("released", "halves")
 
 
 def _check_model_score(model: nn.Module, score: str) -> None:
@@ -151,11 +165,40 @@ def two_fold_open_set(
     model: nn.Module,
     parts: Mapping[str, Dataset],
     score: str = "densehybrid",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Calibrate on each of two parts, evaluate open-mIoU on the other, and average weighted by image count.
+
+    Args:
+        model: the model.
+        parts: exactly two named datasets with semantic targets (ids ``0..K-1``, anomaly K, ignore 255).
+        score: the anomaly score that decides "unknown".
+        **kwargs: :func:`open_set_folds` options (``num_classes`` is required).
+
+    Returns:
+        :func:`open_set_folds`' dict for the folds (first part -> second part) and (second -> first).
+
+    Raises:
+        ValueError: not two parts, or what :func:`open_set_folds` raises.
+    """
+    if len(parts) != 2:
+        raise ValueError(f"Expected exactly two parts for the two-fold protocol, but got {list(parts)}.")
+    first, second = list(parts)
+    return open_set_folds(model, parts, [(first, second), (second, first)], score, **kwargs)
+
+
+def open_set_folds(
+    model: nn.Module,
+    parts: Mapping[str, Dataset],
+    folds: Sequence[tuple[str, str]],
+    score: str = "densehybrid",
     *,
     num_classes: int,
     target_tpr: float = 0.95,
     method: str = "tpr",
+    calibration_rule: str = "above",
     calibration_scale: float = 0.5,
+    nan_iou: str = "zero",
     score_options: Mapping[str, Mapping[str, Any]] | None = None,
     class_names: Sequence[str] = (),
     device: str | torch.device = "auto",
@@ -165,16 +208,21 @@ def two_fold_open_set(
     progress: bool = True,
     benchmark: str = "",
 ) -> dict[str, Any]:
-    """Calibrate on each of two parts, evaluate open-mIoU on the other, and average weighted by image count.
+    """Calibrate a threshold on one part, evaluate open-mIoU on another (or the same), per fold; average the folds.
 
     Args:
         model: the model.
-        parts: exactly two named datasets with semantic targets (ids ``0..K-1``, anomaly K, ignore 255).
+        parts: named datasets with semantic targets (ids ``0..K-1``, anomaly K, ignore 255).
+        folds: ``(calibration part, evaluation part)`` names; each part is calibrated once.
         score: the anomaly score that decides "unknown".
         num_classes: K.
-        target_tpr: TPR the threshold reaches on the calibration part (``method="tpr"``; strictly above it).
+        target_tpr: TPR the threshold reaches on the calibration part (``method="tpr"``).
         method: ``"tpr"`` (released code) or ``"f1"`` (best pixel F1 on the calibration part).
+        calibration_rule: ``"above"``: the first threshold of scikit-learn's ``roc_curve`` with TPR > ``target_tpr``
+            (released StreetHazards code); ``"at_least"``: the first with TPR >= it (released COCO20 code).
         calibration_scale: resize factor of the calibration score and label maps.
+        nan_iou: ``"zero"``: NaN IoUs (known classes absent from a fold's targets and predictions) count as 0 in the
+            open-mIoU (TPAMI-era released scripts); ``"skip"``: NaN-ignoring mean (ECCV ``evaluate_osr.py``).
         score_options: per-score keyword options.
         class_names: the K class names, stored beside the per-class IoUs.
         device, batch_size, num_workers, amp, progress: loop settings.
@@ -184,34 +232,47 @@ def two_fold_open_set(
         A JSON-ready dict: ``folds`` (per fold: ``calibration``, ``evaluation``, ``threshold``,
         ``calibration_images``, ``num_images``, ``open_miou``, ``open_iou``, ``anomaly_iou``, ``closed_miou``),
         ``open_miou`` and ``anomaly_iou`` (image-weighted means over the folds), ``closed_miou`` and ``closed_iou``
-        (pooled over both parts), ``miou_gap`` (closed minus open), ``num_images``, ``class_names`` and the settings.
+        (pooled over the evaluated parts, each once), ``miou_gap`` (closed minus open), ``num_images``,
+        ``class_names`` and the settings.
 
     Raises:
-        ValueError: not two parts, a bad method/TPR/scale, or a calibration part without anomaly pixels.
+        ValueError: a bad method/rule/TPR/scale/fold, or a calibration part without anomaly pixels.
     """
-    if len(parts) != 2:
-        raise ValueError(f"Expected exactly two parts for the two-fold protocol, but got {list(parts)}.")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"Expected `method` to be one of {', '.join(CALIBRATION_METHODS)}, but got {method!r}.")
+    if calibration_rule not in CALIBRATION_RULES:
+        raise ValueError(
+            f"Expected `calibration_rule` to be one of {', '.join(CALIBRATION_RULES)}, but got {calibration_rule!r}."
+        )
+    if nan_iou not in NAN_IOU_RULES:
+        raise ValueError(f"Expected `nan_iou` to be one of {', '.join(NAN_IOU_RULES)}, but got {nan_iou!r}.")
     if isinstance(target_tpr, bool) or not isinstance(target_tpr, (int, float)) or not 0.0 < target_tpr < 1.0:
         raise ValueError(f"Expected `target_tpr` in (0, 1), but got {target_tpr!r}.")
     if isinstance(calibration_scale, bool) or not isinstance(calibration_scale, (int, float)):
         raise ValueError(f"Expected `calibration_scale` to be a number in (0, 1], but got {calibration_scale!r}.")
     if not 0.0 < calibration_scale <= 1.0:
         raise ValueError(f"Expected `calibration_scale` in (0, 1], but got {calibration_scale!r}.")
+    unknown = sorted({name for fold in folds for name in fold} - set(parts))
+    if not folds or unknown:
+        raise ValueError(f"Expected folds over the parts {list(parts)}, but got {list(folds)}.")
     (score,) = check_scores([score], score_options)
     options = dict((score_options or {}).get(score, {}))
     loop = _loop_kwargs(device, batch_size, num_workers, amp, progress)
-    names = list(parts)
     thresholds: dict[str, float] = {}
     with dataset_worker_errors(), same_size_batches(batch_size, benchmark):
-        for name in names:
+        for name in dict.fromkeys(calibration for calibration, _ in folds):
             pairs = calibration_pairs(
                 model, parts[name], score, num_classes, calibration_scale, options, desc=f"calibrate {name}", **loop
             )
             counted = _CountAnomalies(pairs)
             try:
-                thresholds[name] = calibrate_threshold(counted, method=method, target_tpr=target_tpr, strict=True)
+                thresholds[name] = calibrate_threshold(
+                    counted,
+                    method=method,
+                    target_tpr=target_tpr,
+                    strict=calibration_rule == "above",
+                    drop_intermediate=True,  # both released scripts walk scikit-learn's roc_curve
+                )
             except ValueError as exc:
                 if counted.anomalies or "anomaly pixels" not in str(exc):
                     raise
@@ -219,8 +280,8 @@ def two_fold_open_set(
                     f"Expected anomaly pixels in the calibration part {name!r} of {benchmark or 'the data'}, but "
                     "found none: the threshold cannot be calibrated there."
                 ) from exc
-        folds, pooled_closed = [], ConfusionMatrix(num_classes)
-        for calibration, evaluation in ((names[0], names[1]), (names[1], names[0])):
+        results, pooled_closed, closed_seen = [], ConfusionMatrix(num_classes), set()
+        for calibration, evaluation in folds:
             closed, opened, count = open_set_confusion(
                 model,
                 parts[evaluation],
@@ -231,9 +292,11 @@ def two_fold_open_set(
                 desc=f"open-set {evaluation}",
                 **loop,
             )
-            pooled_closed.merge(closed)
-            open_result, closed_result = opened.compute(), closed.compute()
-            folds.append(
+            if evaluation not in closed_seen:
+                closed_seen.add(evaluation)
+                pooled_closed.merge(closed)
+            open_result, closed_result = opened.compute(nan_iou=nan_iou), closed.compute()
+            results.append(
                 {
                     "calibration": calibration,
                     "evaluation": evaluation,
@@ -247,21 +310,24 @@ def two_fold_open_set(
                     "num_pixels": open_result["num_pixels"],
                 }
             )
-    counts = [fold["num_images"] for fold in folds]
+    counts = [fold["num_images"] for fold in results]
     closed_all = pooled_closed.compute()
-    open_miou = _weighted([fold["open_miou"] for fold in folds], counts)
+    open_miou = _weighted([fold["open_miou"] for fold in results], counts)
+    tpr = method == "tpr"
     return {
         "score": score,
         "calibration_method": method,
-        "target_tpr": float(target_tpr) if method == "tpr" else None,
-        "strict_tpr": True if method == "tpr" else None,
+        "target_tpr": float(target_tpr) if tpr else None,
+        "calibration_rule": calibration_rule if tpr else None,
+        "strict_tpr": calibration_rule == "above" if tpr else None,
         "calibration_scale": float(calibration_scale),
+        "nan_iou": nan_iou,
         "num_classes": num_classes,
         "class_names": list(class_names),
         "num_images": sum(counts),
-        "folds": folds,
+        "folds": results,
         "open_miou": open_miou,
-        "anomaly_iou": _weighted([fold["anomaly_iou"] for fold in folds], counts),
+        "anomaly_iou": _weighted([fold["anomaly_iou"] for fold in results], counts),
         "closed_miou": closed_all["miou"],
         "closed_iou": closed_all["iou"],
         "miou_gap": closed_all["miou"] - open_miou,
@@ -307,8 +373,9 @@ def streethazards_open_set(
         limit: only the first ``limit`` frames of each town (a quick look).
         input_scale: resize factor of the model input; metrics stay at full resolution.
         num_classes: K; default the model's.
-        **kwargs: :func:`two_fold_open_set` options (``target_tpr``, ``method``, ``calibration_scale`` (default
-            0.5), ``score_options``, ``device``, ``batch_size``, ``num_workers``, ``amp``, ``progress``).
+        **kwargs: :func:`open_set_folds` options (``target_tpr``, ``method``, ``calibration_rule`` (default
+            ``"above"``), ``calibration_scale`` (default 0.5), ``nan_iou`` (default ``"zero"``), ``score_options``,
+            ``device``, ``batch_size``, ``num_workers``, ``amp``, ``progress``).
 
     Returns:
         :func:`two_fold_open_set`'s dict plus ``benchmark``, ``split``, ``input_scale`` and ``parts`` (frames per
@@ -336,51 +403,62 @@ def coco_open_set(
     score: str = "densehybrid",
     *,
     split: str | None = None,
+    coco_protocol: str = "released",
     dataset_options: Mapping[str, Any] | None = None,
     limit: int | None = None,
     input_scale: float = 1.0,
     num_classes: int | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """COCO20/80 open-set evaluation, two folds over the halves of COCO val2017 (our protocol, see the module
-    docstring).
+    """COCO20/80 open-set evaluation (see the module docstring).
 
     Args:
         root: the COCO-Stuff ``dataset`` folder.
         model: a model with K = 20 (21 with ``background=class``).
         score: the anomaly score.
         split: default ``val2017``.
+        coco_protocol: ``"released"`` (default): calibrate on the whole split and evaluate it, first TPR >= 0.95,
+            as the TPAMI-era ``evaluate_osr_coco.py``; ``"halves"``: two folds over the two halves of the split.
         dataset_options: loader options (``known_classes``, ``background``).
-        limit: only the first ``limit`` frames of each half (a quick look).
+        limit: only the first ``limit`` frames (of each half with ``"halves"``; a quick look).
         input_scale: resize factor of the model input.
         num_classes: K; default the model's.
-        **kwargs: :func:`two_fold_open_set` options (``calibration_scale`` defaults to 1.0 here).
+        **kwargs: :func:`open_set_folds` options (``calibration_scale`` defaults to 1.0, ``calibration_rule`` to
+            ``"at_least"`` and ``nan_iou`` to ``"zero"``, as released).
 
     Returns:
-        :func:`two_fold_open_set`'s dict plus ``benchmark``, ``split``, ``input_scale`` and ``parts`` (frames and
-        first/last image of each half).
+        :func:`open_set_folds`' dict plus ``benchmark``, ``split``, ``coco_protocol``, ``input_scale`` and ``parts``
+        (frames and first/last image of each part).
     """
+    if coco_protocol not in COCO_PROTOCOLS:
+        raise ValueError(
+            f"Expected `coco_protocol` to be one of {', '.join(COCO_PROTOCOLS)}, but got {coco_protocol!r}."
+        )
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"Expected `limit` to be a positive integer, but got {limit!r}.")
     spec = get_benchmark("coco20")
     loader, _ = open_benchmark(spec, root, split, dataset_options, None, input_scale)
     n = len(loader)
-    if n < 2:
+    if coco_protocol == "halves" and n < 2:
         raise ValueError(f"Expected at least 2 COCO frames to cut into halves, but {str(root)!r} has {n}.")
-    half = (n + 1) // 2
+    bounds = [(0, n)] if coco_protocol == "released" else [(0, (n + 1) // 2), ((n + 1) // 2, n)]
     parts: dict[str, Dataset] = {}
     described = {}
-    for start, stop in ((0, half), (half, n)):
+    for start, stop in bounds:
         indices = range(start, stop if limit is None else min(stop, start + limit))
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"Expected `limit` to be a positive integer, but got {limit!r}.")
-        name = f"{loader.split}[{start}:{stop}]"
-        parts[name] = Subset(loader, indices)
+        name = loader.split if coco_protocol == "released" else f"{loader.split}[{start}:{stop}]"
+        parts[name] = loader if len(indices) == n else Subset(loader, indices)
         described[name] = _describe(loader, indices)
     k = model_num_classes(model, loader, num_classes, spec.name)
     kwargs.setdefault("calibration_scale", OPEN_SET_BENCHMARKS["coco20"])
-    result = two_fold_open_set(
-        model, parts, score, num_classes=k, class_names=loader.class_names, benchmark=spec.name, **kwargs
-    )
-    return _with_header(result, spec.name, loader.split, input_scale, described)
+    kwargs.setdefault("calibration_rule", "at_least")
+    common = {"num_classes": k, "class_names": loader.class_names, "benchmark": spec.name}
+    if coco_protocol == "released":
+        (name,) = parts
+        result = open_set_folds(model, parts, [(name, name)], score, **common, **kwargs)
+    else:
+        result = two_fold_open_set(model, parts, score, **common, **kwargs)
+    return {"coco_protocol": coco_protocol, **_with_header(result, spec.name, loader.split, input_scale, described)}
 
 
 def _with_header(

@@ -74,27 +74,30 @@ def auroc(curve: Curve) -> float:
     return float(area / num_pos / num_neg)
 
 
-def index_at_tpr(curve: Curve, tpr: float, strict: bool = False) -> int:
+def index_at_tpr(curve: Curve, tpr: float, strict: bool = False, drop_intermediate: bool | None = None) -> int:
     """Index of the first operating point with TPR >= ``tpr`` (``strict``: TPR > ``tpr``); -1 if there is none.
 
-    ``strict`` follows the released DenseHybrid code (``evaluations/base.py::calculate_auroc``): it walks
-    scikit-learn's ``roc_curve`` with ``drop_intermediate=True``, which removes the inner points of collinear ROC
-    segments, and stops at the first TPR > ``tpr``. The dropped points are emulated here so both agree exactly.
+    ``strict`` follows the released DenseHybrid Fishyscapes/StreetHazards code (``evaluations/base.py::
+    calculate_auroc``): it walks scikit-learn's ``roc_curve`` with ``drop_intermediate=True``, which removes the inner
+    points of collinear ROC segments, and stops at the first TPR > ``tpr``. ``drop_intermediate`` (default: as
+    ``strict``) emulates those dropped points, so both agree exactly; the released COCO20 calibration takes the first
+    TPR >= ``tpr`` on the same ``roc_curve`` (``strict=False, drop_intermediate=True``).
     """
     num_pos = curve.num_pos
     if num_pos == 0:
         return -1
     tps, fps = curve.cumulative()
     rates = tps / num_pos
-    if not strict:
-        hits = (rates >= tpr).nonzero()
+    drop = strict if drop_intermediate is None else drop_intermediate
+    if not drop:
+        hits = ((rates > tpr) if strict else (rates >= tpr)).nonzero()
     else:
         keep = torch.ones_like(rates, dtype=torch.bool)
         if rates.numel() > 2:
             # scikit-learn keeps a point when the second difference of fps or tps is non-zero.
             bend = (fps[:-2] - 2 * fps[1:-1] + fps[2:] != 0) | (tps[:-2] - 2 * tps[1:-1] + tps[2:] != 0)
             keep[1:-1] = bend
-        hits = ((rates > tpr) & keep).nonzero()
+        hits = (((rates > tpr) if strict else (rates >= tpr)) & keep).nonzero()
     return int(hits[0, 0]) if hits.numel() else -1
 
 

@@ -11,6 +11,11 @@ each metric is then averaged with ``np.nanmean``. With scikit-learn >= 1.1 an im
 AP = 0 and FPR = 0 (both counted) and AUROC = NaN (skipped); an image without inliers gives AP = 1 (counted) and
 NaN AUROC/FPR (skipped). (Older scikit-learn returned NaN AP there, which ``nanmean`` skipped.)
 
+Which scikit-learn produced the published per-image numbers is not known, so both conventions for the AP of an
+image without anomaly pixels are available by name (``no_anomaly_ap``): ``"zero"`` (default; scikit-learn >= 1.1,
+the released code run today) and ``"skip"`` (scikit-learn < 1.1, whose NaN ``nanmean`` skipped). FPR95 is 0 and
+counted in both (the first point of a curve whose TPR is undefined everywhere), AUROC is skipped in both.
+
 ``"streethazards"`` — the original benchmark code, ``eval_ood.py`` + ``anom_utils.py`` of hendrycks/anomaly-seg:
 images without anomaly pixels or without inlier pixels are skipped; FPR95 is the FPR at the operating point whose
 TPR is closest to 0.95; plain means over the remaining images.
@@ -39,6 +44,9 @@ from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index
 from densehybrid.metrics.functional import exact_curve
 
 VARIANTS = ("densehybrid", "streethazards", "dicnet")
+#: AP of an image without anomaly pixels under the ``densehybrid`` variant: 0 and counted (scikit-learn >= 1.1) or
+#: skipped (scikit-learn < 1.1 returned NaN, which ``np.nanmean`` skips).
+NO_ANOMALY_AP = ("zero", "skip")
 _SUMS = ("ap", "auroc", "fpr95")
 
 
@@ -56,6 +64,9 @@ class PerImageAnomalyMetrics(SumStateMetric):
         ignore_index: target id of pixels that are not evaluated, or None.
         validate_args: scan every batch for NaN scores and ids outside {0, 1, ``ignore_index``}.
         device: device of the (tiny) state; None: the device of the first update.
+        no_anomaly_ap: ``variant="densehybrid"`` only: ``"zero"`` counts AP = 0 for an image without anomaly pixels
+            (scikit-learn >= 1.1), ``"skip"`` leaves it out of the AP mean (scikit-learn < 1.1). The
+            ``streethazards`` variant always skips such images.
 
     Example:
         >>> metric = PerImageAnomalyMetrics()
@@ -74,17 +85,23 @@ class PerImageAnomalyMetrics(SumStateMetric):
         ignore_index: int | None = IGNORE_INDEX,
         validate_args: bool = True,
         device: torch.device | str | None = None,
+        no_anomaly_ap: str = "zero",
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"Unknown per-image variant {variant!r}. Available: {', '.join(VARIANTS)}.")
+        if no_anomaly_ap not in NO_ANOMALY_AP:
+            raise ValueError(
+                f"Expected `no_anomaly_ap` to be one of {', '.join(NO_ANOMALY_AP)}, but got {no_anomaly_ap!r}."
+            )
         check_ignore_index(ignore_index)
+        self.no_anomaly_ap = no_anomaly_ap
         self.variant = variant
         self.ignore_index = ignore_index
         self.validate_args = validate_args
         super().__init__(device)
 
     def _config(self) -> tuple:
-        return (self.variant, self.ignore_index)
+        return (self.variant, self.ignore_index, self.no_anomaly_ap)
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {
@@ -107,7 +124,7 @@ class PerImageAnomalyMetrics(SumStateMetric):
             return _curve.average_precision(curve), _curve.auroc(curve), _curve.fpr_at_index(curve, index)
         # densehybrid: scikit-learn >= 1.1 behaviour on one-class images, aggregated with nanmean.
         if num_pos == 0:
-            return 0.0, math.nan, 0.0
+            return (0.0 if self.no_anomaly_ap == "zero" else math.nan), math.nan, 0.0
         if num_neg == 0:
             return 1.0, math.nan, math.nan
         index = _curve.index_at_tpr(curve, 0.95, strict=True)
@@ -157,12 +174,15 @@ class PerImageAnomalyMetrics(SumStateMetric):
         Returns:
             A dict with ``ap``, ``auroc``, ``fpr95`` (means over the images that count for each), ``num_images``
             (images seen), ``num_images_skipped``, ``num_images_without_anomaly``, ``num_anomaly``, ``num_inlier``,
-            ``num_ignored`` (pixels), ``protocol`` ("per_image") and ``variant``. Without any anomaly pixel every
+            ``num_ignored`` (pixels), ``protocol`` ("per_image"), ``variant`` and (``densehybrid`` variant)
+            ``no_anomaly_ap``. Without any anomaly pixel every
             metric is NaN, with a ``UserWarning``.
         """
         state = self._state or self._new_state(torch.device("cpu"))
         sums, counts, tally = state["sums"].tolist(), state["counts"].tolist(), state["tally"].tolist()
         result: dict[str, Any] = {"protocol": self.protocol, "variant": self.variant}
+        if self.variant == "densehybrid":
+            result["no_anomaly_ap"] = self.no_anomaly_ap
         no_anomaly = tally[3] == 0
         if no_anomaly:
             warnings.warn(

@@ -10,7 +10,9 @@ Open-IoU follows the released DenseHybrid code exactly (``utils/iou.py::OpenIoU`
 
 so undetected anomalies (target K, prediction k) are false positives of class k and false anomaly detections
 (target k, prediction K) are false negatives of class k. ``open_miou`` is the NaN-ignoring mean over the K known
-classes; the anomaly class's IoU is reported separately. The closed-set mIoU of the same code
+classes (``nan_iou="skip"``, the ECCV ``evaluate_osr.py``); the TPAMI-era scripts (``evaluate_osr_sh.py``,
+``evaluate_osr_coco.py``) set NaN IoUs to 0 before averaging (``nan_iou="zero"``), which counts a known class absent
+from both targets and predictions as IoU 0. The anomaly class's IoU is reported separately. The closed-set mIoU of the same code
 (``evaluate_closed_dataset``) drops the anomaly row and column: IoU over the K x K block, NaN-ignoring mean; feed
 it closed-set predictions (argmax over the K classes) to get the closed-set number.
 """
@@ -28,6 +30,10 @@ from densehybrid.labels import IGNORE_INDEX
 from densehybrid.metrics._base import SumStateMetric
 
 _CPU_CHUNK = 1 << 20
+#: How the open-set mean treats the NaN IoU of a known class absent from targets and predictions: "skip" (NaN-ignoring
+#: mean, ECCV ``evaluate_osr.py``) or "zero" (NaN set to 0 first, TPAMI-era ``evaluate_osr_sh.py`` and
+#: ``evaluate_osr_coco.py``).
+NAN_IOU_RULES = ("skip", "zero")
 
 
 def _iou(confusion: torch.Tensor) -> torch.Tensor:
@@ -36,6 +42,11 @@ def _iou(confusion: torch.Tensor) -> torch.Tensor:
     hits = confusion.diagonal()
     union = confusion.sum(0) + confusion.sum(1) - hits
     return torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, math.nan))
+
+
+def _check_nan_iou(nan_iou: str) -> None:
+    if nan_iou not in NAN_IOU_RULES:
+        raise ValueError(f"Expected `nan_iou` to be one of {', '.join(NAN_IOU_RULES)}, but got {nan_iou!r}.")
 
 
 def _nanmean(values: torch.Tensor, what: str) -> float:
@@ -131,8 +142,13 @@ class ConfusionMatrix(SumStateMetric):
             return torch.zeros(size, size, dtype=torch.int64)
         return self._state["confusion"][:-1].view(size, size).cpu()
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, nan_iou: str = "skip") -> dict[str, Any]:
         """IoUs from the accumulated matrix.
+
+        Args:
+            nan_iou: how ``open_miou`` treats a known class absent from targets and predictions: ``"skip"`` it
+                (NaN-ignoring mean) or count it as ``"zero"`` (the TPAMI-era open-set scripts); see the module
+                docstring. The closed-set ``miou`` always skips it.
 
         Returns:
             A dict with ``miou`` (closed-set, K x K block), ``iou`` (its K per-class values), ``open_miou`` (mean
@@ -140,6 +156,7 @@ class ConfusionMatrix(SumStateMetric):
             pixel counts ``num_pixels`` and ``num_ignored``. Classes absent from targets and predictions have NaN
             IoU and are skipped by the means.
         """
+        _check_nan_iou(nan_iou)
         confusion = self.confusion()
         num_ignored = 0 if self._state is None else int(self._state["confusion"][-1])
         closed = _iou(confusion[:-1, :-1])
@@ -147,7 +164,9 @@ class ConfusionMatrix(SumStateMetric):
         return {
             "miou": _nanmean(closed, "the closed-set mIoU"),
             "iou": closed.tolist(),
-            "open_miou": _nanmean(open_iou[:-1], "the open-set mIoU"),
+            "open_miou": _nanmean(
+                open_iou[:-1].nan_to_num(nan=0.0) if nan_iou == "zero" else open_iou[:-1], "the open-set mIoU"
+            ),
             "open_iou": open_iou[:-1].tolist(),
             "anomaly_iou": float(open_iou[-1]),
             "num_pixels": int(confusion.sum()),
@@ -179,7 +198,12 @@ def miou(
 
 
 def open_miou(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int | None = IGNORE_INDEX
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int | None = IGNORE_INDEX,
+    nan_iou: str = "skip",
 ) -> float:
     """Open-set mIoU over the K known classes (released DenseHybrid definition, see the module docstring).
 
@@ -188,9 +212,10 @@ def open_miou(
         target: (N, H, W) integer targets in ``0..K`` (K = anomaly) or ``ignore_index``.
         num_classes: K.
         ignore_index: target id of pixels that are not evaluated, or None.
+        nan_iou: ``"skip"`` absent known classes (NaN-ignoring mean) or count them as ``"zero"``.
 
     Returns:
-        NaN-ignoring mean open IoU of the K known classes.
+        mean open IoU of the K known classes.
 
     Example:
         >>> open_miou(torch.tensor([[[0, 1, 1, 0]]]), torch.tensor([[[0, 1, 2, 2]]]), num_classes=2)
@@ -198,4 +223,4 @@ def open_miou(
     """
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index)
     matrix.update(pred, target)
-    return matrix.compute()["open_miou"]
+    return matrix.compute(nan_iou=nan_iou)["open_miou"]

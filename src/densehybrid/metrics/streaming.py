@@ -9,9 +9,11 @@ and largest key seen in each bin:
 * memory: per bin two int64 counts plus four int32 words updated per pixel (two counts and the key range, side by
   side so that one cache line serves a pixel), 512 MiB of address space for the default ``bits=24``; on CPU only
   the pages of occupied bins become resident. Independent of the pixel count;
-* resolution: a bin spans ``2**(32 - bits)`` consecutive float32 values, a relative score width of at most
-  ``2**(9 - bits)`` (3.05e-5 for ``bits=24``) at every magnitude from 1e-38 to 3.4e38 (subnormals below
-  ``2**(32 - bits - 149)``, 3.6e-43 for ``bits=24``, share the bin of zero);
+* resolution: a bin spans ``2**(32 - bits)`` consecutive spread keys (:func:`~densehybrid.metrics._keys.spread_keys`),
+  a relative score width of at most ``2**(9 - bits)`` (3.05e-5 for ``bits=24``) at every magnitude from 1e-38 to
+  2**118 outside [0.5, 1), and of at most ``2**(11 - bits)`` in ``1 - |score|`` inside it, so probabilities crowded
+  near 1 are resolved like ``-log1p(-p)`` (subnormals below ``2**(32 - bits - 149)``, 3.6e-43 for ``bits=24``,
+  share the bin of zero);
 * exactness: equal scores share a bin, so ties are exact, and a bin that held a single distinct score is exact;
   float16 (``bits >= 19``) and bfloat16 (``bits >= 16``) scores are therefore always exact. Otherwise the only
   error is the unknown order of distinct scores inside a bin; :meth:`AnomalyMetrics.compute` reports a guaranteed
@@ -30,7 +32,7 @@ from densehybrid.labels import IGNORE_INDEX
 from densehybrid.metrics import _curve
 from densehybrid.metrics._base import SumStateMetric, zeros
 from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index
-from densehybrid.metrics._keys import keys_to_float, order_keys
+from densehybrid.metrics._keys import SPREAD_HIGH_KEY, SPREAD_INF_KEY, spread_keys, spread_keys_to_float
 from densehybrid.metrics.functional import warn_degenerate
 
 # Pixels per vectorised step on CPU: the three scatters of a step then hit cache lines that the first one loaded,
@@ -39,6 +41,10 @@ _CPU_CHUNK = 1 << 15
 _INT32_MAX = 2**31 - 1
 DEFAULT_BITS = 24
 MIN_BITS, MAX_BITS = 12, 28
+#: FPR95 operating-point rules: "at_least" = the first point with TPR >= 0.95 (the exact definition, as SMIYC and
+#: scikit-learn users compute it); "above" = the first point of scikit-learn's ``roc_curve`` with TPR > 0.95 (the
+#: released DenseHybrid Fishyscapes code, ``evaluations/base.py``).
+FPR95_RULES = ("at_least", "above")
 
 
 class AnomalyMetrics(SumStateMetric):
@@ -51,7 +57,7 @@ class AnomalyMetrics(SumStateMetric):
     .. math::
         \mathrm{AP} = \sum_b \frac{p_b}{P} \frac{TP_b}{TP_b + FP_b},\qquad
         \mathrm{AUROC} = \frac{1}{PN}\sum_b n_b \frac{TP_{b-1} + TP_b}{2},\qquad
-        \mathrm{FPR95} = \frac{FP_{b^*}}{N},\ b^* = \min\{b: TP_b \ge 0.95 P\}
+        \mathrm{FPR95} = \frac{FP_{b^*}}{N},\ b^* = \min\{b: TP_b \ge 0.95 P\}\ (\texttt{fpr95\_rule="at\_least"})
 
     with ``p_b, n_b`` the anomaly/inlier pixels of bin ``b`` and ``TP_b, FP_b`` the cumulative counts down to it.
 
@@ -62,6 +68,10 @@ class AnomalyMetrics(SumStateMetric):
         validate_args: scan every batch for NaN scores and ids outside {0, 1, ``ignore_index``}.
         device: device of the state; None allocates it on the device of the first :meth:`update` (later batches
             are moved there).
+        fpr95_rule: ``"at_least"`` (default): FPR at the first operating point with TPR >= 0.95, as the SMIYC
+            toolkit and scikit-learn users compute it; ``"above"``: the first point of scikit-learn's ``roc_curve``
+            with TPR > 0.95, the released DenseHybrid Fishyscapes code (``evaluations/base.py``). ``densehybrid
+            evaluate`` picks each benchmark's released rule.
 
     Example:
         >>> metric = AnomalyMetrics()
@@ -86,17 +96,21 @@ class AnomalyMetrics(SumStateMetric):
         ignore_index: int | None = IGNORE_INDEX,
         validate_args: bool = True,
         device: torch.device | str | None = None,
+        fpr95_rule: str = "at_least",
     ) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"Expected `bits` to be an int in [{MIN_BITS}, {MAX_BITS}], but got {bits!r}.")
+        if fpr95_rule not in FPR95_RULES:
+            raise ValueError(f"Expected `fpr95_rule` to be one of {', '.join(FPR95_RULES)}, but got {fpr95_rule!r}.")
         check_ignore_index(ignore_index)
+        self.fpr95_rule = fpr95_rule
         self.bits = bits
         self.ignore_index = ignore_index
         self.validate_args = validate_args
         super().__init__(device)
 
     def _config(self) -> tuple:
-        return (self.bits, self.ignore_index)
+        return (self.bits, self.ignore_index, self.fpr95_rule)
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         slots = (1 << self.bits) + 1  # the last bin collects ignored pixels
@@ -154,7 +168,7 @@ class AnomalyMetrics(SumStateMetric):
             if pending + count > _INT32_MAX:
                 self._flush()
                 pending = 0
-            keys = order_keys(flat_scores[start : start + count])
+            keys = spread_keys(flat_scores[start : start + count])
             slot = keys >> shift  # arithmetic shift: floor, so negative keys keep their order
             slot += 1 << (self.bits - 1)
             slot = (slot << 2).to(torch.int64)  # 4 words per bin
@@ -183,10 +197,13 @@ class AnomalyMetrics(SumStateMetric):
         return super().sync(group)
 
     def _curve(self) -> tuple[_curve.Curve, torch.Tensor, int]:
-        """Grouped counts of the occupied bins (highest first), which of them held several scores, ignored count."""
+        """Grouped counts of the occupied bins (highest first), which of them held several scores, ignored count.
+
+        The curve's ``thresholds`` are the bins' smallest spread keys (int64), decoded by :func:`_threshold`.
+        """
         if self._state is None:
             empty = torch.zeros(0, dtype=torch.int64)
-            return _curve.Curve(empty, empty, empty.to(torch.float64)), empty.bool(), 0
+            return _curve.Curve(empty, empty, empty), empty.bool(), 0
         self._flush()
         totals = self._state["totals"]
         counts = totals.view(-1, 2)[:-1]
@@ -197,19 +214,28 @@ class AnomalyMetrics(SumStateMetric):
         span = 1 << (32 - self.bits)
         largest, smallest = ranges[:, 0] - 1, span - ranges[:, 1]
         start_keys = (occupied - (1 << (self.bits - 1))) << (32 - self.bits)
-        curve = _curve.Curve(grouped[:, 1], grouped[:, 0], keys_to_float(start_keys + smallest))
-        return curve, largest > smallest, int(totals[-2:].sum())
+        low, high = start_keys + smallest, start_keys + largest
+        # From 2**118 on one key of the spread keys may stand for two scores (+-inf are alone in theirs).
+        compressed = (high >= SPREAD_HIGH_KEY) | (low <= -SPREAD_HIGH_KEY)
+        compressed &= ~((low == high) & (low.abs() == SPREAD_INF_KEY))
+        # The thresholds hold each bin's smallest key; _threshold decodes only the few that are asked for.
+        curve = _curve.Curve(grouped[:, 1], grouped[:, 0], low)
+        return curve, (largest > smallest) | compressed, int(totals[-2:].sum())
 
-    def threshold_at_tpr(self, tpr: float = 0.95, strict: bool = False) -> float:
+    def threshold_at_tpr(self, tpr: float = 0.95, strict: bool = False, drop_intermediate: bool | None = None) -> float:
         """Score threshold of the first operating point with TPR >= ``tpr`` (``strict``: TPR > ``tpr``, the released
-        DenseHybrid rule); NaN without anomaly pixels. Used to calibrate open-set thresholds."""
+        StreetHazards rule); NaN without anomaly pixels. Used to calibrate open-set thresholds.
+
+        ``drop_intermediate`` (default: as ``strict``) skips the points scikit-learn's ``roc_curve`` drops, as the
+        released code that walks it does (see :func:`densehybrid.metrics._curve.index_at_tpr`)."""
         curve = self._curve()[0]
-        return _curve.threshold_at_index(curve, _curve.index_at_tpr(curve, tpr, strict=strict))
+        index = _curve.index_at_tpr(curve, tpr, strict=strict, drop_intermediate=drop_intermediate)
+        return _threshold(curve, index)
 
     def best_f1_threshold(self) -> float:
         """Score threshold of the operating point with the highest pixel F1; NaN without anomaly pixels."""
         curve = self._curve()[0]
-        return _curve.threshold_at_index(curve, _curve.best_f1_index(curve)[0])
+        return _threshold(curve, _curve.best_f1_index(curve)[0])
 
     def compute(self) -> dict[str, Any]:
         """Metrics over everything added so far.
@@ -217,8 +243,9 @@ class AnomalyMetrics(SumStateMetric):
         Returns:
             A dict with
 
-            * ``ap``, ``auroc``, ``fpr95``: average precision, area under the ROC curve, FPR at the first operating
-              point with TPR >= 0.95;
+            * ``ap``, ``auroc``, ``fpr95``: average precision, area under the ROC curve, FPR at the operating point
+              that ``fpr95_rule`` picks (the first with TPR >= 0.95, or with ``"above"`` the first point of
+              scikit-learn's ``roc_curve`` with TPR > 0.95); ``fpr95_rule`` itself;
             * ``threshold_at_tpr95``: the smallest evaluated score of that point's bin; ``score >= threshold``
               reproduces its TPR and FPR on the evaluated data;
             * ``best_f1``, ``best_f1_threshold``: the highest pixel F1 and its threshold (same convention);
@@ -236,6 +263,7 @@ class AnomalyMetrics(SumStateMetric):
         num_pos, num_neg = curve.num_pos, curve.num_neg
         result: dict[str, Any] = {
             "protocol": self.protocol,
+            "fpr95_rule": self.fpr95_rule,
             "ap": math.nan,
             "auroc": math.nan,
             "fpr95": math.nan,
@@ -259,15 +287,15 @@ class AnomalyMetrics(SumStateMetric):
         ap_uncertain = multi & (curve.pos > 0) & (fps > 0)
         pair_uncertain = multi & (curve.pos > 0) & (curve.neg > 0)
         ap = _curve.average_precision(curve)
-        tpr_index = _curve.index_at_tpr(curve, 0.95)
+        tpr_index = _curve.index_at_tpr(curve, 0.95, strict=self.fpr95_rule == "above")
         f1_index, best_f1 = _curve.best_f1_index(curve)
         ap_low, ap_high = _curve.average_precision_bounds(curve, ap_uncertain)
         exact = not bool(ap_uncertain.any() or pair_uncertain.any())
         result.update(
             ap=ap,
-            threshold_at_tpr95=_curve.threshold_at_index(curve, tpr_index),
+            threshold_at_tpr95=_threshold(curve, tpr_index),
             best_f1=best_f1,
-            best_f1_threshold=_curve.threshold_at_index(curve, f1_index),
+            best_f1_threshold=_threshold(curve, f1_index),
             exact=exact,
             ap_error_bound=0.0 if exact else max(ap_high - ap, ap - ap_low, 0.0),
         )
@@ -287,6 +315,13 @@ class AnomalyMetrics(SumStateMetric):
         return result
 
 
+def _threshold(curve: _curve.Curve, index: int) -> float:
+    """Score threshold of operating point ``index`` of a binned curve whose thresholds are spread keys (NaN for -1)."""
+    if index < 0:
+        return math.nan
+    return float(spread_keys_to_float(curve.thresholds[index : index + 1])[0])
+
+
 #: Error bound above which :meth:`AnomalyMetrics.compute` warns that the binned metrics may differ from exact ones.
 ERROR_BOUND_WARNING = 1e-4
 
@@ -302,8 +337,8 @@ def _warn_if_coarse(result: dict[str, Any]) -> None:
         bounds = ", ".join(f"{name} <= {bound:.2g}" for name, bound in loose.items())
         warnings.warn(
             f"The binned pooled metrics may differ from the exact ones by more than {ERROR_BOUND_WARNING:g} "
-            f"({bounds}): many distinct float32 scores share a bin. Pass scores with more spread (e.g. logits or "
-            f"-log1p(-p) instead of probabilities near 1), float16 scores (exact), or a larger `bits` "
+            f"({bounds}): many distinct float32 scores share a bin (scores crowded into a narrow range, e.g. by a "
+            f"large constant offset). Subtract the offset, pass float16 scores (exact), or a larger `bits` "
             f"(now {result['bits']}).",
             UserWarning,
             stacklevel=3,

@@ -1,23 +1,32 @@
-"""Segmenter (ViT encoder + mask-transformer decoder) with the DenseHybrid dataset-posterior head.
+"""Segmenter (ViT encoder + mask-transformer decoders) with a mask-transformer dataset-posterior head.
 
 Segmenter (Strudel et al., "Segmenter: Transformer for Semantic Segmentation", ICCV 2021) is the COCO model of the
-TPAMI 2024 extension of DenseHybrid (Grcić et al., "Hybrid Open-set Segmentation with Synthetic Negative Data"):
+TPAMI 2024 extension of DenseHybrid (Grcić et al., "Hybrid Open-set Segmentation with Synthetic Negative Data"). The
+structure is the released ``SegmenterTH`` of the TPAMI-era COCO20 scripts, parameter for parameter (verified against
+a state-dict and output fixture of the released model, ``tests/data/compat/segmenter_vitb_th_*``):
 
-* **Encoder**: a timm Vision Transformer (``/16`` patches, class token) whose position embeddings are resampled to
-  the input's patch grid on the fly; images are zero-padded (after normalisation) to a multiple of 16. Like
-  Segmenter's reference encoder it carries an unused 1000-way ImageNet head (``encoder.head``).
-* **Decoder** (mask transformer): the patch tokens are projected (``proj_dec``), K learnt class embeddings
-  (``cls_emb``) are appended, and two pre-norm transformer blocks process them jointly, followed by ``decoder_norm``.
-* **Closed-set logits**: patches and class embeddings are projected (``proj_patch``, ``proj_classes``),
-  L2-normalised, their dot products form K masks, normalised over classes by ``mask_norm`` (LayerNorm).
-* **Head**: the dataset-posterior head (BN-ReLU-1x1 conv to 2) reads the decoder's patch tokens after
-  ``decoder_norm``, reshaped to a (N, D, H/16, W/16) map: the decoder's pre-logit features, before the
-  class-specific projections.
+* **Encoder** ``encoder.*``: a Vision Transformer (``/16`` patches, class token, pre-norm blocks, LayerNorm
+  ``eps=1e-5``) whose position embeddings are laid out for a 512×512 image and resized bilinearly
+  (``align_corners=False``) to the input's patch grid; images are zero-padded (after normalisation) to a multiple of
+  16. It carries an unused 1000-way ImageNet head (``encoder.head``), as the released checkpoints do. The released
+  ViT-B configuration has 16 attention heads (head width 48), not the 12 of ImageNet ViT-B; ViT-S and ViT-Ti keep
+  6 and 3.
+* **Class decoder** ``decoder.*`` (mask transformer): the patch tokens are projected (``proj_dec``), K learnt class
+  embeddings (``cls_emb``) are appended, two pre-norm transformer blocks (D / 64 heads) process them jointly, then
+  ``decoder_norm``; patches and class embeddings are projected (``proj_patch``, ``proj_classes``), L2-normalised,
+  and their dot products form K masks, normalised over classes by ``mask_norm`` (a LayerNorm): the closed-set logits.
+* **Dataset-posterior head** ``decoder_th.*``: a second, separate mask transformer of the same shape with 2 classes
+  (inlier, outlier) that reads the same encoder tokens.
 
 Both outputs are upsampled bilinearly (``align_corners=False``) to the padded size, cropped, and resized to
-``output_size`` when that differs. Parameter names follow Segmenter's reference implementation (``encoder.*``,
-``decoder.*``) plus ``logits_ood.*``. The TPAMI Segmenter code and its COCO checkpoints could not be checked against
-a fixture, so compatibility with those files is not claimed; the LDN-121 and DeepLabV3+ models are the verified ones.
+``output_size`` when that differs. The input is normalised with the ImageNet mean/std inside ``forward``, as the
+released COCO pipeline does.
+
+In eval mode ``forward`` runs the released evaluation's sliding window: images whose shorter side is below the window
+are resized up (bilinearly) so that it equals the window, 512×512 windows slide with stride 320 (the last window of
+each row and column is aligned to the border), the window outputs are averaged where windows overlap, and the result
+is resized back to the input (or ``output_size``). Set ``sliding_window=False`` (or call :meth:`forward_whole`) for
+one pass over the whole image.
 """
 
 from __future__ import annotations
@@ -29,29 +38,71 @@ from os import PathLike
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, checkpoint_filter_fn
+from timm.layers import DropPath, Mlp
+from timm.models.vision_transformer import Attention, checkpoint_filter_fn
 from torch import nn
 
 from densehybrid.errors import CheckpointError
-from densehybrid.models.heads import DatasetPosteriorHead
-from densehybrid.models.hybrid import Normalize, check_images, resolve_output_size
+from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_images, resolve_output_size
 from densehybrid.models.output import HybridOutput
 
 logger = logging.getLogger(__name__)
 
-#: Normalisation of the in21k-pretrained timm ViTs that Segmenter uses ("vit" in Segmenter's config).
-VIT_MEAN = (0.5, 0.5, 0.5)
-VIT_STD = (0.5, 0.5, 0.5)
-#: registered name -> timm encoder architecture.
+#: registered name -> (timm encoder architecture, encoder attention heads). The released ViT-B config passes 16.
 ENCODERS = {
-    "segmenter_vit_ti16": "vit_tiny_patch16_384",
-    "segmenter_vit_s16": "vit_small_patch16_384",
-    "segmenter_vit_b16": "vit_base_patch16_384",
+    "segmenter_vit_ti16": ("vit_tiny_patch16_384", 3),
+    "segmenter_vit_s16": ("vit_small_patch16_384", 6),
+    "segmenter_vit_b16": ("vit_base_patch16_384", 16),
 }
+#: How eval-mode sliding-window outputs are merged (see :class:`Segmenter`).
+WINDOW_MERGES = ("softmax", "logits")
+
+
+class SegmenterBlock(nn.Module):
+    """Pre-norm transformer block of Segmenter: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    The children are registered in the order of the released checkpoints (``norm1``, ``norm2``, ``attn``, ``mlp``),
+    so that state dicts list their entries in the same order. Attention and MLP are timm's.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: MLP width / ``dim``.
+        qkv_bias: bias of the query/key/value projection.
+        proj_drop: dropout after attention and in the MLP.
+        attn_drop: dropout on the attention weights.
+        drop_path: stochastic depth rate.
+        norm_layer: LayerNorm class (the released model uses PyTorch's default ``eps=1e-5``).
+        **_: further arguments of timm's block interface, which this block does not use.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        **_,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.norm2 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, dim) -> (N, L, dim)."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class MaskTransformer(nn.Module):
-    """Segmenter's mask-transformer decoder.
+    """Segmenter's mask-transformer decoder: patch tokens and K class embeddings -> K masks.
 
     Args:
         num_classes: K.
@@ -78,28 +129,20 @@ class MaskTransformer(nn.Module):
         super().__init__()
         num_heads = num_heads or max(dim // 64, 1)
         self.num_classes = num_classes
+        self.dim = dim
+        # Parameters first, then children, in the order of the released state dict.
+        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
+        self.proj_patch = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
+        self.proj_classes = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
         # Stochastic depth rising linearly to `drop_path_rate` (plain floats: the model may be built on meta).
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=True,
-                proj_drop=dropout,
-                attn_drop=dropout,
-                drop_path=rate,
-                norm_layer=nn.LayerNorm,
-            )
+            SegmenterBlock(dim, num_heads, mlp_ratio, proj_drop=dropout, attn_drop=dropout, drop_path=rate)
             for rate in rates
         )
-        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
         self.proj_dec = nn.Linear(encoder_dim, dim)
-        self.proj_patch = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
-        self.proj_classes = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
         self.decoder_norm = nn.LayerNorm(dim)
         self.mask_norm = nn.LayerNorm(num_classes)
-        self.dim = dim
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -113,59 +156,53 @@ class MaskTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_emb, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode patch tokens.
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Masks on the patch grid.
 
         Args:
-            tokens: (N, h * w, encoder_dim) patch tokens (prefix tokens removed), row-major.
-            grid: (h, w) patch grid.
+            features: (N, C, h, w) encoder patch tokens laid out on their grid.
 
         Returns:
-            ``(features, classes)``: (N, D, h, w) patch features after ``decoder_norm`` and (N, K, D) class
-            embeddings.
+            (N, K, h, w) logits: ``mask_norm`` of the cosine similarities between projected patch features and
+            projected class embeddings.
         """
-        x = self.proj_dec(tokens)
-        x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
+        n, _, h, w = features.shape
+        x = self.proj_dec(features.flatten(2).transpose(1, 2))
+        x = torch.cat([x, self.cls_emb.expand(n, -1, -1)], dim=1)
         for block in self.blocks:
             x = block(x)
         x = self.decoder_norm(x)
         patches, classes = x[:, : -self.num_classes], x[:, -self.num_classes :]
-        features = patches.transpose(1, 2).reshape(x.shape[0], self.dim, *grid)
-        return features, classes
-
-    def mask_logits(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Closed-set logits: normalised dot products of projected patches and class embeddings.
-
-        Args:
-            features: (N, D, h, w) from :meth:`forward`.
-            classes: (N, K, D) from :meth:`forward`.
-
-        Returns:
-            (N, K, h, w) logits.
-        """
-        n, d, h, w = features.shape
-        patches = F.normalize(features.flatten(2).transpose(1, 2) @ self.proj_patch, dim=-1)
+        patches = F.normalize(patches @ self.proj_patch, dim=-1)
         classes = F.normalize(classes @ self.proj_classes, dim=-1)
         masks = self.mask_norm(patches @ classes.transpose(1, 2))
         return masks.transpose(1, 2).reshape(n, self.num_classes, h, w)
 
 
 class Segmenter(nn.Module):
-    """Segmenter with the dataset-posterior head.
+    """Segmenter with the mask-transformer dataset-posterior head (the released ``SegmenterTH``).
 
     Args:
         num_classes: K.
         encoder: timm ViT architecture name (e.g. ``"vit_base_patch16_384"``); built with ``pretrained=False``.
-        image_size: training image size the position embeddings are laid out for (other sizes work: the
-            embeddings are resampled on the fly).
+        encoder_heads: attention heads of the encoder (the released ViT-B uses 16); None keeps timm's.
+        image_size: image size the position embeddings are laid out for (512 as released; other input sizes work:
+            the embeddings are resized bilinearly to the input's grid).
         drop_path_rate: stochastic depth of the encoder.
         decoder_dropout: dropout in the decoder blocks.
-        mean: input normalisation mean (0.5 for in21k ViTs).
-        std: input normalisation std (0.5 for in21k ViTs).
+        mean: input normalisation mean (ImageNet's, as released).
+        std: input normalisation std.
+        sliding_window: run the released sliding-window evaluation in eval mode; False: one whole-image pass.
+        window_size: side of the square windows; images whose shorter side is below it are resized up to it.
+        window_stride: step between windows.
+        window_merge: ``"softmax"`` (released): average the window logits where windows overlap, resize to the
+            input, then apply the softmax over channels of each head, so both outputs are probabilities (the released
+            COCO evaluation then computes its score from these as if they were logits); ``"logits"``: average and
+            resize the logits, which stay logits.
 
     Attributes:
         num_classes: K.
-        feature_channels: D, channels of the pre-logit features read by the head.
+        feature_channels: width of the encoder tokens the two decoders read.
         patch_size: 16.
         data_config: ``{"mean": [...], "std": [...]}`` applied inside ``forward``.
     """
@@ -174,17 +211,36 @@ class Segmenter(nn.Module):
         self,
         num_classes: int,
         encoder: str = "vit_base_patch16_384",
+        encoder_heads: int | None = None,
         image_size: int | tuple[int, int] = 512,
         drop_path_rate: float = 0.1,
         decoder_dropout: float = 0.1,
-        mean: Sequence[float] = VIT_MEAN,
-        std: Sequence[float] = VIT_STD,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        sliding_window: bool = True,
+        window_size: int = 512,
+        window_stride: int = 320,
+        window_merge: str = "softmax",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
+        for name, value in (("window_size", window_size), ("window_stride", window_stride)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+        if window_stride > window_size:
+            raise ValueError(
+                f"Expected `window_stride` to be at most `window_size` ({window_size}), but got {window_stride}."
+            )
+        if window_merge not in WINDOW_MERGES:
+            raise ValueError(f"Expected `window_merge` to be one of {WINDOW_MERGES}, but got {window_merge!r}.")
         self.num_classes = num_classes
+        self.sliding_window = bool(sliding_window)
+        self.window_size = window_size
+        self.window_stride = window_stride
+        self.window_merge = window_merge
         self.normalize = Normalize(mean, std)
+        extra = {} if encoder_heads is None else {"num_heads": encoder_heads}
         self.encoder = timm.create_model(
             encoder,
             pretrained=False,
@@ -194,68 +250,140 @@ class Segmenter(nn.Module):
             global_pool="",
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
+            block_fn=SegmenterBlock,
+            norm_layer=nn.LayerNorm,
+            **extra,
         )
         patch = self.encoder.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, Sequence) else patch)
         dim = self.encoder.embed_dim
-        self.decoder = MaskTransformer(num_classes, dim, dim, depth=2, dropout=decoder_dropout)
         self.feature_channels = dim
-        self.logits_ood = DatasetPosteriorHead(dim)
+        self.decoder = MaskTransformer(num_classes, dim, dim, depth=2, dropout=decoder_dropout)
+        self.decoder_th = MaskTransformer(2, dim, dim, depth=2, dropout=decoder_dropout)
 
     @property
     def data_config(self) -> dict[str, list[float]]:
         """Input normalisation applied inside ``forward``."""
         return self.normalize.config
 
-    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder features of the padded image.
+    def _position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, 1 + h * w, D) position embeddings, the grid part resized bilinearly as the released encoder does."""
+        pos = self.encoder.pos_embed
+        prefix = self.encoder.num_prefix_tokens
+        old = tuple(self.encoder.patch_embed.grid_size)
+        if tuple(grid) == old:
+            return pos
+        table = pos[:, prefix:].reshape(1, *old, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=grid, mode="bilinear", align_corners=False)
+        return torch.cat([pos[:, :prefix], table.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder patch tokens of the padded, normalised image.
 
         Args:
             images: (N, 3, H, W) float in [0, 1].
 
         Returns:
-            ``(features, classes)``: (N, D, ceil(H/16), ceil(W/16)) pre-logit patch features and (N, K, D) class
-            embeddings.
+            (N, D, ceil(H/16), ceil(W/16)) patch tokens after the encoder's final norm (class token removed).
         """
         check_images(images)
         x = self.normalize(images)
-        h, w = x.shape[-2:]
         p = self.patch_size
-        x = F.pad(x, (0, -w % p, 0, -h % p))
-        tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens :]
-        return self.decoder(tokens, (x.shape[-2] // p, x.shape[-1] // p))
+        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        enc = self.encoder
+        x = enc.patch_embed(x)  # (N, h, w, D): timm's dynamic-size layout
+        n, h, w, d = x.shape
+        x = torch.cat([enc.cls_token.expand(n, -1, -1), x.reshape(n, h * w, d)], dim=1)
+        x = enc.pos_drop(x + self._position_embedding((h, w)))
+        x = enc.norm(enc.blocks(enc.norm_pre(x)))
+        return x[:, enc.num_prefix_tokens :].transpose(1, 2).reshape(n, d, h, w)
 
-    def forward_head(self, features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Closed-set logits (N, K, h, w) on the patch grid from :meth:`forward_features`' output."""
-        return self.decoder.mask_logits(*features)
+        return self.decoder(features)
 
-    def forward_ood_head(self, features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Dataset-posterior logits (N, 2, h, w) on the patch grid."""
-        return self.logits_ood(features[0])
+    def forward_ood_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Dataset-posterior logits (N, 2, h, w) on the patch grid; channel 1 = outlier."""
+        return self.decoder_th(features)
 
     def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
-        """Closed-set logits and dataset-posterior logits.
+        """Closed-set and dataset-posterior outputs: one whole-image pass, or the sliding window in eval mode.
 
         Args:
             images: (N, 3, H, W) float in [0, 1].
             output_size: (H_out, W_out) of both outputs; defaults to (H, W).
 
         Returns:
-            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
+            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out)
+            (probabilities in eval mode with ``window_merge="softmax"``).
+        """
+        if self.sliding_window and not self.training:
+            return self.forward_sliding(images, output_size)
+        return self.forward_whole(images, output_size)
+
+    def forward_whole(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
+        """One pass over the whole (padded) image: the released model's own ``forward``.
+
+        Both outputs are upsampled bilinearly to the padded size, cropped to the image, and resized to
+        ``output_size`` when that differs. Shapes as in :meth:`forward`.
         """
         size = resolve_output_size(images, output_size)
         h, w = int(images.shape[-2]), int(images.shape[-1])
         features = self.forward_features(images)
-        grid = features[0].shape[-2:]
-        padded = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        padded = (features.shape[-2] * self.patch_size, features.shape[-1] * self.patch_size)
         outputs = []
         for x in (self.forward_head(features), self.forward_ood_head(features)):
-            if padded != (h, w):
-                # As Segmenter: upsample to the padded image, drop the padding, then resize if asked.
-                x = F.interpolate(x, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
+            x = F.interpolate(x, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             outputs.append(x)
+        return HybridOutput(*outputs)
+
+    def forward_sliding(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
+        """The released evaluation's sliding window.
+
+        The image is resized (bilinearly) so that its shorter side is at least ``window_size`` (the longer side
+        scaled by the same ratio, truncated to an int), zero-padded on the bottom/right if a side is still shorter
+        than a window, and covered by ``window_size`` windows at offsets ``0, stride, 2 * stride, ...`` below
+        ``side - window_size`` plus one aligned with the far border. Each window goes through
+        :meth:`forward_whole`; the outputs are summed where windows overlap and divided by the number of windows
+        covering each pixel, cropped to the resized image, and resized bilinearly to the input size; with ``window_merge="softmax"`` each head is then turned into probabilities;
+        last, both are resized to ``output_size`` when that differs.
+        Shapes as in :meth:`forward`.
+        """
+        size = resolve_output_size(images, output_size)
+        h, w = int(images.shape[-2]), int(images.shape[-1])
+        ws, stride = self.window_size, self.window_stride
+        x = images
+        if min(h, w) < ws:
+            ratio = max(h, w) / min(h, w)
+            long_side = int(ratio * ws)
+            resized = (ws, long_side) if h < w else (long_side, ws)
+            x = F.interpolate(x, size=resized, mode="bilinear", align_corners=False)
+        rh, rw = int(x.shape[-2]), int(x.shape[-1])
+        x = F.pad(x, (0, max(ws - rw, 0), 0, max(ws - rh, 0)))
+        ph, pw = int(x.shape[-2]), int(x.shape[-1])
+        rows = [a for a in range(0, ph, stride) if a < ph - ws] + [ph - ws]
+        cols = [a for a in range(0, pw, stride) if a < pw - ws] + [pw - ws]
+        n = x.shape[0]
+        sums = [x.new_zeros(n, self.num_classes, ph, pw), x.new_zeros(n, 2, ph, pw)]
+        count = x.new_zeros(1, 1, ph, pw)
+        for top in rows:
+            for left in cols:
+                out = self.forward_whole(x[..., top : top + ws, left : left + ws])
+                for total, part in zip(sums, out):
+                    total[..., top : top + ws, left : left + ws] += part
+                count[..., top : top + ws, left : left + ws] += 1
+        outputs = []
+        for total in sums:
+            merged = (total / count)[..., :rh, :rw]
+            if (rh, rw) != (h, w):
+                merged = F.interpolate(merged, size=(h, w), mode="bilinear", align_corners=False)
+            if self.window_merge == "softmax":
+                merged = merged.softmax(1)
+            if (h, w) != size:
+                merged = F.interpolate(merged, size=size, mode="bilinear", align_corners=False)
+            outputs.append(merged)
         return HybridOutput(*outputs)
 
 
@@ -320,7 +448,9 @@ def _segmenter(
     image_size: int | tuple[int, int],
     **kwargs,
 ) -> Segmenter:
-    model = Segmenter(num_classes, encoder=ENCODERS[name], image_size=image_size, **kwargs)
+    architecture, heads = ENCODERS[name]
+    kwargs.setdefault("encoder_heads", heads)
+    model = Segmenter(num_classes, encoder=architecture, image_size=image_size, **kwargs)
     if pretrained_backbone is not None:
         load_vit_weights(model.encoder, pretrained_backbone)
     return model
@@ -332,13 +462,17 @@ def segmenter_vit_b16(
     image_size: int | tuple[int, int] = 512,
     **kwargs,
 ) -> Segmenter:
-    """Segmenter with a ViT-B/16 encoder (86M parameters) and the dataset-posterior head.
+    """The released COCO20 Segmenter: ViT-B/16 encoder (16 heads), class and dataset-posterior mask transformers.
+
+    119.1 M parameters for K = 20. The released checkpoints ("Segmenter trained on COCO20", "... fine-tuned on COCO20
+    with synthetic negatives") load with :func:`~densehybrid.models.load_checkpoint` and ``strict=True``.
 
     Args:
         num_classes: K.
         pretrained_backbone: local ImageNet ViT-B/16 weights (timm or JAX ``.npz``) for the encoder.
         image_size: size the position embeddings are laid out for.
-        **kwargs: forwarded to :class:`Segmenter` (``drop_path_rate``, ``decoder_dropout``, ``mean``, ``std``).
+        **kwargs: forwarded to :class:`Segmenter` (``drop_path_rate``, ``decoder_dropout``, ``mean``, ``std``,
+            ``sliding_window``, ``window_size``, ``window_stride``, ``window_merge``, ``encoder_heads``).
     """
     return _segmenter("segmenter_vit_b16", num_classes, pretrained_backbone, image_size, **kwargs)
 
@@ -349,7 +483,7 @@ def segmenter_vit_s16(
     image_size: int | tuple[int, int] = 512,
     **kwargs,
 ) -> Segmenter:
-    """Segmenter with a ViT-S/16 encoder (22M parameters); see :func:`segmenter_vit_b16`."""
+    """Segmenter with a ViT-S/16 encoder (6 heads); see :func:`segmenter_vit_b16`."""
     return _segmenter("segmenter_vit_s16", num_classes, pretrained_backbone, image_size, **kwargs)
 
 
@@ -359,5 +493,5 @@ def segmenter_vit_ti16(
     image_size: int | tuple[int, int] = 512,
     **kwargs,
 ) -> Segmenter:
-    """Segmenter with a ViT-Ti/16 encoder (6M parameters), small enough for CPU tests; see :func:`segmenter_vit_b16`."""
+    """Segmenter with a ViT-Ti/16 encoder (3 heads), small enough for CPU tests; see :func:`segmenter_vit_b16`."""
     return _segmenter("segmenter_vit_ti16", num_classes, pretrained_backbone, image_size, **kwargs)
