@@ -103,7 +103,9 @@ def test_released_recipe_matches_the_released_code(name, capsys):
 
 
 def test_every_shipped_recipe_resolves_and_is_listed(capsys):
-    assert set(list_recipes()) == set(RELEASED) | {"generic"}
+    # the flow recipes are checked in test_flow_recipes.py
+    flow_recipes = {"denseflow-pretrain", *(f"{name}-flow" for name in RELEASED if name.endswith("finetune"))}
+    assert set(list_recipes()) == set(RELEASED) | {"generic"} | flow_recipes
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out
     for name in list_recipes():
@@ -128,8 +130,8 @@ def test_set_overrides_are_typed_and_checked():
         load_recipe("ldn121-streethazards", ["optim.epochs=2.5"])
     with pytest.raises(ValueError, match="`optim.schedule` to be one of 'cosine', 'constant', 'poly'"):
         load_recipe("ldn121-streethazards", ["optim.schedule=step"])
-    with pytest.raises(ValueError, match="`negatives.source` to be one of 'real', but got 'synthetic'"):
-        load_recipe("ldn121-streethazards-finetune", ["negatives.source=synthetic"])
+    with pytest.raises(ValueError, match="`negatives.source` to be one of 'real', 'synthetic', 'mixed', but got 'x'"):
+        load_recipe("ldn121-streethazards-finetune", ["negatives.source=x"])
     with pytest.raises(ValueError, match="`model.name` to be one of"):
         load_recipe("generic", ["model.name=resnet9000"])
     # a closed-set recipe has no [negatives] section
@@ -140,7 +142,8 @@ def test_set_overrides_are_typed_and_checked():
 def test_unknown_recipe_lists_the_shipped_ones(capsys):
     assert main(["train", "--recipe", "ldn-121", "--print-config"]) == 1
     err = capsys.readouterr().err
-    assert "Unknown recipe 'ldn-121'. Available: dlv3p-cityscapes-finetune, generic, ldn121-streethazards" in err
+    assert "Unknown recipe 'ldn-121'. Available: denseflow-pretrain, dlv3p-cityscapes-finetune, " in err
+    assert "generic, ldn121-streethazards, ldn121-streethazards-finetune" in err
 
 
 def test_print_config_output_is_a_recipe_file_a_user_can_edit(capsys, tmp_path):

@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from densehybrid.recipes import get_method, list_methods, list_recipes, load_recipe
 
     if args.methods:
+        width = max(len(name) for name in list_methods())
         for name in list_methods():
-            print(f"{name:<14} {get_method(name).description}")
+            print(f"{name:<{width}}  {get_method(name).description}")
         return 0
     names = args.names or list_recipes()
     recipes = {name: load_recipe(name) for name in names}

@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, help="the training dataset's root (see docs/training.md)")
     parser.add_argument("--neg-root", default=None, help="the negatives' root (ADE20k, or any image folder)")
     parser.add_argument("--init", default=None, help="weights to start from (overrides the recipe's model.init)")
+    parser.add_argument(
+        "--flow-init",
+        default=None,
+        help="flow weights for recipes with a [flow] section (overrides flow.init): a released DenseFlow file or the "
+        "last.pt of a denseflow-pretrain or flow fine-tuning run",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: runs/RECIPE)")
     parser.add_argument(
         "--set",
@@ -65,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
     from densehybrid.recipes.run import SUMMARY_NAME, RunInputs, check_output_dir, train_recipe
 
     recipe = load_recipe(args.recipe, args.overrides or [])
+    if args.flow_init:
+        if "flow" not in recipe:
+            raise ValueError(
+                f"Expected a recipe with a [flow] section for `--flow-init`, but recipe {recipe['name']!r} (method "
+                f"{recipe['method']!r}) trains no flow."
+            )
+        recipe["flow"]["init"] = args.flow_init
     if args.print_config:
         print(json.dumps(json_ready(recipe), indent=2))
         return 0

@@ -50,6 +50,7 @@ __all__ = [
     "pretrain_flow",
     "random_crops",
     "save_sample_grid",
+    "segmenter_loss",
     "segmenter_step",
 ]
 
@@ -71,6 +72,37 @@ def build_flow_optimizer(
 def _check_finite(name: str, value: torch.Tensor) -> None:
     if not torch.isfinite(value):
         raise FloatingPointError(f"The {name} became {float(value)}; lower the learning rate or check the inputs.")
+
+
+def segmenter_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    loss: Callable,
+    negatives: FlowNegatives | MixedNegatives,
+    real_negatives: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    real_segments: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    regions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The segmenter half's loss (no optimiser step): paste no-grad negatives and evaluate the DenseHybrid loss.
+
+    Arguments as :func:`segmenter_step`. Returns ``(total loss, logs)``; logs: ``loss``, ``seg``, ``likelihood``,
+    ``posterior``. Used by :func:`segmenter_step` and by training loops that own the segmenter's optimiser.
+    """
+    if isinstance(negatives, MixedNegatives):
+        if real_negatives is None:
+            raise ValueError("Expected `real_negatives` for mixed negatives, but got None.")
+        pasted = negatives.paste(images, target, real_negatives, real_segments, generator=generator)
+    else:
+        pasted = negatives.paste(images, target, generator=generator, regions=regions).as_paste_result()
+    out = model(pasted.images, output_size=tuple(target.shape[-2:]))
+    terms = loss(out.logits.float(), out.ood_logits.float(), pasted.target, pasted.negative_mask)
+    _check_finite("segmenter loss", terms.total.detach())
+    logs = {k: float(v.detach()) for k, v in terms._asdict().items()}
+    logs["loss"] = logs.pop("total")
+    return terms.total, logs
 
 
 def segmenter_step(
@@ -104,19 +136,19 @@ def segmenter_step(
         logs: ``loss`` (total), ``seg``, ``likelihood``, ``posterior``.
     """
     optimizer.zero_grad(set_to_none=True)
-    if isinstance(negatives, MixedNegatives):
-        if real_negatives is None:
-            raise ValueError("Expected `real_negatives` for mixed negatives, but got None.")
-        pasted = negatives.paste(images, target, real_negatives, real_segments, generator=generator)
-    else:
-        pasted = negatives.paste(images, target, generator=generator, regions=regions).as_paste_result()
-    out = model(pasted.images, output_size=tuple(target.shape[-2:]))
-    terms = loss(out.logits.float(), out.ood_logits.float(), pasted.target, pasted.negative_mask)
-    _check_finite("segmenter loss", terms.total.detach())
-    terms.total.backward()
+    total, logs = segmenter_loss(
+        model,
+        images,
+        target,
+        loss=loss,
+        negatives=negatives,
+        real_negatives=real_negatives,
+        real_segments=real_segments,
+        generator=generator,
+        regions=regions,
+    )
+    total.backward()
     optimizer.step()
-    logs = {k: float(v.detach()) for k, v in terms._asdict().items()}
-    logs["loss"] = logs.pop("total")
     return logs
 
 

@@ -37,7 +37,7 @@ from densehybrid.models.output import HybridOutput
 
 CHECKPOINT_FORMAT = "densehybrid-checkpoint"
 CHECKPOINT_VERSION = 1
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "adamax")
 SCHEDULES = ("cosine", "constant", "poly")
 
 
@@ -64,7 +64,8 @@ class TrainConfig:
         checkpoint_every: also write ``last.pt`` every this many steps (0: only at the end of each epoch).
         max_steps: stop after this many optimiser steps in total (a checkpoint is written), e.g. for smoke runs.
         progress: show a tqdm progress bar.
-        optimizer: ``"adam"`` or ``"sgd"`` (plain SGD with ``momentum``; the released Segmenter recipe uses none).
+        optimizer: ``"adam"``, ``"sgd"`` (plain SGD with ``momentum``; the released Segmenter recipe uses none) or
+            ``"adamax"`` (with ``betas`` and ``eps``; flow pre-training).
         momentum: SGD momentum.
         schedule: per-epoch learning rate: ``"cosine"`` (to ``lr_min``), ``"constant"`` or ``"poly"``
             (``lr * (1 - epoch / epochs) ** poly_power``).
@@ -233,7 +234,7 @@ class DenseHybridObjective:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (or SGD) with two groups: backbone at ``lr * backbone_lr_ratio``, everything else at ``lr``."""
+    """Adam (or SGD, Adamax) with two groups: backbone at ``lr * backbone_lr_ratio``, everything else at ``lr``."""
     backbone, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -244,6 +245,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         groups.append({"params": backbone, "lr": lr, "initial_lr": lr})
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamax":
+        return torch.optim.Adamax(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     return torch.optim.Adam(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 

@@ -292,7 +292,7 @@ class MixedNegatives:
     Args:
         synthetic: the flow source (its ``patches_per_image`` sets the number of rounds).
         synthetic_fraction: b in [0, 1].
-        rect_prob, min_side, side_step, num_classes_in_mask: the real pasting options of
+        rect_prob, min_side, side_step, num_classes_in_mask, max_class_pixels: the real pasting options of
             :func:`~densehybrid.negatives.paste_negatives`.
     """
 
@@ -305,6 +305,7 @@ class MixedNegatives:
         min_side: int = 16,
         side_step: int = 8,
         num_classes_in_mask: int = 2,
+        max_class_pixels: int | None = None,
     ) -> None:
         if isinstance(synthetic_fraction, bool) or not isinstance(synthetic_fraction, (int, float)):
             raise TypeError(f"Expected `synthetic_fraction` to be a float in [0, 1], but got {synthetic_fraction!r}.")
@@ -317,6 +318,7 @@ class MixedNegatives:
             "min_side": min_side,
             "side_step": side_step,
             "num_classes_in_mask": num_classes_in_mask,
+            "max_class_pixels": max_class_pixels,
         }
 
     @property

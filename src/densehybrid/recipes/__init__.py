@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from densehybrid.recipes import flow_methods as _flow_methods  # noqa: F401  (registers denseflow-pretrain)
 from densehybrid.recipes.methods import (
     METHODS,
     MethodContext,

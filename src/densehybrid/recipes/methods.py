@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from densehybrid.recipes.flow_schema import FLOW_FINETUNE_KEYS, NEGATIVE_SOURCES
 from densehybrid.recipes.schema import Key
 
 __all__ = ["METHODS", "MethodContext", "TrainingMethod", "get_method", "list_methods", "register_method"]
@@ -35,6 +36,7 @@ class MethodContext:
         device: the device of the run.
         neg_root: ``--neg-root`` (None when not given).
         data_root: ``--data-root``.
+        out_dir: ``--out`` (None when the run writes nothing).
     """
 
     recipe: dict[str, Any]
@@ -43,6 +45,7 @@ class MethodContext:
     device: torch.device
     neg_root: Path | None = None
     data_root: Path | None = None
+    out_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,12 @@ DENSEHYBRID_SECTIONS: dict[str, dict[str, Key]] = {
         "source": Key(
             "str",
             "real",
-            "where negatives come from: real images (synthetic ones come with the flow fine-tuning method)",
-            choices=("real",),
+            "real (pasted images), synthetic (samples of a flow trained jointly, see [flow]) or mixed (each pasted "
+            "negative synthetic with probability synthetic_fraction)",
+            choices=NEGATIVE_SOURCES,
+        ),
+        "synthetic_fraction": Key(
+            "float", 0.5, "b of source = mixed: the probability that a pasted negative is synthetic", minimum=0.0
         ),
         "required": Key("bool", True, "fail without --neg-root; false: train closed-set when it is not given"),
         "dataset": Key(
@@ -149,6 +156,7 @@ DENSEHYBRID_SECTIONS: dict[str, dict[str, Key]] = {
         "classes_in_mask": Key("int", 2, "classes drawn (with replacement) for a class mask", minimum=1),
         "max_class_pixels": Key("int", 0, "draw only classes smaller than this many pixels (0: any)", minimum=0),
     },
+    "flow": FLOW_FINETUNE_KEYS,
 }
 
 
@@ -173,6 +181,10 @@ def _build_densehybrid(context: MethodContext) -> Callable:
     from densehybrid.negatives import NegativePaster
 
     recipe = context.recipe
+    if recipe["negatives"]["source"] != "real":
+        from densehybrid.recipes.flow_methods import build_flow_finetuning
+
+        return build_flow_finetuning(context)
     if context.neg_root is None:
         raise ValueError(
             f"Expected `--neg-root DIR` (the {recipe['negatives']['dataset']} negatives) for recipe "
@@ -201,6 +213,7 @@ register_method(
     "densehybrid",
     _build_densehybrid,
     sections=DENSEHYBRID_SECTIONS,
-    description="DenseHybrid: negatives pasted into every image; CE + beta L_x + lambda L_d",
+    description="DenseHybrid: negatives (real, flow samples or mixed) pasted into every image; CE + beta L_x + "
+    "lambda L_d",
     uses_negatives=True,
 )

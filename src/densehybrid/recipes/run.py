@@ -278,17 +278,18 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
 
     init = inputs.init or recipe["model"]["init"]
     if method.build_model is not None:
-        context = MethodContext(recipe, None, num_classes, device, inputs.neg_root, inputs.data_root)
+        context = MethodContext(recipe, None, num_classes, device, inputs.neg_root, inputs.data_root, out)
         model = method.build_model(context)
     else:
         model = build_model(recipe, num_classes, init)
     model.to(device)
     effective = method
     notes: list[str] = []
-    if method.uses_negatives and inputs.neg_root is None and not recipe["negatives"]["required"]:
+    real_only = recipe.get("negatives", {}).get("source", "real") == "real"
+    if method.uses_negatives and inputs.neg_root is None and not recipe["negatives"]["required"] and real_only:
         effective = get_method("closed-set")
         notes.append("no --neg-root: closed-set training (pass --neg-root DIR for DenseHybrid training)")
-    context = MethodContext(recipe, model, num_classes, device, inputs.neg_root, inputs.data_root)
+    context = MethodContext(recipe, model, num_classes, device, inputs.neg_root, inputs.data_root, out)
     objective = effective.build(context)
 
     optim, run = recipe["optim"], recipe["run"]
@@ -331,12 +332,15 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
         log.write("train", step, logs)
 
     def on_epoch_end(epoch: int, trained: nn.Module) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if hasattr(objective, "on_epoch_end"):  # e.g. a second network's per-epoch schedule or sample grid
+            metrics.update(objective.on_epoch_end(epoch, trained) or {})
         if val_set is None:
-            return {}
+            return metrics
         limit = run["val_limit"] or None
-        metrics = validate_model(trained, val_set, num_classes, device, limit, run["amp"])
-        log.write("val", epoch + 1, metrics)
-        return metrics
+        validation = validate_model(trained, val_set, num_classes, device, limit, run["amp"])
+        log.write("val", epoch + 1, validation)
+        return {**metrics, **validation}
 
     metadata = {"kind": RUN_KIND, "recipe": recipe, "num_classes": num_classes, "method": effective.name}
     try:

@@ -1,0 +1,202 @@
+"""Training methods with a normalizing flow: ``denseflow-pretrain`` (registered here) and the synthetic / mixed
+negatives of the ``densehybrid`` method (:func:`build_flow_finetuning`, used when ``negatives.source`` is not
+``real``).
+
+- ``denseflow-pretrain`` trains a :class:`~densehybrid.flows.DenseFlow` by maximum likelihood (bits/dim) on the
+  recipe's augmented inlier crops with ``[optim]``'s optimiser (Adamax in the shipped recipe) and writes a grid of
+  samples after every epoch. The trained network is the flow: ``last.pt`` holds it under ``"model"`` and loads with
+  :func:`~densehybrid.flows.load_flow_state` or as ``--flow-init`` of a fine-tuning run.
+- Fine-tuning with ``negatives.source = "synthetic"`` or ``"mixed"`` runs the released two-step joint iteration
+  (:class:`~densehybrid.engine.flow_objectives.JointFlowObjective`): the segmenter trains with ``[optim]``, the flow
+  with its own Adamax (``[flow]``), and the flow with its optimiser and schedule is saved in ``last.pt`` and restored
+  on resume.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from densehybrid.engine import distributed
+from densehybrid.errors import CheckpointError
+from densehybrid.recipes.flow_schema import FLOW_PRETRAIN_KEYS
+from densehybrid.recipes.methods import MethodContext, build_negative_stream, register_method
+
+__all__ = ["build_flow", "build_flow_finetuning", "load_flow_init"]
+
+
+def _refuse_several_processes(recipe: Mapping[str, Any]) -> None:
+    if distributed.world_size() > 1:
+        raise ValueError(
+            f"Expected recipe {recipe['name']!r} (it trains a flow) to run in one process, but it was started in "
+            f"{distributed.world_size()}. Run it without torchrun; the flow's updates are not averaged across processes."
+        )
+
+
+def load_flow_init(flow: nn.Module, path: str) -> dict[str, Any]:
+    """Load ``path`` into ``flow``: a released DenseFlow file (bare, nested or prefixed, see
+    :func:`~densehybrid.flows.load_flow_state`), a ``denseflow-pretrain`` run's ``last.pt`` (the flow is its model) or
+    a flow fine-tuning run's ``last.pt`` (the flow is in its objective state).
+
+    Raises:
+        CheckpointError: the file is missing or does not fit the flow (the message lists the mismatched keys).
+    """
+    from densehybrid.flows import load_flow_state
+    from densehybrid.models.checkpoint import read_checkpoint_file
+
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise CheckpointError(
+            f"Expected the flow checkpoint (`--flow-init`, flow.init) {path!r} to exist, but it is missing."
+        )
+    obj = read_checkpoint_file(source)
+    nested = obj.get("objective_state") if isinstance(obj, Mapping) else None
+    if isinstance(nested, Mapping) and isinstance(nested.get("flow"), Mapping):
+        obj = nested["flow"]
+    try:
+        return load_flow_state(flow, obj)
+    except CheckpointError as exc:
+        raise CheckpointError(f"Flow checkpoint {str(source)!r} (`--flow-init`, flow.init): {exc}") from exc
+
+
+def build_flow(section: Mapping[str, Any]) -> tuple[nn.Module, bool]:
+    """The flow of a recipe's ``[flow]`` section, initialised from ``flow.init`` when given.
+
+    Returns:
+        ``(flow, pretrained)``; ``pretrained`` is False for a random initialisation (a ``UserWarning`` says so).
+    """
+    from densehybrid.flows import DenseFlow
+
+    if section["config"] == "small":
+        flow = DenseFlow.small(checkpointing=section["checkpointing"])
+    else:
+        flow = DenseFlow(checkpointing=section["checkpointing"])
+    if section["init"]:
+        load_flow_init(flow, section["init"])
+        return flow, True
+    return flow, False
+
+
+# -- denseflow-pretrain -----------------------------------------------------------------------------------------------
+def _build_pretrain_flow(context: MethodContext) -> nn.Module:
+    recipe = context.recipe
+    _refuse_several_processes(recipe)
+    crop = recipe["augment"]["crop"]
+    grid = recipe["flow"]["grid_size"]
+    for name, value in (("augment.crop", crop), ("flow.grid_size", grid)):
+        if value % 8:
+            raise ValueError(
+                f"Expected recipe key `{name}` to be a multiple of 8 (the flow downsamples by 8), but got {value}."
+            )
+    torch.manual_seed(recipe["run"]["seed"])
+    flow, _ = build_flow(recipe["flow"])
+    return flow.train()
+
+
+def _build_pretrain(context: MethodContext) -> Any:
+    from densehybrid.engine.flow_objectives import FlowLikelihoodObjective
+
+    section = context.recipe["flow"]
+    return FlowLikelihoodObjective(
+        context.out_dir, section["grid_samples"], section["grid_size"], seed=context.recipe["run"]["seed"]
+    )
+
+
+register_method(
+    "denseflow-pretrain",
+    _build_pretrain,
+    sections={"flow": FLOW_PRETRAIN_KEYS},
+    description="DenseFlow pre-training: bits/dim on random inlier crops, a samples grid per epoch",
+    build_model=_build_pretrain_flow,
+)
+
+
+# -- synthetic and mixed negatives of the densehybrid method ----------------------------------------------------------
+def build_flow_finetuning(context: MethodContext) -> Any:
+    """The objective of DenseHybrid fine-tuning with synthetic (``negatives.source = "synthetic"``) or mixed negatives.
+
+    Raises:
+        ValueError: a largest flow patch that does not fit the crop, patch sides that are not multiples of 8, a
+            ``synthetic_fraction`` outside [0, 1], mixed negatives without ``--neg-root``, several processes.
+        CheckpointError: a ``flow.init`` that is missing or does not fit the flow.
+    """
+    from densehybrid.engine.flow_joint import build_flow_optimizer
+    from densehybrid.engine.flow_objectives import JointFlowObjective
+    from densehybrid.flows import FlowNegatives, MixedNegatives
+    from densehybrid.losses import DenseHybridLoss
+
+    recipe = context.recipe
+    _refuse_several_processes(recipe)
+    neg, section, loss = recipe["negatives"], recipe["flow"], recipe["loss"]
+    crop = recipe["augment"]["crop"]
+    if section["max_side"] > crop:
+        raise ValueError(
+            f"Expected the largest flow patch (flow.max_side = {section['max_side']} px) to fit the {crop}x{crop} "
+            f"training crop (augment.crop), but it does not. Lower flow.max_side to at most {crop} or use a larger crop."
+        )
+    mixed = neg["source"] == "mixed"
+    if mixed and not 0.0 <= neg["synthetic_fraction"] <= 1.0:
+        raise ValueError(
+            f"Expected recipe key `negatives.synthetic_fraction` in [0, 1], but got {neg['synthetic_fraction']}."
+        )
+    if mixed and neg["rect_prob"] > 1:
+        raise ValueError(f"Expected recipe key `negatives.rect_prob` in [0, 1], but got {neg['rect_prob']}.")
+    if mixed and context.neg_root is None:
+        raise ValueError(
+            f"Expected `--neg-root DIR` (the {neg['dataset']} negatives) for mixed negatives in recipe "
+            f"{recipe['name']!r}, but got none. Use negatives.source=synthetic for flow samples only."
+        )
+    with torch.random.fork_rng(devices=[]):  # the flow's initialisation, seeded without moving the run's RNG
+        torch.manual_seed(recipe["run"]["seed"])
+        flow, pretrained = build_flow(section)
+    lr = section["lr"]
+    if not pretrained:
+        lr = section["lr_random_init"]
+        warnings.warn(
+            f"No flow checkpoint (--flow-init or flow.init) for recipe {recipe['name']!r}: the flow starts from a random "
+            f"initialisation and trains at lr {lr:g} (flow.lr_random_init), as the released code does.",
+            UserWarning,
+            stacklevel=2,
+        )
+    flow.to(context.device).train()
+    synthetic = FlowNegatives(
+        flow,
+        patches_per_image=neg["pastes"],
+        min_side=section["min_side"],
+        max_side=section["max_side"],
+        side_step=section["side_step"],
+    )
+    synthetic.check_crop(crop, crop)
+    negatives: Any = synthetic
+    real = None
+    if mixed:
+        negatives = MixedNegatives(
+            synthetic,
+            neg["synthetic_fraction"],
+            rect_prob=neg["rect_prob"],
+            min_side=neg["min_side"],
+            side_step=neg["side_step"],
+            num_classes_in_mask=neg["classes_in_mask"],
+            max_class_pixels=neg["max_class_pixels"] or None,
+        )
+        real = build_negative_stream(recipe, context.neg_root)
+    optimizer = build_flow_optimizer(flow, lr=lr, betas=tuple(section["betas"]), eps=section["eps"])
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=section["lr_decay"])
+    criterion = DenseHybridLoss(
+        beta=loss["beta"], lambda_=loss["lambda"], posterior_ignore_void=loss["posterior_ignore_void"]
+    )
+    return JointFlowObjective(
+        criterion,
+        flow,
+        optimizer,
+        scheduler,
+        negatives,
+        real_negatives=real,
+        jsd_weight=section["jsd_weight"],
+        mle_weight=section["mle_weight"],
+    )
