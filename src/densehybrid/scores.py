@@ -47,6 +47,7 @@ __all__ = [
     "requires_fit",
     "requires_ood_logits",
     "score_info",
+    "score_output",
     "sml",
 ]
 
@@ -628,3 +629,26 @@ def requires_ood_logits(name: str) -> bool:
 def requires_fit(name: str) -> bool:
     """Whether the score ``name`` needs statistics fitted on training data before use."""
     return score_info(name).requires_fit
+
+
+def score_output(score: str | ScoreFn, output: Any, **options: Any) -> torch.Tensor:
+    """The anomaly score of one model output: the single place where a score meets a model's outputs.
+
+    Prediction, calibration and export compute every score through this function, so a model family whose score
+    reads other outputs than ``(logits, ood_logits)`` needs a change here only.
+
+    Args:
+        score: a registered score name or a score function.
+        output: a :class:`~densehybrid.models.HybridOutput` (``logits`` (N, K, H, W), ``ood_logits`` (N, 2, H, W)).
+        **options: keyword options of the score (e.g. ``statistics`` for ``sml``).
+
+    Returns:
+        (N, H, W) scores, higher = more anomalous.
+
+    Example:
+        >>> from densehybrid.models import HybridOutput
+        >>> score_output("densehybrid", HybridOutput(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4))).shape
+        torch.Size([1, 4, 4])
+    """
+    fn = get_score(score) if isinstance(score, str) else score
+    return fn(output.logits, output.ood_logits, **options)
