@@ -171,10 +171,23 @@ def load_checkpoint_model(
         CheckpointError: unreadable file, no state dict, or weights that do not fit.
         ValueError: no architecture or no K can be determined.
     """
-    from densehybrid.models import create_model, list_models
-    from densehybrid.models.checkpoint import check_state_dict, read_checkpoint_file, split_checkpoint, strip_prefix
+    from densehybrid.models.checkpoint import read_checkpoint_file
 
-    state, metadata = split_checkpoint(read_checkpoint_file(path))
+    return model_from_checkpoint(read_checkpoint_file(path), path, model_name, num_classes, default_num_classes)
+
+
+def model_from_checkpoint(
+    checkpoint: Any,
+    path: str | os.PathLike[str],
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    default_num_classes: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_checkpoint_model` on what ``read_checkpoint_file(path)`` returned (``path`` names it in errors)."""
+    from densehybrid.models import create_model, list_models
+    from densehybrid.models.checkpoint import check_state_dict, split_checkpoint, strip_prefix
+
+    state, metadata = split_checkpoint(checkpoint)
     recorded = metadata.get("model_name") if isinstance(metadata.get("model_name"), str) else None
     name = model_name or recorded
     if name is None:
