@@ -46,6 +46,7 @@ __all__ = [
     "export_model",
     "load_exported",
     "onnxruntime_available",
+    "require_onnx",
 ]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -66,7 +67,8 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
+    """Raise :class:`DenseHybridError` with the install command when ONNX or ONNX Runtime is missing."""
     missing = []
     for name in ("onnx", "onnxruntime"):
         try:
@@ -205,6 +207,9 @@ class ExportGraph(nn.Module):
 def _atomic_target(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; give the file the permissions open() would
     os.close(fd)
     return tmp
 
@@ -259,7 +264,7 @@ def export_model(
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"Expected `fmt` to be one of {', '.join(EXPORT_FORMATS)}, but got {fmt!r}.")
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx()
     path = Path(path)
     graph = ExportGraph(traceable_copy(model), score, threshold, score_options).eval()
     n, h, w = example_size
@@ -317,7 +322,7 @@ def load_exported(path: str | os.PathLike[str], fmt: str, threads: int | None = 
         threads: intra-op threads of ONNX Runtime (default: its own choice).
     """
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx()
         import onnxruntime as ort
 
         options = ort.SessionOptions()

@@ -649,7 +649,9 @@ def discover_images(
 
     Args:
         inputs: what the user named.
-        exclude: a folder whose files are never inputs (the output folder, so a re-run does not read its outputs).
+        exclude: a folder whose files are not inputs when it lies inside a scanned folder (the output folder, so a
+            re-run does not read its own outputs); when it is the scanned folder or above it, everything is scanned
+            and :func:`check_output_plan` refuses outputs that would overwrite inputs.
 
     Returns:
         ``(jobs, problems)``: jobs in input order, folders and globs sorted; ``problems`` holds
@@ -662,9 +664,9 @@ def discover_images(
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _inside(p, excluded)
-            )
+            # outputs written inside a scanned folder are not read back, unless they go into that folder itself
+            skip = excluded if excluded is not None and not _inside(path, excluded) else None
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _inside(p, skip))
             found = [p for p in found if p.is_file() or p.is_symlink()]
             if not found:
                 problems.append((text, "folder holds no image files (" + ", ".join(IMAGE_SUFFIXES[:4]) + ", ...)"))
@@ -672,7 +674,8 @@ def discover_images(
         elif glob.has_magic(text):
             base = _glob_base(text)
             found = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            found = [p for p in found if not p.is_dir() and not _inside(p, excluded)]
+            skip = excluded if excluded is not None and not _inside(base, excluded) else None
+            found = [p for p in found if not p.is_dir() and not _inside(p, skip)]
             if not found:
                 problems.append((text, "pattern matches no file"))
             jobs.extend(ImageJob(p, p.relative_to(base) if _inside(p, base) else Path(p.name)) for p in found)
@@ -736,11 +739,18 @@ def check_output_plan(jobs: Sequence[ImageJob], out_dir: Path, save_raw: bool) -
     return refused
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
