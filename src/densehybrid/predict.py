@@ -791,17 +791,19 @@ class _ImageFiles(torch.utils.data.Dataset):
         path = self.jobs[index].path
         try:
             if path.is_file() and path.stat().st_size == 0:
-                raise ValueError("empty file (0 bytes)")
+                return {"index": index, "rgb": None, "error": "empty file (0 bytes)", "read_time": 0.0}
             rgb = read_rgb(path)
             if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-                raise ValueError(f"image has no pixels ({rgb.shape[1]}x{rgb.shape[0]})")
+                reason = f"image has no pixels ({rgb.shape[1]}x{rgb.shape[0]})"
+                return {"index": index, "rgb": None, "error": reason, "read_time": 0.0}
             return {"index": index, "rgb": rgb, "error": None, "read_time": time.perf_counter() - start}
         except DatasetFileError as exc:
             cause = exc.__cause__
             if cause is None:
                 reason = "missing, a broken link or not a file"
             else:  # the decoder's own words, without the path the line already names
-                reason = "not a readable image: " + str(cause).replace(repr(str(path)), "").replace(str(path), "")
+                detail = str(cause).replace(repr(str(path)), "").replace(str(path), "").strip()
+                reason = f"not a readable image ({detail})"
         except Exception as exc:  # a bad file must never stop the run: report whatever the decoder raised
             reason = f"{type(exc).__name__}: {exc}"
         return {"index": index, "rgb": None, "error": reason, "read_time": time.perf_counter() - start}
