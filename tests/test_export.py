@@ -22,6 +22,7 @@ from densehybrid.export import (
     export_model,
     load_exported,
     require_onnx,
+    traceable_copy,
 )
 from densehybrid.models import create_model
 from densehybrid.predict import CALIBRATION_KEY
@@ -89,7 +90,7 @@ def test_parity_check_detects_a_wrong_file(tmp_path):
     class Shifted(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.graph = ExportGraph(model)
+            self.graph = ExportGraph(traceable_copy(model))
 
         def forward(self, images):
             scores, labels = self.graph(images)

@@ -47,6 +47,7 @@ __all__ = [
     "load_exported",
     "onnxruntime_available",
     "require_onnx",
+    "traceable_copy",
 ]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -331,7 +332,9 @@ def load_exported(path: str | os.PathLike[str], fmt: str, threads: int | None = 
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda images: tuple(session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)}))
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream but still supported
+            module = torch.jit.load(str(path), map_location="cpu").eval()
 
         def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             with torch.no_grad():
