@@ -446,7 +446,9 @@ class Predictor:
         """K, the model's number of known classes."""
         k = getattr(self.model, "num_classes", None)
         if not isinstance(k, int):
-            raise ValueError("Expected the model to record `num_classes` (models from create_model do), but it has none.")
+            raise ValueError(
+                "Expected the model to record `num_classes` (models from create_model do), but it has none."
+            )
         return k
 
     @classmethod
@@ -609,9 +611,7 @@ def image_tensor(image: Any) -> torch.Tensor:
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"Expected an image tensor of shape (3, H, W), but got {tuple(image.shape)}.")
         return image
-    raise TypeError(
-        f"Expected an image path, PIL image, NumPy array or tensor, but got {type(image).__name__}."
-    )
+    raise TypeError(f"Expected an image path, PIL image, NumPy array or tensor, but got {type(image).__name__}.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

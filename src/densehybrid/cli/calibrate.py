@@ -48,9 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="resize factor of the score/label maps before calibration (released StreetHazards code: 0.5)",
     )
-    parser.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="loader option, repeatable"
-    )
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="loader option, repeatable")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N frames (a quick look)")
     parser.add_argument("--input-scale", type=positive_float, default=1.0, help="resize the model input")
     parser.add_argument("--out", default=None, help="calibrated checkpoint to write (default: NAME-calibrated.pt)")

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from densehybrid.export import require_onnx, check_parity, export_model
+    from densehybrid.export import check_parity, export_model, require_onnx
     from densehybrid.predict import Predictor
     from densehybrid.scores import get_score
 
@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     )
     model, score, threshold = predictor.model, predictor.score, predictor.threshold
     extra = {"class_names": predictor.class_names, "palette": predictor.palette.tolist()}
-    path = export_model(model, args.out, args.format, score=score, threshold=threshold, opset=args.opset, metadata=extra)
+    path = export_model(
+        model, args.out, args.format, score=score, threshold=threshold, opset=args.opset, metadata=extra
+    )
     where = f"threshold {threshold:.6g} ({predictor.threshold_source})" if threshold is not None else "no threshold"
     print(f"exported {getattr(model, 'model_name', 'model')} ({args.format}, score {score}, {where}) to {path}")
     if args.no_parity:

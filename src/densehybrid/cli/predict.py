@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from densehybrid.cli._common import add_model_arguments, load_score_options, non_negative_int, positive_float, positive_int
+from densehybrid.cli._common import (
+    add_model_arguments,
+    load_score_options,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 HELP = "predict your own images: anomaly heatmap, open-set segmentation and overlay per image"
 DESCRIPTION = (
@@ -24,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
     parser.add_argument("--out", required=True, help="output folder")
     add_model_arguments(parser)
-    parser.add_argument(
-        "--score", default=None, help="anomaly score (default: the calibrated one, else densehybrid)"
-    )
+    parser.add_argument("--score", default=None, help="anomaly score (default: the calibrated one, else densehybrid)")
     parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
     parser.add_argument(
         "--threshold", type=float, default=None, help="open-set threshold, overriding the checkpoint's calibration"
