@@ -288,7 +288,9 @@ def export_model(
         if isinstance(exc, (KeyboardInterrupt, DenseHybridError)):
             raise
         if isinstance(exc, Exception):
-            raise DenseHybridError(f"Cannot export {props['model']} to {fmt} at {str(path)!r}: {exc}") from exc
+            name = getattr(model, "model_name", type(model).__name__)
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # tracer errors append whole graphs
+            raise DenseHybridError(f"Cannot export {name} to {fmt} at {str(path)!r}: {detail}") from exc
         raise
     return path
 
