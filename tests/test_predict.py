@@ -275,3 +275,14 @@ def test_predict_on_the_demo_checkpoint(tmp_path):
     assert code == 0
     for kind in ("heatmap", "segmentation", "overlay"):
         assert Image.open(out / f"photo_{kind}.png").size == (128, 64)
+
+
+@pytest.mark.parametrize("command", ["predict", "calibrate", "export"])
+def test_help_documents_every_option(command, capsys):
+    from densehybrid.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    assert all(action.help for action in sub._actions if action.dest != "help")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--checkpoint" in capsys.readouterr().out
