@@ -489,6 +489,7 @@ class Predictor:
             raise CheckpointError(f"Checkpoint {str(path)!r} is calibrated for an unknown score {calibration.score!r}.")
         chosen = score or (calibration.score if calibration else "densehybrid")
         uses_calibration = calibration is not None and chosen == calibration.score
+        range_source = "argument" if options.get("display_range") is not None else "checkpoint"
         options.setdefault("display_range", calibration.display_range if uses_calibration else None)
         options.setdefault("class_names", calibration.class_names if calibration else metadata.get("class_names", ()))
         options.setdefault("palette", calibration.palette if calibration else metadata.get("palette"))
@@ -503,10 +504,14 @@ class Predictor:
         predictor.threshold_source = (
             "argument" if threshold is not None else "checkpoint" if uses_calibration else "none"
         )
+        predictor.display_range_source = range_source
         return predictor
 
+    #: the checkpoint's calibration (set by :meth:`from_checkpoint`)
     calibration: Calibration | None = None
+    #: where ``threshold`` and ``display_range`` came from: ``argument``, ``checkpoint`` (``none``: no threshold)
     threshold_source: str = "argument"
+    display_range_source: str = "argument"
 
     # ---- forward -------------------------------------------------------------------------------------------------
 
@@ -925,15 +930,12 @@ def predict_files(
     refused = check_output_plan(jobs, out, save_raw)
     summary = PredictionSummary(
         threshold=predictor.threshold,
-        threshold_source=getattr(predictor, "threshold_source", "argument") if predictor.threshold is not None else "none",
+        threshold_source=predictor.threshold_source if predictor.threshold is not None else "none",
         display_range=predictor.display_range,
-        display_range_source=(
-            "checkpoint" if predictor.calibration is not None and predictor.display_range is not None
-            and tuple(predictor.display_range) == tuple(predictor.calibration.display_range) else "argument"
-        ) if predictor.display_range is not None else "",
+        display_range_source=predictor.display_range_source if predictor.display_range is not None else "",
         score=predictor.score,
         out_dir=str(out),
-    )  # fmt: skip
+    )
 
     def fail(path: str, reason: str) -> bool:
         summary.failures.append((path, reason))
