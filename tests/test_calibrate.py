@@ -125,3 +125,31 @@ def test_a_split_without_anomalies_is_a_clear_error(setup, capsys):
     )
     assert code == 1 and "have none" in capsys.readouterr().err
     assert not (folder / "x.pt").exists()
+
+
+def test_calibrate_on_a_registered_benchmark_with_binary_labels(tmp_path):
+    """Fishyscapes LAF labels are 0 inlier / 1 anomaly / 255 void: no class ids, no anomaly id K."""
+    from densehybrid.engine.evaluate import model_outputs
+    from densehybrid.evaluation import open_benchmark
+    from tests.datasets.fake_trees import make_fake_fs_laf
+
+    root = make_fake_fs_laf(tmp_path / "fs", n=3, size=(64, 96))
+    torch.manual_seed(0)
+    model = create_model("ladder_mobilenetv3", num_classes=19, decoder_channels=16).eval()
+    checkpoint = tmp_path / "k19.pt"
+    torch.save(
+        {"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": model.model_kwargs}, checkpoint
+    )
+    code = main(
+        ["calibrate", "--checkpoint", str(checkpoint), "--benchmark", "fs-laf", "--root", str(root)]
+        + ["--num-workers", "0", "--no-progress"]
+    )
+    assert code == 0
+    stored = torch.load(tmp_path / "k19-calibrated.pt", weights_only=True)[CALIBRATION_KEY]
+    _, dataset = open_benchmark("fs-laf", root, "val")
+    pairs = [
+        (densehybrid(out.logits, out.ood_logits), batch["target"])
+        for batch, out in model_outputs(model, dataset, "cpu", 1, progress=False)
+    ]
+    assert stored["threshold"] == pytest.approx(calibrate_threshold(pairs, target_tpr=0.95), rel=1e-6)
+    assert stored["benchmark"] == "fs-laf" and stored["split"] == "val" and stored["num_images"] == 3
