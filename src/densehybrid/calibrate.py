@@ -1,0 +1,273 @@
+"""Open-set calibration stored in a checkpoint: the library side of ``densehybrid calibrate``.
+
+:func:`calibrate_checkpoint` runs a checkpoint over a labelled split, picks the open-set threshold with
+:func:`densehybrid.openset.calibrate_threshold` (the first threshold whose TPR exceeds the target, as the released
+StreetHazards code, or the best pixel F1), measures the score's display range (the 1st and 99th percentiles of a
+seeded subsample of the evaluated pixels, widened to include the threshold), and writes a *new* checkpoint that
+carries both under :data:`densehybrid.predict.CALIBRATION_KEY`. The original file is never written.
+
+Benchmarks are read with the registered loaders (``densehybrid doctor`` lists them); ``roadscene`` is the demo's
+generated benchmark (``--root demo_out/data``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from densehybrid.engine.evaluate import model_outputs
+from densehybrid.engine.runtime import atomic_torch_save
+from densehybrid.errors import DenseHybridError
+from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
+from densehybrid.models.checkpoint import read_checkpoint_file, split_checkpoint
+from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold
+from densehybrid.predict import CALIBRATION_KEY, Calibration, model_from_checkpoint
+from densehybrid.scores import compute_score, get_score
+
+__all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_path", "check_calibration_out"]
+
+#: The name of the demo's generated benchmark.
+ROADSCENE = "roadscene"
+#: Percentiles of the evaluated pixels' scores that bound the heatmap's colour scale.
+DISPLAY_PERCENTILES = (1.0, 99.0)
+
+
+def calibrated_path(checkpoint: str | os.PathLike[str]) -> Path:
+    """The default output: ``NAME-calibrated.pt`` beside the checkpoint."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}-calibrated.pt")
+
+
+def check_calibration_out(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Check the output checkpoint before any work: not the input, and in a writable folder.
+
+    Raises:
+        ValueError: ``out`` is the input checkpoint.
+        DenseHybridError: its folder cannot be created or written.
+    """
+    out = Path(out)
+    if out.resolve() == Path(checkpoint).resolve():
+        raise ValueError(
+            f"Expected `--out` to differ from `--checkpoint` {str(checkpoint)!r}: the original is never overwritten. "
+            f"Choose another file, e.g. {str(calibrated_path(checkpoint))!r}."
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DenseHybridError(f"Cannot create the folder of `--out` {str(out)!r}: {exc.strerror or exc}.") from exc
+    if not os.access(out.parent, os.W_OK):
+        raise DenseHybridError(f"Cannot write `--out` {str(out)!r}: its folder is not writable.")
+    return out
+
+
+def _default_split(spec: Any) -> str:
+    for name in ("val", "validation"):
+        if name in spec.expected_counts:
+            return name
+    return spec.split
+
+
+def _open_data(
+    benchmark: str,
+    root: str | os.PathLike[str],
+    split: str | None,
+    options: Mapping[str, Any] | None,
+    limit: int | None,
+    input_scale: float,
+) -> tuple[Dataset, str, str, int | None, list[str], list[list[int]]]:
+    """(dataset, split, target kind, K of the benchmark, class names, palette)."""
+    if benchmark == ROADSCENE:
+        from densehybrid.data import ROADSCENE_CLASSES, ROADSCENE_PALETTE, RoadSceneDataset
+        from densehybrid.evaluation import ScaleImage
+
+        if options:
+            raise ValueError(f"Expected no `--option` for the {ROADSCENE!r} benchmark, but got {dict(options)}.")
+        split = split or "val"
+        transform = ScaleImage(input_scale) if input_scale != 1.0 else None
+        dataset: Dataset = RoadSceneDataset(root, split, transform=transform)
+        if limit is not None:
+            dataset = Subset(dataset, range(min(limit, len(dataset))))
+        k = len(ROADSCENE_CLASSES)
+        return dataset, split, "semantic", k, list(ROADSCENE_CLASSES), ROADSCENE_PALETTE[:k].tolist()
+    from densehybrid.data.datasets import get_benchmark
+    from densehybrid.evaluation import open_benchmark
+
+    spec = get_benchmark(benchmark)
+    loader, dataset = open_benchmark(spec, root, split or _default_split(spec), options, limit, input_scale)
+    names = list(loader.class_names) if loader.target_kind == "semantic" else []
+    return dataset, loader.split, loader.target_kind, spec.num_known_classes, names, []
+
+
+class _Pairs:
+    """``(scores, binary target)`` per batch for ``calibrate_threshold``, keeping a pixel sample and counts."""
+
+    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], sample_per_batch: int, seed: int):
+        self.batches = batches
+        self.sample_per_batch = sample_per_batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sample: list[np.ndarray] = []
+        self.anomalies = 0
+        self.images = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for scores, binary in self.batches:
+            self.images += scores.shape[0]
+            self.anomalies += int((binary == ANOMALY).sum())
+            valid = (binary != IGNORE_INDEX).flatten().nonzero().squeeze(1).cpu()
+            if valid.numel():
+                pick = valid[torch.randperm(valid.numel(), generator=self.generator)[: self.sample_per_batch]]
+                self.sample.append(scores.flatten().cpu()[pick].double().numpy())
+            yield scores, binary
+
+
+def calibrate_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    benchmark: str,
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    split: str | None = None,
+    model: str | None = None,
+    num_classes: int | None = None,
+    score: str = "densehybrid",
+    score_options: Mapping[str, Any] | None = None,
+    method: str = "tpr",
+    target_tpr: float = 0.95,
+    calibration_scale: float = 1.0,
+    dataset_options: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    input_scale: float = 1.0,
+    sample_pixels: int = 1_000_000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    batch_size: int = 1,
+    num_workers: int = 0,
+    amp: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Calibrate the open-set threshold and display range of a checkpoint and write a calibrated copy.
+
+    Args:
+        checkpoint: the checkpoint to calibrate (read only).
+        benchmark: a registered benchmark name or ``"roadscene"``.
+        root: the benchmark's root.
+        out: the calibrated checkpoint (default :func:`calibrated_path`); must differ from ``checkpoint``.
+        split: the labelled split (default ``val``/``validation`` where the benchmark has one).
+        model, num_classes: for checkpoints that do not record them.
+        score: the registered score the threshold applies to.
+        score_options: keyword options of the score.
+        method: ``"tpr"`` (first threshold with TPR > ``target_tpr``, released code) or ``"f1"`` (best pixel F1).
+        target_tpr: the TPR of ``method="tpr"``.
+        calibration_scale: resize factor of the score and label maps before calibration (released StreetHazards
+            code: 0.5; bilinear scores, nearest labels).
+        dataset_options, limit, input_scale: as for ``densehybrid evaluate``.
+        sample_pixels: pixels sampled for the display range (spread over the batches).
+        seed: seeds that sample.
+        device, batch_size, num_workers, amp, progress: loop settings.
+
+    Returns:
+        a JSON-ready dict: ``out``, the :class:`~densehybrid.predict.Calibration` fields, ``anomaly_pixels``.
+
+    Raises:
+        ValueError: bad arguments, or a split without anomaly pixels.
+        DenseHybridError: unreadable checkpoint or data, or an unwritable output.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"Expected `method` to be one of {', '.join(CALIBRATION_METHODS)}, but got {method!r}.")
+    if isinstance(target_tpr, bool) or not isinstance(target_tpr, (int, float)) or not 0.0 < target_tpr < 1.0:
+        raise ValueError(f"Expected `target_tpr` in (0, 1), but got {target_tpr!r}.")
+    if not 0.0 < calibration_scale <= 1.0:
+        raise ValueError(f"Expected `calibration_scale` in (0, 1], but got {calibration_scale!r}.")
+    get_score(score)
+    out_path = check_calibration_out(checkpoint, out if out is not None else calibrated_path(checkpoint))
+    dataset, split, target_kind, benchmark_k, class_names, palette = _open_data(
+        benchmark, root, split, dataset_options, limit, input_scale
+    )
+    raw = read_checkpoint_file(checkpoint)
+    net, metadata = model_from_checkpoint(raw, checkpoint, model, num_classes, benchmark_k)
+    k = int(metadata["num_classes"])
+    if target_kind == "semantic" and benchmark_k is not None and k != benchmark_k:
+        raise ValueError(
+            f"Expected a model with the {benchmark_k} classes of benchmark {benchmark!r} (its targets mark anomalies "
+            f"with id {benchmark_k}), but checkpoint {str(checkpoint)!r} has {k}."
+        )
+    options = dict(score_options or {})
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loop = model_outputs(
+            net, dataset, device, batch_size, num_workers, amp=amp, progress=progress, desc="calibrate"
+        )
+        for batch, output in loop:
+            scores = compute_score(score, output, **options)
+            target = batch["target"].to(scores.device).long()
+            binary = anomaly_target(target, k) if target_kind == "semantic" else target
+            if calibration_scale != 1.0:
+                scores = F.interpolate(
+                    scores[:, None], scale_factor=calibration_scale, mode="bilinear", align_corners=False
+                )[:, 0]
+                binary = F.interpolate(binary[:, None].float(), scale_factor=calibration_scale, mode="nearest")[
+                    :, 0
+                ].long()
+            yield scores, binary
+
+    per_batch = max(1, sample_pixels // max(1, math.ceil(len(dataset) / batch_size)))
+    pairs = _Pairs(batches(), per_batch, seed)
+    try:
+        threshold = calibrate_threshold(pairs, method=method, target_tpr=target_tpr, strict=True)
+    except ValueError as exc:
+        if pairs.anomalies:
+            raise
+        raise ValueError(
+            f"Expected anomaly pixels in split {split!r} of {benchmark!r}, but its {pairs.images} labelled images "
+            "have none: a threshold cannot be calibrated there. Use a split with anomalies."
+        ) from exc
+    sample = np.concatenate(pairs.sample)
+    low, high = (float(v) for v in np.percentile(sample[np.isfinite(sample)], DISPLAY_PERCENTILES))
+    low, high = min(low, threshold), max(high, threshold)
+    if not high > low:
+        high = low + 1.0
+    calibration = Calibration(
+        score=score,
+        threshold=threshold,
+        display_range=(low, high),
+        method=method,
+        target_tpr=float(target_tpr) if method == "tpr" else None,
+        benchmark=benchmark,
+        split=split,
+        num_images=pairs.images,
+        class_names=class_names if len(class_names) == k else [],
+        palette=palette if len(palette) == k else [],
+    )
+    atomic_torch_save(_with_calibration(raw, metadata, calibration), out_path)
+    return {
+        "out": str(out_path),
+        "checkpoint": str(checkpoint),
+        "model": metadata["model_name"],
+        "num_classes": k,
+        **calibration.to_dict(),
+        "calibration_scale": float(calibration_scale),
+        "anomaly_pixels": pairs.anomalies,
+    }
+
+
+def _with_calibration(raw: Any, metadata: Mapping[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """The checkpoint object with the calibration added (and the architecture recorded, so no flags are needed)."""
+    state, _ = split_checkpoint(raw)
+    if isinstance(raw, Mapping) and not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        stored = dict(raw)
+    else:
+        stored = {"model": state}
+    stored.setdefault("model_name", metadata["model_name"])
+    if not isinstance(stored.get("model_kwargs"), Mapping):
+        stored["model_kwargs"] = {"num_classes": metadata["num_classes"]}
+    stored.setdefault("num_classes", metadata["num_classes"])
+    stored[CALIBRATION_KEY] = calibration.to_dict()
+    return stored

@@ -1,0 +1,102 @@
+"""``densehybrid predict``: anomaly heatmaps and open-set segmentations of one's own images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from densehybrid.cli._common import (
+    add_model_arguments,
+    load_score_options,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
+HELP = "predict your own images: anomaly heatmap, open-set segmentation and overlay per image"
+DESCRIPTION = (
+    "Run a checkpoint on image files, folders (recursive) or glob patterns. For each image it writes, under OUT and "
+    "the input's relative path, NAME_heatmap.png (the anomaly score on one colour scale for the whole run: the "
+    "checkpoint's calibrated range, else --display-range, else the 1st-99th percentiles of the first image), "
+    "NAME_segmentation.png (known classes in colour, unknown pixels in cyan) and NAME_overlay.png; with --save-raw "
+    "also NAME_scores.npy (float32 scores) and NAME_labels.png (ids 0..K-1, unknown = K). One predictions.jsonl line "
+    "per image and summary.json. Unreadable inputs are reported in one line each, skipped and counted; the exit "
+    "status is then 1 (--strict stops at the first). The threshold is the checkpoint's (densehybrid calibrate) "
+    "unless --threshold is given."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    parser.add_argument("--out", required=True, help="output folder")
+    add_model_arguments(parser)
+    parser.add_argument("--score", default=None, help="anomaly score (default: the calibrated one, else densehybrid)")
+    parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="open-set threshold, overriding the checkpoint's calibration"
+    )
+    parser.add_argument(
+        "--display-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="score range of the heatmap colour scale (default: the checkpoint's calibration)",
+    )
+    parser.add_argument("--save-raw", action="store_true", help="also write the float32 score map and the label map")
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=4_194_304,
+        help="images with more pixels run at full resolution in overlapping tiles of at most this many pixels",
+    )
+    parser.add_argument("--tile-overlap", type=non_negative_int, default=64, help="pixels shared by neighbouring tiles")
+    parser.add_argument(
+        "--input-scale", type=positive_float, default=1.0, help="resize the model input; outputs keep the image size"
+    )
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable input")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="processes decoding images")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from densehybrid.predict import Predictor, predict_files
+    from densehybrid.scores import get_score
+
+    if args.score is not None:
+        get_score(args.score)  # an unknown name fails before the checkpoint is read
+    options = {}
+    if args.display_range is not None:
+        options["display_range"] = tuple(args.display_range)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint,
+        device=args.device,
+        model=args.model,
+        num_classes=args.num_classes,
+        score=args.score,
+        threshold=args.threshold,
+        max_pixels=args.max_pixels,
+        tile_overlap=args.tile_overlap,
+        input_scale=args.input_scale,
+        amp=args.amp,
+        **options,
+    )
+    predictor.score_options = load_score_options([predictor.score], args.sml_statistics, predictor.num_classes).get(
+        predictor.score, {}
+    )
+    summary = predict_files(
+        predictor,
+        args.inputs,
+        args.out,
+        save_raw=args.save_raw,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        strict=args.strict,
+        progress=not args.no_progress,
+        report=lambda line: print(line, file=sys.stderr),
+    )
+    print("\n".join(summary.lines()))
+    return 1 if summary.failures else 0

@@ -1,0 +1,465 @@
+"""Export a checkpoint to ONNX or TorchScript: the library side of ``densehybrid export``.
+
+The exported graph maps RGB images (N, 3, H, W) float32 in [0, 1], with dynamic N, H and W, to
+
+* ``scores`` (N, H, W) float32, the anomaly score (higher = more anomalous), and
+* ``labels`` (N, H, W) int64, the open-set segmentation: the closed-set argmax, with pixels whose score exceeds the
+  threshold set to the unknown id K (the threshold is a constant of the graph; without one the labels are the
+  closed-set argmax).
+
+The model's input normalisation is inside the graph. Both formats are traced (``torch.jit.trace``; ONNX through
+PyTorch's TorchScript-based exporter) from a copy of the model in which the aspect-ratio pyramid pooling of the
+ladder models and LDN-121 reads the feature-map size as a tensor instead of a Python number, so the pooling grid
+follows every input's aspect ratio as in eager PyTorch. :func:`check_parity` then compares the file with the eager
+model on random images of two sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import types
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densehybrid.errors import DenseHybridError
+from densehybrid.models.output import HybridOutput
+from densehybrid.scores import compute_score, get_score
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "PARITY_TOLERANCE",
+    "ExportGraph",
+    "ParityReport",
+    "check_parity",
+    "export_model",
+    "load_exported",
+    "onnxruntime_available",
+    "require_onnx",
+    "traceable_copy",
+]
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+#: Largest allowed relative error of the exported scores (max |exported - eager| / max |eager|).
+PARITY_TOLERANCE = 1e-4
+#: (N, H, W) of the random images of the parity check: two sizes and aspect ratios, two batch sizes.
+PARITY_SIZES: tuple[tuple[int, int, int], ...] = ((1, 96, 160), (2, 128, 96))
+DEFAULT_OPSET = 17
+_INSTALL_HINT = "Install the export extra: pip install 'densehybrid[export]'."
+
+
+def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime can be imported (it is the optional extra ``densehybrid[export]``)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_onnx() -> None:
+    """Raise :class:`DenseHybridError` with the install command when ONNX or ONNX Runtime is missing."""
+    missing = []
+    for name in ("onnx", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise DenseHybridError(
+            f"Expected the packages {', '.join(missing)} for ONNX export and its parity check, but they are not "
+            f"installed. {_INSTALL_HINT}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Aspect-ratio pyramid pooling with tensor sizes
+
+
+def _size(x: torch.Tensor, dim: int) -> torch.Tensor:
+    # an int in eager mode, a traced 0-dim tensor while tracing: as a tensor, arithmetic on it stays in the graph
+    return torch.as_tensor(x.shape[dim])
+
+
+def _pool_matrix(length: torch.Tensor, bins: torch.Tensor | int) -> torch.Tensor:
+    """(bins, length) averaging weights of ``adaptive_avg_pool`` along one axis.
+
+    Bin i covers ``[floor(i * n / m), ceil((i + 1) * n / m))`` as in PyTorch's adaptive pooling.
+    """
+    index = torch.arange(bins)
+    start = torch.div(index * length, bins, rounding_mode="floor")
+    stop = torch.div((index + 1) * length + bins - 1, bins, rounding_mode="floor")
+    position = torch.arange(length)
+    inside = (position[None, :] >= start[:, None]) & (position[None, :] < stop[:, None])
+    return inside.float() / (stop - start).float()[:, None]
+
+
+def aspect_pool(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, (rows, max(1, round(rows * W / H))))`` with the sizes as tensors (traceable).
+
+    Python's ``round`` and ``torch.round`` both round halves to even, and the product is taken in float64 as in the
+    models, so the grid is the same.
+    """
+    h, w = _size(x, -2), _size(x, -1)
+    aspect = w.double() / h.double()
+    cols = torch.clamp(torch.round(aspect * rows), min=1).long()
+    pooled = torch.matmul(_pool_matrix(h, rows).to(x.dtype), x)
+    return torch.matmul(pooled, _pool_matrix(w, cols).to(x.dtype).transpose(0, 1))
+
+
+def _ladder_spp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = self.reduce(x)
+    size = x.shape[-2:]
+    pooled = [x]
+    for grid, level in zip(self.grids, self.levels):
+        pooled.append(F.interpolate(level(aspect_pool(x, grid)), size=size, mode="bilinear", align_corners=False))
+    return self.fuse(torch.cat(pooled, dim=1))
+
+
+def _ldn_spp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    size = x.shape[-2:]
+    x = self.spp.spp_bn(x)
+    levels = [x]
+    for i, rows in enumerate(self.grids):
+        level = getattr(self.spp, f"spp{i}")
+        levels.append(F.interpolate(level(aspect_pool(x, rows)), size=size, mode="bilinear", align_corners=False))
+    return self.spp.spp_fuse(torch.cat(levels, dim=1))
+
+
+def _traceable_forwards() -> dict[type, Callable[..., torch.Tensor]]:
+    from densehybrid.models import ladder, ldn
+
+    return {ladder.SpatialPyramidPooling: _ladder_spp_forward, ldn.SpatialPyramidPooling: _ldn_spp_forward}
+
+
+def traceable_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode whose aspect-ratio pooling modules trace with dynamic sizes."""
+    model = copy.deepcopy(model).eval()
+    forwards = _traceable_forwards()
+    for module in model.modules():
+        forward = forwards.get(type(module))
+        if forward is not None:
+            module.forward = types.MethodType(forward, module)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The exported graph
+
+
+class ExportGraph(nn.Module):
+    """images (N, 3, H, W) in [0, 1] -> (scores (N, H, W) float32, labels (N, H, W) int64).
+
+    Args:
+        model: a DenseHybrid model (normalises its input itself).
+        score: registered score name.
+        threshold: ``scores > threshold`` becomes K; None leaves the closed-set argmax.
+        score_options: keyword options of the score.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        score: str = "densehybrid",
+        threshold: float | None = None,
+        score_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        get_score(score)
+        self.model = model
+        self.score = score
+        self.threshold = None if threshold is None else float(threshold)
+        self.score_options = dict(score_options or {})
+        self.num_classes = int(model.num_classes)
+
+    def outputs(self, images: torch.Tensor) -> HybridOutput:
+        model = self.model
+        if not all(hasattr(model, name) for name in ("forward_features", "forward_head", "forward_ood_head")):
+            return model(images)
+        # resize unconditionally: the model's own forward skips an equal-size resize, which tracing would freeze
+        features = model.forward_features(images)
+        size = images.shape[-2:]
+        corners = bool(getattr(model, "align_corners", False))
+        logits = F.interpolate(model.forward_head(features), size=size, mode="bilinear", align_corners=corners)
+        ood = F.interpolate(model.forward_ood_head(features), size=size, mode="bilinear", align_corners=corners)
+        return HybridOutput(logits, ood)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.outputs(images)
+        scores = compute_score(self.score, out, **self.score_options).float()
+        closed = out.logits.argmax(dim=1)
+        if self.threshold is None:
+            return scores, closed
+        unknown = torch.full_like(closed, self.num_classes)
+        return scores, torch.where(scores > self.threshold, unknown, closed)
+
+
+def _atomic_target(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; give the file the permissions open() would
+    os.close(fd)
+    return tmp
+
+
+def _metadata(graph: ExportGraph, model: nn.Module, extra: Mapping[str, Any]) -> dict[str, str]:
+    data = {
+        "producer": "densehybrid",
+        "model": getattr(model, "model_name", type(model).__name__),
+        "num_classes": graph.num_classes,
+        "score": graph.score,
+        "threshold": graph.threshold,
+        "unknown_label": graph.num_classes,
+        "input": "images (N, 3, H, W) float32 RGB in [0, 1]",
+        "outputs": "scores (N, H, W) float32, higher = more anomalous; labels (N, H, W) int64, unknown = num_classes",
+        **extra,
+    }
+    return {key: json.dumps(value) for key, value in data.items()}
+
+
+def export_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    fmt: str = "onnx",
+    *,
+    score: str = "densehybrid",
+    threshold: float | None = None,
+    score_options: Mapping[str, Any] | None = None,
+    opset: int = DEFAULT_OPSET,
+    example_size: tuple[int, int, int] = (1, 160, 288),
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the graph of :class:`ExportGraph` to ``path`` (atomically).
+
+    Args:
+        model: a DenseHybrid model.
+        path: output file (``.onnx`` or ``.pt``/``.ts`` by convention).
+        fmt: ``"onnx"`` or ``"torchscript"``.
+        score, threshold, score_options: see :class:`ExportGraph`.
+        opset: ONNX opset version.
+        example_size: (N, H, W) of the tracing input (any size works; one whose feature maps differ in size from
+            the pooling grids avoids shortcuts being frozen into the graph).
+        metadata: extra entries stored in the file (ONNX ``metadata_props``, TorchScript extra file
+            ``densehybrid.json``), e.g. class names.
+
+    Returns:
+        the path written.
+
+    Raises:
+        ValueError: an unknown format.
+        DenseHybridError: ONNX packages missing, or the export fails.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"Expected `fmt` to be one of {', '.join(EXPORT_FORMATS)}, but got {fmt!r}.")
+    if fmt == "onnx":
+        require_onnx()
+    path = Path(path)
+    graph = ExportGraph(traceable_copy(model), score, threshold, score_options).eval()
+    n, h, w = example_size
+    example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+    props = _metadata(graph, model, metadata or {})
+    tmp = _atomic_target(path)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # tracing warns about every Python-level shape check it freezes; the parity check is what verifies
+            warnings.simplefilter("ignore")
+            if fmt == "torchscript":
+                traced = torch.jit.trace(graph, example, check_trace=False)
+                torch.jit.save(traced, tmp, _extra_files={"densehybrid.json": json.dumps(props)})
+            else:
+                _export_onnx(graph, example, tmp, opset, props)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, (KeyboardInterrupt, DenseHybridError)):
+            raise
+        if isinstance(exc, Exception):
+            name = getattr(model, "model_name", type(model).__name__)
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # tracer errors append whole graphs
+            raise DenseHybridError(f"Cannot export {name} to {fmt} at {str(path)!r}: {detail}") from exc
+        raise
+    return path
+
+
+def _export_onnx(graph: nn.Module, example: torch.Tensor, path: str, opset: int, props: Mapping[str, str]) -> None:
+    import onnx
+
+    axes = {0: "N", 1: "H", 2: "W"}
+    torch.onnx.export(
+        graph,
+        (example,),
+        path,
+        dynamo=False,
+        opset_version=opset,
+        input_names=["images"],
+        output_names=["scores", "labels"],
+        dynamic_axes={"images": {0: "N", 2: "H", 3: "W"}, "scores": axes, "labels": axes},
+    )
+    proto = onnx.load(path)
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"densehybrid.{key}", value
+    onnx.save(proto, path)
+
+
+def load_exported(path: str | os.PathLike[str], fmt: str, threads: int | None = None) -> Callable[[np.ndarray], tuple]:
+    """A callable ``images (N, 3, H, W) float32 array -> (scores, labels)`` arrays running the exported file.
+
+    Args:
+        path: the exported file.
+        fmt: ``"onnx"`` (ONNX Runtime, CPU) or ``"torchscript"``.
+        threads: intra-op threads of ONNX Runtime (default: its own choice).
+    """
+    if fmt == "onnx":
+        require_onnx()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda images: tuple(session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)}))
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream but still supported
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+
+        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                scores, labels = module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+            return scores.numpy(), labels.numpy()
+
+        return run
+    raise ValueError(f"Expected `fmt` to be one of {', '.join(EXPORT_FORMATS)}, but got {fmt!r}.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parity
+
+
+@dataclass
+class ParityReport:
+    """The comparison of an exported file with eager PyTorch.
+
+    Attributes:
+        fmt: the format checked.
+        sizes: the (N, H, W) of the random inputs.
+        relative_error: per size, max |exported - eager| / max |eager| of the scores.
+        label_mismatches: per size, pixels whose labels differ outside the tolerated pixels.
+        tolerated: per size, pixels exempt from the label comparison: within ``tolerance * max|eager|`` of the
+            threshold, or whose two largest logits are that close (a tie the argmax may break either way).
+        tolerance: the bound on the relative error.
+    """
+
+    fmt: str
+    sizes: list[tuple[int, int, int]] = field(default_factory=list)
+    relative_error: list[float] = field(default_factory=list)
+    label_mismatches: list[int] = field(default_factory=list)
+    tolerated: list[int] = field(default_factory=list)
+    tolerance: float = PARITY_TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        return all(e <= self.tolerance for e in self.relative_error) and not any(self.label_mismatches)
+
+    def lines(self) -> list[str]:
+        verdict = "passed" if self.passed else "FAILED"
+        lines = [f"parity {self.fmt} vs PyTorch eager: {verdict} (relative error <= {self.tolerance:g})"]
+        for size, error, bad, tolerated in zip(self.sizes, self.relative_error, self.label_mismatches, self.tolerated):
+            lines.append(
+                f"  N={size[0]} H={size[1]} W={size[2]}: score relative error {error:.2e}, label mismatches {bad} "
+                f"({tolerated} pixels at the threshold or at a logit tie exempt)"
+            )
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.fmt,
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "sizes": [list(s) for s in self.sizes],
+            "relative_error": self.relative_error,
+            "label_mismatches": self.label_mismatches,
+            "tolerated_pixels": self.tolerated,
+        }
+
+
+@torch.no_grad()
+def eager_reference(
+    model: nn.Module,
+    images: torch.Tensor,
+    score: str = "densehybrid",
+    threshold: float | None = None,
+    score_options: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the exported graph should give, from the model's own forward: (scores, labels, top-2 logit gap)."""
+    model = model.eval()
+    out = model(images)
+    out = HybridOutput(out.logits.float(), out.ood_logits.float())
+    scores = compute_score(score, out, **dict(score_options or {}))
+    top2 = out.logits.topk(2, dim=1).values if out.logits.shape[1] > 1 else None
+    gap = (top2[:, 0] - top2[:, 1]) if top2 is not None else torch.full_like(scores, math.inf)
+    labels = out.logits.max(dim=1).indices
+    if threshold is not None:
+        labels[scores > threshold] = out.logits.shape[1]
+    return scores, labels, gap
+
+
+def check_parity(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    fmt: str,
+    *,
+    score: str = "densehybrid",
+    threshold: float | None = None,
+    score_options: Mapping[str, Any] | None = None,
+    sizes: Sequence[tuple[int, int, int]] = PARITY_SIZES,
+    tolerance: float = PARITY_TOLERANCE,
+    seed: int = 0,
+) -> ParityReport:
+    """Run the exported file and the eager model on random images of each size and compare.
+
+    Returns:
+        :class:`ParityReport` (``passed`` when every relative error is within ``tolerance`` and the labels agree
+        outside the tolerated pixels).
+    """
+    run = load_exported(path, fmt)
+    generator = torch.Generator().manual_seed(seed)
+    report = ParityReport(fmt=fmt, tolerance=tolerance)
+    for n, h, w in sizes:
+        images = torch.rand(n, 3, h, w, generator=generator)
+        scores, labels, gap = eager_reference(model, images, score, threshold, score_options)
+        exported_scores, exported_labels = run(images.numpy())
+        reference = scores.numpy()
+        scale = max(float(np.abs(reference).max()), 1e-12)
+        if exported_scores.shape != reference.shape or exported_labels.shape != reference.shape:
+            report.sizes.append((n, h, w))
+            report.relative_error.append(math.inf)
+            report.label_mismatches.append(int(reference.size))
+            report.tolerated.append(0)
+            continue
+        error = float(np.abs(exported_scores.astype(np.float64) - reference).max()) / scale
+        band = tolerance * scale
+        exempt = (gap.numpy() <= band) if threshold is None else (np.abs(reference - threshold) <= band)
+        if threshold is not None:
+            exempt |= (gap.numpy() <= band) & (reference <= threshold)
+        differ = exported_labels != labels.numpy()
+        report.sizes.append((n, h, w))
+        report.relative_error.append(error)
+        report.label_mismatches.append(int((differ & ~exempt).sum()))
+        report.tolerated.append(int(exempt.sum()))
+    return report

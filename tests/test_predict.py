@@ -1,0 +1,288 @@
+"""The Predictor and ``densehybrid predict`` end to end on generated images, good and bad."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from densehybrid.cli import main
+from densehybrid.data.datasets._io import read_rgb
+from densehybrid.models import HybridOutput, create_model
+from densehybrid.predict import (
+    Predictor,
+    _atomic_write,
+    predict_files,
+    render_heatmap,
+    render_segmentation,
+    tile_spans,
+)
+from densehybrid.report.figures import UNKNOWN_COLOUR
+from densehybrid.scores import densehybrid as densehybrid_score
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class Pointwise(nn.Module):
+    """A model whose outputs at a pixel depend on that pixel only: tiling must not change them. Records input sizes."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Conv2d(3, num_classes, 1)
+        self.ood = nn.Conv2d(3, 2, 1)
+        self.num_classes = num_classes
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, images, output_size=None):
+        self.seen.append(tuple(images.shape[-2:]))
+        logits, ood = self.head(images * 4), self.ood(images * 4)
+        if output_size is not None and tuple(output_size) != tuple(images.shape[-2:]):
+            logits = nn.functional.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+            ood = nn.functional.interpolate(ood, size=output_size, mode="bilinear", align_corners=False)
+        return HybridOutput(logits, ood)
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("ladder_mobilenetv3", num_classes=4, decoder_channels=16).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": model.model_kwargs}, path)
+    return path, model
+
+
+def test_tile_spans_partition_the_axis():
+    for length, tile, overlap in [(100, 100, 8), (300, 128, 32), (257, 64, 0), (1000, 96, 64), (65, 64, 63)]:
+        spans = tile_spans(length, tile, overlap)
+        kept = [(a, b) for _, a, b in spans]
+        assert kept[0][0] == 0 and kept[-1][1] == length
+        assert all(kept[i][1] == kept[i + 1][0] for i in range(len(kept) - 1))
+        for start, a, b in spans:
+            assert start <= a < b <= start + min(tile, length)  # kept part inside its tile
+            assert start + min(tile, length) <= length
+
+
+def test_tiling_reproduces_the_full_image_for_a_pointwise_model():
+    model = Pointwise()
+    image = _rgb(150, 230)
+    full = Predictor(model, threshold=0.0, device="cpu").predict(image)
+    model.seen.clear()
+    tiled = Predictor(model, threshold=0.0, device="cpu", max_pixels=64 * 80, tile_overlap=16).predict(image)
+    assert len(model.seen) > 1 and all(h * w <= 64 * 80 for h, w in model.seen)
+    np.testing.assert_allclose(tiled.scores, full.scores, rtol=0, atol=1e-5)
+    assert (tiled.labels == full.labels).all()
+
+
+def test_predict_accepts_paths_pil_arrays_and_tensors(tmp_path, checkpoint):
+    path, model = checkpoint
+    predictor = Predictor.from_checkpoint(path, device="cpu", threshold=-2.5)
+    rgb = _rgb(40, 56)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    results = [
+        predictor.predict(tmp_path / "x.png"),
+        predictor.predict(Image.fromarray(rgb)),
+        predictor.predict(rgb),
+        predictor.predict(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255),
+    ]
+    with torch.no_grad():
+        out = model(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)
+    expected = densehybrid_score(out.logits, out.ood_logits)[0].numpy()
+    for result in results:
+        assert result.scores.shape == (40, 56) and result.threshold == -2.5
+        np.testing.assert_allclose(result.scores, expected, atol=1e-5)
+        assert ((result.labels == 4) == (result.scores > -2.5)).all()
+        closed = out.logits[0].argmax(0).numpy()
+        assert (result.labels[result.labels < 4] == closed[result.labels < 4]).all()
+
+
+def test_input_scale_keeps_the_image_size():
+    result = Predictor(Pointwise(), device="cpu", input_scale=0.5).predict(_rgb(64, 96))
+    assert result.scores.shape == (64, 96) and result.threshold is None and (result.labels < 3).all()
+
+
+def _write_mixed_folder(folder):
+    """Every case of a real photo collection: modes, bit depths, EXIF, and files that cannot be read."""
+    folder.mkdir()
+    Image.fromarray(_rgb(48, 64, 1)).save(folder / "good.png")
+    Image.fromarray(_rgb(48, 64, 2)[:, :, 0]).save(folder / "gray.png")
+    Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)).save(folder / "gray16.png")
+    Image.fromarray(_rgb(48, 64, 3)).convert("P").save(folder / "palette.png")
+    Image.fromarray(np.dstack([_rgb(48, 64, 4), np.full((48, 64), 128, np.uint8)])).save(folder / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: stored 64 wide and 48 high, shown 48 wide and 64 high
+    (folder / "sub").mkdir()
+    Image.fromarray(_rgb(48, 64, 5)).save(folder / "sub" / "exif.jpg", exif=exif)
+    data = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    os.symlink(folder / "missing-target.png", folder / "broken.png")
+    (folder / "readme.txt").write_text("ignored: not an image suffix")
+
+
+def test_predict_folder_with_good_and_bad_files(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    _write_mixed_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(
+        ["predict", "--checkpoint", str(path), str(tmp_path / "in"), str(tmp_path / "nope.png"), "--out", str(out)]
+        + ["--threshold", "-2.5", "--display-range", "-4", "-1", "--save-raw", "--num-workers", "0", "--no-progress"]
+    )
+    captured = capsys.readouterr()
+    assert code == 1  # some inputs were skipped
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 5
+    for name in ("nope.png", "truncated.png", "empty.png", "notes.png", "broken.png"):
+        assert sum(name in line for line in skipped) == 1
+    assert "empty file" in next(line for line in skipped if "empty.png" in line)
+    assert "predicted 6 image(s), skipped 5" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_images"] == 6 and summary["num_failed"] == 5 and summary["threshold"] == -2.5
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    by_name = {os.path.basename(r["input"]): r for r in records}
+    assert (by_name["exif.jpg"]["width"], by_name["exif.jpg"]["height"]) == (48, 64)  # EXIF orientation applied
+    for name, record in by_name.items():
+        stem = out / (f"sub/{name[:-4]}" if name == "exif.jpg" else name[:-4])
+        scores = np.load(f"{stem}_scores.npy")
+        labels = np.asarray(Image.open(f"{stem}_labels.png"))
+        heatmap = np.asarray(Image.open(f"{stem}_heatmap.png"))
+        segmentation = np.asarray(Image.open(f"{stem}_segmentation.png"))
+        assert scores.dtype == np.float32 and scores.shape == (record["height"], record["width"])
+        assert ((labels == 4) == (scores > -2.5)).all()  # unknown = K in the raw label map
+        assert (segmentation[labels == 4] == UNKNOWN_COLOUR).all()
+        np.testing.assert_array_equal(heatmap, render_heatmap(scores, (-4.0, -1.0)))  # one fixed scale
+        assert record["anomalous_fraction"] == pytest.approx(float((labels == 4).mean()))
+        assert record["max_score"] == pytest.approx(float(scores.max()))
+        assert Image.open(f"{stem}_overlay.png").size == (record["width"], record["height"])
+    assert not list(out.rglob("*.tmp"))  # every write was atomic
+
+
+def test_strict_stops_at_the_first_bad_file(tmp_path, checkpoint):
+    path, _ = checkpoint
+    _write_mixed_folder(tmp_path / "in")
+    code = main(
+        ["predict", "--checkpoint", str(path), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--strict"]
+        + ["--num-workers", "0", "--no-progress"]
+    )
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert code == 1 and summary["stopped_at_first_failure"] and summary["num_failed"] == 1
+    assert summary["num_images"] < 6
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path, checkpoint):
+    path, _ = checkpoint
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(_rgb(32, 48, 1)).save(folder / "a.png")
+    Image.fromarray(_rgb(32, 48, 2)).save(folder / "a_heatmap.png")
+    before = (folder / "a_heatmap.png").read_bytes()
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    lines = []
+    summary = predict_files(predictor, [folder], folder, progress=False, report=lines.append)
+    assert summary.num_images == 1 and len(summary.failures) == 1
+    assert "would overwrite the input" in lines[0] and "a.png" in lines[0]
+    assert (folder / "a_heatmap.png").read_bytes() == before
+    assert (folder / "a_heatmap_heatmap.png").exists()
+
+
+def test_heatmaps_share_one_scale_without_calibration(tmp_path, checkpoint):
+    path, _ = checkpoint
+    for i in range(3):
+        Image.fromarray(_rgb(32 + 8 * i, 40, i)).save(tmp_path / f"{i}.png")
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    summary = predict_files(
+        predictor, [str(tmp_path / "*.png")], tmp_path / "out", save_raw=True, batch_size=2, progress=False
+    )
+    assert summary.num_images == 3 and "first image" in summary.display_range_source
+    first = np.load(tmp_path / "out" / "0_scores.npy")
+    assert summary.display_range == pytest.approx(tuple(np.percentile(first, (1, 99))))
+    for i in range(3):
+        scores = np.load(tmp_path / "out" / f"{i}_scores.npy")
+        heatmap = np.asarray(Image.open(tmp_path / "out" / f"{i}_heatmap.png"))
+        np.testing.assert_array_equal(heatmap, render_heatmap(scores, summary.display_range))
+        labels = np.asarray(Image.open(tmp_path / "out" / f"{i}_labels.png"))
+        assert labels.max() < 4  # no threshold: closed-set labels only
+        single = predictor.predict(read_rgb(tmp_path / f"{i}.png"))
+        np.testing.assert_allclose(scores, single.scores, atol=1e-5)  # batching does not change results
+
+
+def test_num_workers_and_batches_of_mixed_sizes(tmp_path, checkpoint):
+    path, _ = checkpoint
+    for i, (h, w) in enumerate([(32, 40), (40, 32), (32, 40)]):
+        Image.fromarray(_rgb(h, w, i)).save(tmp_path / f"{i}.png")
+    predictor = Predictor.from_checkpoint(path, device="cpu", threshold=-2.5)
+    summary = predict_files(predictor, [tmp_path], tmp_path / "out", batch_size=3, num_workers=1, progress=False)
+    assert summary.num_images == 3 and not summary.failures
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+
+    def failing(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        _atomic_write(target, failing)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_render_segmentation_marks_unknown_in_cyan():
+    palette = np.array([[10, 20, 30], [40, 50, 60]], dtype=np.uint8)
+    colours = render_segmentation(np.array([[0, 1, 2]]), palette)
+    assert (colours[0, 0] == palette[0]).all() and (colours[0, 2] == UNKNOWN_COLOUR).all()
+
+
+def test_unknown_device_is_a_clear_error(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    if torch.cuda.is_available():
+        pytest.skip("the error is about a missing GPU")
+    code = main(["predict", "--checkpoint", str(path), str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert code == 1 and "CUDA" in capsys.readouterr().err
+
+
+def test_predict_on_the_demo_checkpoint(tmp_path):
+    """The checkpoint `densehybrid demo` writes (densehybrid.pt through the demo's own save function) predicts as is."""
+    from densehybrid.demo import _mark_finished
+
+    torch.manual_seed(0)
+    model = create_model("ladder_mobilenetv3", num_classes=10)
+    _mark_finished(tmp_path / "densehybrid.pt", model, {"stage": "densehybrid"}, [])
+    Image.fromarray(_rgb(64, 128)).save(tmp_path / "photo.jpg")
+    out = tmp_path / "predictions"
+    code = main(
+        ["predict", "--checkpoint", str(tmp_path / "densehybrid.pt"), str(tmp_path / "photo.jpg"), "--out", str(out)]
+        + ["--num-workers", "0", "--no-progress"]
+    )
+    assert code == 0
+    for kind in ("heatmap", "segmentation", "overlay"):
+        assert Image.open(out / f"photo_{kind}.png").size == (128, 64)
+
+
+@pytest.mark.parametrize("command", ["predict", "calibrate", "export"])
+def test_help_documents_every_option(command, capsys):
+    from densehybrid.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    assert all(action.help for action in sub._actions if action.dest != "help")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--checkpoint" in capsys.readouterr().out
