@@ -46,6 +46,8 @@ from densehybrid.openset import calibrate_threshold, predict_open_set
 from densehybrid.scores import SMLStatistics, fit_sml_statistics, get_score, list_scores
 
 FAMILIES = {1: "real", 2: "procedural"}
+#: Version of the training negatives (pool, crops, masks): a fine-tuned stage made with others is not reused.
+NEGATIVES_VERSION = 2
 #: Scores that read only the logits: meaningful for the closed-set model too.
 LOGIT_SCORES = ("msp", "max_logit", "energy", "entropy", "sml", "generative")
 
@@ -447,7 +449,7 @@ def _train_and_evaluate(
     hybrid_model = create_model(config.model, num_classes=num_classes)
     hybrid_model.load_state_dict(closed_model.state_dict())
     hybrid_path = out / "densehybrid.pt"
-    hybrid_settings = {**_stage_settings(config, "densehybrid"), "data_seed": data_seed}
+    hybrid_settings = {**_stage_settings(config, "densehybrid"), "data_seed": data_seed, "negatives": NEGATIVES_VERSION}
     say.banner(
         f"DenseHybrid fine-tuning{tag}",
         f"{config.finetune_epochs} epochs, one pasted negative per scene, loss weights (1, {config.beta}, "
