@@ -460,6 +460,9 @@ def _train_and_evaluate(
         say.say(f"   reused the finished stage {hybrid_path} (same settings; --no-resume retrains it)")
         say.advance(finetune_units)
     elif config.finetune_epochs:
+        if say.seconds_per_unit is None:  # the closed-set stage was reused: time one step for the estimate
+            say.rate(_probe_step_seconds(hybrid_model, train_set, config.batch_size, device) / config.batch_size)
+            say.banner("DenseHybrid fine-tuning started", "time estimate from one timed step")
         side = config.negative_size
         negatives = RoadSceneNegatives(seed=config.seed, size=(side, side), length=1000)
         objective = DenseHybridObjective(
