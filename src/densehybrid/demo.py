@@ -113,9 +113,9 @@ class DemoConfig:
         """A smoke-test run: small images, small splits, few epochs (under a minute on 2 CPU cores)."""
         base = dict(
             image_size=(64, 128),
-            train_images=48,
-            val_images=12,
-            test_images=12,
+            train_images=32,
+            val_images=8,
+            test_images=8,
             closed_epochs=2,
             finetune_epochs=1,
             negative_size=32,
