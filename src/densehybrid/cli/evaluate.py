@@ -38,7 +38,8 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(list_benchmarks())}")
+    evaluable = [name for name in list_benchmarks() if BENCHMARKS[name].protocol is not None]
+    parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(evaluable)}")
     add_data_arguments(parser)
     parser.add_argument("--split", default=None, help="split to evaluate (default: the benchmark's evaluation split)")
     add_model_arguments(parser)

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         positive_int,
     )
 
-    parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(list_benchmarks())}")
+    exportable = [name for name in list_benchmarks() if name in _TOOLKIT_SPLITS]
+    parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(exportable)}")
     parser.add_argument("--root", required=True, help="the benchmark's dataset root")
     parser.add_argument(
         "--model",

@@ -8,7 +8,9 @@ picture has exactly one role:
 * :data:`REAL_ANOMALY_SOURCES` become object-shaped cut-outs pasted as the ``real`` anomalies of the val and test
   splits (the masks come from thresholds, stereo disparity, the bundled silhouette or fixed ellipses and polygons
   traced on the photograph, never a plain rectangle);
-* :data:`NEGATIVE_SOURCES` are the training negatives (the ADE20K role of the paper).
+* :data:`NEGATIVE_SOURCES` are the training negatives (the ADE20K role of the paper): scikit-image's camera man,
+  cells, clock, LFW faces, Hubble deep field, immunohistochemistry slide, retinal microaneurysms, scanned page,
+  retina and text, and matplotlib's sample photograph of Grace Hopper.
 
 The three tuples are disjoint; :func:`load_source` refuses names outside them, so no code path can reach another
 role's picture by accident. Everything here is cached per process and deterministic (no randomness at all).
@@ -39,12 +41,23 @@ NEGATIVE_SOURCES: tuple[str, ...] = (
     "camera",
     "cell",
     "clock",
+    "faces",
+    "grace_hopper",
     "hubble_deep_field",
     "immunohistochemistry",
+    "microaneurysms",
     "page",
     "retina",
     "text",
 )
+# Negative sources that are not scikit-image pictures of the same name: the file each one reads (all ship inside
+# installed packages). ``faces`` tiles scikit-image's 200 LFW face thumbnails into one mosaic. Flat-colour graphics
+# (``colorwheel``, ``logo``, matplotlib's logo and present icon) are left out: they are too close to the procedural
+# anomaly family, which must stay unlike any training negative.
+_OTHER_FILES = {
+    "faces": "skimage:lfw_subset",
+    "grace_hopper": "matplotlib:grace_hopper.jpg",
+}
 
 # Texture pyramids are built from a 2x2 mirrored tiling, so they are seamless with period 2 * side.
 _PYRAMID_LEVELS = 7
@@ -76,6 +89,17 @@ def load_source(name: str) -> np.ndarray:
 def _load_source_cached(name: str) -> np.ndarray:
     if name == "stereo_motorcycle":
         raw = skdata.stereo_motorcycle()[0]
+    elif name == "faces":
+        thumbs = skdata.lfw_subset()  # (200, 25, 25) float in [0, 1]
+        raw = (thumbs.reshape(10, 20, 25, 25).transpose(0, 2, 1, 3).reshape(250, 500) * 255).round()
+    elif name == "grace_hopper":
+        from matplotlib import cbook
+
+        with Image.open(cbook.get_sample_data(_OTHER_FILES[name].split(":")[1], asfileobj=False)) as im:
+            raw = np.asarray(im.convert("RGBA"))
+        alpha = raw[:, :, 3:4].astype(np.float32) / 255.0  # transparent parts become white, as on a page
+        raw = raw[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+
     elif name == "horse":
         raw = (~skdata.horse()).astype(np.uint8) * 255  # the bundled array is False on the horse
     else:

@@ -57,6 +57,9 @@ __all__ = [
     "DEFAULT_SIZES",
     "GENERATOR_VERSION",
     "MIN_ANOMALY_PIXELS",
+    "NEGATIVE_JITTER_SCALE",
+    "NEGATIVE_OBJECTS",
+    "NEGATIVE_RESIZE_FACTOR",
     "NEGATIVE_SOURCES",
     "PROCEDURAL_FILLS",
     "PROCEDURAL_SHAPES",
@@ -530,13 +533,50 @@ class RoadSceneDataset(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
 
-def generate_negative(seed: int, index: int, size: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, np.ndarray]:
-    """One training negative: a random crop of a :data:`NEGATIVE_SOURCES` photograph and its segment map.
+#: Shorter side of a negative photograph before the jitter crop, in crop sides (the released code resizes ADE20K
+#: images to a shorter side of 384 and crops 192: a factor of 2).
+NEGATIVE_RESIZE_FACTOR = 2
+#: Range of the jitter crop's scale factor (the released ``JitterRandomCrop(scale=(0.5, 2))``).
+NEGATIVE_JITTER_SCALE = (0.5, 2.0)
+#: Range of the number of object shapes in a negative's segment map.
+NEGATIVE_OBJECTS = (2, 4)
 
-    The crop covers 15-60 % of the photograph's shorter side (aspect jitter up to 4:3), is resized to ``size``,
-    flipped and rotated by a random multiple of 90 degrees, and given a random exposure. The segment map plays the
-    role of the ADE20K class map of the paper's negatives (the pasting code unites the masks of two random segment
-    ids): Felzenszwalb's graph segmentation of the crop, ids ``0..S-1``.
+
+def _object_segments(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """An (h, w) segment map of 2-4 overlapping object shapes (ids 1..k, painted back to front) on background 0.
+
+    Each shape is star-shaped around a random centre: its radius varies with the angle as a sum of three random
+    harmonics, which gives rounded, lobed outlines like the objects of a scene rather than superpixels.
+    """
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
+    segments = np.zeros((h, w), dtype=np.int64)
+    count = int(rng.integers(NEGATIVE_OBJECTS[0], NEGATIVE_OBJECTS[1] + 1))
+    short = min(h, w)
+    for obj in range(1, count + 1):
+        cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+        radius = rng.uniform(0.15, 0.4) * short
+        stretch = np.exp(rng.uniform(-0.4, 0.4))  # elongated objects, either way
+        dy, dx = (rows - cy) / stretch, (cols - cx) * stretch
+        angle, dist = np.arctan2(dy, dx), np.hypot(dy, dx)
+        edge = np.ones_like(angle)
+        for k in (2, 3, 5):
+            edge += rng.uniform(0.0, 0.3) / k * 2 * np.cos(k * angle + rng.uniform(0, 2 * np.pi))
+        inside = dist <= radius * edge
+        if not inside.any():  # a tiny crop: keep at least the centre pixel
+            inside[min(int(cy), h - 1), min(int(cx), w - 1)] = True
+        segments[inside] = obj
+    return segments
+
+
+def generate_negative(seed: int, index: int, size: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """One training negative: a jitter crop of a :data:`NEGATIVE_SOURCES` photograph and an object segment map.
+
+    As the released pipeline does for ADE20K (``JointResize(384)`` then ``JitterRandomCrop(192, scale=(0.5, 2))``),
+    the photograph is resized to a shorter side of :data:`NEGATIVE_RESIZE_FACTOR` times the crop side, rescaled by a
+    factor drawn uniformly from :data:`NEGATIVE_JITTER_SCALE`, and cropped to ``size`` at a uniform position. The
+    segment map plays the role of the ADE20K class map (the pasting code unites the pixels of two random ids):
+    2-4 object shapes (ids 1..k) on a background id 0, which, like ADE's "other", can be drawn too. The masks are
+    our own choice: the photographs have no object annotations.
 
     Args:
         seed: the benchmark seed.
@@ -551,40 +591,45 @@ def generate_negative(seed: int, index: int, size: tuple[int, int] = (64, 64)) -
     h, w = _check_size(size, "size", 16)
     rng = _rng(seed, "negatives", index)
     name = NEGATIVE_SOURCES[int(rng.integers(len(NEGATIVE_SOURCES)))]
-    picture = _sources.load_source(name)
-    ph, pw = picture.shape[:2]
-    side = rng.uniform(0.15, 0.6) * min(ph, pw)
-    aspect = np.exp(rng.uniform(-np.log(4 / 3), np.log(4 / 3))) * w / h
-    ch = int(np.clip(side / np.sqrt(aspect), 8, ph))
-    cw = int(np.clip(side * np.sqrt(aspect), 8, pw))
-    top, left = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-    crop = np.ascontiguousarray(picture[top : top + ch, left : left + cw])
-    rotations = int(rng.integers(4))
-    out_h, out_w = (w, h) if rotations % 2 else (h, w)
-    resized = Image.fromarray(np.rint(crop * 255).astype(np.uint8)).resize((out_w, out_h), Image.BILINEAR)
-    image = np.rot90(np.asarray(resized, dtype=np.float32) / 255.0, rotations)
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-    image = np.ascontiguousarray(np.clip(image * rng.uniform(0.7, 1.3), 0.0, 1.0), dtype=np.float32)
-    # Imported here: skimage.segmentation is slow to import and only negatives need it.
-    from skimage.segmentation import felzenszwalb
+    base = _negative_base(name, NEGATIVE_RESIZE_FACTOR * max(h, w))
+    scale = rng.uniform(*NEGATIVE_JITTER_SCALE)
+    bh, bw = base.shape[:2]
+    ch, cw = min(bh, max(2, round(h / scale))), min(bw, max(2, round(w / scale)))
+    top, left = int(rng.integers(0, bh - ch + 1)), int(rng.integers(0, bw - cw + 1))
+    crop = np.ascontiguousarray(base[top : top + ch, left : left + cw])
+    resized = Image.fromarray(crop).resize((w, h), Image.BILINEAR)
+    image = np.ascontiguousarray(np.asarray(resized, dtype=np.float32) / 255.0)
+    return image, _object_segments(rng, h, w)
 
-    segments = felzenszwalb(image, scale=float(rng.uniform(40, 120)), sigma=0.8, min_size=max(8, h * w // 100))
-    return image, segments.astype(np.int64)
+
+_NEGATIVE_BASES: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _negative_base(name: str, shorter_side: int) -> np.ndarray:
+    """A negative photograph as uint8 RGB resized to ``shorter_side`` (cached per process)."""
+    key = (name, shorter_side)
+    if key not in _NEGATIVE_BASES:
+        picture = _sources.load_source(name)
+        ph, pw = picture.shape[:2]
+        factor = shorter_side / min(ph, pw)
+        size = (max(1, round(pw * factor)), max(1, round(ph * factor)))
+        image = Image.fromarray(np.rint(picture * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+        _NEGATIVE_BASES[key] = np.asarray(image)
+    return _NEGATIVE_BASES[key]
 
 
 class RoadSceneNegatives(Dataset):
     """Training negatives for the benchmark (the ADE20K role), generated on the fly and deterministic.
 
-    Every item is a tuple ``(image, segments)``: (3, h, w) float32 in [0, 1] and the (h, w) int64 segment map of
-    :func:`generate_negative`, ready for :func:`densehybrid.negatives.paste_negatives` (``negatives``,
+    Every item is a tuple ``(image, segments)``: (3, h, w) float32 in [0, 1] and the (h, w) int64 object segment
+    map of :func:`generate_negative`, ready for :func:`densehybrid.negatives.paste_negatives` (``negatives``,
     ``negative_segments``). The photographs are :data:`NEGATIVE_SOURCES`, disjoint from the anomaly sources.
 
     Args:
         seed: the benchmark seed.
         size: (h, w) of every negative.
         length: number of distinct negatives.
-        cache: keep generated negatives in memory (``length * h * w * 16`` bytes): segmenting a negative again
+        cache: keep generated negatives in memory (``length * h * w * 16`` bytes): drawing a negative again
             would cost a fair share of a CPU training step.
     """
 

@@ -17,6 +17,7 @@ from torch import nn
 MODELS: dict[str, str] = {
     "ladder_resnet18": "densehybrid.models.ladder:ladder_resnet18",
     "ladder_mobilenetv3": "densehybrid.models.ladder:ladder_mobilenetv3",
+    "ladder_efficientnet_lite0": "densehybrid.models.efficientnet_lite:ladder_efficientnet_lite0",
     "deeplabv3_resnet50": "densehybrid.models.adapters:deeplabv3_resnet50",
     "deeplabv3_mobilenet_v3_large": "densehybrid.models.adapters:deeplabv3_mobilenet_v3_large",
     "ldn121": "densehybrid.models.ldn:ldn121",

@@ -39,6 +39,7 @@ UNKNOWN_COLOUR = np.array([0, 255, 255], dtype=np.uint8)  # cyan, as in the pape
 IGNORE_COLOUR = np.array([0, 0, 0], dtype=np.uint8)
 DISPLAY_PERCENTILES = (1.0, 99.0)
 _DPI = 100
+_LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 2)), (0, (8, 3)))
 # A curve with more points than this is thinned for drawing only; the metrics in the legend stay exact.
 _MAX_CURVE_POINTS = 4000
 
@@ -209,7 +210,7 @@ def plot_curves(
     for ax, panel in zip(axes, panel_names):
         drawn = 0
         baseline = math.nan
-        for score_name, sample in samples.items():
+        for index, (score_name, sample) in enumerate(samples.items()):
             masks = dict(family_masks(sample.family, family_names))
             if panel not in masks:
                 continue
@@ -224,7 +225,9 @@ def plot_curves(
                 y, x, _ = _quiet(curves.precision_recall_curve, scores, labels)
                 baseline = metrics["anomaly_fraction"]
             if np.isfinite(x).any():
-                ax.plot(*_thin(x, y), lw=1.5, label=label)
+                # distinct dashes and widths, wide first: scores with equal values (energy and generative) stay visible
+                style = _LINE_STYLES[index % len(_LINE_STYLES)]
+                ax.plot(*_thin(x, y), lw=max(3.0 - 0.3 * index, 1.0), ls=style, label=label)
                 drawn += 1
             else:
                 ax.plot([], [], label=label + " - undefined")
@@ -383,9 +386,13 @@ def plot_examples(
         for ax in axes[0]:
             ax.set_axis_off()
         axes[0, 0].text(0.0, 0.5, "no examples", fontsize=10)
-    handles = [Patch(color=np.asarray(c) / 255.0, label=n) for c, n in zip(np.asarray(palette), class_names)]
-    handles.append(Patch(color=UNKNOWN_COLOUR / 255.0, label="unknown / anomaly"))
-    handles.append(Patch(color=IGNORE_COLOUR / 255.0, label="ignore"))
+    # a dark outline keeps light swatches (white lane markings) visible on the white page
+    outline = {"edgecolor": "0.3", "linewidth": 0.6}
+    handles = [
+        Patch(facecolor=np.asarray(c) / 255.0, label=n, **outline) for c, n in zip(np.asarray(palette), class_names)
+    ]
+    handles.append(Patch(facecolor=UNKNOWN_COLOUR / 255.0, label="unknown / anomaly", **outline))
+    handles.append(Patch(facecolor=IGNORE_COLOUR / 255.0, label="ignore", **outline))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.4 / height, 1, 1))
     return _save(fig, Path(path))

@@ -17,6 +17,7 @@ import base64
 import html
 import json
 import math
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ _FIGURES = (
 )
 _SEGMENTATION_LABELS = {
     "closed_miou": "closed-set mIoU",
+    "closed_miou_before_finetuning": "closed-set mIoU before fine-tuning",
     "open_miou": "open-mIoU",
     "anomaly_iou": "anomaly IoU",
     "threshold": "threshold τ (raw score)",
@@ -168,6 +170,7 @@ class ReportData:
         timings: stage -> seconds.
         notes: free-text remarks.
         family_names: family id -> name for the per-family curves, e.g. ``{1: "real", 2: "procedural"}``.
+        extra: more JSON-ready keys for ``results.json`` (never replacing the keys above), e.g. per-seed rows.
     """
 
     title: str
@@ -182,6 +185,7 @@ class ReportData:
     timings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     family_names: dict[int, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------------- formatting
@@ -264,7 +268,10 @@ def _table_cells(rows: list[dict], families: list[str] | None) -> tuple[list[str
             for metric, _ in _METRICS:
                 value = row.get(metric)
                 target = best.get((family, metric))
-                cells.append((_percent(value), target is not None and _finite(value) == target))
+                text = _percent(value)
+                if f"{metric}_std" in row and text != "n/a":
+                    text += f" ± {_percent(row[f'{metric}_std'])}"
+                cells.append((text, target is not None and _finite(value) == target))
         body.append(cells)
     return header, body
 
@@ -291,11 +298,13 @@ def format_table(rows: list[dict], families: list[str] | None = None, *, bold: b
 
     One row per (model, score) in order of first appearance; for every family the columns AP, FPR95 and AUROC in %.
     The best AP and the lowest FPR95 of each family column are wrapped in ``**`` (Markdown bold) when the column has
-    at least two values. Missing or NaN values read "n/a".
+    at least two values. Missing or NaN values read "n/a". A row with ``ap_std`` (``fpr95_std``, ``auroc_std``)
+    shows ``mean ± std``.
 
     Args:
-        rows: ``{"model", "score", "family", "ap", "fpr95", "auroc"}`` dicts, values fractions in [0, 1]; a row
-            without ``family`` counts as ``"all"``.
+        rows: ``{"model", "score", "family", "ap", "fpr95", "auroc"}`` dicts, values fractions in [0, 1], optionally
+            with standard deviations ``ap_std``, ``fpr95_std``, ``auroc_std``; a row without ``family`` counts as
+            ``"all"``.
         families: the family columns in order; default: the families of ``rows`` in order of first appearance.
         bold: mark the best values (turn off for plain terminal output).
 
@@ -387,19 +396,28 @@ def _sample_rows(summaries: Mapping[str, Mapping[str, float]]) -> list[list[str]
 _SAMPLE_HEADER = ["score", "pixels", "anomaly %", "AP", "AUROC", "FPR95"]
 _TABLE_NOTE = (
     "Values in %. AP and AUROC: higher is better; FPR95 (false-positive rate at 95% true-positive rate): lower is "
-    "better. Bold: best AP and lowest FPR95 of each column."
+    "better. Bold: best AP and lowest FPR95 of each column (by the mean)."
 )
+_SPREAD_NOTE = "a ± b: mean ± standard deviation over seeds."
 _HEATMAP_NOTE = (
     "Anomaly heatmaps are normalised per example to that example's 1st-99th score percentile, for display only: "
     "colours are not comparable between rows (the label in each heatmap gives the raw range)."
 )
 
 
+def _table_note(rows: list[dict]) -> str:
+    spread = any(any(f"{m}_std" in row for m, _ in _METRICS) for row in rows)
+    return _TABLE_NOTE + " " + (_SPREAD_NOTE if spread else "Single values: no spread was measured.")
+
+
 def _figure_caption(key: str, data: ReportData) -> str:
     if key in ("roc", "pr"):
         text = "Exact curves on the pixel sample of each score (see the sample table); legend: AP and AUROC in %."
-        if data.family_names:
+        if any(s.family is not None for s in (data.samples or {}).values()):
             text += " One panel per family; pixels of unnamed families are shared by every family."
+        else:
+            text += " One panel: all anomaly families pooled."
+        text += " Scores with equal values draw the same curve; line styles differ so that none hides another."
         return text
     if key == "histograms":
         return "Inlier and anomaly score distributions of each sample, density-normalised, log-scaled density axis."
@@ -419,7 +437,7 @@ def _render_markdown(data: ReportData, summaries: Mapping, figure_paths: Mapping
     out = [f"# {data.title or 'densehybrid report'}", "", "Command:", "", "```", data.command or "n/a", "```", ""]
     out += ["## Anomaly detection", ""]
     if data.rows:
-        out += [format_table(data.rows), "", _TABLE_NOTE]
+        out += [format_table(data.rows), "", _table_note(data.rows)]
         families = _families_line(data)
         out += ["", families] if families else []
     else:
@@ -505,7 +523,7 @@ def _render_html(data: ReportData, summaries: Mapping, figure_files: Mapping[str
     ]
     if data.rows:
         header, body = _table_cells(data.rows, None)
-        out += [_html_table(header, body, numeric_from=2), f'<p class="note">{html.escape(_TABLE_NOTE)}</p>']
+        out += [_html_table(header, body, numeric_from=2), f'<p class="note">{html.escape(_table_note(data.rows))}</p>']
         families = _families_line(data)
         if families:
             out.append(f'<p class="note">{html.escape(families)}</p>')
@@ -567,7 +585,9 @@ def _check_report_data(data: ReportData) -> None:
         example.check_ids(palette.shape[0])
 
 
-def write_report(data: ReportData, out_dir: str | Path) -> dict[str, Path]:
+def write_report(
+    data: ReportData, out_dir: str | Path, *, report_stage: tuple[str, float] | None = None
+) -> dict[str, Path]:
     """Write the report of one run: Markdown, self-contained HTML, JSON and four PNG figures.
 
     Files: ``report.md``, ``report.html`` (figures embedded as base64 PNG, so it opens from disk),
@@ -578,6 +598,8 @@ def write_report(data: ReportData, out_dir: str | Path) -> dict[str, Path]:
     Args:
         data: the report content.
         out_dir: the output folder (created if missing).
+        report_stage: ``(name, time.perf_counter() at its start)``: after the figures are drawn, the stage's
+            seconds so far are added to ``data.timings[name]`` so that the written timings include the report.
 
     Returns:
         ``{"markdown", "html", "json", "roc", "pr", "histograms", "examples"}`` -> written paths.
@@ -604,6 +626,9 @@ def write_report(data: ReportData, out_dir: str | Path) -> dict[str, Path]:
     }
     relative = {key: f"figures/{Path(path).name}" for key, path in paths.items()}
     summaries = {name: _figures.sample_metrics(s.scores, s.labels) for name, s in samples.items()}
+    if report_stage is not None:
+        name, started = report_stage
+        data.timings[name] = time.perf_counter() - started
 
     results = {
         "title": data.title,
@@ -618,6 +643,7 @@ def write_report(data: ReportData, out_dir: str | Path) -> dict[str, Path]:
         "samples": summaries,
         "figures": relative,
     }
+    results.update({k: v for k, v in (data.extra or {}).items() if k not in results})
     paths["json"] = out_dir / "results.json"
     paths["json"].write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths["markdown"] = out_dir / "report.md"
