@@ -214,13 +214,29 @@ def test_registry_and_metadata():
             "energy",
             "entropy",
             "sml",
+            "dicnet",
         }
     )
-    assert S.list_scores() == sorted(S.SCORES)
+    assert S.list_scores(None) == sorted(S.SCORES)
+    assert S.list_scores() == sorted(set(S.SCORES) - {"dicnet"})  # default: what a DenseHybrid output supports
+    assert S.list_scores(("logits", "teacher_features", "student_features")) == [
+        "dicnet",
+        "energy",
+        "entropy",
+        "generative",
+        "max_logit",
+        "msp",
+        "sml",
+    ]
+    assert S.score_info("dicnet").inputs == ("teacher_features", "student_features")
+    assert S.score_info("densehybrid").inputs == ("logits", "ood_logits")
+    assert S.score_info("msp").inputs == ("logits",)
     assert [n for n in S.list_scores() if S.requires_ood_logits(n)] == ["densehybrid", "discriminative"]
     assert [n for n in S.list_scores() if S.requires_fit(n)] == ["sml"]
     assert S.score_info("energy").description
-    with pytest.raises(ValueError, match="Unknown score 'enrgy'. Available: densehybrid, discriminative, energy"):
+    with pytest.raises(
+        ValueError, match="Unknown score 'enrgy'. Available: densehybrid, dicnet, discriminative, energy"
+    ):
         S.get_score("enrgy")
     with pytest.raises(ValueError, match="Unknown score"):
         S.requires_ood_logits("nope")
@@ -314,9 +330,39 @@ def test_sml_requires_matching_statistics():
 def test_cli_lists_every_score(capsys):
     assert main(["scores"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == S.list_scores()
+    assert [line.split()[0] for line in lines] == S.list_scores(None)
+    assert "needs features" in next(line for line in lines if line.startswith("dicnet"))
     assert "needs ood head" in next(line for line in lines if line.startswith("densehybrid"))
     assert "needs fit" in next(line for line in lines if line.startswith("sml"))
     assert main(["scores", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {row["name"]: row["requires_ood_logits"] for row in rows}["discriminative"] is True
+    assert {row["name"]: row["inputs"] for row in rows}["dicnet"] == ["teacher_features", "student_features"]
+
+
+@pytest.mark.parametrize("name", S.list_scores())
+def test_compute_score_equals_the_function_on_a_hybrid_output(name):
+    from densehybrid.models import HybridOutput
+
+    logits, ood_logits = _inputs(3, 5)
+    expected = S.get_score(name)(logits, ood_logits, **_options(name))
+    assert torch.equal(S.compute_score(name, HybridOutput(logits, ood_logits), **_options(name)), expected)
+
+
+def test_score_contract_says_what_each_score_needs():
+    from densehybrid.models import DistillationOutput, HybridOutput
+
+    features = torch.randn(2, 8, 3, 4)
+    out = DistillationOutput(torch.randn(2, K, 12, 16), features, features + 1.0)
+    assert torch.allclose(S.compute_score("dicnet", out), torch.ones(2, 12, 16))  # at the logits' (output) size
+    assert S.compute_score("dicnet", out, size=(6, 8)).shape == (2, 6, 8)
+    torch.testing.assert_close(S.compute_score("msp", out), S.msp(out.logits))
+    with pytest.raises(ValueError, match="dataset-posterior logits of a DenseHybrid model.*gives logits, "):
+        S.compute_score("densehybrid", out)
+    with pytest.raises(ValueError, match=r"teacher and student features of a DiCNet model \(teacher_features, "):
+        S.compute_score("dicnet", HybridOutput(*_inputs(2, 2)))
+    S.check_score_inputs(["msp", "dicnet"], DistillationOutput._fields)
+    with pytest.raises(ValueError, match="but model 'x' gives logits, ood_logits. Scores for this model: densehybrid"):
+        S.check_score_inputs(["msp", "dicnet"], HybridOutput._fields, "model 'x'")
+    with pytest.raises(ValueError, match="Unknown score"):
+        S.compute_score("nope", out)

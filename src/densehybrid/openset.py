@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from densehybrid._checks import check_finite, check_ndim
-from densehybrid.scores import get_score
+from densehybrid.models.output import output_fields
+from densehybrid.scores import check_score_inputs, compute_score, get_score, score_info
 
 CALIBRATION_METHODS = ("tpr", "f1")
 
@@ -79,13 +80,15 @@ class OpenSetPredictor:
         self.model = model
         self.score_name = score
         self.score_fn = get_score(score)
+        check_score_inputs([score_info(score).name], output_fields(model), f"model {type(model).__name__!r}")
         self.threshold = threshold
         self.score_options = dict(score_options or {})
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> OpenSetPrediction:
         out = self.model(images, output_size=output_size)
-        scores = self.score_fn(out.logits.float(), out.ood_logits.float(), **self.score_options)
+        out = out._replace(**{k: v.float() for k, v in out._asdict().items() if isinstance(v, torch.Tensor)})
+        scores = compute_score(self.score_name, out, **self.score_options)
         closed = out.logits.argmax(dim=1)
         open_set = None if self.threshold is None else predict_open_set(out.logits, scores, self.threshold)
         return OpenSetPrediction(closed, scores, open_set)

@@ -1,13 +1,21 @@
-"""Dense anomaly scores: pure functions of the closed-set logits and the dataset-posterior logits.
+"""Dense anomaly scores: pure functions of a model's outputs.
 
-Every score has the signature ``fn(logits, ood_logits=None, **options) -> Tensor`` and follows one sign convention:
-**higher means more anomalous**. Dense inputs ``logits`` (N, K, H, W) and ``ood_logits`` (N, 2, H, W) give an
+Every score follows one sign convention: **higher means more anomalous**. Each declares the model outputs it reads
+(:attr:`ScoreInfo.inputs`, field names of the model's output tuple) and :func:`compute_score` computes a named score
+from a model output, whichever method produced it:
+
+* scores of the logits, ``fn(logits, ood_logits=None, **options)``: the closed-set scores read ``logits``, the
+  DenseHybrid scores also the dataset-posterior ``ood_logits`` (a :class:`~densehybrid.models.HybridOutput`);
+* scores of teacher and student features, ``fn(teacher_features, student_features, size=None)``: :func:`dicnet`
+  (a :class:`~densehybrid.models.DistillationOutput`).
+
+For the logit scores: Dense inputs ``logits`` (N, K, H, W) and ``ood_logits`` (N, 2, H, W) give an
 (N, H, W) map; per-vector inputs (N, K) and (N, 2) give (N,). Half and bfloat16 inputs are computed in float32 and
 returned as float32; float32 and float64 inputs keep their dtype. No score takes ``softmax(...).log()``: every log
 probability comes from ``log_softmax``/``logsumexp``, so logits of magnitude 1e4 still give finite scores.
 
 :data:`SCORES` maps the names accepted by the command line (``--score``) to the functions, and :data:`SCORE_INFO`
-records per score whether it needs ``ood_logits`` or fitted statistics (:func:`fit_sml_statistics`).
+records per score the outputs it reads and whether it needs fitted statistics (:func:`fit_sml_statistics`).
 
 References:
     Grcić, Bevandić, Šegvić. DenseHybrid: Hybrid Anomaly Detection for Dense Open-set Recognition. ECCV 2022.
@@ -34,7 +42,10 @@ __all__ = [
     "SCORE_INFO",
     "SMLStatistics",
     "ScoreInfo",
+    "check_score_inputs",
+    "compute_score",
     "densehybrid",
+    "dicnet",
     "discriminative",
     "energy",
     "entropy",
@@ -548,6 +559,70 @@ def sml(
     return -(values - means[classes]) / stds[classes]
 
 
+def dicnet(
+    teacher_features: torch.Tensor,
+    student_features: torch.Tensor,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    r"""The DiCNet score: the squared discrepancy between a frozen teacher's features and its distilled student's.
+
+    .. math::
+        s_{DiC}(x) = \frac{1}{C} \sum_c \big(T_c(x) - S_c(x)\big)^2
+
+    on the feature grid, then resized bilinearly with ``align_corners=True`` to ``size``, as the released
+    evaluation does. (It then min-max normalises each image, which changes no ranking within an image and is not
+    applied here.)
+
+    Args:
+        teacher_features: (N, C, h, w) the teacher's pre-logit features.
+        student_features: (N, C, h, w) the student's features.
+        size: (H, W) of the returned map; default the feature grid (h, w).
+
+    Returns:
+        (N, H, W) scores, higher = more anomalous (float32 for half inputs).
+
+    Raises:
+        ValueError: shapes differ, are not 4-D, or an input holds NaN; a bad ``size``.
+
+    References:
+        Zhou et al., DiCNet: Anomaly Discovery in Semantic Segmentation via Distillation Comparison Networks,
+        arXiv 2112.09908; https://github.com/zhouhuan-hust/DiCNet.
+
+    Example:
+        >>> dicnet(torch.zeros(2, 8, 4, 6), torch.ones(2, 8, 4, 6), size=(32, 48)).shape
+        torch.Size([2, 32, 48])
+    """
+    for name, tensor in (("teacher_features", teacher_features), ("student_features", student_features)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"Expected `{name}` to be a torch.Tensor (N, C, h, w), but got {type(tensor).__name__}.")
+        if tensor.ndim != 4 or not tensor.is_floating_point():
+            raise ValueError(
+                f"Expected `{name}` to be a float (N, C, h, w) tensor, but got {tuple(tensor.shape)} "
+                f"of dtype {tensor.dtype}."
+            )
+        check_finite(name, tensor)
+    if teacher_features.shape != student_features.shape:
+        raise ValueError(
+            f"Expected `student_features` to have the shape of `teacher_features` {tuple(teacher_features.shape)}, "
+            f"but got {tuple(student_features.shape)}: the student must produce the teacher's feature width and grid."
+        )
+    t, s = _as_compute_dtype(teacher_features), _as_compute_dtype(student_features).to(teacher_features.device)
+    discrepancy = (t - s).pow(2).mean(dim=1, keepdim=True)
+    if size is not None:
+        size = tuple(int(v) for v in size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"Expected `size` to be two positive ints (H, W), but got {size!r}.")
+        if size != tuple(discrepancy.shape[-2:]):
+            discrepancy = F.interpolate(discrepancy, size=size, mode="bilinear", align_corners=True)
+    return discrepancy[:, 0]
+
+
+#: Model outputs the scores read, by field name of the model's output tuple.
+LOGITS = ("logits",)
+HYBRID = ("logits", "ood_logits")
+FEATURES = ("teacher_features", "student_features")
+
+
 @dataclass(frozen=True)
 class ScoreInfo:
     """What a registered score needs.
@@ -557,12 +632,25 @@ class ScoreInfo:
         description: one line for ``densehybrid scores``.
         requires_ood_logits: the score reads the dataset-posterior head (a DenseHybrid model).
         requires_fit: the score needs statistics fitted on training data (keyword ``statistics=``).
+        inputs: the model outputs it reads (field names of the output tuple): ``("logits",)``,
+            ``("logits", "ood_logits")`` or ``("teacher_features", "student_features")``; by default derived from
+            ``requires_ood_logits``.
     """
 
     name: str
     description: str
     requires_ood_logits: bool = False
     requires_fit: bool = False
+    inputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            object.__setattr__(self, "inputs", HYBRID if self.requires_ood_logits else LOGITS)
+
+    @property
+    def reads_features(self) -> bool:
+        """Whether the score compares teacher and student features (a DiCNet model) rather than reading logits."""
+        return self.inputs == FEATURES
 
 
 SCORES: dict[str, ScoreFn] = {
@@ -574,6 +662,7 @@ SCORES: dict[str, ScoreFn] = {
     "energy": energy,
     "entropy": entropy,
     "sml": sml,
+    "dicnet": dicnet,
 }
 
 SCORE_INFO: dict[str, ScoreInfo] = {
@@ -587,18 +676,35 @@ SCORE_INFO: dict[str, ScoreInfo] = {
         ScoreInfo("energy", "free energy -T*logsumexp(logits/T), option temperature (default 1)"),
         ScoreInfo("entropy", "entropy of the softmax over the K classes"),
         ScoreInfo("sml", "standardized max logit with per-class statistics fitted on training data", False, True),
+        ScoreInfo("dicnet", "teacher-student feature discrepancy mean_c (T - S)^2 (DiCNet)", inputs=FEATURES),
     )
 }
 
+_DESCRIBED_INPUTS = {
+    "ood_logits": "the dataset-posterior logits of a DenseHybrid model",
+    "teacher_features": "teacher and student features of a DiCNet model",
+    "student_features": "teacher and student features of a DiCNet model",
+    "logits": "closed-set logits",
+}
 
-def list_scores() -> list[str]:
-    """The registered score names, sorted."""
-    return sorted(SCORES)
+
+def list_scores(available: Iterable[str] | None = HYBRID) -> list[str]:
+    """The registered score names, sorted.
+
+    Args:
+        available: the output fields a model provides (e.g. ``HybridOutput._fields``, or
+            :func:`densehybrid.models.output_fields` of a model); only scores reading nothing else are listed.
+            Default: the outputs of a DenseHybrid model. None lists every registered score.
+    """
+    if available is None:
+        return sorted(SCORES)
+    fields = set(available)
+    return sorted(name for name in SCORES if set(SCORE_INFO[name].inputs) <= fields)
 
 
 def _lookup(name: str) -> str:
     if not isinstance(name, str) or name not in SCORES:
-        raise ValueError(f"Unknown score {name!r}. Available: {', '.join(list_scores())}.")
+        raise ValueError(f"Unknown score {name!r}. Available: {', '.join(list_scores(None))}.")
     return name
 
 
@@ -628,3 +734,67 @@ def requires_ood_logits(name: str) -> bool:
 def requires_fit(name: str) -> bool:
     """Whether the score ``name`` needs statistics fitted on training data before use."""
     return score_info(name).requires_fit
+
+
+def check_score_inputs(names: Iterable[str], available: Iterable[str], model: str = "the model") -> None:
+    """Raise one clear error when a score reads an output the model does not provide.
+
+    Args:
+        names: score names.
+        available: the model's output fields (:func:`densehybrid.models.output_fields`).
+        model: how to name the model in the message.
+
+    Raises:
+        ValueError: naming the score, what it needs, what the model gives and the scores that model supports.
+    """
+    fields = tuple(available)
+    for name in names:
+        info = score_info(name)
+        missing = [field for field in info.inputs if field not in fields]
+        if missing:
+            raise ValueError(
+                f"Expected a model that provides {_DESCRIBED_INPUTS.get(missing[0], missing[0])} "
+                f"({', '.join(info.inputs)}) for score {info.name!r}, but {model} gives {', '.join(fields)}. "
+                f"Scores for this model: {', '.join(list_scores(fields))}."
+            )
+
+
+def compute_score(
+    name: str,
+    output: Any,
+    size: tuple[int, int] | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """The named score of one model output, whichever method produced it.
+
+    Args:
+        name: a registered score.
+        output: a model output with named fields (:class:`~densehybrid.models.HybridOutput`,
+            :class:`~densehybrid.models.DistillationOutput`, or any object with those attributes).
+        size: (H, W) of the map for scores of features (their grid is coarser); default the size of
+            ``output.logits`` (the model's output size), else the feature grid. Logit scores keep the logits' size.
+        **options: the score's keyword options (``temperature``, ``statistics``).
+
+    Returns:
+        (N, H, W) scores, higher = more anomalous.
+
+    Raises:
+        ValueError: an unknown score, or one that reads an output this model does not give (see
+            :func:`check_score_inputs`).
+
+    Example:
+        >>> from densehybrid.models import HybridOutput
+        >>> out = HybridOutput(torch.randn(1, 19, 8, 8), torch.randn(1, 2, 8, 8))
+        >>> compute_score("densehybrid", out).shape
+        torch.Size([1, 8, 8])
+    """
+    info = score_info(name)
+    fields = tuple(field for field in (*HYBRID, *FEATURES) if getattr(output, field, None) is not None)
+    check_score_inputs([info.name], fields, f"the {type(output).__name__}")
+    fn = SCORES[info.name]
+    if info.reads_features:
+        logits = getattr(output, "logits", None)
+        if size is None and isinstance(logits, torch.Tensor) and logits.ndim == 4:
+            size = tuple(logits.shape[-2:])
+        return fn(output.teacher_features, output.student_features, size, **options)
+    return fn(output.logits, getattr(output, "ood_logits", None), **options)

@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from densehybrid.cli._common import load_model
     from densehybrid.engine.runtime import select_device
-    from densehybrid.scores import get_score, score_info
+    from densehybrid.models.output import output_fields
+    from densehybrid.scores import check_score_inputs, compute_score, score_info
 
     spec = get_benchmark(args.benchmark)
     split = args.split or spec.export_split or spec.split
@@ -83,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"Expected a score that needs no fitted statistics, but {args.score!r} does; choose another --score."
         )
-    score_fn = get_score(args.score)
     if args.num_classes is not None and args.num_classes < 1:
         raise ValueError(f"Expected `--num-classes` to be a positive integer, but got {args.num_classes}.")
 
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     model.to(device).eval()
+    check_score_inputs([info.name], output_fields(model), f"checkpoint {str(args.checkpoint)!r}")
     squash = None if args.squash == "none" else Squash(args.squash, args.squash_center, args.squash_scale)
     writer = SmiycWriter(
         args.out, args.method, squash=squash, compression_level=args.compression_level, check_float16=True
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             sample = dataset[index]
             image = sample["image"].unsqueeze(0).to(device)
             output = model(image, output_size=tuple(image.shape[-2:]))
-            scores = score_fn(output.logits, output.ood_logits)[0]
+            scores = compute_score(info.name, output)[0]
             writer.write(sample["name"], scores, dataset=targets[index])
     print(json.dumps(writer.summary(), indent=2))
     if spec.name in _TOOLKIT_SPLITS:

@@ -21,8 +21,9 @@ from densehybrid.engine.batches import collate
 from densehybrid.engine.runtime import select_device
 from densehybrid.labels import ANOMALY, INLIER, anomaly_target
 from densehybrid.metrics import ConfusionMatrix, anomaly_metrics
+from densehybrid.models.output import output_fields
 from densehybrid.openset import predict_open_set
-from densehybrid.scores import get_score
+from densehybrid.scores import check_score_inputs, compute_score, score_info
 
 GroupFn = Callable[[dict[str, Any], torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -56,7 +57,8 @@ def model_outputs(
     progress: bool = True,
     desc: str = "evaluate",
 ):
-    """Yield ``(batch, HybridOutput)`` for every batch of ``dataset``, outputs at the target's resolution."""
+    """Yield ``(batch, output)`` for every batch of ``dataset``: the model's output tuple (e.g. ``HybridOutput``) in
+    float32, dense outputs at the target's resolution."""
     device = select_device(device)
     model.to(device).eval()
     use_amp = amp and device.type == "cuda"
@@ -68,7 +70,7 @@ def model_outputs(
         # suspended at `yield` (metric states created there would become inference tensors).
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(images, output_size=size)
-        yield batch, type(out)(out.logits.float(), out.ood_logits.float())
+        yield batch, out._replace(**{k: v.float() for k, v in out._asdict().items() if isinstance(v, torch.Tensor)})
 
 
 def evaluate(
@@ -95,9 +97,10 @@ def evaluate(
     """Anomaly metrics for every score (and segmentation metrics for semantic targets) in one pass.
 
     Args:
-        model: a DenseHybrid model.
+        model: a DenseHybrid model, or any model returning an output tuple (e.g. a DiCNet model).
         dataset: samples with ``image`` (3, H, W) and ``target`` (H, W).
-        scores: registered score names to evaluate.
+        scores: registered score names to evaluate; each must read only outputs the model gives
+            (:func:`densehybrid.scores.check_score_inputs`).
         target_kind: ``"semantic"`` (ids 0..K-1, anomaly K, ignore 255) or ``"anomaly"`` (0/1/255).
         num_classes: K; required for semantic targets.
         protocol: metric protocol (``pooled``, ``per_image``, ``smiyc``; see :mod:`densehybrid.metrics`).
@@ -120,9 +123,11 @@ def evaluate(
         raise ValueError(f"Expected `target_kind` to be 'semantic' or 'anomaly', but got {target_kind!r}.")
     if target_kind == "semantic" and num_classes is None:
         raise ValueError("Expected `num_classes` for semantic targets (the anomaly id is K), but got None.")
-    score_fns = {name: get_score(name) for name in scores}
-    if threshold is not None and open_set_score not in score_fns:
-        score_fns[open_set_score] = get_score(open_set_score)
+    score_names = [score_info(name).name for name in scores]
+    if threshold is not None and open_set_score not in score_names:
+        score_names.append(score_info(open_set_score).name)
+    model_name = getattr(model, "model_name", None) or type(model).__name__
+    check_score_inputs(score_names, output_fields(model), f"model {model_name!r}")
     score_options = {k: dict(v) for k, v in (score_options or {}).items()}
     metrics: dict[str, dict[str, Any]] = {name: {} for name in scores}
     closed = ConfusionMatrix(num_classes) if target_kind == "semantic" else None
@@ -133,9 +138,7 @@ def evaluate(
         target = batch["target"].to(out.logits.device).long()
         binary = anomaly_target(target, num_classes) if target_kind == "semantic" else target
         group_targets = dict(groups(batch, binary)) if groups is not None else {"all": binary}
-        computed = {
-            name: fn(out.logits, out.ood_logits, **score_options.get(name, {})) for name, fn in score_fns.items()
-        }
+        computed = {name: compute_score(name, out, **score_options.get(name, {})) for name in score_names}
         for name in scores:
             for group, group_target in group_targets.items():
                 if group not in metrics[name]:

@@ -33,7 +33,8 @@ from densehybrid.engine.evaluate import evaluate, model_outputs
 from densehybrid.errors import DatasetError
 from densehybrid.labels import anomaly_target
 from densehybrid.metrics import COMPONENT_TRACKS, PROTOCOLS, ComponentMetrics
-from densehybrid.scores import get_score, score_info
+from densehybrid.models.output import output_fields
+from densehybrid.scores import check_score_inputs, compute_score, score_info
 
 #: Benchmarks without anomalies: only the closed-set mIoU is evaluated there.
 CLOSED_SET_BENCHMARKS = frozenset({"cityscapes"})
@@ -267,7 +268,8 @@ def evaluate_benchmark(
     Args:
         spec: a :class:`BenchmarkSpec` or a benchmark name (see ``densehybrid.data.datasets.BENCHMARKS``).
         root: the dataset root, in the benchmark's official layout.
-        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``).
+        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``) or a DiCNet model
+            (``-> DistillationOutput``; score ``dicnet``).
         scores: anomaly scores to evaluate; default ``("densehybrid",)``, none for Cityscapes (closed set only).
         split: default the benchmark's evaluation split.
         dataset_options: loader options.
@@ -305,7 +307,9 @@ def evaluate_benchmark(
     spec = get_benchmark(spec) if isinstance(spec, str) else spec
     protocol, names, components, track = resolve_request(spec, scores, protocol, components, component_track)
     names = check_scores(names, score_options)
+    check_score_inputs(names, output_fields(model), f"model {getattr(model, 'model_name', type(model).__name__)!r}")
     _check_protocol_options(protocol, protocol_options)
+    _check_dicnet_variant(spec.name, protocol_options, dataset_options)
     loader, dataset = open_benchmark(spec, root, split, dataset_options, limit, input_scale)
     k = model_num_classes(model, loader, num_classes, spec.name)
     semantic = loader.target_kind == "semantic"
@@ -372,6 +376,23 @@ def _check_protocol_options(protocol: str, options: Mapping[str, Any] | None) ->
         )
 
 
+def _check_dicnet_variant(
+    benchmark: str, protocol_options: Mapping[str, Any] | None, dataset_options: Mapping[str, Any] | None
+) -> None:
+    """The released DiCNet protocol has no ignore label: on StreetHazards it needs the ``hendrycks`` encoding."""
+    encoding = dict(dataset_options or {}).get("encoding", "densehybrid")
+    if (
+        benchmark == "streethazards"
+        and dict(protocol_options or {}).get("variant") == "dicnet"
+        and encoding != "hendrycks"
+    ):
+        raise ValueError(
+            "Expected the loader option encoding=hendrycks with the per-image variant 'dicnet' (DiCNet counts "
+            f"'unlabeled' and 'other' as inliers, with no ignore label), but got encoding {encoding!r}. Add "
+            "--option encoding=hendrycks."
+        )
+
+
 def _component_metrics(
     model: nn.Module,
     dataset: Dataset,
@@ -409,6 +430,6 @@ def _component_metrics(
             target = batch["target"].to(out.logits.device).long()
             binary = target if semantic_classes is None else anomaly_target(target, semantic_classes)
             for name, metric in metrics.items():
-                metric.update(get_score(name)(out.logits, out.ood_logits, **options.get(name, {})), binary)
+                metric.update(compute_score(name, out, **options.get(name, {})), binary)
         results.update({name: metric.compute() for name, metric in metrics.items()})
     return results

@@ -44,13 +44,19 @@ from densehybrid.evaluation.benchmark import (
 )
 from densehybrid.labels import ANOMALY, anomaly_target
 from densehybrid.metrics import ConfusionMatrix
+from densehybrid.models.output import output_fields
 from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold, predict_open_set
-from densehybrid.scores import get_score
+from densehybrid.scores import check_score_inputs, compute_score, score_info
 
 #: Benchmarks with an open-set protocol and their default calibration scale.
 OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0}
 #: The StreetHazards test towns, in fold order.
 STREETHAZARDS_TOWNS = ("t5", "t6")
+
+
+def _check_model_score(model: nn.Module, score: str) -> None:
+    name = getattr(model, "model_name", None) or type(model).__name__
+    check_score_inputs([score_info(score).name], output_fields(model), f"model {name!r}")
 
 
 def _loop_kwargs(device, batch_size, num_workers, amp, progress) -> dict[str, Any]:
@@ -83,9 +89,9 @@ def calibration_pairs(
         **loop: ``device``, ``batch_size``, ``num_workers``, ``amp``, ``progress`` of
             :func:`~densehybrid.engine.evaluate.model_outputs`.
     """
-    score_fn = get_score(score)
+    _check_model_score(model, score)
     for batch, out in model_outputs(model, dataset, desc=desc, **loop):
-        scores = score_fn(out.logits, out.ood_logits, **dict(score_options or {}))
+        scores = compute_score(score, out, **dict(score_options or {}))
         binary = anomaly_target(batch["target"].to(scores.device).long(), num_classes)
         if scale != 1.0:
             scores = F.interpolate(scores[:, None], scale_factor=scale, mode="bilinear", align_corners=False)[:, 0]
@@ -109,12 +115,12 @@ def open_set_confusion(
         ``(closed, open, num_images)``: the closed-set matrix holds the argmax over the K classes, the open-set one
         the same argmax with ``score > threshold`` pixels set to K.
     """
-    score_fn = get_score(score)
+    _check_model_score(model, score)
     closed, opened = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
     num_images = 0
     for batch, out in model_outputs(model, dataset, desc=desc, **loop):
         target = batch["target"].to(out.logits.device).long()
-        scores = score_fn(out.logits, out.ood_logits, **dict(score_options or {}))
+        scores = compute_score(score, out, **dict(score_options or {}))
         closed.update(out.logits.argmax(1), target)
         opened.update(predict_open_set(out.logits, scores, threshold), target)
         num_images += target.shape[0]

@@ -1,7 +1,7 @@
 """Per-image anomaly metrics averaged over images (protocol ``per_image``, the StreetHazards convention).
 
 Each image is evaluated exactly on its own pixels (one sort per image) and only the per-image results are kept,
-so the state is a handful of sums whatever the dataset size. Two variants differ in the FPR95 rule and in how
+so the state is a handful of sums whatever the dataset size. The variants differ in the FPR95 rule and in how
 images without anomalies (or without inliers) are treated:
 
 ``"densehybrid"`` (default) — the released DenseHybrid evaluation, ``evaluations/base.py::
@@ -15,7 +15,13 @@ NaN AUROC/FPR (skipped). (Older scikit-learn returned NaN AP there, which ``nanm
 images without anomaly pixels or without inlier pixels are skipped; FPR95 is the FPR at the operating point whose
 TPR is closest to 0.95; plain means over the remaining images.
 
-Both variants skip images without any evaluated pixel (the reference code would fail on them).
+``"dicnet"`` — the released DiCNet evaluation (zhouhuan-hust/DiCNet ``evaluation_with_seg.py`` + ``anom_utils.py``):
+the same per-image rule as ``"streethazards"`` (scikit-learn AP and AUROC, the Hendrycks FPR95 at the TPR closest to
+0.95, plain means). DiCNet has no ignore label: "unlabeled" and "other" count as inliers, which on StreetHazards means
+the ``hendrycks`` encoding (13 classes, nothing ignored). Its code fails on an image without anomaly pixels; here such
+images are skipped, as in ``"streethazards"``.
+
+Every variant skips images without any evaluated pixel (the reference code would fail on them).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from densehybrid.metrics._base import SumStateMetric
 from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index, valid_pixels
 from densehybrid.metrics.functional import exact_curve
 
-VARIANTS = ("densehybrid", "streethazards")
+VARIANTS = ("densehybrid", "streethazards", "dicnet")
 _SUMS = ("ap", "auroc", "fpr95")
 
 
@@ -44,8 +50,9 @@ class PerImageAnomalyMetrics(SumStateMetric):
     where ``I_AP`` are the images whose AP counts under the chosen variant (likewise for AUROC and FPR95).
 
     Args:
-        variant: ``"densehybrid"`` (released DenseHybrid code) or ``"streethazards"`` (hendrycks/anomaly-seg); see
-            the module docstring.
+        variant: ``"densehybrid"`` (released DenseHybrid code), ``"streethazards"`` (hendrycks/anomaly-seg) or
+            ``"dicnet"`` (released DiCNet code, the ``"streethazards"`` rule without an ignore label); see the module
+            docstring.
         ignore_index: target id of pixels that are not evaluated, or None.
         validate_args: scan every batch for NaN scores and ids outside {0, 1, ``ignore_index``}.
         device: device of the (tiny) state; None: the device of the first update.
@@ -93,7 +100,7 @@ class PerImageAnomalyMetrics(SumStateMetric):
         num_pos, num_neg = curve.num_pos, curve.num_neg
         if num_pos + num_neg == 0:
             return None
-        if self.variant == "streethazards":
+        if self.variant in ("streethazards", "dicnet"):
             if num_pos == 0 or num_neg == 0:
                 return None
             index = _curve.index_closest_tpr(curve, 0.95)

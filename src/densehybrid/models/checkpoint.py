@@ -228,6 +228,16 @@ def _listing(title: str, names: Sequence[str], separator: str = ", ") -> str:
     return f"\n  {title} ({len(names)}): {shown}{more}"
 
 
+def _fitting_submodule(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """The submodule path (up to two levels, e.g. ``student`` or ``teacher.encoder``) whose names equal the file's."""
+    prefixes = sorted({".".join(k.split(".")[:depth]) for k in own for depth in (1, 2) if k.count(".") >= depth})
+    for prefix in prefixes:
+        names = {k[len(prefix) + 1 :] for k in own if k.startswith(prefix + ".")}
+        if names and names == set(state):
+            return prefix
+    return None
+
+
 def _mismatch_hints(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -243,6 +253,12 @@ def _mismatch_hints(
             "num_classes=19, pretrained=PATH)`)."
         )
     own = model.state_dict()
+    part = _fitting_submodule(own, state)
+    if part is not None:
+        hints.append(
+            f"Its names are exactly those of the submodule `{part}` (e.g. one of the released DiCNet files): load it "
+            f"with load_checkpoint(model.{part}, PATH)."
+        )
     num_classes = getattr(model, "num_classes", None)
     differing = set()
     for k in mismatched:

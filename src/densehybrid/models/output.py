@@ -1,4 +1,4 @@
-"""The output every DenseHybrid model returns."""
+"""The outputs models return: one named tuple per method, whose field names are what the scores read."""
 
 from __future__ import annotations
 
@@ -17,3 +17,23 @@ class HybridOutput(NamedTuple):
 
     logits: torch.Tensor
     ood_logits: torch.Tensor
+
+
+class DistillationOutput(NamedTuple):
+    """Outputs of a DiCNet model (a frozen teacher and its distilled student).
+
+    Attributes:
+        logits: (N, K, H, W) the teacher's closed-set logits at the requested output size.
+        teacher_features: (N, C, h, w) the teacher's pre-logit features, on the model's own grid (e.g. H/8).
+        student_features: (N, C, h, w) the student's features on the same grid.
+    """
+
+    logits: torch.Tensor
+    teacher_features: torch.Tensor
+    student_features: torch.Tensor
+
+
+def output_fields(model: object) -> tuple[str, ...]:
+    """The field names of the output ``model`` returns: its ``output_type`` (default :class:`HybridOutput`)."""
+    output_type = getattr(model, "output_type", HybridOutput)
+    return tuple(getattr(output_type, "_fields", HybridOutput._fields))

@@ -2,7 +2,8 @@
 
 Entry points are imported lazily so that importing the package stays cheap and a missing optional backbone only
 fails when that model is asked for. Each entry point is ``fn(num_classes: int, **kwargs) -> nn.Module`` and returns
-a model whose ``forward(images, output_size=None)`` gives a :class:`~densehybrid.models.HybridOutput`.
+a model whose ``forward(images, output_size=None)`` gives a :class:`~densehybrid.models.HybridOutput` (DiCNet models: a
+:class:`~densehybrid.models.DistillationOutput`, declared as their ``output_type``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ MODELS: dict[str, str] = {
     "segmenter_vit_b16": "densehybrid.models.segmenter:segmenter_vit_b16",
     "segmenter_vit_s16": "densehybrid.models.segmenter:segmenter_vit_s16",
     "segmenter_vit_ti16": "densehybrid.models.segmenter:segmenter_vit_ti16",
+    "dicnet_pspnet": "densehybrid.models.dicnet:dicnet_pspnet",
+    "dicnet": "densehybrid.models.dicnet:dicnet",
 }
 
 
@@ -60,4 +63,6 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 def _is_plain(value) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list, tuple))
+    if isinstance(value, (list, tuple)):  # e.g. a pair of file names; a Path inside would not load weights-only
+        return all(_is_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
