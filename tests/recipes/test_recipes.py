@@ -160,7 +160,9 @@ def test_set_overrides_are_typed_and_checked():
 def test_unknown_recipe_lists_the_shipped_ones(capsys):
     assert main(["train", "--recipe", "ldn-121", "--print-config"]) == 1
     err = capsys.readouterr().err
-    assert "Unknown recipe 'ldn-121'. Available: dicnet, dicnet-streethazards, dlv3p-cityscapes-finetune, generic" in err
+    assert (
+        "Unknown recipe 'ldn-121'. Available: dicnet, dicnet-streethazards, dlv3p-cityscapes-finetune, generic" in err
+    )
 
 
 def test_print_config_output_is_a_recipe_file_a_user_can_edit(capsys, tmp_path):
