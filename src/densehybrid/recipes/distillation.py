@@ -126,7 +126,7 @@ def _sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _wrong_teacher(init: str, recorded: str | None, name: str) -> CheckpointError:
+def _wrong_teacher(init: str, recorded: str | None, name: str, detail: str = "") -> CheckpointError:
     found = f"a checkpoint of model {recorded!r}" if recorded else "weights of another architecture"
     hint = (
         " To distil from that model, use recipe `dicnet` (the teacher's architecture is read from the checkpoint)."
@@ -136,7 +136,7 @@ def _wrong_teacher(init: str, recorded: str | None, name: str) -> CheckpointErro
     return CheckpointError(
         f"Expected `--init` {init!r} to be the released DiCNet teacher for model {name!r} (a folder with "
         f"{' and '.join(TEACHER_FILES)}, the PSPNet's encoder.*/decoder.* weights, or a {name} checkpoint), but it "
-        f"holds {found}.{hint}"
+        f"holds {found}.{hint}" + (f"\n{detail}" if detail else "")
     )
 
 
@@ -212,7 +212,7 @@ def build_distillation_model(context: MethodContext) -> nn.Module:
         try:
             _load_strict(model.teacher, state, f"`--init` {init!r}")
         except CheckpointError as err:
-            raise _wrong_teacher(init, recorded, name) from err
+            raise _wrong_teacher(init, recorded, name, str(err)) from err
     else:  # dicnet: any registered closed-set model's checkpoint is the teacher
         teacher = kwargs.get("teacher", recorded)
         if teacher is None:
