@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from densehybrid.cli import main
-from densehybrid.engine.batches import collate
 from densehybrid.models import create_model
 from tests.datasets.fake_trees import make_fake_streethazards
 from tests.recipes.conftest import LIGHT_LADDER, TINY, make_folder_tree, sets
@@ -162,12 +161,6 @@ def test_bad_inputs_fail_with_one_message_before_anything_is_written(streethazar
     # a model that is not a DiCNet
     assert main([*args, "--init", str(teacher), "--set", "model.name=ladder_mobilenetv3"]) == 1
     assert "model.kwargs.teacher=ladder_mobilenetv3" in _error(capsys, out)
-
-
-def test_whole_images_of_different_sizes_are_named_in_one_message():
-    samples = [{"image": torch.zeros(3, 4, 6)}, {"image": torch.zeros(3, 5, 6)}]
-    with pytest.raises(ValueError, match=r"share one size.*\(3, 4, 6\), \(3, 5, 6\).*augment.crop"):
-        collate(samples)
 
 
 def test_whole_image_augmentation_only_flips():

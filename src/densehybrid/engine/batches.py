@@ -33,12 +33,6 @@ def collate(samples: Sequence[Any]) -> dict[str, Any]:
     for key in first:
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
-            shapes = sorted({tuple(v.shape) for v in values})
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"Expected the samples of a batch to share one size, but their {key!r} tensors are {shapes}. "
-                    "Crop them to one size (e.g. recipe key augment.crop) or use batch size 1."
-                )
             batch[key] = torch.stack(values)
         else:
             batch[key] = values
