@@ -44,6 +44,7 @@ __all__ = [
     "ScoreInfo",
     "check_score_inputs",
     "compute_score",
+    "default_score",
     "densehybrid",
     "dicnet",
     "discriminative",
@@ -700,6 +701,20 @@ def list_scores(available: Iterable[str] | None = HYBRID) -> list[str]:
         return sorted(SCORES)
     fields = set(available)
     return sorted(name for name in SCORES if set(SCORE_INFO[name].inputs) <= fields)
+
+
+def default_score(available: Iterable[str]) -> str:
+    """The score a model's outputs call for: ``dicnet`` for teacher and student features (a DiCNet model),
+    ``densehybrid`` for a dataset-posterior head (a DenseHybrid model), else ``msp``.
+
+    Args:
+        available: the model's output fields (:func:`densehybrid.models.output_fields`).
+    """
+    fields = set(available)
+    for name in ("dicnet", "densehybrid"):
+        if set(SCORE_INFO[name].inputs) <= fields:
+            return name
+    return "msp"
 
 
 def _lookup(name: str) -> str:

@@ -96,10 +96,19 @@ def test_a_score_of_the_other_method_gives_one_clear_message(setup, tmp_path, ca
     assert _run(root, files["densehybrid"], out, "--score", "dicnet") == 1
     message = _error(capsys)
     assert "teacher and student features of a DiCNet model" in message and "ladder_mobilenetv3" in message
-    assert _run(root, files[12], out) == 1  # the default score, densehybrid, needs a dataset-posterior head
+    assert _run(root, files[12], out, "--score", "densehybrid") == 1  # it needs a dataset-posterior head
     message = _error(capsys)
     assert "dataset-posterior logits of a DenseHybrid model" in message and "Scores for this model: dicnet" in message
     assert not out.exists()
+
+
+def test_the_default_score_follows_the_model(setup, tmp_path, capsys):
+    root, files, _ = setup
+    for checkpoint, expected in ((files[12], "dicnet"), (files["densehybrid"], "densehybrid")):
+        out = tmp_path / f"{expected}.json"
+        assert _run(root, checkpoint, out) == 0
+        assert list(json.loads(out.read_text())["anomaly"]) == [expected]
+    capsys.readouterr()
 
 
 def test_open_set_evaluation_with_the_dicnet_score(setup, tmp_path):

@@ -82,6 +82,26 @@ RELEASED = {
         "loss": {"beta": 0.15, "lambda": 1.5, "posterior_ignore_void": True},
         "negatives": {"resize": 256, "crop": 256, "pastes": 3, "rect_prob": 0.5, "max_class_pixels": 10000},
     },
+    # DiCNet train_student.py (tpami-and-dicnet-code.md section 6): Adam (torch defaults) 1e-4 constant, weight decay
+    # 1e-5, 150 epochs, batch 16, full 1280x720 images with a flip, seed 666, 13 classes (raw ids - 1).
+    "dicnet-streethazards": {
+        "method": "dicnet",
+        "model": {"name": "dicnet_pspnet", "num_classes": 13},
+        "data": {"dataset": "streethazards", "train_split": "train", "options": {"encoding": "hendrycks"}},
+        "augment": {"crop": 0, "scale": [1.0, 1.0], "flip": True},
+        "optim": {
+            "optimizer": "adam",
+            "lr": 1e-4,
+            "backbone_lr_ratio": 1.0,
+            "schedule": "constant",
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "weight_decay": 1e-5,
+            "epochs": 150,
+            "batch_size": 16,
+        },
+        "run": {"amp": False, "seed": 666},
+    },
 }
 
 
@@ -105,7 +125,7 @@ def test_released_recipe_matches_the_released_code(name, capsys):
 def test_every_shipped_recipe_resolves_and_is_listed(capsys):
     # the flow recipes are checked in test_flow_recipes.py
     flow_recipes = {"denseflow-pretrain", *(f"{name}-flow" for name in RELEASED if name.endswith("finetune"))}
-    assert set(list_recipes()) == set(RELEASED) | {"generic"} | flow_recipes
+    assert set(list_recipes()) == set(RELEASED) | {"generic", "dicnet"} | flow_recipes
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out
     for name in list_recipes():
@@ -142,7 +162,7 @@ def test_set_overrides_are_typed_and_checked():
 def test_unknown_recipe_lists_the_shipped_ones(capsys):
     assert main(["train", "--recipe", "ldn-121", "--print-config"]) == 1
     err = capsys.readouterr().err
-    assert "Unknown recipe 'ldn-121'. Available: denseflow-pretrain, dlv3p-cityscapes-finetune, " in err
+    assert "Unknown recipe 'ldn-121'. Available: denseflow-pretrain, dicnet, dicnet-streethazards, " in err
     assert "generic, ldn121-streethazards, ldn121-streethazards-finetune" in err
 
 

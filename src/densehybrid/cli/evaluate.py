@@ -24,6 +24,8 @@ from densehybrid.cli._common import (
 from densehybrid.data.datasets import BENCHMARKS, get_benchmark, list_benchmarks
 from densehybrid.engine.outputs import check_output_file
 from densehybrid.metrics import COMPONENT_TRACKS, PROTOCOLS
+from densehybrid.models.output import output_fields
+from densehybrid.scores import default_score
 
 HELP = "evaluate a checkpoint on a benchmark with its official protocol (AP, FPR95, AUROC, sIoU/PPV/F1, mIoU)"
 DESCRIPTION = (
@@ -47,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--score",
         action="append",
         default=None,
-        help="anomaly score, repeatable (default: densehybrid; none for cityscapes; see `densehybrid scores`)",
+        help="anomaly score, repeatable (default: the model's own, densehybrid or dicnet; none for cityscapes; see "
+        "`densehybrid scores`)",
     )
     parser.add_argument(
         "--protocol", choices=PROTOCOLS, default=None, help="metric protocol (default: the benchmark's own)"
@@ -96,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
+    if args.score is None and scores:  # the default score follows the model's outputs (dicnet for DiCNet)
+        scores = [default_score(output_fields(model))]
     score_options = load_score_options(scores, args.sml_statistics, info["num_classes"])
     with naming_checkpoint(args.checkpoint):
         result = evaluate_benchmark(

@@ -50,7 +50,7 @@ class JitterCrop:
     """Random rescale by ``U(scale)``, pad with ``fill``/``ignore_index`` up to ``size``, random ``size`` crop.
 
     Args:
-        size: crop side in pixels (square crops, as released).
+        size: crop side in pixels (square crops, as released); 0: no crop (whole images, as DiCNet trains).
         scale: range of the rescale factor (``(1, 1)``: no rescale).
         fill: RGB pad colour in 0..255 (e.g. the dataset mean, (73, 83, 72) for Cityscapes).
         ignore_index: pad value of the label.
@@ -65,14 +65,18 @@ class JitterCrop:
         fill: Sequence[float] = (0, 0, 0),
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
-        if int(size) < 1:
-            raise ValueError(f"Expected `size` to be >= 1, but got {size}.")
+        if int(size) < 0:
+            raise ValueError(f"Expected `size` to be >= 0 (0: no crop), but got {size}.")
         self.size = int(size)
         self.scale = _check_scale(scale)
         self.fill = fill_to_unit(fill)
         self.ignore_index = int(ignore_index)
-        self.crop = v2.RandomCrop(
-            self.size, pad_if_needed=True, fill={tv_tensors.Image: self.fill, tv_tensors.Mask: self.ignore_index}
+        self.crop = (
+            v2.RandomCrop(
+                self.size, pad_if_needed=True, fill={tv_tensors.Image: self.fill, tv_tensors.Mask: self.ignore_index}
+            )
+            if self.size
+            else None
         )
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +88,8 @@ class JitterCrop:
             new = [max(1, round(height * factor)), max(1, round(width * factor))]
             image = TF.resize(image, new, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
             target = TF.resize(target, new, interpolation=v2.InterpolationMode.NEAREST)
-        image, target = self.crop(image, target)
+        if self.crop is not None:
+            image, target = self.crop(image, target)
         return image.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:

@@ -20,7 +20,8 @@ from densehybrid.engine import distributed
 from densehybrid.engine.batches import unpack_sample
 from densehybrid.labels import IGNORE_INDEX
 from densehybrid.metrics import AnomalyMetrics, ConfusionMatrix
-from densehybrid.scores import densehybrid as densehybrid_score
+from densehybrid.models.output import output_fields
+from densehybrid.scores import compute_score, default_score, score_info
 
 
 @torch.no_grad()
@@ -31,23 +32,29 @@ def validate(
     device: torch.device,
     limit: int | None = None,
     amp: bool = False,
+    score: str | None = None,
 ) -> dict[str, float]:
     """Closed-set mIoU over ``dataset`` and, where targets hold the anomaly id K, pooled AP and FPR95 of the
-    DenseHybrid score.
+    model's anomaly score.
 
     Args:
-        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``); left in eval mode.
+        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``) or a DiCNet model (the mIoU is
+            its teacher's); left in eval mode.
         dataset: samples with ``image`` (3, H, W) and ``target`` (H, W): ids ``0..K-1``, anomaly K, void 255.
         num_classes: K.
         device: where to run.
         limit: only the first ``limit`` frames (None: all).
         amp: bfloat16 autocast on CUDA.
+        score: the anomaly score; default the one the model's outputs call for
+            (:func:`densehybrid.scores.default_score`: ``densehybrid``, or ``dicnet`` for a DiCNet model).
 
     Returns:
         ``{"val_miou": ..., "val_ap": ..., "val_fpr95": ...}`` (the anomaly keys only when anomalies were seen);
         values are fractions in [0, 1], NaN when undefined.
     """
     model.eval()
+    score = default_score(output_fields(model)) if score is None else score
+    inputs = score_info(score).inputs
     count = len(dataset) if limit is None else min(limit, len(dataset))
     confusion = ConfusionMatrix(num_classes, device="cpu")
     anomaly = AnomalyMetrics(bits=16, device="cpu")
@@ -62,10 +69,10 @@ def validate(
         known = torch.where(target == IGNORE_INDEX, target, known)
         confusion.update(logits.argmax(1), known)
         is_anomaly = target == num_classes
-        if bool(is_anomaly.any()) and out.ood_logits is not None:
+        if bool(is_anomaly.any()) and all(getattr(out, field, None) is not None for field in inputs):
             saw_anomalies += 1
             binary = torch.where(target == IGNORE_INDEX, target, is_anomaly.long())
-            anomaly.update(densehybrid_score(logits, out.ood_logits.float().cpu()), binary)
+            anomaly.update(compute_score(score, out, tuple(target.shape[-2:])).float().cpu(), binary)
     confusion.sync()
     result: dict[str, Any] = {"val_miou": float(confusion.compute()["miou"])}
     if int(distributed.sum_over_ranks(saw_anomalies)) > 0:

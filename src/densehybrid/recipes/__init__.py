@@ -242,3 +242,6 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> dict
     if not raw.get("name"):
         raw["name"] = Path(str(path)).stem
     return resolve_recipe(raw, overrides, source)
+
+
+from densehybrid.recipes import distillation as _distillation  # noqa: E402,F401  (registers the dicnet method)

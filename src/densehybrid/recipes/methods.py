@@ -6,7 +6,8 @@ schema, and one function ``build(context) -> objective`` that returns the traini
 carry ``state_dict``/``load_state_dict`` and ``after_step`` to train a second network, e.g. a flow). A method that
 trains something other than a registered segmentation model passes ``build_model``.
 
-Registered here: ``closed-set`` (cross-entropy) and ``densehybrid`` (pasted real negatives and the hybrid loss).
+Registered here: ``closed-set`` (cross-entropy) and ``densehybrid`` (pasted real negatives and the hybrid loss);
+``dicnet`` (feature distillation) in :mod:`densehybrid.recipes.distillation`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class MethodContext:
         neg_root: ``--neg-root`` (None when not given).
         data_root: ``--data-root``.
         out_dir: ``--out`` (None when the run writes nothing).
+        init: ``--init`` (else the recipe's ``model.init``; empty: none), for a method's ``build_model``.
     """
 
     recipe: dict[str, Any]
@@ -46,6 +48,7 @@ class MethodContext:
     neg_root: Path | None = None
     data_root: Path | None = None
     out_dir: Path | None = None
+    init: str = ""
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,9 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
 
     init = inputs.init or recipe["model"]["init"]
     if method.build_model is not None:
-        context = MethodContext(recipe, None, num_classes, device, inputs.neg_root, inputs.data_root, out)
+        context = MethodContext(
+            recipe, None, num_classes, device, inputs.neg_root, inputs.data_root, out_dir=out, init=init
+        )
         model = method.build_model(context)
     else:
         model = build_model(recipe, num_classes, init)

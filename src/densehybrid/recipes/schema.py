@@ -114,7 +114,7 @@ COMMON: dict[str, dict[str, Key]] = {
         "options": Key("table", {}, "loader options (as `--option KEY=VALUE` of `densehybrid evaluate`)"),
     },
     "augment": {
-        "crop": Key("int", 512, "side of the square random crop", minimum=1),
+        "crop": Key("int", 512, "side of the square random crop (0: whole images, no crop)", minimum=0),
         "scale": Key("floats", [0.5, 2.0], "range of the random rescale before cropping", minimum=1e-3, length=2),
         "fill": Key("floats", [0.0, 0.0, 0.0], "RGB (0..255) padding colour; labels are padded with 255", length=3),
         "flip": Key("bool", True, "random horizontal flips"),
