@@ -13,7 +13,9 @@ not the image. ``input_scale`` resizes the model input instead; the maps are ret
 the predictor over them in batches, writes a heatmap (one display range for the whole run), the colour open-set
 segmentation, an overlay and optionally the raw maps per image, one ``predictions.jsonl`` line per image and a
 ``summary.json``. A file that cannot be read is reported in one line, skipped and counted; it never stops the run
-unless ``strict``.
+unless ``strict``. The output folder follows the output-path policy of :mod:`densehybrid.engine.outputs`
+(:func:`check_output_plan`): an earlier run's results are replaced only with ``overwrite``, an output that would
+overwrite an input image is refused (that image is skipped and counted), and every file is written atomically.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ __all__ = [
     "PredictionResult",
     "PredictionSummary",
     "Predictor",
-    "default_palette",
     "check_output_plan",
     "check_prediction_out",
+    "default_palette",
     "discover_images",
     "load_checkpoint_model",
     "predict_files",
@@ -1084,9 +1086,11 @@ def _remove_outputs(out: Path, names: Iterable[str], jobs: Sequence[ImageJob]) -
     """Delete the earlier run's outputs ``names`` (relative to ``out``) that this run did not write again; never an
     input image of this run."""
     inputs = {job.path.resolve() for job in jobs}
+    root = out.resolve()
     for name in sorted(names):
         path = out / name
-        if path.resolve() in inputs or not path.is_file():
+        resolved = path.resolve()
+        if resolved in inputs or root not in resolved.parents or not path.is_file():
             continue
         try:
             path.unlink()
