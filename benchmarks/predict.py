@@ -66,7 +66,7 @@ def predict_overhead(model_name: str, size: tuple[int, int], images: int, repeat
                             model(t)
                     bare.append((time.perf_counter() - start) / images)
                 else:
-                    predict_files(predictor, [folder], Path(tmp) / "out", num_workers=0, progress=False)
+                    predict_files(predictor, [folder], Path(tmp) / "out", num_workers=0, progress=False, overwrite=True)
                     full.append((time.perf_counter() - start) / images)
     forward, predicted = _median_seconds(bare), _median_seconds(full)
     return {

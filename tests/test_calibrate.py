@@ -38,6 +38,18 @@ def setup(tmp_path_factory):
     return folder, model
 
 
+def _no_model_work(monkeypatch):
+    """Make reading the checkpoint fail loudly: a refusal of `--out` must come before it."""
+    import densehybrid.calibrate
+    import densehybrid.models.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    monkeypatch.setattr(densehybrid.models.checkpoint, "read_checkpoint_file", refuse)
+    monkeypatch.setattr(densehybrid.calibrate, "read_checkpoint_file", refuse)
+
+
 def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -113,7 +125,60 @@ def test_refuses_to_overwrite_the_checkpoint(setup, capsys):
         ["calibrate", "--checkpoint", str(path), "--model", "ladder_mobilenetv3", "--benchmark", "roadscene"]
         + ["--root", str(folder / "data"), "--out", str(path)]
     )
-    assert code == 1 and "never overwritten" in capsys.readouterr().err
+    assert code == 1 and "would destroy it" in capsys.readouterr().err
+    before = _digest(path)
+    code = main(
+        ["calibrate", "--checkpoint", str(path), "--model", "ladder_mobilenetv3", "--benchmark", "roadscene"]
+        + ["--root", str(folder / "data"), "--out", str(path), "--overwrite"]
+    )
+    assert code == 1 and "would destroy it" in capsys.readouterr().err  # not even with --overwrite
+    assert _digest(path) == before
+
+
+def _calibrate(folder, out, *extra):
+    return main(
+        ["calibrate", "--checkpoint", str(folder / "bare.pt"), "--model", "ladder_mobilenetv3", "--benchmark"]
+        + ["roadscene", "--root", str(folder / "data"), "--out", str(out), "--num-workers", "0", "--no-progress"]
+        + list(extra)
+    )
+
+
+def test_an_existing_out_needs_overwrite(setup, tmp_path, capsys, monkeypatch):
+    folder, _ = setup
+    out = tmp_path / "calibrated.pt"
+    out.write_text("an earlier result")
+    with monkeypatch.context() as patch:
+        _no_model_work(patch)
+        assert _calibrate(folder, out) == 1
+        err = capsys.readouterr().err
+        assert "--overwrite" in err and "Traceback" not in err and out.read_text() == "an earlier result"
+    assert _calibrate(folder, out, "--overwrite") == 0
+    printed = capsys.readouterr().out
+    assert printed.index("threshold") < printed.index("calibrated checkpoint:")  # the result first, then the file
+    assert "threshold" in torch.load(out, weights_only=True)[CALIBRATION_KEY]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_default_out_of_a_second_run_needs_overwrite(setup, tmp_path, capsys, monkeypatch):
+    folder, _ = setup
+    checkpoint = tmp_path / "m.pt"
+    checkpoint.write_bytes((folder / "bare.pt").read_bytes())
+    (tmp_path / "m-calibrated.pt").write_text("the first calibration")
+    _no_model_work(monkeypatch)
+    code = main(
+        ["calibrate", "--checkpoint", str(checkpoint), "--model", "ladder_mobilenetv3", "--benchmark", "roadscene"]
+        + ["--root", str(folder / "data")]
+    )
+    assert code == 1 and "m-calibrated.pt" in capsys.readouterr().err
+
+
+def test_out_below_a_file_is_refused_before_the_checkpoint_is_read(setup, tmp_path, capsys, monkeypatch):
+    folder, _ = setup
+    (tmp_path / "results").write_text("a file")
+    _no_model_work(monkeypatch)
+    assert _calibrate(folder, tmp_path / "results" / "c.pt", "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err
 
 
 def test_a_split_without_anomalies_is_a_clear_error(setup, capsys):

@@ -136,3 +136,62 @@ def test_cli_export_bakes_in_the_calibrated_threshold(tmp_path, capsys):
 
     code = main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(checkpoint)])
     assert code == 1 and "differ" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("ladder_mobilenetv3", num_classes=4, decoder_channels=16).eval()
+    path = tmp_path / "m.pt"
+    torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": model.model_kwargs}, path)
+    return path
+
+
+def _export(checkpoint, out, *extra):
+    return main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out), *extra])
+
+
+def _no_model_work(monkeypatch):
+    import densehybrid.models.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    monkeypatch.setattr(densehybrid.models.checkpoint, "read_checkpoint_file", refuse)
+
+
+def test_cli_export_an_existing_out_needs_overwrite(small_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "model.ts"
+    out.write_text("an earlier export")
+    with monkeypatch.context() as patch:
+        _no_model_work(patch)
+        assert _export(small_checkpoint, out, "--no-parity") == 1
+        err = capsys.readouterr().err
+        assert "--overwrite" in err and "Traceback" not in err and out.read_text() == "an earlier export"
+    assert _export(small_checkpoint, out, "--no-parity", "--overwrite") == 0
+    scores, _ = load_exported(out, "torchscript")(np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32))
+    assert scores.shape == (1, 32, 32) and not list(tmp_path.glob("*.tmp"))
+    before = small_checkpoint.read_bytes()
+    assert _export(small_checkpoint, small_checkpoint, "--overwrite") == 1  # the checkpoint never
+    assert "differ from the inputs" in capsys.readouterr().err and small_checkpoint.read_bytes() == before
+
+
+def test_cli_export_out_below_a_file_is_refused_before_the_checkpoint_is_read(
+    small_checkpoint, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "results").write_text("a file")
+    _no_model_work(monkeypatch)
+    assert _export(small_checkpoint, tmp_path / "results" / "model.ts") == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err
+
+
+def test_cli_export_of_a_nan_model_names_the_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("ladder_mobilenetv3", num_classes=4, decoder_channels=16)
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    bad = tmp_path / "diverged.pt"
+    torch.save({"model": state, "model_name": model.model_name, "model_kwargs": model.model_kwargs}, bad)
+    assert _export(bad, tmp_path / "model.ts", "--no-parity") == 1
+    err = capsys.readouterr().err
+    assert "diverged.pt" in err and "NaN" in err and not (tmp_path / "model.ts").exists()

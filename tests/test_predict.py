@@ -286,3 +286,98 @@ def test_help_documents_every_option(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "--checkpoint" in capsys.readouterr().out
+
+
+def _no_model_work(monkeypatch):
+    """Make reading any checkpoint fail loudly: a refusal must come before it."""
+    import densehybrid.calibrate
+    import densehybrid.models.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the outputs were checked")
+
+    monkeypatch.setattr(densehybrid.models.checkpoint, "read_checkpoint_file", refuse)
+    monkeypatch.setattr(densehybrid.calibrate, "read_checkpoint_file", refuse)
+
+
+def _predict(path, out, *inputs, extra=()):
+    return main(
+        ["predict", "--checkpoint", str(path), *map(str, inputs), "--out", str(out), "--num-workers", "0"]
+        + ["--no-progress", *extra]
+    )
+
+
+def test_earlier_results_need_overwrite_which_replaces_them(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    for name, seed in (("a", 1), ("b", 2)):
+        Image.fromarray(_rgb(24, 32, seed)).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    assert _predict(path, out, tmp_path / "a.png", tmp_path / "b.png") == 0
+    (out / "notes.txt").write_text("the user's own file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    assert _predict(path, out, tmp_path / "a.png", tmp_path / "b.png") == 1  # an earlier run's results are kept
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # an interrupted run (no summary yet) left an image's outputs: they are results too
+    (out / "summary.json").unlink()
+    (out / "predictions.jsonl").unlink()
+    assert _predict(path, out, tmp_path / "a.png") == 1 and "a_heatmap.png" in capsys.readouterr().err
+
+    # --overwrite: no folder to delete by hand; b's outputs of the earlier run go, the user's file stays
+    assert _predict(path, out, tmp_path / "b.png", extra=["--overwrite"]) == 0
+    capsys.readouterr()
+    assert _predict(path, out, tmp_path / "a.png", extra=["--overwrite"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a_heatmap.png", "a_overlay.png", "a_segmentation.png", "notes.txt", "predictions.jsonl"] + [
+        "summary.json"
+    ]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["outputs"] for r in records] == [["a_heatmap.png", "a_segmentation.png", "a_overlay.png"]]
+    assert json.loads((out / "summary.json").read_text())["num_images"] == 1
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_predict_files_refuses_an_earlier_result_and_an_input_as_output(tmp_path, checkpoint):
+    from densehybrid.errors import OutputError
+
+    path, _ = checkpoint
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(OutputError, match="--overwrite"):
+        predict_files(predictor, [tmp_path / "a.png"], out, progress=False)
+    assert predict_files(predictor, [tmp_path / "a.png"], out, progress=False, overwrite=True).num_images == 1
+    with pytest.raises(OutputError, match="destroy|input"):
+        predict_files(predictor, [tmp_path / "a.png"], tmp_path, progress=False, read_files=[tmp_path], overwrite=True)
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_out_that_is_a_file_is_refused_before_the_checkpoint_is_read(tmp_path, checkpoint, capsys, monkeypatch, where):
+    path, _ = checkpoint
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder")
+    _no_model_work(monkeypatch)
+    out = blocker if where == "file" else blocker / "sub"
+    assert _predict(path, out, tmp_path / "a.png", extra=["--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err and "results" in err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_nan_outputs_name_the_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("ladder_mobilenetv3", num_classes=4, decoder_channels=16)
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    bad = tmp_path / "diverged.pt"
+    torch.save({"model": state, "model_name": model.model_name, "model_kwargs": model.model_kwargs}, bad)
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    assert _predict(bad, tmp_path / "out", tmp_path / "a.png") == 1
+    err = capsys.readouterr().err
+    assert "diverged.pt" in err and "NaN" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "summary.json").exists()

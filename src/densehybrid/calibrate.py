@@ -4,7 +4,8 @@
 :func:`densehybrid.openset.calibrate_threshold` (the first threshold whose TPR exceeds the target, as the released
 StreetHazards code, or the best pixel F1), measures the score's display range (the 1st and 99th percentiles of a
 seeded subsample of the evaluated pixels, widened to include the threshold), and writes a *new* checkpoint that
-carries both under :data:`densehybrid.predict.CALIBRATION_KEY`. The original file is never written.
+carries both under :data:`densehybrid.predict.CALIBRATION_KEY`. The original file is never written; the output
+follows the output-path policy of :mod:`densehybrid.engine.outputs` (an existing file only with ``overwrite``).
 
 Benchmarks are read with the registered loaders (``densehybrid doctor`` lists them); ``roadscene`` is the demo's
 generated benchmark (``--root demo_out/data``).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,15 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from densehybrid.engine.evaluate import model_outputs
+from densehybrid.engine.outputs import check_output_file
 from densehybrid.engine.runtime import atomic_torch_save
-from densehybrid.errors import DenseHybridError
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
 from densehybrid.models.checkpoint import read_checkpoint_file, split_checkpoint
 from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold
 from densehybrid.predict import CALIBRATION_KEY, Calibration, model_from_checkpoint
 from densehybrid.scores import compute_score, get_score
 
-__all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_path", "check_calibration_out"]
+__all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_path"]
 
 #: The name of the demo's generated benchmark.
 ROADSCENE = "roadscene"
@@ -44,28 +45,6 @@ def calibrated_path(checkpoint: str | os.PathLike[str]) -> Path:
     """The default output: ``NAME-calibrated.pt`` beside the checkpoint."""
     path = Path(checkpoint)
     return path.with_name(f"{path.stem}-calibrated.pt")
-
-
-def check_calibration_out(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Check the output checkpoint before any work: not the input, and in a writable folder.
-
-    Raises:
-        ValueError: ``out`` is the input checkpoint.
-        DenseHybridError: its folder cannot be created or written.
-    """
-    out = Path(out)
-    if out.resolve() == Path(checkpoint).resolve():
-        raise ValueError(
-            f"Expected `--out` to differ from `--checkpoint` {str(checkpoint)!r}: the original is never overwritten. "
-            f"Choose another file, e.g. {str(calibrated_path(checkpoint))!r}."
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DenseHybridError(f"Cannot create the folder of `--out` {str(out)!r}: {exc.strerror or exc}.") from exc
-    if not os.access(out.parent, os.W_OK):
-        raise DenseHybridError(f"Cannot write `--out` {str(out)!r}: its folder is not writable.")
-    return out
 
 
 def _default_split(spec: Any) -> str:
@@ -152,6 +131,8 @@ def calibrate_checkpoint(
     num_workers: int = 0,
     amp: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Calibrate the open-set threshold and display range of a checkpoint and write a calibrated copy.
 
@@ -159,7 +140,9 @@ def calibrate_checkpoint(
         checkpoint: the checkpoint to calibrate (read only).
         benchmark: a registered benchmark name or ``"roadscene"``.
         root: the benchmark's root.
-        out: the calibrated checkpoint (default :func:`calibrated_path`); must differ from ``checkpoint``.
+        out: the calibrated checkpoint (default :func:`calibrated_path`); checked before the work with the
+            output-path policy (:func:`densehybrid.engine.outputs.check_output_file`): never ``checkpoint`` or a
+            file under ``root``, and an existing file only with ``overwrite``.
         split: the labelled split (default ``val``/``validation`` where the benchmark has one).
         model, num_classes: for checkpoints that do not record them.
         score: the registered score the threshold applies to.
@@ -172,13 +155,16 @@ def calibrate_checkpoint(
         sample_pixels: pixels sampled for the display range (spread over the batches).
         seed: seeds that sample.
         device, batch_size, num_workers, amp, progress: loop settings.
+        overwrite: replace an existing ``out``.
+        report: called with the result before the checkpoint is written (a failed write then loses nothing).
 
     Returns:
         a JSON-ready dict: ``out``, the :class:`~densehybrid.predict.Calibration` fields, ``anomaly_pixels``.
 
     Raises:
         ValueError: bad arguments, or a split without anomaly pixels.
-        DenseHybridError: unreadable checkpoint or data, or an unwritable output.
+        OutputError: ``out`` is an input, exists without ``overwrite``, or cannot be written.
+        DenseHybridError: unreadable checkpoint or data.
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"Expected `method` to be one of {', '.join(CALIBRATION_METHODS)}, but got {method!r}.")
@@ -187,7 +173,9 @@ def calibrate_checkpoint(
     if not 0.0 < calibration_scale <= 1.0:
         raise ValueError(f"Expected `calibration_scale` in (0, 1], but got {calibration_scale!r}.")
     get_score(score)
-    out_path = check_calibration_out(checkpoint, out if out is not None else calibrated_path(checkpoint))
+    out_path = check_output_file(
+        out if out is not None else calibrated_path(checkpoint), inputs=[checkpoint, root], overwrite=overwrite
+    )
     dataset, split, target_kind, benchmark_k, class_names, palette = _open_data(
         benchmark, root, split, dataset_options, limit, input_scale
     )
@@ -246,8 +234,7 @@ def calibrate_checkpoint(
         class_names=class_names if len(class_names) == k else [],
         palette=palette if len(palette) == k else [],
     )
-    atomic_torch_save(_with_calibration(raw, metadata, calibration), out_path)
-    return {
+    result = {
         "out": str(out_path),
         "checkpoint": str(checkpoint),
         "model": metadata["model_name"],
@@ -256,6 +243,10 @@ def calibrate_checkpoint(
         "calibration_scale": float(calibration_scale),
         "anomaly_pixels": pairs.anomalies,
     }
+    if report is not None:
+        report(result)
+    atomic_torch_save(_with_calibration(raw, metadata, calibration), out_path)
+    return result
 
 
 def _with_calibration(raw: Any, metadata: Mapping[str, Any], calibration: Calibration) -> dict[str, Any]:

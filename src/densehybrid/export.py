@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densehybrid.engine.evaluate import check_finite_outputs
 from densehybrid.errors import DenseHybridError
 from densehybrid.models.output import HybridOutput
 from densehybrid.scores import compute_score, get_score
@@ -260,6 +261,7 @@ def export_model(
 
     Raises:
         ValueError: an unknown format.
+        NonFiniteError: the model gives NaN or infinite outputs on the tracing example.
         DenseHybridError: ONNX packages missing, or the export fails.
     """
     if fmt not in EXPORT_FORMATS:
@@ -270,6 +272,8 @@ def export_model(
     graph = ExportGraph(traceable_copy(model), score, threshold, score_options).eval()
     n, h, w = example_size
     example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        check_finite_outputs(graph.outputs(example))  # a model with damaged weights is refused before export
     props = _metadata(graph, model, metadata or {})
     tmp = _atomic_target(path)
     try:
@@ -409,6 +413,7 @@ def eager_reference(
     """What the exported graph should give, from the model's own forward: (scores, labels, top-2 logit gap)."""
     model = model.eval()
     out = model(images)
+    check_finite_outputs(out)
     out = HybridOutput(out.logits.float(), out.ood_logits.float())
     scores = compute_score(score, out, **dict(score_options or {}))
     top2 = out.logits.topk(2, dim=1).values if out.logits.shape[1] > 1 else None

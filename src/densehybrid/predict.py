@@ -13,7 +13,9 @@ not the image. ``input_scale`` resizes the model input instead; the maps are ret
 the predictor over them in batches, writes a heatmap (one display range for the whole run), the colour open-set
 segmentation, an overlay and optionally the raw maps per image, one ``predictions.jsonl`` line per image and a
 ``summary.json``. A file that cannot be read is reported in one line, skipped and counted; it never stops the run
-unless ``strict``.
+unless ``strict``. The output folder follows the output-path policy of :mod:`densehybrid.engine.outputs`
+(:func:`check_output_plan`): an earlier run's results are replaced only with ``overwrite``, an output that would
+overwrite an input image is refused (that image is skipped and counted), and every file is written atomically.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from densehybrid.engine.evaluate import check_finite_outputs
+from densehybrid.engine.outputs import check_output_dir
 from densehybrid.engine.runtime import select_device
 from densehybrid.errors import CheckpointError, DenseHybridError
 from densehybrid.models.output import HybridOutput
@@ -47,6 +51,8 @@ __all__ = [
     "PredictionResult",
     "PredictionSummary",
     "Predictor",
+    "check_output_plan",
+    "check_prediction_out",
     "default_palette",
     "discover_images",
     "load_checkpoint_model",
@@ -518,6 +524,7 @@ class Predictor:
     def _output(self, images: torch.Tensor, output_size: tuple[int, int]) -> HybridOutput:
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(images, output_size=output_size)
+        check_finite_outputs(out)
         return HybridOutput(out.logits.float(), out.ood_logits.float())
 
     def _maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -706,32 +713,40 @@ def output_paths(out_dir: Path, relative: Path, save_raw: bool) -> dict[str, Pat
     return paths
 
 
-def check_output_plan(jobs: Sequence[ImageJob], out_dir: Path, save_raw: bool) -> dict[int, str]:
-    """Check the planned outputs before any work: the output folder is writable, no two images share an output,
-    and no output would overwrite an input.
+#: Files one run writes at the top of the output folder; their presence marks the results of an earlier run.
+RESULT_FILES = ("predictions.jsonl", "summary.json")
 
-    Existing outputs of an earlier run are replaced (atomically). This is the one place that decides which outputs
-    may be written.
+
+def check_output_plan(
+    jobs: Sequence[ImageJob],
+    out_dir: Path,
+    save_raw: bool,
+    *,
+    overwrite: bool = False,
+    read_files: Iterable[str | os.PathLike[str] | None] = (),
+) -> dict[int, str]:
+    """Check the planned outputs before any work, with the output-path policy of
+    :mod:`densehybrid.engine.outputs`: the output folder is a writable folder and holds none of ``read_files``, no
+    output of an earlier run (``predictions.jsonl``, ``summary.json``, an image's outputs) is replaced unless
+    ``overwrite``, no two images share an output, and no output would overwrite an input image.
 
     Returns:
-        job index -> reason, for the jobs whose outputs are refused (they are skipped like unreadable files).
+        job index -> reason, for the jobs whose outputs would overwrite an input image (they are skipped and counted
+        like unreadable files).
 
     Raises:
-        DenseHybridError: the output folder cannot be created or written.
+        OutputError: ``out_dir`` is a file, cannot be written, holds an input file, or holds an earlier result and
+            ``overwrite`` is false.
         ValueError: two inputs would write the same output file.
     """
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise DenseHybridError(f"Cannot write to `--out` {str(out_dir)!r}: {exc.strerror or exc}.") from exc
+    out_dir = Path(out_dir)
     inputs = {job.path.resolve(): job.path for job in jobs}
     owners: dict[Path, Path] = {}
     refused: dict[int, str] = {}
+    planned: list[str] = list(RESULT_FILES)
     for index, job in enumerate(jobs):
-        for path in output_paths(out_dir, job.relative, save_raw).values():
+        paths = output_paths(out_dir, job.relative, save_raw).values()
+        for path in paths:
             resolved = path.resolve()
             if resolved in inputs:
                 refused[index] = f"its output {str(path)!r} would overwrite the input {str(inputs[resolved])!r}"
@@ -741,7 +756,28 @@ def check_output_plan(jobs: Sequence[ImageJob], out_dir: Path, save_raw: bool) -
                     f"{str(job.path)!r} would both write {str(path)!r}. Predict them into separate --out folders."
                 )
             owners[resolved] = job.path
+        if index not in refused:
+            planned.extend(str(path.relative_to(out_dir)) for path in paths)
+    check_output_dir(out_dir, inputs=read_files, outputs=planned, overwrite=overwrite)
     return refused
+
+
+def check_prediction_out(
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    save_raw: bool = False,
+    overwrite: bool = False,
+    read_files: Iterable[str | os.PathLike[str] | None] = (),
+) -> None:
+    """:func:`check_output_plan` for the images of ``inputs``, before a model is loaded (``densehybrid predict``).
+
+    Raises:
+        OutputError, ValueError: as :func:`check_output_plan`.
+    """
+    out = Path(out_dir).expanduser()
+    jobs, _ = discover_images(inputs, exclude=out)
+    check_output_plan(jobs, out, save_raw, overwrite=overwrite, read_files=read_files)
 
 
 def _umask() -> int:
@@ -901,6 +937,8 @@ def predict_files(
     strict: bool = False,
     progress: bool = True,
     report: Callable[[str], None] = print,
+    overwrite: bool = False,
+    read_files: Iterable[str | os.PathLike[str] | None] = (),
 ) -> PredictionSummary:
     """Predict every image of ``inputs`` and write the outputs under ``out_dir`` (see the module docstring).
 
@@ -914,20 +952,26 @@ def predict_files(
         strict: stop at the first unreadable input.
         progress: show a progress bar.
         report: receives one line per skipped input.
+        overwrite: replace the results of an earlier run in ``out_dir``; the outputs that earlier run recorded in
+            its ``predictions.jsonl`` and this run does not write again are removed at the end, so the folder holds
+            this run's results only. Without it, an earlier result is refused before any work.
+        read_files: files the run reads besides the images (checkpoint, statistics); never written.
 
     Returns:
         :class:`PredictionSummary`; ``summary.json`` and ``predictions.jsonl`` are written as well.
 
     Raises:
-        DenseHybridError: the output folder is not writable or an output cannot be written.
+        OutputError: ``out_dir`` is refused by :func:`check_output_plan`.
+        DenseHybridError: an output cannot be written.
         ValueError: two inputs would write the same output.
     """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     jobs, problems = discover_images(inputs, exclude=out)
-    refused = check_output_plan(jobs, out, save_raw)
+    refused = check_output_plan(jobs, out, save_raw, overwrite=overwrite, read_files=read_files)
+    earlier = _earlier_outputs(out) if overwrite else set()
     summary = PredictionSummary(
         threshold=predictor.threshold,
         threshold_source=predictor.threshold_source if predictor.threshold is not None else "none",
@@ -992,6 +1036,10 @@ def predict_files(
                         "max_score": _json_value(float(np.max(result.scores))),
                         "num_components": result.num_components() if result.threshold is not None else None,
                         "seconds": item["read_time"] + forward,
+                        "outputs": [
+                            path.relative_to(out).as_posix()
+                            for path in output_paths(out, job.relative, save_raw).values()
+                        ],
                     }
                     records.append(record)
                     writes.append(
@@ -1008,9 +1056,48 @@ def predict_files(
             future.result()
     bar.close()
     summary.seconds = time.perf_counter() - start
+    _remove_outputs(out, earlier - {name for record in records for name in record["outputs"]}, jobs)
     _write_text(out / "predictions.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     _write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2, allow_nan=False) + "\n")
     return summary
+
+
+def _earlier_outputs(out: Path) -> set[str]:
+    """The outputs (relative to ``out``) an earlier run recorded in its ``predictions.jsonl``; unreadable lines and
+    paths outside ``out`` are ignored."""
+    names: set[str] = set()
+    try:
+        lines = (out / RESULT_FILES[0]).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return names
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        outputs = record.get("outputs") if isinstance(record, dict) else None
+        for name in outputs if isinstance(outputs, list) else []:
+            if isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts:
+                names.add(Path(name).as_posix())
+    return names
+
+
+def _remove_outputs(out: Path, names: Iterable[str], jobs: Sequence[ImageJob]) -> None:
+    """Delete the earlier run's outputs ``names`` (relative to ``out``) that this run did not write again; never an
+    input image of this run."""
+    inputs = {job.path.resolve() for job in jobs}
+    root = out.resolve()
+    for name in sorted(names):
+        path = out / name
+        resolved = path.resolve()
+        if resolved in inputs or root not in resolved.parents or not path.is_file():
+            continue
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise DenseHybridError(
+                f"Cannot remove {str(path)!r}, an output of the earlier run being replaced: {exc.strerror or exc}."
+            ) from exc
 
 
 def _write_text(path: Path, text: str) -> None:

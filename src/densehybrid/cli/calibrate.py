@@ -7,8 +7,10 @@ import argparse
 from densehybrid.cli._common import (
     add_loop_arguments,
     add_model_arguments,
+    add_overwrite_argument,
     check_sml_arguments,
     load_score_options,
+    naming_checkpoint,
     positive_float,
     positive_int,
 )
@@ -18,7 +20,8 @@ DESCRIPTION = (
     "Run a checkpoint over a labelled split, choose the open-set threshold (default: the first threshold whose "
     "true-positive rate on the anomaly pixels exceeds --tpr, as the released StreetHazards code; --best-f1: the best "
     "pixel F1) and the heatmap's score range (1st-99th percentiles of the evaluated pixels, widened to include the "
-    "threshold), and write them into a NEW checkpoint (atomically; the original is untouched), so that "
+    "threshold), and write them into a NEW checkpoint (atomically; the original is never written; an existing --out "
+    "only with --overwrite), so that "
     "`densehybrid predict` and `densehybrid export` need no threshold flags. --benchmark roadscene calibrates on the "
     "demo's generated benchmark (--root demo_out/data)."
 )
@@ -52,12 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N frames (a quick look)")
     parser.add_argument("--input-scale", type=positive_float, default=1.0, help="resize the model input")
     parser.add_argument("--out", default=None, help="calibrated checkpoint to write (default: NAME-calibrated.pt)")
+    add_overwrite_argument(parser, "an existing --out checkpoint")
     add_loop_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid.calibrate import calibrate_checkpoint, calibrated_path, check_calibration_out
+    from densehybrid.calibrate import calibrate_checkpoint, calibrated_path
     from densehybrid.data.datasets import parse_dataset_options
+    from densehybrid.engine.outputs import check_output_file
     from densehybrid.scores import get_score
 
     if not args.best_f1 and not 0.0 < args.tpr < 1.0:
@@ -66,41 +71,52 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"Expected `--calibration-scale` in (0, 1], but got {args.calibration_scale}.")
     get_score(args.score)
     check_sml_arguments([args.score], args.sml_statistics)
-    out = check_calibration_out(args.checkpoint, args.out or calibrated_path(args.checkpoint))
+    out = check_output_file(
+        args.out or calibrated_path(args.checkpoint),
+        inputs=[args.checkpoint, args.root, args.sml_statistics],
+        overwrite=args.overwrite,
+    )
     score_options = {}
     if args.sml_statistics is not None:
         from densehybrid.predict import load_checkpoint_model
 
         _, metadata = load_checkpoint_model(args.checkpoint, args.model, args.num_classes)
         score_options = load_score_options([args.score], args.sml_statistics, metadata["num_classes"])["sml"]
-    result = calibrate_checkpoint(
-        args.checkpoint,
-        args.benchmark,
-        args.root,
-        out,
-        split=args.split,
-        model=args.model,
-        num_classes=args.num_classes,
-        score=args.score,
-        score_options=score_options,
-        method="f1" if args.best_f1 else "tpr",
-        target_tpr=args.tpr,
-        calibration_scale=args.calibration_scale,
-        dataset_options=parse_dataset_options(args.option),
-        limit=args.limit,
-        input_scale=args.input_scale,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        amp=args.amp,
-        progress=not args.no_progress,
-    )
-    rule = f"TPR > {result['target_tpr']}" if result["method"] == "tpr" else "best F1"
-    low, high = result["display_range"]
-    print(
-        f"calibrated {result['model']} (K={result['num_classes']}) on {result['benchmark']} {result['split']} "
-        f"({result['num_images']} images, {result['anomaly_pixels']} anomaly pixels): score {result['score']}, "
-        f"threshold {result['threshold']:.6g} at {rule}, heatmap range [{low:.6g}, {high:.6g}]"
-    )
+
+    def announce(result: dict) -> None:
+        rule = f"TPR > {result['target_tpr']}" if result["method"] == "tpr" else "best F1"
+        low, high = result["display_range"]
+        print(
+            f"calibrated {result['model']} (K={result['num_classes']}) on {result['benchmark']} {result['split']} "
+            f"({result['num_images']} images, {result['anomaly_pixels']} anomaly pixels): score {result['score']}, "
+            f"threshold {result['threshold']:.6g} at {rule}, heatmap range [{low:.6g}, {high:.6g}]",
+            flush=True,
+        )
+
+    with naming_checkpoint(args.checkpoint):
+        result = calibrate_checkpoint(
+            args.checkpoint,
+            args.benchmark,
+            args.root,
+            out,
+            split=args.split,
+            model=args.model,
+            num_classes=args.num_classes,
+            score=args.score,
+            score_options=score_options,
+            method="f1" if args.best_f1 else "tpr",
+            target_tpr=args.tpr,
+            calibration_scale=args.calibration_scale,
+            dataset_options=parse_dataset_options(args.option),
+            limit=args.limit,
+            input_scale=args.input_scale,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            amp=args.amp,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            report=announce,
+        )
     print(f"calibrated checkpoint: {result['out']} (the original {result['checkpoint']} is unchanged)")
     return 0

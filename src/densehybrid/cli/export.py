@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from densehybrid.cli._common import add_model_arguments, positive_int
+from densehybrid.cli._common import add_model_arguments, add_overwrite_argument, naming_checkpoint, positive_int
 
 HELP = "export a checkpoint to ONNX or TorchScript (scores and open-set labels), with a parity check"
 DESCRIPTION = (
@@ -13,7 +13,8 @@ DESCRIPTION = (
     "threshold is baked in when the checkpoint is calibrated (densehybrid calibrate) or --threshold is given; "
     "otherwise 'labels' is the closed-set argmax. Afterwards the file is run (ONNX Runtime or TorchScript) on random "
     "images of two sizes and compared with PyTorch: score relative error <= 1e-4 and equal labels except at pixels "
-    "within 1e-4 of the threshold. ONNX needs the extra: pip install 'densehybrid[export]'."
+    "within 1e-4 of the threshold. An existing --out is replaced only with --overwrite (never the checkpoint); the "
+    "file is written atomically. ONNX needs the extra: pip install 'densehybrid[export]'."
 )
 
 
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="file format")
     parser.add_argument("--out", required=True, help="file to write (e.g. model.onnx, model.pt)")
+    add_overwrite_argument(parser, "an existing --out file")
     parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument("--score", default=None, help="anomaly score (default: the calibrated one, else densehybrid)")
     parser.add_argument("--threshold", type=float, default=None, help="open-set threshold to bake in (overrides)")
@@ -30,8 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from densehybrid.engine.outputs import check_output_file
     from densehybrid.export import check_parity, export_model, require_onnx
     from densehybrid.predict import Predictor
     from densehybrid.scores import get_score
@@ -40,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
         require_onnx()  # before the checkpoint is read
     if args.score is not None:
         get_score(args.score)
-    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
-        raise ValueError(f"Expected `--out` to differ from `--checkpoint` {args.checkpoint!r}, but they are the same.")
+    out = check_output_file(args.out, inputs=[args.checkpoint], overwrite=args.overwrite)
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
         device="cpu",
@@ -52,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
     )
     model, score, threshold = predictor.model, predictor.score, predictor.threshold
     extra = {"class_names": predictor.class_names, "palette": predictor.palette.tolist()}
-    path = export_model(
-        model, args.out, args.format, score=score, threshold=threshold, opset=args.opset, metadata=extra
-    )
+    with naming_checkpoint(args.checkpoint):
+        path = export_model(model, out, args.format, score=score, threshold=threshold, opset=args.opset, metadata=extra)
     where = f"threshold {threshold:.6g} ({predictor.threshold_source})" if threshold is not None else "no threshold"
     print(f"exported {getattr(model, 'model_name', 'model')} ({args.format}, score {score}, {where}) to {path}")
     if args.no_parity:
         return 0
-    report = check_parity(model, path, args.format, score=score, threshold=threshold)
+    with naming_checkpoint(args.checkpoint):
+        report = check_parity(model, path, args.format, score=score, threshold=threshold)
     print("\n".join(report.lines()))
     return 0 if report.passed else 1

@@ -7,7 +7,9 @@ import sys
 
 from densehybrid.cli._common import (
     add_model_arguments,
+    add_overwrite_argument,
     load_score_options,
+    naming_checkpoint,
     non_negative_int,
     positive_float,
     positive_int,
@@ -22,13 +24,16 @@ DESCRIPTION = (
     "also NAME_scores.npy (float32 scores) and NAME_labels.png (ids 0..K-1, unknown = K). One predictions.jsonl line "
     "per image and summary.json. Unreadable inputs are reported in one line each, skipped and counted; the exit "
     "status is then 1 (--strict stops at the first). The threshold is the checkpoint's (densehybrid calibrate) "
-    "unless --threshold is given."
+    "unless --threshold is given. OUT may not hold the results of an earlier run (predictions.jsonl, summary.json, an "
+    "image's outputs) unless --overwrite, which replaces them and removes the earlier run's outputs this run does "
+    "not write again. Outputs are checked before the checkpoint is read and written atomically."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
     parser.add_argument("--out", required=True, help="output folder")
+    add_overwrite_argument(parser, "the results of an earlier run in --out")
     add_model_arguments(parser)
     parser.add_argument("--score", default=None, help="anomaly score (default: the calibrated one, else densehybrid)")
     parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
@@ -63,11 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid.predict import Predictor, predict_files
+    from densehybrid.predict import Predictor, check_prediction_out, predict_files
     from densehybrid.scores import get_score
 
     if args.score is not None:
         get_score(args.score)  # an unknown name fails before the checkpoint is read
+    read_files = [args.checkpoint, args.sml_statistics]
+    check_prediction_out(args.inputs, args.out, save_raw=args.save_raw, overwrite=args.overwrite, read_files=read_files)
     options = {}
     if args.display_range is not None:
         options["display_range"] = tuple(args.display_range)
@@ -87,16 +94,19 @@ def run(args: argparse.Namespace) -> int:
     predictor.score_options = load_score_options([predictor.score], args.sml_statistics, predictor.num_classes).get(
         predictor.score, {}
     )
-    summary = predict_files(
-        predictor,
-        args.inputs,
-        args.out,
-        save_raw=args.save_raw,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        strict=args.strict,
-        progress=not args.no_progress,
-        report=lambda line: print(line, file=sys.stderr),
-    )
+    with naming_checkpoint(args.checkpoint):
+        summary = predict_files(
+            predictor,
+            args.inputs,
+            args.out,
+            save_raw=args.save_raw,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            strict=args.strict,
+            progress=not args.no_progress,
+            report=lambda line: print(line, file=sys.stderr),
+            overwrite=args.overwrite,
+            read_files=read_files,
+        )
     print("\n".join(summary.lines()))
     return 1 if summary.failures else 0
