@@ -251,10 +251,9 @@ def test_render_segmentation_marks_unknown_in_cyan():
     assert (colours[0, 0] == palette[0]).all() and (colours[0, 2] == UNKNOWN_COLOUR).all()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is about a missing GPU")
 def test_unknown_device_is_a_clear_error(tmp_path, checkpoint, capsys):
     path, _ = checkpoint
-    if torch.cuda.is_available():
-        pytest.skip("the error is about a missing GPU")
     code = main(["predict", "--checkpoint", str(path), str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])
     assert code == 1 and "CUDA" in capsys.readouterr().err
 

@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densehybrid.engine.evaluate import check_finite_outputs
+from densehybrid.engine.outputs import atomic_path
 from densehybrid.errors import DenseHybridError
 from densehybrid.models.output import HybridOutput
 from densehybrid.scores import compute_score, get_score
@@ -206,16 +206,6 @@ class ExportGraph(nn.Module):
         return scores, torch.where(scores > self.threshold, unknown, closed)
 
 
-def _atomic_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; give the file the permissions open() would
-    os.close(fd)
-    return tmp
-
-
 def _metadata(graph: ExportGraph, model: nn.Module, extra: Mapping[str, Any]) -> dict[str, str]:
     data = {
         "producer": "densehybrid",
@@ -275,27 +265,21 @@ def export_model(
     with torch.no_grad():
         check_finite_outputs(graph.outputs(example))  # a model with damaged weights is refused before export
     props = _metadata(graph, model, metadata or {})
-    tmp = _atomic_target(path)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
             # tracing warns about every Python-level shape check it freezes; the parity check is what verifies
             warnings.simplefilter("ignore")
             if fmt == "torchscript":
                 traced = torch.jit.trace(graph, example, check_trace=False)
-                torch.jit.save(traced, tmp, _extra_files={"densehybrid.json": json.dumps(props)})
+                torch.jit.save(traced, str(tmp), _extra_files={"densehybrid.json": json.dumps(props)})
             else:
-                _export_onnx(graph, example, tmp, opset, props)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, (KeyboardInterrupt, DenseHybridError)):
+                _export_onnx(graph, example, str(tmp), opset, props)
+    except Exception as exc:
+        if isinstance(exc, DenseHybridError):
             raise
-        if isinstance(exc, Exception):
-            name = getattr(model, "model_name", type(model).__name__)
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # tracer errors append whole graphs
-            raise DenseHybridError(f"Cannot export {name} to {fmt} at {str(path)!r}: {detail}") from exc
-        raise
+        name = getattr(model, "model_name", type(model).__name__)
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # tracer errors append whole graphs
+        raise DenseHybridError(f"Cannot export {name} to {fmt} at {str(path)!r}: {detail}") from exc
     return path
 
 

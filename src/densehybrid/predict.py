@@ -24,7 +24,6 @@ import glob
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +38,7 @@ from PIL import Image
 from torch import nn
 
 from densehybrid.engine.evaluate import check_finite_outputs
-from densehybrid.engine.outputs import check_output_dir
+from densehybrid.engine.outputs import atomic_path, check_output_dir
 from densehybrid.engine.runtime import select_device
 from densehybrid.errors import CheckpointError, DenseHybridError
 from densehybrid.models.output import HybridOutput
@@ -780,25 +779,10 @@ def check_prediction_out(
     check_output_plan(jobs, out, save_raw, overwrite=overwrite, read_files=read_files)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

@@ -21,8 +21,6 @@ a randomly initialised flow), lr × 0.99 per epoch for traffic scenes and × 0.9
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from densehybrid.engine.batches import unpack_sample
+from densehybrid.engine.outputs import atomic_path
 from densehybrid.engine.runtime import atomic_torch_save, select_device
 from densehybrid.flows.checkpoint import load_flow_state
 from densehybrid.flows.negatives import FlowNegatives, MixedNegatives, to_8bit
@@ -296,16 +295,8 @@ def save_sample_grid(images: torch.Tensor, path: str | Path, nrow: int = 4) -> P
     from torchvision.utils import save_image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save_image(images.detach().float().cpu(), tmp, nrow=nrow, padding=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_image(images.detach().float().cpu(), tmp, nrow=nrow, padding=2, format="png")
     return path
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from densehybrid.engine import distributed
 from densehybrid.engine.batches import ResumableSampler, collate, unpack_sample
-from densehybrid.engine.outputs import remove_stale_temporaries
+from densehybrid.engine.outputs import atomic_path, remove_stale_temporaries
 from densehybrid.engine.runtime import atomic_torch_save, rng_state, select_device, set_rng_state
 from densehybrid.errors import CheckpointError
 from densehybrid.labels import IGNORE_INDEX
@@ -514,9 +514,8 @@ def _is_best(history: list[dict[str, float]], metric: str | None) -> bool:
 
 def _atomic_copy(source: Path, target: Path) -> Path:
     """Copy ``source`` over ``target`` through a temporary file and a rename (never a half-written ``target``)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
     return target
 
 
