@@ -28,9 +28,9 @@ from densehybrid.engine.evaluate import model_outputs
 from densehybrid.engine.outputs import check_output_file
 from densehybrid.engine.runtime import atomic_torch_save
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
-from densehybrid.models.checkpoint import read_checkpoint_file, split_checkpoint
+from densehybrid.models.checkpoint import model_from_checkpoint, read_checkpoint_file, split_checkpoint
 from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold
-from densehybrid.predict import CALIBRATION_KEY, Calibration, model_from_checkpoint
+from densehybrid.predict import CALIBRATION_KEY, Calibration
 from densehybrid.scores import compute_score, get_score
 
 __all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_path"]

@@ -71,7 +71,6 @@ HEATMAP_COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
 DEFAULT_TILE_OVERLAP = 64
 # Keyword arguments recorded with a model that point at weight files used only to initialise training.
-_INIT_ONLY_KWARGS = ("pretrained", "pretrained_backbone")
 # Cityscapes train-id colours: the first colours of the default palette (no cyan, the unknown colour).
 _CITYSCAPES_COLOURS = (
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
@@ -176,51 +175,9 @@ def load_checkpoint_model(
         CheckpointError: unreadable file, no state dict, or weights that do not fit.
         ValueError: no architecture or no K can be determined.
     """
-    from densehybrid.models.checkpoint import read_checkpoint_file
+    from densehybrid.models.checkpoint import model_from_checkpoint, read_checkpoint_file
 
     return model_from_checkpoint(read_checkpoint_file(path), path, model_name, num_classes, default_num_classes)
-
-
-def model_from_checkpoint(
-    checkpoint: Any,
-    path: str | os.PathLike[str],
-    model_name: str | None = None,
-    num_classes: int | None = None,
-    default_num_classes: int | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """:func:`load_checkpoint_model` on what ``read_checkpoint_file(path)`` returned (``path`` names it in errors)."""
-    from densehybrid.models import create_model, list_models
-    from densehybrid.models.checkpoint import check_state_dict, split_checkpoint, strip_prefix
-
-    state, metadata = split_checkpoint(checkpoint)
-    recorded = metadata.get("model_name") if isinstance(metadata.get("model_name"), str) else None
-    name = model_name or recorded
-    if name is None:
-        raise ValueError(
-            f"Expected `--model` for checkpoint {str(path)!r}, which does not record its architecture (a released "
-            f"file?). Pass --model NAME, one of: {', '.join(list_models())}."
-        )
-    recorded_kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), Mapping) else {}
-    kwargs = {k: v for k, v in recorded_kwargs.items() if k not in _INIT_ONLY_KWARGS} if name == recorded else {}
-    recorded_k = kwargs.pop("num_classes", None) or recorded_kwargs.get("num_classes") or metadata.get("num_classes")
-    recorded_k = recorded_k if isinstance(recorded_k, int) and not isinstance(recorded_k, bool) else None
-    k = num_classes or recorded_k or default_num_classes
-    if k is None:
-        raise ValueError(f"Expected `--num-classes` for checkpoint {str(path)!r}, which does not record it.")
-    try:
-        model = create_model(name, num_classes=k, **kwargs)
-    except TypeError as exc:
-        raise CheckpointError(
-            f"Cannot rebuild model {name!r} with the arguments checkpoint {str(path)!r} records ({sorted(kwargs)}): "
-            f"{exc}"
-        ) from exc
-    state = strip_prefix(state)
-    *_, message = check_state_dict(model, state, source=f"checkpoint {str(path)!r}")
-    if message:
-        raise CheckpointError(message)
-    model.load_state_dict(state)
-    metadata = {**metadata, "model_name": name, "num_classes": k}
-    return model.eval(), metadata
 
 
 def read_calibration(metadata: Mapping[str, Any], source: str = "the checkpoint") -> Calibration | None:

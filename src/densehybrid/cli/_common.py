@@ -14,10 +14,9 @@ from typing import Any
 from torch import nn
 
 from densehybrid.engine.outputs import atomic_write_text
-from densehybrid.errors import CheckpointError, DenseHybridError, NonFiniteError, OutputError
+from densehybrid.errors import DenseHybridError, NonFiniteError, OutputError
 
 # Keyword arguments recorded with a model that point at weight files used only to initialise training.
-_INIT_ONLY_KWARGS = ("pretrained", "pretrained_backbone")
 
 
 def positive_int(text: str) -> int:
@@ -223,49 +222,20 @@ def load_model(
         CheckpointError: the file is missing, unreadable, holds no state dict or does not fit the model.
         ValueError: no model name or no K can be determined, or an unknown model name.
     """
-    from densehybrid.models import create_model, list_models
-    from densehybrid.models.checkpoint import check_state_dict, read_checkpoint_file, split_checkpoint, strip_prefix
+    from densehybrid.models.checkpoint import model_from_checkpoint, read_checkpoint_file
 
-    state, metadata = split_checkpoint(read_checkpoint_file(checkpoint))
-    recorded = metadata.get("model_name") if isinstance(metadata.get("model_name"), str) else None
-    name = model_name or recorded
-    if name is None:
-        raise ValueError(
-            f"Expected `--model` for checkpoint {str(checkpoint)!r}, which does not record its architecture (a "
-            f"released file?). Pass --model NAME, one of: {', '.join(list_models())}."
-        )
-    recorded_kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), Mapping) else {}
-    kwargs = {k: v for k, v in recorded_kwargs.items() if k not in _INIT_ONLY_KWARGS} if name == recorded else {}
-    recorded_k = kwargs.pop("num_classes", None) or recorded_kwargs.get("num_classes") or metadata.get("num_classes")
-    recorded_k = recorded_k if isinstance(recorded_k, int) and not isinstance(recorded_k, bool) else None
-    if num_classes is not None:
-        k, source = num_classes, "--num-classes"
-    elif recorded_k is not None:
-        k, source = recorded_k, "checkpoint"
-    else:
-        k, source = default_num_classes, "benchmark"
-    if k is None:
-        raise ValueError(f"Expected `--num-classes` for checkpoint {str(checkpoint)!r}, which does not record it.")
-    try:
-        model = create_model(name, num_classes=k, **kwargs)
-    except TypeError as exc:
-        raise CheckpointError(
-            f"Cannot rebuild model {name!r} with the arguments checkpoint {str(checkpoint)!r} records "
-            f"({sorted(kwargs)}): {exc}"
-        ) from exc
-    state = strip_prefix(state)
-    *_, message = check_state_dict(model, state, source=f"checkpoint {str(checkpoint)!r}", for_cli=True)
-    if message:
-        raise CheckpointError(message)
-    model.load_state_dict(state)
+    model, metadata = model_from_checkpoint(
+        read_checkpoint_file(checkpoint), checkpoint, model_name, num_classes, default_num_classes, for_cli=True
+    )
+    source = {"argument": "--num-classes", "checkpoint": "checkpoint", "default": "benchmark"}
     info = {
-        "model": name,
+        "model": metadata["model_name"],
         "checkpoint": str(checkpoint),
-        "num_classes": k,
-        "num_classes_from": source,
-        "model_kwargs": {key: value for key, value in kwargs.items() if _plain(value)},
+        "num_classes": metadata["num_classes"],
+        "num_classes_from": source[metadata["num_classes_from"]],
+        "model_kwargs": {key: value for key, value in metadata["model_kwargs"].items() if _plain(value)},
     }
-    return model.eval(), info
+    return model, info
 
 
 @contextlib.contextmanager

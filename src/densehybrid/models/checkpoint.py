@@ -381,3 +381,77 @@ def load_checkpoint(
         warnings.warn(message, UserWarning, stacklevel=2)
     model.load_state_dict(state, strict=strict)
     return metadata
+
+
+#: Model arguments that only initialise training (weight files); a checkpoint holds every weight, so they are dropped.
+INIT_ONLY_KWARGS = ("pretrained", "pretrained_backbone")
+
+
+def model_from_checkpoint(
+    checkpoint: Any,
+    path: str | PathLike[str],
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    default_num_classes: int | None = None,
+    *,
+    for_cli: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a checkpoint needs and load its weights (strict).
+
+    The architecture is ``model_name`` or the ``model_name`` the checkpoint records (checkpoints written by the
+    library's training loop), with the recorded ``model_kwargs`` when the names agree, less :data:`INIT_ONLY_KWARGS`.
+    K is ``num_classes``, else the checkpoint's, else ``default_num_classes``.
+
+    Args:
+        checkpoint: what :func:`read_checkpoint_file` returned for ``path``.
+        path: the file, named in errors.
+        model_name: a registered model name; required when the checkpoint records none.
+        num_classes: K, overriding the checkpoint's.
+        default_num_classes: K when neither ``num_classes`` nor the checkpoint gives one.
+        for_cli: phrase the hints of a mismatch as command-line options.
+
+    Returns:
+        ``(model, metadata)``: the model in eval mode on the CPU, and every checkpoint entry besides the state dict,
+        with ``model_name``, ``num_classes``, ``num_classes_from`` (``"argument"``, ``"checkpoint"`` or
+        ``"default"``) and ``model_kwargs`` (the arguments the model was built with) set.
+
+    Raises:
+        CheckpointError: no state dict, arguments the model does not take, or weights that do not fit.
+        ValueError: no model name or no K can be determined, or an unknown model name.
+    """
+    from densehybrid.models.registry import create_model, list_models
+
+    state, metadata = split_checkpoint(checkpoint)
+    recorded = metadata.get("model_name") if isinstance(metadata.get("model_name"), str) else None
+    name = model_name or recorded
+    if name is None:
+        raise ValueError(
+            f"Expected `--model` for checkpoint {str(path)!r}, which does not record its architecture (a released "
+            f"file?). Pass --model NAME, one of: {', '.join(list_models())}."
+        )
+    recorded_kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), Mapping) else {}
+    kwargs = {k: v for k, v in recorded_kwargs.items() if k not in INIT_ONLY_KWARGS} if name == recorded else {}
+    recorded_k = kwargs.pop("num_classes", None) or recorded_kwargs.get("num_classes") or metadata.get("num_classes")
+    recorded_k = recorded_k if isinstance(recorded_k, int) and not isinstance(recorded_k, bool) else None
+    if num_classes is not None:
+        k, source = num_classes, "argument"
+    elif recorded_k is not None:
+        k, source = recorded_k, "checkpoint"
+    else:
+        k, source = default_num_classes, "default"
+    if k is None:
+        raise ValueError(f"Expected `--num-classes` for checkpoint {str(path)!r}, which does not record it.")
+    try:
+        model = create_model(name, num_classes=k, **kwargs)
+    except TypeError as exc:
+        raise CheckpointError(
+            f"Cannot rebuild model {name!r} with the arguments checkpoint {str(path)!r} records ({sorted(kwargs)}): "
+            f"{exc}"
+        ) from exc
+    state = strip_prefix(state)
+    *_, message = check_state_dict(model, state, source=f"checkpoint {str(path)!r}", for_cli=for_cli)
+    if message:
+        raise CheckpointError(message)
+    model.load_state_dict(state)
+    metadata = {**metadata, "model_name": name, "num_classes": k, "num_classes_from": source, "model_kwargs": kwargs}
+    return model.eval(), metadata
