@@ -614,7 +614,10 @@ def _train_and_evaluate(
 
     # stage 5: evaluation
     t0 = time.perf_counter()
-    say.banner(f"evaluation on {config.eval_split}{tag}", "every score, both models, per anomaly family")
+    say.banner(
+        f"evaluation on {config.eval_split}{tag}",
+        f"every score, {'all three' if config.dicnet else 'both'} models, per anomaly family",
+    )
     closed_eval = evaluate(
         closed_model,
         eval_set,
