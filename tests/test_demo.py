@@ -238,3 +238,38 @@ def test_demo_dicnet_options_are_documented(capsys):
     assert DemoConfig().dicnet is False
     with pytest.raises(ValueError, match="dicnet_epochs"):
         DemoConfig(dicnet_epochs=0)
+
+
+def test_demo_distillation_resumes_an_interrupted_stage(tmp_path, monkeypatch):
+    import torch
+
+    import densehybrid.demo as demo
+    from densehybrid.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("ladder_efficientnet_lite0", num_classes=3, decoder_channels=16)
+    images = [{"image": torch.rand(3, 32, 64)} for _ in range(4)]
+    config = DemoConfig.quick(out_dir=tmp_path, device="cpu", progress=False, batch_size=2, dicnet_epochs=2)
+    settings = demo._stage_settings(config, "dicnet")
+    model = demo._dicnet_model(teacher)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    calls = []
+    step = demo.distillation_step
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first step of epoch 2
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "distillation_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo._distil(model, images, config, settings, tmp_path / "train_dicnet", "cpu")
+    saved = torch.load(tmp_path / "train_dicnet" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["metadata"]["demo_settings"] == settings
+    monkeypatch.setattr(demo, "distillation_step", step)
+    fresh = demo._dicnet_model(teacher)
+    history = demo._distil(fresh, images, config, settings, tmp_path / "train_dicnet", "cpu")
+    assert [h["epoch"] for h in history] == [1, 2] and history[0]["loss"] == saved["history"][0]["loss"]
+    for name, tensor in fresh.teacher.state_dict().items():
+        assert torch.equal(tensor, teacher_before[name]), name  # the frozen teacher never moves
