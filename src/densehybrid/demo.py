@@ -575,6 +575,7 @@ def _train_and_evaluate(
     dicnet_model = None
     if config.dicnet:
         t0 = time.perf_counter()
+        torch.manual_seed(config.seed + 2)  # the student's initialisation, whether earlier stages ran or were reused
         dicnet_model = _dicnet_model(closed_model)
         dicnet_path = out / "dicnet.pt"
         dicnet_settings = {**_stage_settings(config, "dicnet"), "data_seed": data_seed}
@@ -686,8 +687,8 @@ def _distil(model: DiCNet, dataset, config: DemoConfig, settings: dict[str, Any]
     history: list[dict[str, float]] = []
     last = train_dir / "last.pt"
     start = 0
-    if config.resume and last.exists():
-        state = read_checkpoint_file(last)
+    state = read_checkpoint_file(last) if config.resume and last.exists() else None
+    if state is not None and state.get("metadata", {}).get("demo_settings") == settings:
         model.student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), list(state["history"])
