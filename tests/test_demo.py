@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 
@@ -180,3 +181,95 @@ def test_demo_retrains_a_stage_whose_settings_changed(tiny_run, tmp_path):
     assert closed["settings"]["closed_epochs"] == 2 and len(closed["history"]) == 2
     finetuned = torch.load(copy / "densehybrid.pt", weights_only=True)
     assert finetuned["settings"]["closed_epochs"] == 2  # fine-tuning restarted from the new closed-set model
+
+
+def test_demo_dicnet_adds_its_rows_and_reuses_its_stage(tiny_run, tmp_path, capsys):
+    import math
+    import shutil
+
+    import torch
+
+    out, plain = tiny_run
+    assert not (out / "dicnet.pt").exists() and "DiCNet distillation" not in plain.timings  # the flag is off
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = DemoConfig.quick(**{**TINY, "out_dir": copy, "dicnet": True, "dicnet_epochs": 1})
+    result = run_demo(config, command="densehybrid demo --quick --dicnet")
+    stored = json.loads(result.files["json"].read_text())
+    dicnet_rows = [r for r in stored["rows"] if r["model"] == "dicnet"]
+    assert {(r["score"], r["family"]) for r in dicnet_rows} == {("dicnet", f) for f in (*FAMILIES.values(), "all")}
+    for row in dicnet_rows:
+        for key in ("ap", "fpr95", "auroc"):
+            assert row[key] is not None and math.isfinite(row[key]) and 0.0 <= row[key] <= 1.0
+    # the other rows are those of the run without the flag (their stages were reused, evaluation is deterministic)
+    others = [r for r in stored["rows"] if r["model"] != "dicnet"]
+    assert [(r["model"], r["score"], r["family"]) for r in others] == [
+        (r["model"], r["score"], r["family"]) for r in plain.rows
+    ]
+    assert [r["ap"] for r in others] == pytest.approx([r["ap"] for r in plain.rows], nan_ok=True)
+    assert (
+        stored["timings"]["DiCNet distillation"] > 0 and "| DiCNet distillation" in result.files["markdown"].read_text()
+    )
+    assert any(
+        line.startswith("hybrid vs dicnet (DiCNet student of the closed-set model), pooled:") for line in result.verdict
+    )
+    assert "| dicnet " in result.table
+    # a finished stage with its settings; the teacher is the closed-set model, unchanged by the distillation
+    finished = torch.load(copy / "dicnet.pt", weights_only=True)
+    assert finished["settings"]["dicnet_epochs"] == 1 and len(finished["history"]) == 1
+    closed = torch.load(copy / "closed_set.pt", weights_only=True)["model"]
+    for name, tensor in closed.items():
+        assert torch.equal(finished["model"][f"teacher.{name}"], tensor), name
+    capsys.readouterr()
+    again = run_demo(dataclasses_replace(config, progress=True), command="densehybrid demo --quick --dicnet")
+    banners = capsys.readouterr().err
+    assert (
+        banners.count("reused the finished stage") == 3 and f"reused the finished stage {copy / 'dicnet.pt'}" in banners
+    )
+    again_rows = [r for r in again.rows if r["model"] == "dicnet"]
+    assert [r["ap"] for r in again_rows] == pytest.approx([r["ap"] for r in result.rows if r["model"] == "dicnet"])
+
+
+def test_demo_dicnet_options_are_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--dicnet " in flat and "DiCNet distillation epochs (with --dicnet) (default: 5; --quick: 1)" in flat
+    assert DemoConfig().dicnet is False
+    with pytest.raises(ValueError, match="dicnet_epochs"):
+        DemoConfig(dicnet_epochs=0)
+
+
+def test_demo_distillation_resumes_an_interrupted_stage(tmp_path, monkeypatch):
+    import torch
+
+    import densehybrid.demo as demo
+    from densehybrid.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("ladder_efficientnet_lite0", num_classes=3, decoder_channels=16)
+    images = [{"image": torch.rand(3, 32, 64)} for _ in range(4)]
+    config = DemoConfig.quick(out_dir=tmp_path, device="cpu", progress=False, batch_size=2, dicnet_epochs=2)
+    settings = demo._stage_settings(config, "dicnet")
+    model = demo._dicnet_model(teacher)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    calls = []
+    step = demo.distillation_step
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first step of epoch 2
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "distillation_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo._distil(model, images, config, settings, tmp_path / "train_dicnet", "cpu")
+    saved = torch.load(tmp_path / "train_dicnet" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["metadata"]["demo_settings"] == settings
+    monkeypatch.setattr(demo, "distillation_step", step)
+    fresh = demo._dicnet_model(teacher)
+    history = demo._distil(fresh, images, config, settings, tmp_path / "train_dicnet", "cpu")
+    assert [h["epoch"] for h in history] == [1, 2] and history[0]["loss"] == saved["history"][0]["loss"]
+    for name, tensor in fresh.teacher.state_dict().items():
+        assert torch.equal(tensor, teacher_before[name]), name  # the frozen teacher never moves

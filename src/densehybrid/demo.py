@@ -9,6 +9,10 @@ Stages (each timed, each resumable: finished stages are reused from ``out_dir`` 
 5. evaluate every score on test (per anomaly family and pooled), closed mIoU and open-mIoU, for both models;
 6. write the report (Markdown, HTML, JSON, figures) and print the table.
 
+With ``dicnet=True`` a DiCNet student is also distilled from the closed-set model (frozen teacher: its pre-logit
+features) after stage 3, and its ``dicnet`` score is evaluated on the same split and families (rows with
+``model = "dicnet"``). It is off by default: the default run is at its CPU time budget.
+
 With ``seeds > 1`` stages 2-5 run once per training seed on the same benchmark, and the report gives the mean and
 the standard deviation over seeds of every number in the anomaly table.
 """
@@ -35,6 +39,12 @@ from densehybrid.data import (
     RoadSceneNegatives,
 )
 from densehybrid.engine import ClosedSetObjective, DenseHybridObjective, NegativeStream, TrainConfig, fit
+from densehybrid.engine.distill import (
+    DISTILLATION_LR,
+    DISTILLATION_WEIGHT_DECAY,
+    distillation_optimizer,
+    distillation_step,
+)
 from densehybrid.engine.evaluate import EvaluationResult, evaluate, model_outputs
 from densehybrid.engine.outputs import remove_stale_temporaries
 from densehybrid.engine.resources import check_memory
@@ -44,6 +54,7 @@ from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
 from densehybrid.losses import DenseHybridLoss
 from densehybrid.models import create_model
 from densehybrid.models.checkpoint import read_checkpoint_file
+from densehybrid.models.dicnet import DiCNet
 from densehybrid.negatives import NegativePaster
 from densehybrid.openset import calibrate_threshold, predict_open_set
 from densehybrid.scores import SMLStatistics, fit_sml_statistics, get_score, list_scores
@@ -53,6 +64,9 @@ FAMILIES = {1: "real", 2: "procedural"}
 NEGATIVES_VERSION = 2
 #: Scores that read only the logits: meaningful for the closed-set model too.
 LOGIT_SCORES = ("msp", "max_logit", "energy", "entropy", "sml", "generative")
+#: The DiCNet student of the demo: EfficientNet-Lite0 up to its stride-8 stage (ImageNet weights from the installed
+#: package, like the closed-set backbone), pyramid pooling and a 3x3 convolution to the teacher's feature width.
+DICNET_STUDENT = "efficientnet_lite0"
 
 
 @dataclass
@@ -81,6 +95,10 @@ class DemoConfig:
         target_tpr: TPR at which the open-set threshold is calibrated on val.
         eval_split: the split the anomaly and segmentation numbers are measured on: "test", or "val" to choose
             settings without looking at test.
+        dicnet: also distil a DiCNet student from the closed-set model and evaluate its ``dicnet`` score (off by
+            default: the default run is at its 10-minute CPU budget).
+        dicnet_epochs: DiCNet distillation epochs (Adam 1e-4, weight decay 1e-5, horizontal flips: the released
+            optimiser; the released 150 epochs do not fit a CPU).
         device: "auto", "cpu" or "cuda".
         num_examples: test images shown in the report.
         resume: reuse finished stages and continue interrupted training from ``out_dir``.
@@ -106,6 +124,8 @@ class DemoConfig:
     lambda_: float = 0.3
     target_tpr: float = 0.95
     eval_split: str = "test"
+    dicnet: bool = False
+    dicnet_epochs: int = 5
     device: str = "auto"
     num_examples: int = 6
     resume: bool = True
@@ -123,6 +143,7 @@ class DemoConfig:
             finetune_epochs=1,
             negative_size=32,
             num_examples=3,
+            dicnet_epochs=1,
         )
         base.update(overrides)
         return cls(**base)
@@ -131,7 +152,15 @@ class DemoConfig:
         self.out_dir = Path(self.out_dir)
         self.data_dir = Path(self.data_dir) if self.data_dir is not None else self.out_dir / "data"
         self.image_size = tuple(self.image_size)
-        for name in ("train_images", "val_images", "test_images", "closed_epochs", "batch_size", "seeds"):
+        for name in (
+            "train_images",
+            "val_images",
+            "test_images",
+            "closed_epochs",
+            "batch_size",
+            "seeds",
+            "dicnet_epochs",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
         if self.finetune_epochs < 0:
@@ -241,6 +270,11 @@ def _work_units(config: DemoConfig) -> tuple[float, float, float]:
     return closed, finetune, scoring
 
 
+def _dicnet_units(config: DemoConfig) -> float:
+    """DiCNet work of one seed in image passes: a teacher forward and a light student step per image, then scoring."""
+    return config.dicnet_epochs * config.train_images * 0.6 + config.test_images / 3 if config.dicnet else 0.0
+
+
 def _family_groups(batch: Mapping[str, Any], binary: torch.Tensor) -> dict[str, torch.Tensor]:
     """Evaluate each anomaly family against all inlier pixels: the other family's pixels are ignored."""
     family = batch["family"].to(binary.device)
@@ -283,6 +317,13 @@ def _stage_settings(config: DemoConfig, stage: str) -> dict[str, Any]:
             negative_size=config.negative_size,
             beta=config.beta,
             lambda_=config.lambda_,
+        )
+    if stage == "dicnet":
+        settings.update(
+            dicnet_epochs=config.dicnet_epochs,
+            dicnet_student=DICNET_STUDENT,
+            dicnet_lr=DISTILLATION_LR,
+            dicnet_weight_decay=DISTILLATION_WEIGHT_DECAY,
         )
     return settings
 
@@ -363,6 +404,13 @@ def _verdict(rows: list[dict[str, Any]]) -> list[str]:
         if other is None:
             continue
         lines.append(f"hybrid vs {score} ({_MODEL_LABELS[model]}), pooled: {_compare(hybrid, other)}")
+    dicnet = lookup.get(("dicnet", "dicnet", "all"))
+    if dicnet is not None:  # only with --dicnet
+        lines.append(f"hybrid vs dicnet ({_MODEL_LABELS['dicnet']}), pooled: {_compare(hybrid, dicnet)}")
+        for family in FAMILIES.values():
+            mine, other = lookup.get(("densehybrid", "densehybrid", family)), lookup.get(("dicnet", "dicnet", family))
+            if mine is not None and other is not None:
+                lines.append(f"hybrid vs dicnet ({_MODEL_LABELS['dicnet']}), {family}: {_compare(mine, other)}")
     for family in FAMILIES.values():
         mine = lookup.get(("densehybrid", "densehybrid", family))
         for component in ("discriminative", "generative"):
@@ -374,7 +422,11 @@ def _verdict(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-_MODEL_LABELS = {"densehybrid": "fine-tuned model", "closed-set": "closed-set model"}
+_MODEL_LABELS = {
+    "densehybrid": "fine-tuned model",
+    "closed-set": "closed-set model",
+    "dicnet": "DiCNet student of the closed-set model",
+}
 
 
 def _compare(mine: Mapping[str, Any], other: Mapping[str, Any]) -> str:
@@ -519,6 +571,31 @@ def _train_and_evaluate(
         say.advance(finetune_units, time.perf_counter() - t0 if say.seconds_per_unit is None else None)
     timings["DenseHybrid fine-tuning"] = time.perf_counter() - t0
 
+    # stage 3b (--dicnet): DiCNet, a student distilled from the frozen closed-set model
+    dicnet_model = None
+    if config.dicnet:
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed + 2)  # the student's initialisation, whether earlier stages ran or were reused
+        dicnet_model = _dicnet_model(closed_model)
+        dicnet_path = out / "dicnet.pt"
+        dicnet_settings = {**_stage_settings(config, "dicnet"), "data_seed": data_seed}
+        say.banner(
+            f"DiCNet distillation{tag}",
+            f"{config.dicnet_epochs} epochs, {DICNET_STUDENT} student imitating the frozen closed-set model's "
+            "pre-logit features",
+        )
+        train_dir = out / "train_dicnet"
+        if config.resume and _reuse_stage(dicnet_model, dicnet_path, train_dir, dicnet_settings):
+            say.say(f"   reused the finished stage {dicnet_path} (same settings; --no-resume retrains it)")
+            say.advance(_dicnet_units(config))
+        else:
+            if not config.resume and (train_dir / "last.pt").exists():
+                (train_dir / "last.pt").unlink()
+            history = _distil(dicnet_model, train_set, config, dicnet_settings, train_dir, device)
+            _mark_finished(dicnet_path, dicnet_model, dicnet_settings, history)
+            say.advance(_dicnet_units(config))
+        timings["DiCNet distillation"] = time.perf_counter() - t0
+
     # stage 4: SML statistics and threshold calibration
     t0 = time.perf_counter()
     say.banner(f"calibration{tag}", "SML statistics on train, open-set threshold on val")
@@ -538,7 +615,10 @@ def _train_and_evaluate(
 
     # stage 5: evaluation
     t0 = time.perf_counter()
-    say.banner(f"evaluation on {config.eval_split}{tag}", "every score, both models, per anomaly family")
+    say.banner(
+        f"evaluation on {config.eval_split}{tag}",
+        f"every score, {'all three' if config.dicnet else 'both'} models, per anomaly family",
+    )
     closed_eval = evaluate(
         closed_model,
         eval_set,
@@ -560,9 +640,14 @@ def _train_and_evaluate(
         seed=config.seed,
         **common,
     )
+    rows = _rows(closed_eval, "closed-set") + _rows(hybrid_eval, "densehybrid")
+    if dicnet_model is not None:
+        dicnet_eval = evaluate(
+            dicnet_model, eval_set, ["dicnet"], num_classes=num_classes, groups=_family_groups, **common
+        )
+        rows += _rows(dicnet_eval, "dicnet")
     timings["evaluation"] = time.perf_counter() - t0
     say.advance(scoring_units)
-    rows = _rows(closed_eval, "closed-set") + _rows(hybrid_eval, "densehybrid")
     segmentation = {
         "closed_miou": hybrid_eval.closed_set["miou"],
         "open_miou": hybrid_eval.open_set["open_miou"],
@@ -574,6 +659,75 @@ def _train_and_evaluate(
         "per_class_open_iou": dict(zip(ROADSCENE_CLASSES, hybrid_eval.open_set["open_iou"])),
     }
     return _SeedRun(rows, segmentation, threshold, timings, hybrid_eval, hybrid_model)
+
+
+def _dicnet_model(teacher: torch.nn.Module) -> DiCNet:
+    """DiCNet on the demo's closed-set model (a frozen copy) with the light ImageNet-initialised student."""
+    import copy
+
+    from densehybrid.models.dicnet import TimmStudent, teacher_feature_channels
+    from densehybrid.models.efficientnet_lite import efficientnet_lite0_state_dict
+
+    student = TimmStudent(DICNET_STUDENT, teacher_feature_channels(teacher))
+    encoder = student.encoder.state_dict()
+    student.encoder.load_state_dict(
+        {k: v for k, v in efficientnet_lite0_state_dict().items() if k in encoder}, strict=False
+    )
+    return DiCNet(copy.deepcopy(teacher), student)
+
+
+def _distil(model: DiCNet, dataset, config: DemoConfig, settings: dict[str, Any], train_dir: Path, device) -> list:
+    """Distil ``model.student`` for ``config.dicnet_epochs`` epochs (released optimiser, random horizontal flips).
+
+    Resumes from ``train_dir/last.pt`` (written atomically after every epoch) when it was made with ``settings``.
+    Returns the mean loss of every epoch.
+    """
+    model.to(device)
+    optimizer = distillation_optimizer(model)
+    history: list[dict[str, float]] = []
+    last = train_dir / "last.pt"
+    start = 0
+    state = read_checkpoint_file(last) if config.resume and last.exists() else None
+    if state is not None and state.get("metadata", {}).get("demo_settings") == settings:
+        model.student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state["history"])
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    for epoch in range(start, config.dicnet_epochs):
+        generator.manual_seed(config.seed + 2 + 1000 * epoch)  # the same batches after a resume
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
+        losses = []
+        for batch in _progress(loader, config.progress, f"distil {epoch + 1}/{config.dicnet_epochs}"):
+            images = batch["image"].to(device)
+            flip = torch.rand(images.shape[0], generator=generator) < 0.5
+            images[flip.to(device)] = images[flip.to(device)].flip(-1)
+            losses.append(distillation_step(model, images, optimizer))
+        loss = float(np.mean(losses))
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"Expected a finite distillation loss in epoch {epoch + 1}, but got {loss}: the student diverged."
+            )
+        history.append({"epoch": epoch + 1, "loss": loss})
+        train_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(
+            {
+                "student": model.student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "metadata": {"demo_settings": settings},
+            },
+            last,
+        )
+    return history
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
 
 
 def _probe_step_seconds(model: torch.nn.Module, dataset, batch_size: int, device) -> float:
@@ -600,13 +754,15 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     timings: dict[str, float] = {}
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, out / "train_closed_set", out / "train_densehybrid", out / "figures"):
+    for folder in (out, out / "train_closed_set", out / "train_densehybrid", out / "train_dicnet", out / "figures"):
         remove_stale_temporaries(folder)  # left by saves killed mid-write
     remove_stale_temporaries(config.data_dir, "*.tmp")  # the benchmark cache writes NAME.tmp
     seed_everything(config.seed)
     device = select_device(config.device)
     closed_units, finetune_units, scoring_units = _work_units(config)
-    say = _Announcer(config.progress, config.seeds * (closed_units + finetune_units + scoring_units))
+    say = _Announcer(
+        config.progress, config.seeds * (closed_units + finetune_units + scoring_units + _dicnet_units(config))
+    )
     say.say(
         f"densehybrid demo: {len(config.training_seeds)} training run(s) of {config.closed_epochs} closed-set + "
         f"{config.finetune_epochs} fine-tuning epochs, then evaluation on {config.eval_split}; report in {out}"
@@ -688,6 +844,17 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
         + (" (Settings are chosen on val; test numbers are reported.)" if config.eval_split == "test" else ""),
         f"Open-set threshold calibrated on val at TPR {config.target_tpr:.2f} of the densehybrid score.",
         "The energy and generative scores are the same function of the logits (-logsumexp); their curves coincide.",
+        *(
+            [
+                f"'dicnet' rows (--dicnet): a DiCNet student ({DICNET_STUDENT} to stride 8, ImageNet-initialised, "
+                f"pyramid pooling) distilled for {config.dicnet_epochs} epoch(s) from the frozen closed-set model's "
+                "pre-logit features (Adam 1e-4, weight decay 1e-5, horizontal flips: the released optimiser; the "
+                "released 150 epochs do not fit a CPU); score: mean squared teacher-student feature difference. "
+                "It sees no negatives."
+            ]
+            if config.dicnet
+            else []
+        ),
         *remarks,
         *verdict,
     ]
