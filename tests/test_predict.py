@@ -23,6 +23,7 @@ from densehybrid.predict import (
     tile_spans,
 )
 from densehybrid.report.figures import UNKNOWN_COLOUR
+from densehybrid.scores import compute_score
 from densehybrid.scores import densehybrid as densehybrid_score
 
 
@@ -380,3 +381,28 @@ def test_nan_outputs_name_the_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "diverged.pt" in err and "NaN" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_predict_runs_a_dicnet_checkpoint_with_its_own_score(tmp_path, capsys):
+    from densehybrid.predict import Predictor
+
+    torch.manual_seed(0)
+    model = create_model("dicnet", num_classes=3, teacher="ladder_mobilenetv3", decoder_channels=8).eval()
+    path = tmp_path / "dicnet.pt"
+    torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": model.model_kwargs}, path)
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    assert predictor.score == "dicnet"
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    result = predictor.predict(image)
+    with torch.no_grad():
+        expected = compute_score("dicnet", model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255))[0]
+    assert result.scores.shape == (48, 64)
+    np.testing.assert_allclose(result.scores, expected.numpy(), rtol=1e-5, atol=1e-6)
+    # a score the model cannot give is one clear message
+    with pytest.raises(ValueError, match="dataset-posterior logits"):
+        Predictor.from_checkpoint(path, device="cpu", score="densehybrid")
+    # and the command writes its outputs for it
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    code = main(["predict", "--checkpoint", str(path), str(tmp_path / "photo.png"), "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()[0])["input"].endswith("photo.png")

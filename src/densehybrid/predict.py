@@ -41,8 +41,8 @@ from densehybrid.engine.evaluate import check_finite_outputs
 from densehybrid.engine.outputs import atomic_path, check_output_dir
 from densehybrid.engine.runtime import select_device
 from densehybrid.errors import CheckpointError, DenseHybridError
-from densehybrid.models.output import HybridOutput
-from densehybrid.scores import SCORES, compute_score, get_score
+from densehybrid.models.output import output_as_float32, output_fields
+from densehybrid.scores import SCORES, check_score_inputs, compute_score, default_score, get_score
 
 __all__ = [
     "CALIBRATION_KEY",
@@ -386,6 +386,9 @@ class Predictor:
             raise ValueError(f"Expected `tile_overlap` to be an int >= 0, but got {tile_overlap!r}.")
         if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)) or not input_scale > 0:
             raise ValueError(f"Expected `input_scale` to be a positive number, but got {input_scale!r}.")
+        check_score_inputs(
+            [score], output_fields(model), f"model {getattr(model, 'model_name', type(model).__name__)!r}"
+        )
         self.device = select_device(device)
         self.model = model.to(self.device).eval()
         self.score = score
@@ -432,7 +435,8 @@ class Predictor:
             device: where to run.
             model: registered model name, for checkpoints that do not record it.
             num_classes: K, for checkpoints that do not record it.
-            score: the anomaly score; default the calibrated one, else ``densehybrid``.
+            score: the anomaly score; default the calibrated one, else the model's own (``densehybrid`` for a
+                DenseHybrid model, ``dicnet`` for a DiCNet model; :func:`densehybrid.scores.default_score`).
             threshold: overrides the calibrated threshold.
             **options: further :class:`Predictor` options (``max_pixels``, ``input_scale``, ``display_range``, ...).
 
@@ -449,7 +453,7 @@ class Predictor:
             )
         if calibration is not None and calibration.score not in SCORES:
             raise CheckpointError(f"Checkpoint {str(path)!r} is calibrated for an unknown score {calibration.score!r}.")
-        chosen = score or (calibration.score if calibration else "densehybrid")
+        chosen = score or (calibration.score if calibration else default_score(output_fields(net)))
         uses_calibration = calibration is not None and chosen == calibration.score
         range_source = "argument" if options.get("display_range") is not None else "checkpoint"
         options.setdefault("display_range", calibration.display_range if uses_calibration else None)
@@ -477,11 +481,11 @@ class Predictor:
 
     # ---- forward -------------------------------------------------------------------------------------------------
 
-    def _output(self, images: torch.Tensor, output_size: tuple[int, int]) -> HybridOutput:
+    def _output(self, images: torch.Tensor, output_size: tuple[int, int]) -> Any:
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(images, output_size=output_size)
         check_finite_outputs(out)
-        return HybridOutput(out.logits.float(), out.ood_logits.float())
+        return output_as_float32(out)
 
     def _maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H, W) scores and closed-set ids at the model input's size, tiled when it exceeds ``max_pixels``."""

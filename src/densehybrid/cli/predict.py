@@ -35,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     add_overwrite_argument(parser, "the results of an earlier run in --out")
     add_model_arguments(parser)
-    parser.add_argument("--score", default=None, help="anomaly score (default: the calibrated one, else densehybrid)")
+    parser.add_argument(
+        "--score",
+        default=None,
+        help="anomaly score (default: the calibrated one, else the model's own: densehybrid, or dicnet for DiCNet)",
+    )
     parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
     parser.add_argument(
         "--threshold", type=float, default=None, help="open-set threshold, overriding the checkpoint's calibration"

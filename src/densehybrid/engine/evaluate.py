@@ -22,7 +22,7 @@ from densehybrid.engine.runtime import select_device
 from densehybrid.errors import NonFiniteError
 from densehybrid.labels import ANOMALY, INLIER, anomaly_target
 from densehybrid.metrics import ConfusionMatrix, anomaly_metrics
-from densehybrid.models.output import output_fields
+from densehybrid.models.output import output_as_float32, output_fields
 from densehybrid.openset import predict_open_set
 from densehybrid.scores import check_score_inputs, compute_score, score_info
 
@@ -72,7 +72,7 @@ def model_outputs(
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(images, output_size=size)
         check_finite_outputs(out, batch)
-        yield batch, out._replace(**{k: v.float() for k, v in out._asdict().items() if isinstance(v, torch.Tensor)})
+        yield batch, output_as_float32(out)
 
 
 def check_finite_outputs(out: Any, batch: Mapping[str, Any] | None = None) -> None:

@@ -37,3 +37,10 @@ def output_fields(model: object) -> tuple[str, ...]:
     """The field names of the output ``model`` returns: its ``output_type`` (default :class:`HybridOutput`)."""
     output_type = getattr(model, "output_type", HybridOutput)
     return tuple(getattr(output_type, "_fields", HybridOutput._fields))
+
+
+def output_as_float32(output: NamedTuple) -> NamedTuple:
+    """The same output with every floating-point tensor field in float32 (outputs of a bfloat16 autocast pass)."""
+    return output._replace(
+        **{k: v.float() for k, v in output._asdict().items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    )
