@@ -35,7 +35,7 @@ from torch import nn
 from densehybrid.engine.evaluate import check_finite_outputs
 from densehybrid.engine.outputs import atomic_path
 from densehybrid.errors import DenseHybridError
-from densehybrid.models.output import HybridOutput
+from densehybrid.models.output import HybridOutput, output_as_float32
 from densehybrid.scores import compute_score, get_score
 
 __all__ = [
@@ -398,7 +398,7 @@ def eager_reference(
     model = model.eval()
     out = model(images)
     check_finite_outputs(out)
-    out = HybridOutput(out.logits.float(), out.ood_logits.float())
+    out = output_as_float32(out)
     scores = compute_score(score, out, **dict(score_options or {}))
     top2 = out.logits.topk(2, dim=1).values if out.logits.shape[1] > 1 else None
     gap = (top2[:, 0] - top2[:, 1]) if top2 is not None else torch.full_like(scores, math.inf)
