@@ -107,6 +107,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=default("eval_split", "split the numbers are measured on; 'val' to choose settings without test"),
     )
+    parser.add_argument(
+        "--negatives",
+        choices=("real", "synthetic", "mixed"),
+        default=None,
+        help=default(
+            "negatives",
+            "fine-tuning negatives: real pasted crops, samples of a jointly trained flow (synthetic), or both (mixed)",
+        ),
+    )
+    parser.add_argument(
+        "--synthetic-fraction",
+        type=finite_float,
+        default=None,
+        metavar="B",
+        help=default(
+            "synthetic_fraction", "with --negatives mixed: each pasted negative is synthetic with probability B"
+        ),
+    )
+    parser.add_argument(
+        "--compare-negatives",
+        action="store_true",
+        help="also fine-tune the same closed-set model with the other negative sources; report every score of each",
+    )
+    parser.add_argument(
+        "--flow-epochs",
+        type=positive_int,
+        default=None,
+        help=default("flow_epochs", "pre-training epochs of the flow (synthetic and mixed negatives)"),
+    )
     parser.add_argument("--no-resume", action="store_true", help="retrain every stage even if OUT holds finished ones")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars, stage banners and estimates")
 
@@ -141,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
         "beta": args.beta,
         "lambda_": args.lambda_,
         "target_tpr": args.target_tpr,
+        "negatives": args.negatives,
+        "synthetic_fraction": args.synthetic_fraction,
+        "compare_negatives": args.compare_negatives or None,
+        "flow_epochs": args.flow_epochs,
         "resume": not args.no_resume,
         "progress": not args.no_progress,
     }
@@ -165,5 +198,9 @@ def run(args: argparse.Namespace) -> int:
     for line in result.verdict:
         print("  " + line)
     total = sum(result.timings.values())
+    comparison = getattr(result, "comparison", "")
+    if comparison:
+        print("\nnegatives compared (fine-tuned model, %):")
+        print(comparison)
     print(f"\nreport: {result.files['html']}  ({total:.0f} s in total)")
     return 0
