@@ -623,6 +623,7 @@ def _comparison_section(per_source: Mapping[str, list[dict[str, Any]]], syntheti
             "is better. Each run has its own SML statistics and threshold; the closed-set rows are the same for all."
         ],
         tables=[(header, body)],
+        label_columns=2,
     )
 
 

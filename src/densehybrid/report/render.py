@@ -158,15 +158,17 @@ class ReportSection:
     Attributes:
         title: section heading.
         paragraphs: text shown before the tables.
-        tables: ``(header, rows)`` pairs, every row a list of cell texts (first column left-aligned, the rest numeric).
+        tables: ``(header, rows)`` pairs, every row a list of cell texts.
         images: ``(caption, path)`` pairs; the Markdown links the path relative to the report folder, the HTML embeds
             the image.
+        label_columns: leading text columns of every table (left-aligned); the others are numeric (right-aligned).
     """
 
     title: str
     paragraphs: list[str] = field(default_factory=list)
     tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
     images: list[tuple[str, Path]] = field(default_factory=list)
+    label_columns: int = 1
 
 
 def _relative_to(path: Path, folder: Path) -> str:
@@ -183,7 +185,8 @@ def _sections_markdown(sections: Sequence[ReportSection], out_dir: Path) -> list
         for paragraph in section.paragraphs:
             out += [paragraph, ""]
         for header, rows in section.tables:
-            out += [_markdown_table(list(header), [list(map(str, r)) for r in rows]), ""]
+            body = [list(map(str, r)) for r in rows]
+            out += [_markdown_table(list(header), body, numeric_from=section.label_columns), ""]
         for caption, path in section.images:
             out += [f"![{caption}]({_relative_to(path, out_dir)})", "", caption, ""]
     return out
@@ -195,7 +198,8 @@ def _sections_html(sections: Sequence[ReportSection], out_dir: Path) -> list[str
         out.append(f"<h2>{html.escape(section.title)}</h2>")
         out += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
         for header, rows in section.tables:
-            out.append(_html_table(list(header), _plain([list(map(str, r)) for r in rows])))
+            body = _plain([list(map(str, r)) for r in rows])
+            out.append(_html_table(list(header), body, numeric_from=section.label_columns))
         for caption, path in section.images:
             encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
             alt = html.escape(f"{caption} ({_relative_to(path, out_dir)})")
