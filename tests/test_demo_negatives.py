@@ -171,4 +171,4 @@ def test_demo_help_lists_the_negative_options(capsys):
     flat = " ".join(capsys.readouterr().out.split())
     assert "--negatives {real,synthetic,mixed}" in flat and "(default: real)" in flat
     assert "--synthetic-fraction B" in flat and "--compare-negatives" in flat
-    assert "--flow-epochs" in flat and "(default: 3; --quick: 1)" in flat
+    assert "--flow-epochs N" in flat and "(default: 3; --quick: 1)" in flat

@@ -15,7 +15,9 @@ DESCRIPTION = (
     "on test (per anomaly family and pooled) with closed mIoU and open-mIoU, and write a report (report.md, "
     "report.html, results.json, figures/). Finished stages are reused when the command is run again with the same "
     "--out (each reuse is announced); an interrupted training stage continues where it stopped. --seeds N repeats "
-    "the training runs and reports mean ± std."
+    "the training runs and reports mean ± std. --negatives synthetic|mixed pre-trains a small normalizing flow on the "
+    "training scenes and fine-tunes with its samples (or a mixture) as negatives, training the flow jointly; "
+    "--compare-negatives fine-tunes the same closed-set model with real, synthetic and mixed negatives."
 )
 
 
@@ -134,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--flow-epochs",
         type=positive_int,
         default=None,
+        metavar="N",
         help=default("flow_epochs", "pre-training epochs of the flow (synthetic and mixed negatives)"),
     )
     parser.add_argument("--no-resume", action="store_true", help="retrain every stage even if OUT holds finished ones")
