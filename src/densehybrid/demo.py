@@ -217,7 +217,8 @@ class DemoConfig:
             )
         if self.flow_crop > min(self.image_size):
             raise ValueError(
-                f"Expected `flow_crop` at most the smaller scene side ({min(self.image_size)} px), but got {self.flow_crop}."
+                f"Expected `flow_crop` at most the smaller scene side ({min(self.image_size)} px), but got "
+                f"{self.flow_crop}."
             )
         for name in ("flow_lr", "flow_finetune_lr"):
             value = getattr(self, name)
@@ -457,7 +458,7 @@ class _FlowStage:
 
 
 def _write_flow_grid(flow: torch.nn.Module, config: DemoConfig, path: Path) -> Path:
-    """A grid of ``FLOW_GRID_SAMPLES`` flow samples of ``flow_crop``² from fixed latents (seeded by ``config.seed``)."""
+    """A grid of ``FLOW_GRID_SAMPLES`` flow samples of ``flow_crop``² from fixed latents (seed ``config.seed``)."""
     from densehybrid.engine.flow_joint import save_sample_grid
 
     was_training = flow.training
@@ -620,7 +621,8 @@ def _comparison_section(per_source: Mapping[str, list[dict[str, Any]]], syntheti
             "The same closed-set model fine-tuned with each source of negatives: "
             + ", ".join(labels[s] for s in sources)
             + ". Every score of each fine-tuned model on the evaluation split, in %; AP higher is better, FPR95 lower "
-            "is better. Each run has its own SML statistics and threshold; the closed-set rows are the same for all."
+            "is better. Each run has its own SML statistics and threshold; the closed-set model (main table) is "
+            "common to all."
         ],
         tables=[(header, body)],
         label_columns=2,
@@ -1029,19 +1031,7 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
         *verdict,
     ]
     sections, extra = _negatives_report(config, runs, other_runs, rows)
-    notes += [
-        f"Fine-tuning negatives: {config.negatives}"
-        + (
-            f" (each pasted negative synthetic with probability {config.synthetic_fraction:g})"
-            if config.negatives == "mixed"
-            else ""
-        )
-        + (
-            "; flow samples: a DenseFlow.small() pre-trained on the training scenes, then trained jointly (docs/flows.md)."
-            if config.negatives != "real"
-            else "."
-        )
-    ]
+    notes += _negatives_notes(config)
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     data = ReportData(
         title="DenseHybrid on the built-in road-scene benchmark",
@@ -1077,6 +1067,20 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     return DemoResult(
         rows, segmentation, first.threshold, timings, files, table, verdict, per_seed, remarks, comparison
     )
+
+
+def _negatives_notes(config: DemoConfig) -> list[str]:
+    """A note on the negatives when a flow is involved (none for the default real-negative run)."""
+    if not config.uses_flow:
+        return []
+    text = f"Fine-tuning negatives: {config.negatives}"
+    if config.negatives == "mixed":
+        text += f" (each pasted negative synthetic with probability {config.synthetic_fraction:g})"
+    if config.negatives != "real":
+        text += "; flow: a DenseFlow.small() pre-trained on the training scenes, then trained jointly (docs/flows.md)"
+    if config.compare_negatives:
+        text += "; also fine-tuned with the other sources from the same closed-set model (section Negatives compared)"
+    return [text + "."]
 
 
 def _negatives_report(
