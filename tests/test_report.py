@@ -276,3 +276,32 @@ def test_report_input_errors(tmp_path: Path) -> None:
         write_report(ReportData("t", "c", [], {}, CLASS_NAMES, PALETTE, {}, [bad]), tmp_path)
     with pytest.raises(ValueError, match="Expected `class_names` to name the 3 palette colours"):
         write_report(ReportData("t", "c", [], {}, ["road"], PALETTE, {}, []), tmp_path)
+
+
+def test_report_sections_show_tables_and_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from densehybrid.report import ReportSection
+
+    rng = np.random.default_rng(3)
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    picture = out / "figures" / "grid.png"
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(picture)
+    section = ReportSection(
+        "Extra part",
+        paragraphs=["Some text."],
+        tables=[(["score", "family", "AP"], [["msp", "all", "12.50"]])],
+        images=[("a grid", picture)],
+        label_columns=2,
+    )
+    samples = {"msp": ScoreSample(rng.normal(size=50), (rng.random(50) < 0.3).astype(int))}
+    data = ReportData("Sections", "", [], {}, CLASS_NAMES, PALETTE, samples, [], sections=[section])
+    paths = write_report(data, out)
+    text = paths["markdown"].read_text()
+    assert "## Extra part" in text and "Some text." in text and "![a grid](figures/grid.png)" in text
+    assert "| msp   | all    | 12.50 |" in text  # two left-aligned label columns, one numeric column
+    assert text.index("## Extra part") < text.index("## Configuration")
+    page = paths["html"].read_text()
+    encoded = base64.b64encode(picture.read_bytes()).decode("ascii")
+    assert "<h2>Extra part</h2>" in page and encoded in page and '<td class="num">12.50</td>' in page

@@ -13,13 +13,21 @@ With ``dicnet=True`` a DiCNet student is also distilled from the closed-set mode
 features) after stage 3, and its ``dicnet`` score is evaluated on the same split and families (rows with
 ``model = "dicnet"``). It is off by default: the default run is at its CPU time budget.
 
+With ``negatives="synthetic"`` or ``"mixed"`` a small DenseFlow is first pre-trained on the training scenes (its own
+reusable stage), and stage 3 is the released joint fine-tuning: flow samples (or, for ``mixed``, each pasted negative
+synthetic with probability ``synthetic_fraction``) are pasted, and the flow is trained jointly (see docs/flows.md).
+``compare_negatives=True`` fine-tunes the same closed-set model with real, synthetic and mixed negatives and reports
+every score of each.
+
 With ``seeds > 1`` stages 2-5 run once per training seed on the same benchmark, and the report gives the mean and
 the standard deviation over seeds of every number in the anomaly table.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -67,6 +75,8 @@ LOGIT_SCORES = ("msp", "max_logit", "energy", "entropy", "sml", "generative")
 #: The DiCNet student of the demo: EfficientNet-Lite0 up to its stride-8 stage (ImageNet weights from the installed
 #: package, like the closed-set backbone), pyramid pooling and a 3x3 convolution to the teacher's feature width.
 DICNET_STUDENT = "efficientnet_lite0"
+#: Sources of the fine-tuning negatives: the real pasted crops, flow samples, or a mixture of both.
+NEGATIVE_SOURCES = ("real", "synthetic", "mixed")
 
 
 @dataclass
@@ -103,6 +113,16 @@ class DemoConfig:
         num_examples: test images shown in the report.
         resume: reuse finished stages and continue interrupted training from ``out_dir``.
         progress: progress bars, stage banners and time estimates (on stderr).
+        negatives: source of the fine-tuning negatives: "real" (pasted crops of photographs), "synthetic" (samples of
+            a jointly trained flow) or "mixed" (each pasted negative synthetic with probability
+            ``synthetic_fraction``).
+        synthetic_fraction: b of the "mixed" source, in [0, 1].
+        compare_negatives: also fine-tune the same closed-set model with the other two sources and report each.
+        flow_epochs: epochs of the flow's maximum-likelihood pre-training on the training scenes.
+        flow_crop: side of the pre-training crops and of the report's flow samples (a multiple of 8).
+        flow_batch_size: crops per pre-training step.
+        flow_lr: pre-training learning rate (Adamax; the released rate for a randomly initialised flow).
+        flow_finetune_lr: the flow's learning rate in joint fine-tuning (Adamax; released: 1e-5, × 0.99 per epoch).
     """
 
     out_dir: Path = Path("demo_out")
@@ -130,6 +150,14 @@ class DemoConfig:
     num_examples: int = 6
     resume: bool = True
     progress: bool = True
+    negatives: str = "real"
+    synthetic_fraction: float = 0.5
+    compare_negatives: bool = False
+    flow_epochs: int = 3
+    flow_crop: int = 64
+    flow_batch_size: int = 16
+    flow_lr: float = 1e-3
+    flow_finetune_lr: float = 1e-5
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -144,6 +172,9 @@ class DemoConfig:
             negative_size=32,
             num_examples=3,
             dicnet_epochs=1,
+            flow_epochs=1,
+            flow_crop=32,
+            flow_batch_size=8,
         )
         base.update(overrides)
         return cls(**base)
@@ -198,6 +229,51 @@ class DemoConfig:
         )
         if self.eval_split not in ("test", "val"):
             raise ValueError(f"Expected `eval_split` to be 'test' or 'val', but got {self.eval_split!r}.")
+        self._check_flow_settings()
+
+    def _check_flow_settings(self) -> None:
+        if self.negatives not in NEGATIVE_SOURCES:
+            raise ValueError(f"Expected `negatives` to be one of {NEGATIVE_SOURCES}, but got {self.negatives!r}.")
+        b = self.synthetic_fraction
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and 0.0 <= b <= 1.0):
+            raise ValueError(f"Expected `synthetic_fraction` in [0, 1], but got {b!r}.")
+        for name in ("flow_epochs", "flow_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
+        if self.flow_crop < 8 or self.flow_crop % 8:
+            raise ValueError(
+                f"Expected `flow_crop` to be a positive multiple of 8 (the flow's stride), got {self.flow_crop}."
+            )
+        if self.flow_crop > min(self.image_size):
+            raise ValueError(
+                f"Expected `flow_crop` at most the smaller scene side ({min(self.image_size)} px), but got "
+                f"{self.flow_crop}."
+            )
+        for name in ("flow_lr", "flow_finetune_lr"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value!r}.")
+        if self.uses_flow and _flow_max_side(self) > min(self.image_size):
+            raise ValueError(
+                f"Expected the largest flow patch ({_flow_max_side(self)} px, from `negative_size`) to fit the smaller "
+                f"scene side ({min(self.image_size)} px), but it does not. Lower --negative-size."
+            )
+
+    @property
+    def negative_sources(self) -> list[str]:
+        """The negative sources fine-tuned with: ``negatives`` first, then the others with ``compare_negatives``."""
+        if not self.compare_negatives:
+            return [self.negatives]
+        return [self.negatives] + [s for s in NEGATIVE_SOURCES if s != self.negatives]
+
+    @property
+    def uses_flow(self) -> bool:
+        """Whether any fine-tuning run of this configuration needs the flow."""
+        return any(s != "real" for s in self.negative_sources)
 
     @property
     def training_seeds(self) -> list[int]:
@@ -222,6 +298,7 @@ class DemoResult:
     verdict: list[str] = field(default_factory=list)
     rows_per_seed: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     remarks: list[str] = field(default_factory=list)
+    comparison: str = ""
 
 
 class _Announcer:
@@ -369,6 +446,230 @@ def _mark_finished(path: Path, model: torch.nn.Module, settings: dict[str, Any],
     )
 
 
+# ----------------------------------------------------------------------------------------- synthetic negatives
+#: Patch sides of the flow negatives start here (the released 16 px) and step by 8 px.
+FLOW_MIN_SIDE = 16
+#: Samples in each grid of flow samples shown in the report.
+FLOW_GRID_SAMPLES = 16
+
+
+def _flow_max_side(config: DemoConfig) -> int:
+    """The largest flow patch side: the real negatives' crop side, rounded down to the flow's stride (8)."""
+    return max(FLOW_MIN_SIDE, config.negative_size // 8 * 8)
+
+
+def _finetune_name(source: str) -> str:
+    """Stem of a fine-tuning stage's checkpoint and training folder; the real-negative stage keeps its old name."""
+    return "densehybrid" if source == "real" else f"densehybrid_{source}"
+
+
+def _flow_stage_settings(config: DemoConfig, data_seed: int) -> dict[str, Any]:
+    return {
+        "flow": "DenseFlow.small",
+        "seed": config.seed,
+        "data_seed": data_seed,
+        "image_size": list(config.image_size),
+        "train_images": config.train_images,
+        "flow_epochs": config.flow_epochs,
+        "flow_crop": config.flow_crop,
+        "flow_batch_size": config.flow_batch_size,
+        "flow_lr": config.flow_lr,
+    }
+
+
+def _flow_finetune_settings(config: DemoConfig, flow_settings: dict[str, Any]) -> dict[str, Any]:
+    """What a synthetic or mixed fine-tuning stage depends on beyond the real one's settings."""
+    settings = {
+        "negatives_source": config.negatives,
+        "flow_pretraining": flow_settings,
+        "flow_finetune_lr": config.flow_finetune_lr,
+        "flow_sides": [FLOW_MIN_SIDE, _flow_max_side(config)],
+    }
+    if config.negatives == "mixed":
+        settings["synthetic_fraction"] = config.synthetic_fraction
+    return settings
+
+
+@dataclass
+class _FlowStage:
+    flow: torch.nn.Module
+    settings: dict[str, Any]
+    grid: Path
+    seconds: float
+
+
+def _write_flow_grid(flow: torch.nn.Module, config: DemoConfig, path: Path) -> Path:
+    """A grid of ``FLOW_GRID_SAMPLES`` flow samples of ``flow_crop``² from fixed latents (seed ``config.seed``)."""
+    from densehybrid.engine.flow_joint import save_sample_grid
+
+    was_training = flow.training
+    flow.eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(config.seed)
+        samples = flow.sample(FLOW_GRID_SAMPLES, (config.flow_crop, config.flow_crop), generator=generator)
+    flow.train(was_training)
+    return save_sample_grid(samples / 255.0, path, nrow=4)
+
+
+def _flow_pretraining_stage(
+    config: DemoConfig, data_seed: int, train_set, out: Path, device, say: _Announcer, tag: str
+) -> _FlowStage:
+    """Pre-train ``DenseFlow.small()`` by maximum likelihood on random crops of the training scenes, or reuse it.
+
+    The finished flow is ``out/flow_pretrained.pt`` (reused when its settings are unchanged); an interrupted run
+    resumes from ``out/train_flow/flow_last.pt`` (which also holds a sample grid per epoch). The report's grid of the
+    pre-trained flow's samples is ``out/figures/flow_samples_pretrained.png``.
+    """
+    from densehybrid.engine.flow_joint import pretrain_flow
+    from densehybrid.engine.outputs import remove_stale_temporaries
+    from densehybrid.flows import DenseFlow
+
+    t0 = time.perf_counter()
+    settings = _flow_stage_settings(config, data_seed)
+    path, train_dir = out / "flow_pretrained.pt", out / "train_flow"
+    say.banner(
+        f"flow pre-training{tag}",
+        f"DenseFlow.small(), {config.flow_epochs} epochs of {config.flow_crop}x{config.flow_crop} crops of the "
+        "training scenes, bits/dim",
+    )
+    with torch.random.fork_rng(devices=[]):  # the flow's initialisation, seeded without moving the run's RNG
+        torch.manual_seed(config.seed)
+        flow = DenseFlow.small()
+    if config.resume and _reuse_stage(flow, path, train_dir, settings):
+        say.say(f"   reused the finished stage {path} (same settings; --no-resume retrains it)")
+    else:
+        # pretrain_flow resumes from train_dir/flow_last.pt: only when that partial run had these settings
+        stamp, partial = train_dir / "settings.json", train_dir / "flow_last.pt"
+        train_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(train_dir)
+        same = stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(settings))
+        if partial.exists() and not (config.resume and same):
+            partial.unlink()
+        stamp.write_text(json.dumps(settings))
+        result = pretrain_flow(
+            flow,
+            train_set,
+            out_dir=train_dir,
+            epochs=config.flow_epochs,
+            batch_size=config.flow_batch_size,
+            crop_size=config.flow_crop,
+            lr=config.flow_lr,
+            grid_samples=FLOW_GRID_SAMPLES,
+            seed=config.seed,
+            device=device,
+            resume=config.resume,
+            progress=config.progress,
+        )
+        _check_finite_weights(flow, path)
+        atomic_torch_save(
+            {"model": flow.state_dict(), "flow_config": flow.config, "settings": settings, "history": result.history},
+            path,
+        )
+        if result.history:
+            values = ", ".join(f"{record['bpd']:.3f}" for record in result.history)
+            say.say(f"   flow bits/dim by epoch: {values}")
+    flow.to(device)
+    grid = _write_flow_grid(flow, config, out / "figures" / "flow_samples_pretrained.png")
+    return _FlowStage(flow, settings, grid, time.perf_counter() - t0)
+
+
+def _check_finite_weights(model: torch.nn.Module, path: Path) -> None:
+    damaged = [name for name, tensor in model.state_dict().items() if not bool(torch.isfinite(tensor.float()).all())]
+    if damaged:
+        raise NonFiniteError(
+            f"Expected finite weights at the end of stage {path.stem!r}, but {len(damaged)} tensor(s) hold NaN or "
+            f"infinite values (first: {damaged[0]}): training diverged, so the stage is not saved. Lower the "
+            "learning rate."
+        )
+
+
+def _joint_flow_objective(config: DemoConfig, flow_stage: _FlowStage, device):
+    """The released joint iteration (segmenter step on no-grad flow patches or a mixture, then the flow step) with
+    the demo's loss weights; the flow continues from its pre-trained weights at ``flow_finetune_lr``."""
+    from densehybrid.engine.flow_joint import FLOW_LR_DECAY, build_flow_optimizer
+    from densehybrid.engine.flow_objectives import JointFlowObjective
+    from densehybrid.flows import FlowNegatives, MixedNegatives
+
+    flow = copy.deepcopy(flow_stage.flow).to(device).train()  # the pre-trained flow stays as it is for other runs
+    synthetic = FlowNegatives(flow, patches_per_image=1, min_side=FLOW_MIN_SIDE, max_side=_flow_max_side(config))
+    negatives: Any = synthetic
+    real = None
+    side = config.negative_size
+    if config.negatives == "mixed":
+        negatives = MixedNegatives(synthetic, config.synthetic_fraction)  # the real pasting's defaults (NegativePaster)
+        real = NegativeStream(RoadSceneNegatives(seed=config.seed, size=(side, side), length=1000), crop_size=side)
+    optimizer = build_flow_optimizer(flow, lr=config.flow_finetune_lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=FLOW_LR_DECAY["traffic"])
+    return JointFlowObjective(
+        DenseHybridLoss(beta=config.beta, lambda_=config.lambda_),
+        flow,
+        optimizer,
+        scheduler,
+        negatives,
+        real_negatives=real,
+    )
+
+
+def _save_finetuned_flow(flow: torch.nn.Module, path: Path, settings: dict[str, Any]) -> None:
+    _check_finite_weights(flow, path)
+    atomic_torch_save({"model": flow.state_dict(), "flow_config": flow.config, "settings": settings}, path)
+
+
+def _load_finetuned_flow(flow_stage: _FlowStage, path: Path, settings: dict[str, Any]) -> torch.nn.Module | None:
+    """The jointly fine-tuned flow of a reused stage, or None when it is missing or of other settings."""
+    if not path.exists():
+        return None
+    try:
+        stored = read_checkpoint_file(path)
+    except CheckpointError:
+        return None
+    if stored.get("settings") != settings:
+        return None
+    flow = copy.deepcopy(flow_stage.flow)
+    flow.load_state_dict(stored["model"])
+    return flow
+
+
+def _comparison_section(per_source: Mapping[str, list[dict[str, Any]]], synthetic_fraction: float):
+    """The report section comparing the fine-tuned model's scores across negative sources (AP and FPR95 in %)."""
+    from densehybrid.report import ReportSection
+
+    sources = list(per_source)
+    lookups = {s: {(r["model"], r["score"], r["family"]): r for r in rows} for s, rows in per_source.items()}
+    first = per_source[sources[0]]
+    keys = [(r["score"], r["family"]) for r in first if r["model"] == "densehybrid"]
+
+    def cell(row: Mapping[str, Any] | None, metric: str) -> str:
+        value = None if row is None else row.get(metric)
+        if value is None or not math.isfinite(float(value)):
+            return "n/a"
+        text = f"{100 * float(value):.2f}"
+        std = None if row is None else row.get(f"{metric}_std")
+        if std is not None and math.isfinite(float(std)):
+            text += f" ± {100 * float(std):.2f}"
+        return text
+
+    header = ["score", "family"] + [f"{s} {m}" for s in sources for m in ("AP", "FPR95")]
+    body = [
+        [score, family]
+        + [cell(lookups[s].get(("densehybrid", score, family)), m) for s in sources for m in ("ap", "fpr95")]
+        for score, family in keys
+    ]
+    labels = {"real": "real", "synthetic": "synthetic", "mixed": f"mixed (b = {synthetic_fraction:g})"}
+    return ReportSection(
+        "Negatives compared",
+        paragraphs=[
+            "The same closed-set model fine-tuned with each source of negatives: "
+            + ", ".join(labels[s] for s in sources)
+            + ". Every score of each fine-tuned model on the evaluation split, in %; AP higher is better, FPR95 lower "
+            "is better. Each run has its own SML statistics and threshold; the closed-set model (main table) is "
+            "common to all."
+        ],
+        tables=[(header, body)],
+        label_columns=2,
+    )
+
+
 def _rows(result: EvaluationResult, model_name: str) -> list[dict[str, Any]]:
     rows = []
     for score, by_group in result.anomaly.items():
@@ -487,6 +788,7 @@ class _SeedRun:
     timings: dict[str, float]
     hybrid_eval: EvaluationResult
     hybrid_model: torch.nn.Module
+    flow_grids: dict[str, Path] = field(default_factory=dict)
 
 
 def _train_and_evaluate(
@@ -532,18 +834,34 @@ def _train_and_evaluate(
         say.advance(closed_units, time.perf_counter() - t0)
     timings["closed-set training"] = time.perf_counter() - t0
 
-    # stage 3: DenseHybrid fine-tuning from the closed-set weights
+    # stage 3: DenseHybrid fine-tuning from the closed-set weights (after the flow's pre-training for flow negatives)
+    flow_stage, flow_grids = None, {}
+    if config.negatives != "real":
+        flow_stage = _flow_pretraining_stage(config, data_seed, train_set, out, device, say, tag)
+        timings["flow pre-training"] = flow_stage.seconds
+        flow_grids["pretrained"] = flow_stage.grid
     t0 = time.perf_counter()
     hybrid_model = create_model(config.model, num_classes=num_classes)
     hybrid_model.load_state_dict(closed_model.state_dict())
-    hybrid_path = out / "densehybrid.pt"
+    stem = _finetune_name(config.negatives)
+    hybrid_path = out / f"{stem}.pt"
     hybrid_settings = {**_stage_settings(config, "densehybrid"), "data_seed": data_seed, "negatives": NEGATIVES_VERSION}
+    if flow_stage is not None:
+        hybrid_settings.update(_flow_finetune_settings(config, flow_stage.settings))
+    source = {"real": "", "synthetic": " with flow negatives", "mixed": " with mixed negatives"}[config.negatives]
     say.banner(
-        f"DenseHybrid fine-tuning{tag}",
+        f"DenseHybrid fine-tuning{source}{tag}",
         f"{config.finetune_epochs} epochs, one pasted negative per scene, loss weights (1, {config.beta}, "
-        f"{config.lambda_})",
+        f"{config.lambda_})"
+        + (f", synthetic with probability {config.synthetic_fraction:g}" if config.negatives == "mixed" else ""),
     )
-    reused = config.resume and _reuse_stage(hybrid_model, hybrid_path, out / "train_densehybrid", hybrid_settings)
+    reused = config.resume and _reuse_stage(hybrid_model, hybrid_path, out / f"train_{stem}", hybrid_settings)
+    if reused and flow_stage is not None and config.finetune_epochs:
+        tuned_flow = _load_finetuned_flow(flow_stage, out / f"flow_{config.negatives}.pt", hybrid_settings)
+        if tuned_flow is not None:
+            flow_grids["finetuned"] = _write_flow_grid(
+                tuned_flow, config, out / "figures" / f"flow_samples_{config.negatives}.png"
+            )
     if reused:
         say.say(f"   reused the finished stage {hybrid_path} (same settings; --no-resume retrains it)")
         say.advance(finetune_units)
@@ -552,22 +870,31 @@ def _train_and_evaluate(
             say.rate(_probe_step_seconds(hybrid_model, train_set, config.batch_size, device) / config.batch_size)
             say.banner("DenseHybrid fine-tuning started", "time estimate from one timed step")
         side = config.negative_size
-        negatives = RoadSceneNegatives(seed=config.seed, size=(side, side), length=1000)
-        objective = DenseHybridObjective(
-            DenseHybridLoss(beta=config.beta, lambda_=config.lambda_),
-            NegativeStream(negatives, crop_size=side),
-            NegativePaster(),
-        )
+        if flow_stage is None:
+            negatives = RoadSceneNegatives(seed=config.seed, size=(side, side), length=1000)
+            objective = DenseHybridObjective(
+                DenseHybridLoss(beta=config.beta, lambda_=config.lambda_),
+                NegativeStream(negatives, crop_size=side),
+                NegativePaster(),
+            )
+        else:
+            objective = _joint_flow_objective(config, flow_stage, device)
         result = fit(
             hybrid_model,
             train_set,
             objective,
             _train_config(config, config.finetune_epochs, config.finetune_lr, 1),
-            out_dir=out / "train_densehybrid",
+            out_dir=out / f"train_{stem}",
             resume=config.resume,
             metadata={"demo_settings": hybrid_settings},
+            on_epoch_end=None if flow_stage is None else objective.on_epoch_end,
         )
         _mark_finished(hybrid_path, hybrid_model, hybrid_settings, result.history)
+        if flow_stage is not None:
+            _save_finetuned_flow(objective.flow, out / f"flow_{config.negatives}.pt", hybrid_settings)
+            flow_grids["finetuned"] = _write_flow_grid(
+                objective.flow, config, out / "figures" / f"flow_samples_{config.negatives}.png"
+            )
         say.advance(finetune_units, time.perf_counter() - t0 if say.seconds_per_unit is None else None)
     timings["DenseHybrid fine-tuning"] = time.perf_counter() - t0
 
@@ -658,7 +985,7 @@ def _train_and_evaluate(
         "per_class_iou": dict(zip(ROADSCENE_CLASSES, hybrid_eval.closed_set["iou"])),
         "per_class_open_iou": dict(zip(ROADSCENE_CLASSES, hybrid_eval.open_set["open_iou"])),
     }
-    return _SeedRun(rows, segmentation, threshold, timings, hybrid_eval, hybrid_model)
+    return _SeedRun(rows, segmentation, threshold, timings, hybrid_eval, hybrid_model, flow_grids)
 
 
 def _dicnet_model(teacher: torch.nn.Module) -> DiCNet:
@@ -754,15 +1081,23 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     timings: dict[str, float] = {}
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, out / "train_closed_set", out / "train_densehybrid", out / "train_dicnet", out / "figures"):
+    for folder in (
+        out,
+        out / "train_closed_set",
+        out / "train_densehybrid",
+        out / "train_dicnet",
+        out / "train_flow",
+        out / "figures",
+    ):
         remove_stale_temporaries(folder)  # left by saves killed mid-write
     remove_stale_temporaries(config.data_dir, "*.tmp")  # the benchmark cache writes NAME.tmp
     seed_everything(config.seed)
     device = select_device(config.device)
     closed_units, finetune_units, scoring_units = _work_units(config)
-    say = _Announcer(
-        config.progress, config.seeds * (closed_units + finetune_units + scoring_units + _dicnet_units(config))
-    )
+    sources = config.negative_sources
+    # a joint flow step costs about 2.7 real-negative steps (docs/flows.md)
+    tuned = sum((2.7 if s != "real" else 1.0) * finetune_units + scoring_units for s in sources)
+    say = _Announcer(config.progress, config.seeds * (closed_units + tuned + _dicnet_units(config)))
     say.say(
         f"densehybrid demo: {len(config.training_seeds)} training run(s) of {config.closed_epochs} closed-set + "
         f"{config.finetune_epochs} fine-tuning epochs, then evaluation on {config.eval_split}; report in {out}"
@@ -787,6 +1122,8 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     timings["benchmark"] = time.perf_counter() - t0
 
     runs: dict[int, _SeedRun] = {}
+    # with compare_negatives: the fine-tunings with the other sources, from the same closed-set model (reused)
+    other_runs: dict[str, dict[int, _SeedRun]] = {source: {} for source in sources[1:]}
     for index, seed in enumerate(config.training_seeds):
         seed_out = out if index == 0 else out / "seeds" / f"seed-{seed}"
         runs[seed] = _train_and_evaluate(
@@ -794,6 +1131,13 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
         )
         for stage, seconds in runs[seed].timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
+        for source in sources[1:]:
+            say.say(f"   compare negatives: fine-tuning with {source} negatives from the same closed-set model")
+            other = dataclasses.replace(config, seed=seed, negatives=source, compare_negatives=False)
+            other_runs[source][seed] = _train_and_evaluate(other, config.seed, datasets, seed_out, device, say)
+            for stage, seconds in other_runs[source][seed].timings.items():
+                key = f"{source} negatives: {stage}"
+                timings[key] = timings.get(key, 0.0) + seconds
 
     # stage 6: report
     t0 = time.perf_counter()
@@ -858,6 +1202,8 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
         *remarks,
         *verdict,
     ]
+    sections, extra = _negatives_report(config, runs, other_runs, rows)
+    notes += _negatives_notes(config)
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     data = ReportData(
         title="DenseHybrid on the built-in road-scene benchmark",
@@ -879,11 +1225,89 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
             "eval_split": config.eval_split,
             "verdict": verdict,
             "remarks": remarks,
+            **extra,
         },
+        sections=sections,
     )
     files = write_report(data, out, report_stage=("report", t0))
     table = format_table(rows, families=["real", "procedural", "all"])
-    return DemoResult(rows, segmentation, first.threshold, timings, files, table, verdict, per_seed, remarks)
+    comparison = ""
+    for section in sections:
+        if section.title == "Negatives compared":
+            header, body = section.tables[0]
+            comparison = "\n".join("| " + " | ".join(cells) + " |" for cells in [header, *body])
+    return DemoResult(
+        rows, segmentation, first.threshold, timings, files, table, verdict, per_seed, remarks, comparison
+    )
+
+
+def _negatives_notes(config: DemoConfig) -> list[str]:
+    """A note on the negatives when a flow is involved (none for the default real-negative run)."""
+    if not config.uses_flow:
+        return []
+    text = f"Fine-tuning negatives: {config.negatives}"
+    if config.negatives == "mixed":
+        text += f" (each pasted negative synthetic with probability {config.synthetic_fraction:g})"
+    if config.negatives != "real":
+        text += "; flow: a DenseFlow.small() pre-trained on the training scenes, then trained jointly (docs/flows.md)"
+    if config.compare_negatives:
+        text += "; also fine-tuned with the other sources from the same closed-set model (section Negatives compared)"
+    return [text + "."]
+
+
+def _negatives_report(
+    config: DemoConfig,
+    runs: Mapping[int, _SeedRun],
+    other_runs: Mapping[str, Mapping[int, _SeedRun]],
+    rows: list[dict[str, Any]],
+) -> tuple[list, dict[str, Any]]:
+    """Report sections (flow samples, the comparison of negative sources) and their ``results.json`` keys."""
+    from densehybrid.report import ReportSection
+
+    sections, extra = [], {"negatives": config.negatives}
+    if config.negatives == "mixed":
+        extra["synthetic_fraction"] = config.synthetic_fraction
+    first = config.seed
+    grids = dict(runs[first].flow_grids)
+    for source, seed_runs in other_runs.items():
+        for kind, path in seed_runs[first].flow_grids.items():
+            grids.setdefault(kind if kind == "pretrained" else f"finetuned_{source}", path)
+    if "finetuned" in grids:
+        grids[f"finetuned_{config.negatives}"] = grids.pop("finetuned")
+    if grids:
+        captions = {"pretrained": "after pre-training (maximum likelihood on crops of the training scenes)"}
+        images = []
+        for kind, path in grids.items():
+            caption = captions.get(kind, f"after joint fine-tuning with {kind.removeprefix('finetuned_')} negatives")
+            images.append((f"{FLOW_GRID_SAMPLES} samples of DenseFlow.small(), {caption}", path))
+        sections.append(
+            ReportSection(
+                "Flow samples",
+                paragraphs=[
+                    f"Samples of {config.flow_crop}x{config.flow_crop} px from the same fixed latents (seed "
+                    f"{config.seed}); pasted negatives have sides {FLOW_MIN_SIDE}-{_flow_max_side(config)} px."
+                ],
+                images=images,
+            )
+        )
+        out = config.out_dir
+        extra["flow_samples"] = {k: Path(p).resolve().relative_to(out.resolve()).as_posix() for k, p in grids.items()}
+    if other_runs:
+        per_source = {config.negatives: rows}
+        for source, seed_runs in other_runs.items():
+            per_source[source] = _aggregate({seed: run.rows for seed, run in seed_runs.items()})
+        ordered = {s: per_source[s] for s in NEGATIVE_SOURCES if s in per_source}
+        sections.append(_comparison_section(ordered, config.synthetic_fraction))
+        thresholds = {config.negatives: {str(s): r.threshold for s, r in runs.items()}}
+        for source, seed_runs in other_runs.items():
+            thresholds[source] = {str(s): r.threshold for s, r in seed_runs.items()}
+        extra["negatives_comparison"] = {
+            "sources": list(ordered),
+            "synthetic_fraction": config.synthetic_fraction,
+            "rows": ordered,
+            "thresholds_per_seed": {s: thresholds[s] for s in ordered},
+        }
+    return sections, extra
 
 
 def _fit_sml(model: torch.nn.Module, dataset, common: Mapping[str, Any]) -> SMLStatistics:

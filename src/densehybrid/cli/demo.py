@@ -15,7 +15,10 @@ DESCRIPTION = (
     "on test (per anomaly family and pooled) with closed mIoU and open-mIoU, and write a report (report.md, "
     "report.html, results.json, figures/). Finished stages are reused when the command is run again with the same "
     "--out (each reuse is announced); an interrupted training stage continues where it stopped. --seeds N repeats "
-    "the training runs and reports mean ± std; --dicnet adds a DiCNet student distilled from the closed-set model."
+    "the training runs and reports mean ± std; --dicnet adds a DiCNet student distilled from the closed-set model. "
+    "--negatives synthetic|mixed pre-trains a small normalizing flow on the training scenes and fine-tunes with its "
+    "samples (or a mixture) as negatives, training the flow jointly; --compare-negatives fine-tunes the same "
+    "closed-set model with real, synthetic and mixed negatives."
 )
 
 
@@ -119,6 +122,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=default("dicnet_epochs", "DiCNet distillation epochs (with --dicnet)"),
     )
+    parser.add_argument(
+        "--negatives",
+        choices=("real", "synthetic", "mixed"),
+        default=None,
+        help=default(
+            "negatives",
+            "fine-tuning negatives: real pasted crops, samples of a jointly trained flow (synthetic), or both (mixed)",
+        ),
+    )
+    parser.add_argument(
+        "--synthetic-fraction",
+        type=finite_float,
+        default=None,
+        metavar="B",
+        help=default(
+            "synthetic_fraction", "with --negatives mixed: each pasted negative is synthetic with probability B"
+        ),
+    )
+    parser.add_argument(
+        "--compare-negatives",
+        action="store_true",
+        help="also fine-tune the same closed-set model with the other negative sources; report every score of each",
+    )
+    parser.add_argument(
+        "--flow-epochs",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=default("flow_epochs", "pre-training epochs of the flow (synthetic and mixed negatives)"),
+    )
     parser.add_argument("--no-resume", action="store_true", help="retrain every stage even if OUT holds finished ones")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars, stage banners and estimates")
 
@@ -155,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
         "target_tpr": args.target_tpr,
         "dicnet": args.dicnet or None,
         "dicnet_epochs": args.dicnet_epochs,
+        "negatives": args.negatives,
+        "synthetic_fraction": args.synthetic_fraction,
+        "compare_negatives": args.compare_negatives or None,
+        "flow_epochs": args.flow_epochs,
         "resume": not args.no_resume,
         "progress": not args.no_progress,
     }
@@ -179,5 +216,9 @@ def run(args: argparse.Namespace) -> int:
     for line in result.verdict:
         print("  " + line)
     total = sum(result.timings.values())
+    comparison = getattr(result, "comparison", "")
+    if comparison:
+        print("\nnegatives compared (fine-tuned model, %):")
+        print(comparison)
     print(f"\nreport: {result.files['html']}  ({total:.0f} s in total)")
     return 0

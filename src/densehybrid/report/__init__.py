@@ -7,6 +7,6 @@
 
 from __future__ import annotations
 
-from densehybrid.report.render import Example, ReportData, ScoreSample, format_table, write_report
+from densehybrid.report.render import Example, ReportData, ReportSection, ScoreSample, format_table, write_report
 
-__all__ = ["Example", "ReportData", "ScoreSample", "format_table", "write_report"]
+__all__ = ["Example", "ReportData", "ReportSection", "ScoreSample", "format_table", "write_report"]

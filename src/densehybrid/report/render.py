@@ -152,6 +152,65 @@ class ScoreSample:
 
 
 @dataclass
+class ReportSection:
+    """An extra section of a report: a title, paragraphs, plain tables and images (PNG files).
+
+    Attributes:
+        title: section heading.
+        paragraphs: text shown before the tables.
+        tables: ``(header, rows)`` pairs, every row a list of cell texts.
+        images: ``(caption, path)`` pairs; the Markdown links the path relative to the report folder, the HTML embeds
+            the image.
+        label_columns: leading text columns of every table (left-aligned); the others are numeric (right-aligned).
+    """
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
+    images: list[tuple[str, Path]] = field(default_factory=list)
+    label_columns: int = 1
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _sections_markdown(sections: Sequence[ReportSection], out_dir: Path) -> list[str]:
+    out: list[str] = []
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        for paragraph in section.paragraphs:
+            out += [paragraph, ""]
+        for header, rows in section.tables:
+            body = [list(map(str, r)) for r in rows]
+            out += [_markdown_table(list(header), body, numeric_from=section.label_columns), ""]
+        for caption, path in section.images:
+            out += [f"![{caption}]({_relative_to(path, out_dir)})", "", caption, ""]
+    return out
+
+
+def _sections_html(sections: Sequence[ReportSection], out_dir: Path) -> list[str]:
+    out: list[str] = []
+    for section in sections:
+        out.append(f"<h2>{html.escape(section.title)}</h2>")
+        out += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
+        for header, rows in section.tables:
+            body = _plain([list(map(str, r)) for r in rows])
+            out.append(_html_table(list(header), body, numeric_from=section.label_columns))
+        for caption, path in section.images:
+            encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            alt = html.escape(f"{caption} ({_relative_to(path, out_dir)})")
+            out.append(
+                f'<figure><img alt="{alt}" src="data:image/png;base64,{encoded}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+    return out
+
+
+@dataclass
 class ReportData:
     """Everything a report shows.
 
@@ -171,6 +230,7 @@ class ReportData:
         notes: free-text remarks.
         family_names: family id -> name for the per-family curves, e.g. ``{1: "real", 2: "procedural"}``.
         extra: more JSON-ready keys for ``results.json`` (never replacing the keys above), e.g. per-seed rows.
+        sections: more report sections (:class:`ReportSection`), shown after the figures.
     """
 
     title: str
@@ -186,6 +246,7 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     family_names: dict[int, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    sections: list[ReportSection] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------------- formatting
@@ -433,7 +494,9 @@ def _families_line(data: ReportData) -> str:
 # --------------------------------------------------------------------------------------------------------- markdown
 
 
-def _render_markdown(data: ReportData, summaries: Mapping, figure_paths: Mapping[str, str]) -> str:
+def _render_markdown(
+    data: ReportData, summaries: Mapping, figure_paths: Mapping[str, str], out_dir: Path = Path(".")
+) -> str:
     out = [f"# {data.title or 'densehybrid report'}", "", "Command:", "", "```", data.command or "n/a", "```", ""]
     out += ["## Anomaly detection", ""]
     if data.rows:
@@ -457,6 +520,7 @@ def _render_markdown(data: ReportData, summaries: Mapping, figure_paths: Mapping
         out += ["Pixel samples behind the curves and histograms:", "", sample_table, ""]
     for key, label in _FIGURES:
         out += [f"### {label}", "", f"![{label}]({figure_paths[key]})", "", _figure_caption(key, data), ""]
+    out += _sections_markdown(data.sections or [], out_dir)
     out += ["## Configuration", ""]
     out += [
         _markdown_table(["setting", "value"], _flat_items(data.config), numeric_from=2)
@@ -510,7 +574,9 @@ def _plain(body: list[list[str]]) -> list[list[tuple[str, bool]]]:
     return [[(cell, False) for cell in row] for row in body]
 
 
-def _render_html(data: ReportData, summaries: Mapping, figure_files: Mapping[str, Path]) -> str:
+def _render_html(
+    data: ReportData, summaries: Mapping, figure_files: Mapping[str, Path], out_dir: Path = Path(".")
+) -> str:
     title = html.escape(data.title or "densehybrid report")
     out = [
         "<!DOCTYPE html>",
@@ -548,6 +614,7 @@ def _render_html(data: ReportData, summaries: Mapping, figure_files: Mapping[str
             f'<figure><img alt="{html.escape(label)} (figures/{key}.png)" src="data:image/png;base64,{encoded}">',
             f"<figcaption>{html.escape(_figure_caption(key, data))}</figcaption></figure>",
         ]
+    out += _sections_html(data.sections or [], out_dir)
     out.append("<h2>Configuration</h2>")
     none = "<p>None recorded.</p>"
     out.append(
@@ -647,8 +714,8 @@ def write_report(
     paths["json"] = out_dir / "results.json"
     paths["json"].write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths["markdown"] = out_dir / "report.md"
-    paths["markdown"].write_text(_render_markdown(data, summaries, relative), encoding="utf-8")
+    paths["markdown"].write_text(_render_markdown(data, summaries, relative, out_dir), encoding="utf-8")
     paths["html"] = out_dir / "report.html"
-    paths["html"].write_text(_render_html(data, summaries, paths), encoding="utf-8")
+    paths["html"].write_text(_render_html(data, summaries, paths, out_dir), encoding="utf-8")
     order = ("markdown", "html", "json", "roc", "pr", "histograms", "examples")
     return {key: paths[key] for key in order}
