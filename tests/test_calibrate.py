@@ -18,13 +18,7 @@ from densehybrid.openset import calibrate_threshold
 from densehybrid.predict import CALIBRATION_KEY, Predictor
 from densehybrid.scores import densehybrid
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

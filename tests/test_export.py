@@ -27,13 +27,7 @@ from densehybrid.export import (
 from densehybrid.models import create_model
 from densehybrid.predict import CALIBRATION_KEY
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("h", "w"), [(5, 9), (2, 3), (7, 4), (1, 1), (3, 13), (8, 8)])

@@ -26,13 +26,7 @@ from densehybrid.report.figures import UNKNOWN_COLOUR
 from densehybrid.scores import compute_score
 from densehybrid.scores import densehybrid as densehybrid_score
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Pointwise(nn.Module):

@@ -36,12 +36,7 @@ KWARGS = {"decoder_channels": 16}
 LOOP = ["--device", "cpu", "--num-workers", "0", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(path, k=19, nan=False):

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Frames are tiny: one intra-op thread is faster than two fighting over the CI's two cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread_per_module(one_thread):
+    """Every test here runs on one intra-op thread (see the root conftest's ``one_thread``)."""

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 #: --set overrides that make any recipe run in a second on the CPU (32 px crops, batch 2, no workers).
@@ -16,11 +15,8 @@ LIGHT_LADDER = ["model.name=ladder_mobilenetv3", "model.kwargs={decoder_channels
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread_per_module(one_thread):
+    """Every test here runs on one intra-op thread (see the root conftest's ``one_thread``)."""
 
 
 def sets(*items: str) -> list[str]:
