@@ -82,7 +82,8 @@ def _open_data(
     spec = get_benchmark(benchmark)
     loader, dataset = open_benchmark(spec, root, split or _default_split(spec), options, limit, input_scale)
     names = list(loader.class_names) if loader.target_kind == "semantic" else []
-    return dataset, loader.split, loader.target_kind, spec.num_known_classes, names, []
+    k = spec.num_known_classes if spec.num_known_classes is not None else loader.num_classes  # folder: classes.txt
+    return dataset, loader.split, loader.target_kind, k, names, []
 
 
 class _Pairs:
@@ -213,9 +214,15 @@ def calibrate_checkpoint(
     except ValueError as exc:
         if pairs.anomalies:
             raise
+        remedy = "Use a split with anomalies."
+        if benchmark == "folder":
+            remedy = (
+                f"Mark anomaly pixels in {str(Path(root) / 'val' / 'labels')!r} with label value K (or the "
+                "anomaly_id of dataset.toml / --option anomaly_id=N); `densehybrid doctor folder DIR` counts them."
+            )
         raise ValueError(
             f"Expected anomaly pixels in split {split!r} of {benchmark!r}, but its {pairs.images} labelled images "
-            "have none: a threshold cannot be calibrated there. Use a split with anomalies."
+            f"have none: a threshold cannot be calibrated there. {remedy}"
         ) from exc
     sample = np.concatenate(pairs.sample)
     low, high = (float(v) for v in np.percentile(sample[np.isfinite(sample)], DISPLAY_PERCENTILES))

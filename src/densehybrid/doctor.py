@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ class DoctorReport:
             selected = [f for f in self.findings if f.severity == severity]
             for finding in selected[:limit]:
                 lines.append(f"{severity}: {finding.path or self.root}")
-                lines.append(f"  problem: {finding.problem}")
+                lines.append(f"  {'problem' if severity != 'info' else 'found'}: {finding.problem}")
                 if finding.fix:
                     fix = finding.fix.replace("\n", "\n       ")
                     lines.append(f"  fix: {fix}")
@@ -159,7 +159,13 @@ def _check_count(report: DoctorReport, spec: BenchmarkSpec, allow_partial: bool)
         )
 
 
-def _check_labels(report: DoctorReport, dataset: BenchmarkDataset, max_label_checks: int) -> None:
+def _check_labels(
+    report: DoctorReport,
+    dataset: BenchmarkDataset,
+    max_label_checks: int,
+    inspect: Callable[[np.ndarray], None] | None = None,
+) -> None:
+    """Decode up to ``max_label_checks`` label files spread over the split; ``inspect`` sees each valid raw label."""
     frames = dataset.frames
     if not frames or max_label_checks == 0:
         return
@@ -180,6 +186,8 @@ def _check_labels(report: DoctorReport, dataset: BenchmarkDataset, max_label_che
             continue
         unexpected = dataset.unexpected_values(raw)
         decoded += 1
+        if inspect is not None and not unexpected:
+            inspect(raw)
         if not unexpected and bool((dataset.encode_target(raw, frame) == IGNORE_INDEX).all()):
             all_void += 1
         if unexpected:
@@ -233,7 +241,7 @@ def diagnose(
         ValueError: an unknown benchmark, split or option, or a negative ``max_label_checks``.
     """
     if benchmark == "folder":
-        return diagnose_folder(root, split, max_label_checks)
+        return diagnose_folder(root, split, max_label_checks, options)
     spec = get_benchmark(benchmark)
     split = spec.split if split is None else split
     if split not in spec.dataset.splits:
@@ -288,15 +296,23 @@ def _unreadable(report: DoctorReport, root: Path, err: OSError) -> None:
     )
 
 
-def diagnose_folder(root: str | Path, split: str | None = None, max_label_checks: int = 20) -> DoctorReport:
-    """Check a user's training tree (:class:`~densehybrid.data.datasets.FolderDataset`): ``classes.txt``, the
-    ``images``/``labels`` pairing and label values of ``split`` (default ``train``, plus ``val`` when ``DIR/val``
-    exists).
+def diagnose_folder(
+    root: str | Path,
+    split: str | None = None,
+    max_label_checks: int = 20,
+    options: Mapping[str, Any] | None = None,
+) -> DoctorReport:
+    """Check a user's tree (:class:`~densehybrid.data.datasets.FolderDataset`): ``classes.txt``, ``dataset.toml``,
+    the ``images``/``labels`` pairing and label values of ``split`` (default ``train``, plus ``val`` when ``DIR/val``
+    exists), and the anomaly pixels of each split's decoded labels (evaluation and calibration need them in ``val``).
+
+    Args:
+        options: loader options (``anomaly_id``).
 
     Returns:
         a :class:`DoctorReport` covering the checked splits (``num_frames`` counts both).
     """
-    from densehybrid.data.datasets import FolderDataset
+    from densehybrid.data.datasets import FolderDataset, get_benchmark
 
     if not isinstance(max_label_checks, int) or max_label_checks < 0:
         raise ValueError(f"Expected `max_label_checks` to be a non-negative int, but got {max_label_checks!r}.")
@@ -307,13 +323,12 @@ def diagnose_folder(root: str | Path, split: str | None = None, max_label_checks
     report = DoctorReport("folder", str(root), ",".join(splits))
     fix = f"Expected tree under DIR:\n{FolderDataset.expected_tree}"
     if not root.is_dir():
-        report.add(
-            "error", root, f"Expected the training folder {str(root)!r} to be a directory, but it does not exist.", fix
-        )
+        found = "it is a file" if root.exists() else "it does not exist"
+        report.add("error", root, f"Expected the folder dataset {str(root)!r} to be a directory, but {found}.", fix)
         return report
     for name in splits:
         try:
-            dataset = FolderDataset(root, name, strict=False)
+            dataset = get_benchmark("folder").create(root, name, strict=False, **dict(options or {}))
         except DatasetFileError as err:
             report.add("error", err.path, err.problem, err.fix)
             continue
@@ -324,7 +339,49 @@ def diagnose_folder(root: str | Path, split: str | None = None, max_label_checks
         for issue in dataset.issues:
             report.add("error", issue.path, issue.problem[:1].upper() + issue.problem[1:] + ".", issue.fix)
         report.num_frames += len(dataset.frames)
-        _check_labels(report, dataset, max_label_checks)
+        counts = {"pixels": 0, "files": 0, "decoded": 0}
+        anomaly_id = dataset.anomaly_id if name == "val" else None  # the value is a class-free id in val only
+
+        def count(raw: np.ndarray, anomaly_id: int | None = anomaly_id, counts: dict = counts) -> None:
+            found = 0 if anomaly_id is None else int((raw == anomaly_id).sum())
+            counts["pixels"] += found
+            counts["files"] += found > 0
+            counts["decoded"] += 1
+
+        _check_labels(report, dataset, max_label_checks, count)
+        _report_anomalies(report, root, name, dataset.anomaly_id, counts)
     if "val" not in splits and split is None:
-        report.add("info", root / "val", "No validation split (DIR/val): training runs without per-epoch validation.")
+        report.add(
+            "info",
+            root / "val",
+            "No validation split (DIR/val): training runs without per-epoch validation, and evaluate/calibrate "
+            "need one.",
+        )
     return report
+
+
+def _report_anomalies(report: DoctorReport, root: Path, split: str, anomaly_id: int, counts: Mapping[str, int]) -> None:
+    """The anomaly pixels of one split's decoded labels; none in ``val`` is a warning (calibration needs them)."""
+    if not counts["decoded"]:
+        return
+    where = f"{counts['decoded']} label file(s) decoded"
+    if split != "val":
+        report.add(
+            "info", root, f"Split {split!r}: 0 anomaly pixels in the {where} (anomalies are marked in val only)."
+        )
+    elif counts["pixels"]:
+        report.add(
+            "info",
+            root / "val",
+            f"Split 'val': {counts['pixels']} anomaly pixels (label value {anomaly_id}) in {counts['files']} of the "
+            f"{where}.",
+        )
+    else:
+        report.add(
+            "warning",
+            root / "val",
+            f"Expected anomaly pixels (label value {anomaly_id}) in split 'val', but the {where} have none: "
+            "`densehybrid calibrate --benchmark folder` cannot choose a threshold and `evaluate` reports no AP.",
+            f"Mark the unknown objects of the val images with label value {anomaly_id} in val/labels (or set "
+            "anomaly_id = N in dataset.toml, or --option anomaly_id=N, to the value your labels use).",
+        )

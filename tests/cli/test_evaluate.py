@@ -39,7 +39,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _checkpoint_for(name, checkpoints):
-    return checkpoints[{"streethazards": 12, "coco20": 20}.get(name, 19)]
+    return checkpoints[{"streethazards": 12, "folder": 12, "coco20": 20}.get(name, 19)]
 
 
 def _run(benchmark, root, checkpoint, out, *extra):

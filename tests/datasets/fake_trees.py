@@ -30,6 +30,20 @@ ROAD_ANOMALY_IDS = (0, 2)
 ADE20K_IDS = (0, 1, 2, 75, 150)
 # COCO-Stuff stuffthingmaps: person(0), bicycle(1), car(2), giraffe(24), tv(71), stuff 91 and 181, unlabelled 255
 COCO_IDS = (0, 1, 2, 24, 71, 91, 181, 255)
+FOLDER_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "light",
+    "sign",
+    "tree",
+    "grass",
+    "sky",
+    "car",
+)
 
 LAF_TRAIN_SCENE = "01_Hanns_Klemm_Str_45"
 LAF_TEST_SCENES = ("02_Hanns_Klemm_Str_44", "04_Maurener_Weg_8", "15_Rechbergstr_Deckenpfronn")
@@ -251,6 +265,29 @@ def make_fake_coco(root: Path, n: int = 2, split: str = "val2017", size: Size = 
     return root
 
 
+def make_fake_folder(
+    root: Path,
+    n_train: int = 2,
+    n_val: int = 3,
+    classes: Sequence[str] = FOLDER_CLASSES,
+    size: Size = (16, 32),
+    anomaly_id: int | None = None,
+) -> Path:
+    """A user's tree: ``classes.txt``, ``images``/``labels`` (ids 0..K-1, 255) and ``val/`` whose labels also hold
+    the anomaly value (``anomaly_id``, default K; another value is written to ``dataset.toml``)."""
+    root = Path(root)
+    k = len(classes)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    if anomaly_id is not None:
+        (root / "dataset.toml").write_text(f"anomaly_id = {anomaly_id}\n")
+    for base, n, extra in ((root, n_train, ()), (root / "val", n_val, (k if anomaly_id is None else anomaly_id,))):
+        for i in range(n):
+            write_image(base / "images" / f"scene{i:02d}.png", size)
+            write_label(base / "labels" / f"scene{i:02d}.png", pattern(size, (*range(k), 255, *extra), shift=i))
+    return root
+
+
 #: benchmark name -> builder with default arguments, returning the root to pass to the loader (default split).
 FAKE_TREES: dict[str, Callable[[Path], Path]] = {
     "cityscapes": make_fake_cityscapes,
@@ -264,4 +301,5 @@ FAKE_TREES: dict[str, Callable[[Path], Path]] = {
     "road-anomaly": make_fake_road_anomaly,
     "coco20": make_fake_coco,
     "ade20k": make_fake_ade20k,
+    "folder": make_fake_folder,
 }

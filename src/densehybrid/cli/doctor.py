@@ -14,13 +14,13 @@ DESCRIPTION = (
     "image, the number of frames against a complete download, and the label ids of a sample of frames. Prints each "
     "problem with its file and a fix; exits 1 when there is an error. Benchmarks: "
     + ", ".join(f"{name} ({BENCHMARKS[name].description})" for name in list_benchmarks())
-    + "; and folder (your own training data: DIR/classes.txt, DIR/images, DIR/labels, optional DIR/val)."
+    + ". For folder, both splits are checked by default and the anomaly pixels of each are counted."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "benchmark", metavar="BENCHMARK", help=f"one of: {', '.join(list_benchmarks())}, or folder (your own data)"
+        "benchmark", metavar="BENCHMARK", help=f"one of: {', '.join(list_benchmarks())} (folder: your own data)"
     )
     parser.add_argument("root", metavar="ROOT", help="the dataset root (see docs/datasets.md for each tree)")
     parser.add_argument("--split", default=None, help="split to check (default: the benchmark's evaluation split)")
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="loader option, repeatable (e.g. layout=official, laf_root=DIR, cityscapes_root=DIR)",
+        help="loader option, repeatable (e.g. layout=official, laf_root=DIR, cityscapes_root=DIR, anomaly_id=N)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 

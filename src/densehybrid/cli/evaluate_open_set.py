@@ -38,11 +38,13 @@ DESCRIPTION = (
     "of both towns. coco20 runs, by default, the released TPAMI protocol (--coco-protocol released): the threshold "
     "is calibrated on the same val2017 split it evaluates (pooled pixels, stuff ignored, first threshold with TPR >= "
     "--tpr, maps at full size); --coco-protocol halves runs two folds over the halves of val2017 instead (ours). "
+    "folder (your own tree) runs two folds over the halves of its val split (ours): calibrated on one half (first "
+    "threshold with TPR > --tpr), evaluated on the other. "
     "NaN IoUs count as 0 in the open-mIoU, as the TPAMI-era scripts (--nan-iou skip: the ECCV nanmean). Prints a "
     "table, writes JSON."
 )
 
-_BENCHMARKS = ("streethazards", "coco20")
+_BENCHMARKS = ("streethazards", "coco20", "folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=CALIBRATION_RULES,
         default=None,
         help="first threshold with TPR > --tpr (above) or >= --tpr (at_least); default: as released, above for "
-        "streethazards, at_least for coco20",
+        "streethazards (and folder), at_least for coco20",
     )
     parser.add_argument(
         "--coco-protocol",
@@ -81,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration-scale",
         type=positive_float,
         default=None,
-        help="resize factor of the calibration score/label maps (default: 0.5 streethazards, 1.0 coco20)",
+        help="resize factor of the calibration score/label maps (default: 0.5 streethazards, 1.0 coco20 and folder)",
     )
     parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
     parser.add_argument(
@@ -94,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid.evaluation import coco_open_set, streethazards_open_set
+    from densehybrid.evaluation import coco_open_set, folder_open_set, streethazards_open_set
 
     if not 0.0 < args.tpr < 1.0:
         raise ValueError(f"Expected `--tpr` in (0, 1), but got {args.tpr}.")
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     )
     model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     score_options = load_score_options([args.score], args.sml_statistics, info["num_classes"])
-    protocol = streethazards_open_set if spec.name == "streethazards" else coco_open_set
+    protocols = {"streethazards": streethazards_open_set, "coco20": coco_open_set, "folder": folder_open_set}
+    protocol = protocols[spec.name]
     kwargs: dict[str, Any] = {"nan_iou": args.nan_iou}
     if args.calibration_scale is not None:
         kwargs["calibration_scale"] = args.calibration_scale

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         positive_int,
     )
 
-    exportable = [name for name in list_benchmarks() if name in _TOOLKIT_SPLITS]
+    exportable = [name for name in list_benchmarks() if name in _TOOLKIT_SPLITS or name == "folder"]
     parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(exportable)}")
     parser.add_argument("--root", required=True, help="the benchmark's dataset root")
     parser.add_argument(

@@ -4,7 +4,7 @@
   mIoU of a model on a registered benchmark (``densehybrid evaluate``);
 * :func:`streethazards_open_set`, :func:`coco_open_set`, :func:`two_fold_open_set`, :func:`open_set_folds`: a
   threshold calibrated on one part, open-mIoU on another or the same part, as each released script does
-  (``densehybrid evaluate-open-set``).
+  (``densehybrid evaluate-open-set``); :func:`folder_open_set`: two folds over the halves of a user's val split.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from densehybrid.evaluation.open_set import (
     OPEN_SET_BENCHMARKS,
     calibration_pairs,
     coco_open_set,
+    folder_open_set,
     open_set_confusion,
     open_set_folds,
     streethazards_open_set,
@@ -34,6 +35,7 @@ __all__ = [
     "ScaleImage",
     "calibration_pairs",
     "coco_open_set",
+    "folder_open_set",
     "open_set_folds",
     "evaluate_benchmark",
     "open_benchmark",

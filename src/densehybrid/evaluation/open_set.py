@@ -58,7 +58,7 @@ from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold, predic
 from densehybrid.scores import check_score_inputs, compute_score, score_info
 
 #: Benchmarks with an open-set protocol and their default calibration scale.
-OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0}
+OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0, "folder": 1.0}
 #: The StreetHazards test towns, in fold order.
 STREETHAZARDS_TOWNS = ("t5", "t6")
 #: Calibration rules at the target TPR: "above" = first ``roc_curve`` threshold with TPR > target (released
@@ -438,17 +438,7 @@ def coco_open_set(
         raise ValueError(f"Expected `limit` to be a positive integer, but got {limit!r}.")
     spec = get_benchmark("coco20")
     loader, _ = open_benchmark(spec, root, split, dataset_options, None, input_scale)
-    n = len(loader)
-    if coco_protocol == "halves" and n < 2:
-        raise ValueError(f"Expected at least 2 COCO frames to cut into halves, but {str(root)!r} has {n}.")
-    bounds = [(0, n)] if coco_protocol == "released" else [(0, (n + 1) // 2), ((n + 1) // 2, n)]
-    parts: dict[str, Dataset] = {}
-    described = {}
-    for start, stop in bounds:
-        indices = range(start, stop if limit is None else min(stop, start + limit))
-        name = loader.split if coco_protocol == "released" else f"{loader.split}[{start}:{stop}]"
-        parts[name] = loader if len(indices) == n else Subset(loader, indices)
-        described[name] = _describe(loader, indices)
+    parts, described = _split_parts(loader, coco_protocol == "halves", limit, root)
     k = model_num_classes(model, loader, num_classes, spec.name)
     kwargs.setdefault("calibration_scale", OPEN_SET_BENCHMARKS["coco20"])
     kwargs.setdefault("calibration_rule", "at_least")
@@ -459,6 +449,75 @@ def coco_open_set(
     else:
         result = two_fold_open_set(model, parts, score, **common, **kwargs)
     return {"coco_protocol": coco_protocol, **_with_header(result, spec.name, loader.split, input_scale, described)}
+
+
+def folder_open_set(
+    root: str | Path,
+    model: nn.Module,
+    score: str = "densehybrid",
+    *,
+    split: str | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    input_scale: float = 1.0,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Open-set evaluation of a user's folder tree (ours): two folds over the halves of its ``val`` split.
+
+    The frames of the split, in file-name order, are cut into two halves; the threshold calibrated on one half
+    (first threshold with TPR > 0.95 by default, maps at full size) is applied to the other, both ways, and the
+    open-mIoU is the image-weighted average. A threshold is thus never applied to the images it was fitted on.
+
+    Args:
+        root: the folder tree (``DIR/classes.txt``, ``DIR/val/images``, ``DIR/val/labels``).
+        model: a model with the K classes of ``classes.txt``.
+        score: the anomaly score.
+        split: default ``val``.
+        dataset_options: loader options (``anomaly_id``).
+        limit: only the first ``limit`` frames of each half (a quick look).
+        input_scale: resize factor of the model input.
+        num_classes: K; default the model's.
+        **kwargs: :func:`open_set_folds` options (``calibration_scale`` defaults to 1.0, ``calibration_rule`` to
+            ``"above"``).
+
+    Returns:
+        :func:`open_set_folds`' dict plus ``benchmark``, ``split``, ``input_scale`` and ``parts``.
+
+    Raises:
+        ValueError: fewer than 2 frames, a model whose K differs from ``classes.txt``, or a half without anomaly
+            pixels.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"Expected `limit` to be a positive integer, but got {limit!r}.")
+    loader, _ = open_benchmark("folder", root, split, dataset_options, None, input_scale)
+    parts, described = _split_parts(loader, True, limit, root)
+    k = model_num_classes(model, loader, num_classes, "folder")
+    kwargs.setdefault("calibration_scale", OPEN_SET_BENCHMARKS["folder"])
+    result = two_fold_open_set(
+        model, parts, score, num_classes=k, class_names=loader.class_names, benchmark="folder", **kwargs
+    )
+    return _with_header(result, "folder", loader.split, input_scale, described)
+
+
+def _split_parts(
+    loader: BenchmarkDataset, halves: bool, limit: int | None, root: str | Path
+) -> tuple[dict[str, Dataset], dict[str, Any]]:
+    """The whole split as one part, or its two halves (frame order), each cut to ``limit`` frames."""
+    n = len(loader)
+    if halves and n < 2:
+        raise ValueError(
+            f"Expected at least 2 frames of split {loader.split!r} to cut into halves, but {str(root)!r} has {n}."
+        )
+    bounds = [(0, (n + 1) // 2), ((n + 1) // 2, n)] if halves else [(0, n)]
+    parts: dict[str, Dataset] = {}
+    described = {}
+    for start, stop in bounds:
+        indices = range(start, stop if limit is None else min(stop, start + limit))
+        name = f"{loader.split}[{start}:{stop}]" if halves else loader.split
+        parts[name] = loader if len(indices) == n else Subset(loader, indices)
+        described[name] = _describe(loader, indices)
+    return parts, described
 
 
 def _with_header(

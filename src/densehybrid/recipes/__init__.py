@@ -218,8 +218,7 @@ def _check_model_and_data(recipe: dict[str, Any]) -> None:
     from densehybrid.models import list_models
 
     Key("str", "", "", choices=tuple(list_models())).check("model.name", recipe["model"]["name"])
-    datasets = (*list_benchmarks(), "folder")
-    Key("str", "", "", choices=datasets).check("data.dataset", recipe["data"]["dataset"])
+    Key("str", "", "", choices=tuple(list_benchmarks())).check("data.dataset", recipe["data"]["dataset"])
     low, high = recipe["augment"]["scale"]
     if low > high:
         raise ValueError(f"Expected recipe key `augment.scale` as [low, high] with low <= high, but got {[low, high]}.")

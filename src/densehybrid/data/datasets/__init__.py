@@ -82,8 +82,8 @@ class BenchmarkSpec:
         protocol: the metric protocol of the official evaluation (one of :data:`PROTOCOLS`), or None for a set that
             is not evaluated (the ADE20K negatives).
         num_known_classes: K of the model evaluated on it (19 for Cityscapes-trained models, 12 for StreetHazards),
-            or None.
-        expected_counts: split -> number of frames of a complete download.
+            or None (``folder``: K is the tree's, from its ``classes.txt``).
+        expected_counts: split -> number of frames of a complete download (empty for a user's own tree).
         description: one line for listings.
         smiyc_dataset: the SMIYC toolkit dataset outputs are stored under, when every frame shares one (frames also
             carry it, see :class:`Frame`; Fishyscapes LAF frames split between ``LostAndFound-train`` and ``-test``).
@@ -248,6 +248,16 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             num_known_classes=20,
             expected_counts={"val2017": 5000, "train2017": 118287},
             description="COCO20/80 open-set: 20 VOC classes known, the other 60 COCO things unknown",
+        ),
+        _spec(
+            "folder",
+            FolderDataset,
+            split="val",
+            protocol="pooled",
+            num_known_classes=None,
+            expected_counts={},
+            description="your own tree: DIR/classes.txt, images/labels and val/ (anomaly pixels = label value K)",
+            export_split="val",
         ),
         _spec(
             "ade20k",
