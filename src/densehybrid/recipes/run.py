@@ -226,7 +226,7 @@ def _trim_log(path: Path, global_step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the kill
             continue
-        if record.get("kind") == "train" and record.get("step", 0) > global_step:
+        if record.get("kind") in ("train", "val") and record.get("step", 0) > global_step:
             continue
         kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -329,8 +329,10 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
     distributed.barrier()
 
     log = RunLog(out)
+    last_step = [resumed_step or 0]  # validation is logged at the step it follows, as training (TensorBoard's x-axis)
 
     def on_step(step: int, logs: dict[str, float]) -> None:
+        last_step[0] = step
         log.write("train", step, logs)
 
     def on_epoch_end(epoch: int, trained: nn.Module) -> dict[str, float]:
@@ -341,7 +343,7 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
             return metrics
         limit = run["val_limit"] or None
         validation = validate_model(trained, val_set, num_classes, device, limit, run["amp"])
-        log.write("val", epoch + 1, validation)
+        log.write("val", last_step[0], {"epoch": epoch + 1, **validation})
         return {**metrics, **validation}
 
     metadata = {"kind": RUN_KIND, "recipe": recipe, "num_classes": num_classes, "method": effective.name}
