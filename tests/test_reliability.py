@@ -390,7 +390,7 @@ def test_11_diverging_and_unexpected_failures(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(command, "run", bug)
     assert main(["models"]) == 70
-    assert "Internal error: KeyError" in _one_line_error(capsys) and set(EXIT_CODES) == {0, 1, 2, 70, 130}
+    assert "Internal error: KeyError" in _one_line_error(capsys) and set(EXIT_CODES) == {0, 1, 2, 70, 130, 141}
 
     # A ValueError that densehybrid code raised deliberately is the user's; one that NumPy raised inside
     # densehybrid code (no `raise` line) is a bug.

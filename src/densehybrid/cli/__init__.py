@@ -15,6 +15,8 @@ import importlib
 import linecache
 import os
 import sys
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -29,9 +31,12 @@ EXIT_CODES: dict[int, str] = {
     2: "usage error: unknown command or option, malformed option value",
     70: "internal error: a bug in densehybrid (please report it; --debug shows the traceback)",
     130: "interrupted (Ctrl-C)",
+    141: "the reader of the output closed it early (e.g. `densehybrid recipes --json | head`); nothing is printed",
 }
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 70, 130, 141
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
+#: :data:`densehybrid.metrics.streaming.COARSE_METRICS_WARNING`, spelled here so that the CLI's start imports no torch.
+_COARSE_METRICS_WARNING = "The binned pooled metrics may differ from the exact ones"
 
 # command name -> module under densehybrid.cli
 COMMANDS: dict[str, str] = {
@@ -77,8 +82,15 @@ def _available_commands() -> dict[str, object]:
     return modules
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per available command."""
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per available command.
+
+    Args:
+        commands: the commands whose options are built; None builds all. The others get only their one-line help,
+            so that ``densehybrid --help`` and ``densehybrid COMMAND ...`` import only what that command needs
+            (a command module imports torch in ``add_arguments`` or ``run``, never at import).
+    """
+    wanted = None if commands is None else set(commands)
     parser = argparse.ArgumentParser(
         prog="densehybrid",
         description="Dense open-set semantic segmentation: DenseHybrid anomaly scores, training with negatives, "
@@ -94,9 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
             description=getattr(module, "DESCRIPTION", module.HELP),
             formatter_class=_HelpFormatter,
         )
-        module.add_arguments(cmd)
+        if wanted is None or name in wanted:
+            module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option (the top-level options take no value)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
 
 
 def _raised_by_densehybrid(traceback: TracebackType | None) -> bool:
@@ -165,13 +186,30 @@ def _expected_failure(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``densehybrid`` console script; returns an exit status of :data:`EXIT_CODES`."""
-    parser = build_parser()
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as Unix tools do, and keep Python from complaining when it
+        # flushes stdout at exit.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured)
+            pass
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser([name for name in (_command_in(words),) if name is not None])
     args = parser.parse_args(argv)
     if args.command is None:
         # a bare `densehybrid` asks what the tool does: help on stdout, success (like `git` or `pip`)
         parser.print_help(sys.stdout)
         return 0
     debug = args.debug or os.environ.get("DENSEHYBRID_DEBUG") == "1"
+    # One run computes pooled metrics many times (every validation, stage and score): say it once.
+    warnings.filterwarnings("once", message=_COARSE_METRICS_WARNING, category=UserWarning)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -179,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
     except Exception as exc:
         if debug:
             raise

@@ -9,12 +9,12 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from densehybrid.engine.outputs import atomic_write_text
 from densehybrid.errors import DenseHybridError, NonFiniteError, OutputError
+
+if TYPE_CHECKING:  # torch is imported by the commands that run a model, not by the command line's start
+    from torch import nn
 
 # Keyword arguments recorded with a model that point at weight files used only to initialise training.
 
@@ -386,6 +386,8 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     path = Path(path)
     text = json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n"
     try:
+        from densehybrid.engine.outputs import atomic_write_text
+
         return atomic_write_text(path, text)
     except OSError as exc:
         raise OutputError(f"Cannot write `--out` {str(path)!r}: {exc.strerror or exc}.") from exc

@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from densehybrid.data.datasets import BENCHMARKS, list_benchmarks, parse_dataset_options
-from densehybrid.doctor import diagnose
-
 HELP = "check a downloaded benchmark (layout, file counts, image/label pairing, label values)"
 DESCRIPTION = (
     "Check a downloaded benchmark: the expected directories, that every image has its label and every label its "
     "image, the number of frames against a complete download, and the label ids of a sample of frames. Prints each "
     "problem with its file and a fix; exits 1 when there is an error. Benchmarks: "
-    + ", ".join(f"{name} ({BENCHMARKS[name].description})" for name in list_benchmarks())
-    + ". For folder, both splits are checked by default and the anomaly pixels of each are counted."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from densehybrid.data.datasets import BENCHMARKS, list_benchmarks
+
+    parser.description = (
+        DESCRIPTION
+        + ", ".join(f"{name} ({BENCHMARKS[name].description})" for name in list_benchmarks())
+        + ". For folder, both splits are checked by default and the anomaly pixels of each are counted."
+    )
     parser.add_argument(
         "benchmark", metavar="BENCHMARK", help=f"one of: {', '.join(list_benchmarks())} (folder: your own data)"
     )
@@ -43,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densehybrid.data.datasets import parse_dataset_options
+    from densehybrid.doctor import diagnose
+
     report = diagnose(
         args.benchmark,
         args.root,

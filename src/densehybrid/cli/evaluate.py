@@ -21,11 +21,6 @@ from densehybrid.cli._common import (
     result_document,
     write_json,
 )
-from densehybrid.data.datasets import BENCHMARKS, get_benchmark, list_benchmarks
-from densehybrid.engine.outputs import check_output_file
-from densehybrid.metrics import COMPONENT_TRACKS, PROTOCOLS
-from densehybrid.models.output import output_fields
-from densehybrid.scores import default_score
 
 HELP = "evaluate a checkpoint on a benchmark with its official protocol (AP, FPR95, AUROC, sIoU/PPV/F1, mIoU)"
 DESCRIPTION = (
@@ -34,12 +29,18 @@ DESCRIPTION = (
     "or the SMIYC toolkit's binned pooled curve plus component metrics (SMIYC tracks, LostAndFound). Semantic "
     "benchmarks also get the closed-set mIoU; Cityscapes gets only that. Prints a table (percentages) to stdout, "
     "progress bars to stderr, and writes every number to a JSON file. Benchmarks: "
-    + ", ".join(f"{name} ({BENCHMARKS[name].protocol})" for name in list_benchmarks() if BENCHMARKS[name].protocol)
-    + "."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from densehybrid.data.datasets import BENCHMARKS, list_benchmarks
+    from densehybrid.metrics import COMPONENT_TRACKS, PROTOCOLS
+
+    parser.description = (
+        DESCRIPTION
+        + ", ".join(f"{name} ({BENCHMARKS[name].protocol})" for name in list_benchmarks() if BENCHMARKS[name].protocol)
+        + "."
+    )
     evaluable = [name for name in list_benchmarks() if BENCHMARKS[name].protocol is not None]
     parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(evaluable)}")
     add_data_arguments(parser)
@@ -85,7 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densehybrid.data.datasets import get_benchmark
+    from densehybrid.engine.outputs import check_output_file
     from densehybrid.evaluation import evaluate_benchmark, resolve_request
+    from densehybrid.models.output import output_fields
+    from densehybrid.scores import default_score
 
     spec = get_benchmark(args.benchmark)
     # Everything that needs neither data nor weights is checked first: a checkpoint can take a while to read.

@@ -21,12 +21,6 @@ from densehybrid.cli._common import (
     result_document,
     write_json,
 )
-from densehybrid.data.datasets import get_benchmark
-from densehybrid.engine.outputs import check_output_file
-from densehybrid.evaluation.open_set import CALIBRATION_RULES, COCO_PROTOCOLS
-from densehybrid.metrics.segmentation import NAN_IOU_RULES
-from densehybrid.openset import CALIBRATION_METHODS
-from densehybrid.scores import get_score
 
 HELP = "open-set segmentation: open-mIoU with a calibrated threshold (StreetHazards two towns, COCO20/80)"
 DESCRIPTION = (
@@ -48,6 +42,10 @@ _BENCHMARKS = ("streethazards", "coco20", "folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from densehybrid.evaluation.open_set import CALIBRATION_RULES, COCO_PROTOCOLS
+    from densehybrid.metrics.segmentation import NAN_IOU_RULES
+    from densehybrid.openset import CALIBRATION_METHODS
+
     parser.add_argument("--benchmark", required=True, choices=_BENCHMARKS, help="open-set benchmark")
     add_data_arguments(parser)
     add_model_arguments(parser)
@@ -96,7 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densehybrid.data.datasets import get_benchmark
+    from densehybrid.engine.outputs import check_output_file
     from densehybrid.evaluation import coco_open_set, folder_open_set, streethazards_open_set
+    from densehybrid.scores import get_score
 
     if not 0.0 < args.tpr < 1.0:
         raise ValueError(f"Expected `--tpr` in (0, 1), but got {args.tpr}.")

@@ -9,12 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from densehybrid.data.datasets import get_benchmark, list_benchmarks, parse_dataset_options
-from densehybrid.smiyc_export import SMIYC_DATASETS, SQUASHES, SmiycWriter, Squash
-
 HELP = "write anomaly maps as SMIYC toolkit .hdf5 files (anomaly_p/{method}/{dataset}/{frame}.hdf5)"
 DESCRIPTION = (
     "Run a checkpoint on every frame of a benchmark and write the anomaly score of each pixel to "
@@ -42,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         non_negative_int,
         positive_int,
     )
+    from densehybrid.data.datasets import list_benchmarks
+    from densehybrid.smiyc_export import SMIYC_DATASETS, SQUASHES
 
     exportable = [name for name in list_benchmarks() if name in _TOOLKIT_SPLITS or name == "folder"]
     parser.add_argument("--benchmark", required=True, help=f"one of: {', '.join(exportable)}")
@@ -83,13 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
     from densehybrid.cli._common import load_model, naming_checkpoint
+    from densehybrid.data.datasets import get_benchmark, parse_dataset_options
     from densehybrid.engine.evaluate import check_finite_outputs
     from densehybrid.engine.outputs import check_output_dir, remove_stale_temporaries, staging_dir, swap_in
     from densehybrid.engine.runtime import select_device
     from densehybrid.models.output import output_fields
     from densehybrid.scores import check_score_inputs, compute_score, score_info
-    from densehybrid.smiyc_export import anomaly_map_path
+    from densehybrid.smiyc_export import SMIYC_DATASETS, SmiycWriter, Squash, anomaly_map_path
 
     spec = get_benchmark(args.benchmark)
     split = args.split or spec.export_split or spec.split

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from densehybrid.models import MODELS
-
 HELP = "list the model names accepted by --model"
 
 
@@ -14,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densehybrid.models import MODELS
+
     for name in sorted(MODELS):
         print(f"{name:32s} {MODELS[name]}")
     return 0

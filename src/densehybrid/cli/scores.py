@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from densehybrid.scores import SCORE_INFO, list_scores
-
 HELP = "list the anomaly score names accepted by --score"
 DESCRIPTION = (
     "List the registered anomaly scores (higher = more anomalous). 'needs ood head' marks scores that read the "
@@ -20,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densehybrid.scores import SCORE_INFO, list_scores
+
     infos = [SCORE_INFO[name] for name in list_scores(None)]
     if args.json:
         rows = [

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from densehybrid.report import format_table
-
 HELP = "2-D toy experiment after TPAMI Figure 2: discriminative vs generative vs hybrid anomaly scores, over seeds"
 DESCRIPTION = (
     "Train a small MLP with class logits (with a Gaussian base measure, so the density has tails) and a "
@@ -60,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `densehybrid --help` does not pay for torch and matplotlib.
     from densehybrid.engine.outputs import check_output_dir
+    from densehybrid.report import format_table
     from densehybrid.toy2d import FAMILIES, SCORE_NAMES, run_toy2d
 
     check_output_dir(args.out, outputs=["toy2d.png", "metrics.json"], overwrite=args.overwrite)

@@ -324,6 +324,8 @@ def _threshold(curve: _curve.Curve, index: int) -> float:
 
 #: Error bound above which :meth:`AnomalyMetrics.compute` warns that the binned metrics may differ from exact ones.
 ERROR_BOUND_WARNING = 1e-4
+#: The start of that warning's text (a filter for it: ``warnings.filterwarnings("once", COARSE_METRICS_WARNING)``).
+COARSE_METRICS_WARNING = "The binned pooled metrics may differ from the exact ones"
 
 
 def _warn_if_coarse(result: dict[str, Any]) -> None:
@@ -334,12 +336,13 @@ def _warn_if_coarse(result: dict[str, Any]) -> None:
         if result[f"{name}_error_bound"] > ERROR_BOUND_WARNING
     }
     if loose:
-        bounds = ", ".join(f"{name} <= {bound:.2g}" for name, bound in loose.items())
+        # One text whatever the bounds (they are in the result), so a run warns once (see densehybrid.cli.main).
         warnings.warn(
-            f"The binned pooled metrics may differ from the exact ones by more than {ERROR_BOUND_WARNING:g} "
-            f"({bounds}): many distinct float32 scores share a bin (scores crowded into a narrow range, e.g. by a "
-            f"large constant offset). Subtract the offset, pass float16 scores (exact), or a larger `bits` "
-            f"(now {result['bits']}).",
+            f"{COARSE_METRICS_WARNING} by more than {ERROR_BOUND_WARNING:g}: many distinct float32 scores share a "
+            "bin (scores crowded into a narrow range, e.g. by a large constant offset). The guaranteed bounds are "
+            "the result's ap_error_bound, auroc_error_bound and fpr95_error_bound (in the JSON of `densehybrid "
+            f"evaluate`). To tighten them: `--metric-option bits=28` on the command line (now {result['bits']}), "
+            "AnomalyMetrics(bits=28) in Python, or float16 scores, which are always exact.",
             UserWarning,
             stacklevel=3,
         )
