@@ -163,7 +163,7 @@ def test_bad_trees_get_one_clear_message_each(tmp_path, trained, capsys):
     for command in ("evaluate", "calibrate"):
         status, err = run(command, bad_value)
         assert status == 1 and err.count("Error:") == 1
-        assert f"for the {K} classes of classes.txt, 255 (ignore), {K} (anomaly) in '{label}', but it holds 77." in err
+        assert f"classes.txt in '{label}': 0..{K - 1}, 255 (ignore), {K} (anomaly), but it holds 77." in err
 
     no_anomaly = make_fake_folder(tmp_path / "no_anomaly", n_val=2)
     for i in range(2):

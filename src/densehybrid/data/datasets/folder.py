@@ -233,8 +233,8 @@ class FolderDataset(BenchmarkDataset):
             anomaly = f", {self.anomaly_id} (anomaly)" if self.split == "val" else ""
             raise DatasetFileError(
                 path,
-                f"Expected label values in [0, {k}) for the {k} classes of classes.txt, 255 (ignore){anomaly} in "
-                f"{str(path)!r}, but it holds {', '.join(str(v) for v in unexpected[:10])}.",
+                f"Expected the label values of the {k} classes of classes.txt in {str(path)!r}: 0..{k - 1}, 255 "
+                f"(ignore){anomaly}, but it holds {', '.join(str(v) for v in unexpected[:10])}.",
                 self.label_hint(unexpected, raw) + " Or pass --void-unknown-ids to leave those pixels out.",
             )
 
