@@ -114,7 +114,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
         "--model",
         required=model_required,
         default=None,
-        help=f"registered model name (one of: {', '.join(list_models())})"
+        help=f"registered model name (one of: {', '.join(list_models())}; or a family member such as "
+        "smp:Unet:resnet34, hf:segformer, tv:fcn_resnet50: see `densehybrid models`)"
         + ("" if model_required else "; default: the name the checkpoint records (checkpoints written by densehybrid)"),
     )
     parser.add_argument(

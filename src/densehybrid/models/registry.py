@@ -8,6 +8,7 @@ a model whose ``forward(images, output_size=None)`` gives a :class:`~densehybrid
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -30,15 +31,37 @@ MODELS: dict[str, str] = {
 }
 
 
+# family prefix -> "module:function"; ``PREFIX:MEMBER`` names call ``function(MEMBER, num_classes, **kwargs)``
+MODEL_FAMILIES: dict[str, str] = {
+    "smp": "densehybrid.models.third_party:smp_model",
+    "hf": "densehybrid.models.third_party:hf_model",
+    "tv": "densehybrid.models.third_party:tv_model",
+}
+
+
+def is_family_name(name: str) -> bool:
+    """Whether ``name`` names a member of a registered family (``smp:Unet:resnet34``, ``hf:segformer``, ...)."""
+    prefix, sep, member = name.partition(":")
+    return bool(sep and member) and prefix in MODEL_FAMILIES
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(MODELS)
 
 
 def get_model_entry(name: str) -> Callable[..., nn.Module]:
-    """Resolve a registered model name to its entry point."""
+    """Resolve a registered model name (or a family member's name) to its entry point."""
+    if is_family_name(name):
+        prefix, _, member = name.partition(":")
+        module_name, fn_name = MODEL_FAMILIES[prefix].split(":")
+        return functools.partial(getattr(importlib.import_module(module_name), fn_name), member)
     if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.")
+        families = ", ".join(f"{prefix}:..." for prefix in MODEL_FAMILIES)
+        raise ValueError(
+            f"Unknown model {name!r}. Available: {', '.join(list_models())}; families: {families} "
+            "(`densehybrid models` lists them)."
+        )
     module_name, fn_name = MODELS[name].split(":")
     return getattr(importlib.import_module(module_name), fn_name)
 
@@ -47,7 +70,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build a registered DenseHybrid model.
 
     Args:
-        name: one of :func:`list_models`.
+        name: one of :func:`list_models`, or ``PREFIX:MEMBER`` of a family in :data:`MODEL_FAMILIES`.
         num_classes: K, the number of known classes.
         **kwargs: forwarded to the entry point (e.g. ``pretrained_backbone=PATH``).
 
@@ -59,7 +82,8 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
     model = get_model_entry(name)(num_classes=num_classes, **kwargs)
     model.model_name = name
-    model.model_kwargs = {"num_classes": num_classes, **{k: v for k, v in kwargs.items() if _is_plain(v)}}
+    recorded = getattr(model, "recorded_kwargs", {})  # what the entry point resolved, e.g. a folder's configuration
+    model.model_kwargs = {"num_classes": num_classes, **{k: v for k, v in kwargs.items() if _is_plain(v)}, **recorded}
     return model
 
 

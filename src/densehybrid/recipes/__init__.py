@@ -216,8 +216,10 @@ def resolve_recipe(raw: Mapping[str, Any], overrides: Sequence[str] = (), source
 def _check_model_and_data(recipe: dict[str, Any]) -> None:
     from densehybrid.data.datasets import list_benchmarks
     from densehybrid.models import list_models
+    from densehybrid.models.registry import is_family_name
 
-    Key("str", "", "", choices=tuple(list_models())).check("model.name", recipe["model"]["name"])
+    if not is_family_name(str(recipe["model"]["name"])):  # family members (smp:..., hf:...) are checked when built
+        Key("str", "", "", choices=tuple(list_models())).check("model.name", recipe["model"]["name"])
     Key("str", "", "", choices=tuple(list_benchmarks())).check("data.dataset", recipe["data"]["dataset"])
     low, high = recipe["augment"]["scale"]
     if low > high:
