@@ -1,4 +1,5 @@
-"""Inference overhead of DenseHybrid over the closed-set model, for the official LDN-121 and DeepLabV3+ WRN38.
+"""Inference overhead of DenseHybrid over the closed-set model: the official LDN-121 and DeepLabV3+ WRN38, and the
+third-party families (segmentation_models_pytorch, transformers, torchvision) through their registered names.
 
 Two paths share the same network and input and are timed interleaved in one process (the order alternates each
 repetition so that thermal or load drift hits both alike):
@@ -14,13 +15,16 @@ repetition so that thermal or load drift hits both alike):
 Because end-to-end timings of a 20-100 s CPU forward carry a few percent of noise, the extra work alone (head,
 upsampling, score, open-set map on the already computed features and logits) is also timed, many times, and reported
 relative to the closed-set time. Parameter counts come from the models (the released class counts: 12 for LDN-121,
-19 for DeepLabV3+). Weights are random: timings do not depend on them.
+19 for DeepLabV3+; 19, Cityscapes', for the third-party models, built at their libraries' default sizes). Weights
+are random: timings do not depend on them. For the smp models the closed-set path is the smp model's own forward
+(its head upsamples the logits itself, so the final resize is a no-op).
 
 Usage::
 
     python benchmarks/overhead.py                       # both models at 1024x2048 on the CPU
     python benchmarks/overhead.py --device cuda --repeats 20 --warmup 5
     python benchmarks/overhead.py --models ldn121 --size 512 1024 --json overhead.json
+    python benchmarks/overhead.py --models third-party --size 512 1024 --repeats 3   # needs densehybrid[smp,hf]
 """
 
 from __future__ import annotations
@@ -40,6 +44,20 @@ from densehybrid.models import create_model
 
 #: name -> (number of classes of the released model, align_corners of the model's own upsampling)
 MODELS = {"ldn121": (12, False), "deeplabv3plus_wrn38": (19, True)}
+#: third-party family members at their libraries' default sizes, K = 19 (Cityscapes)
+THIRD_PARTY = {
+    name: (19, False)
+    for name in (
+        "smp:Unet:resnet34",
+        "smp:FPN:resnet34",
+        "smp:DeepLabV3Plus:resnet34",
+        "hf:segformer",
+        "hf:upernet",
+        "tv:fcn_resnet50",
+        "tv:lraspp_mobilenet_v3_large",
+    )
+}
+ALL_MODELS = {**MODELS, **THIRD_PARTY}
 
 
 def device_name(device: torch.device) -> str:
@@ -69,7 +87,7 @@ def benchmark(
     name: str, size: tuple[int, int], device: torch.device, repeats: int, warmup: int, extra_repeats: int
 ) -> dict:
     """Time the closed-set and the DenseHybrid forward of one model; see the module docstring."""
-    num_classes, align = MODELS[name]
+    num_classes, align = ALL_MODELS[name]
     model = create_model(name, num_classes=num_classes).eval().to(device)
     head_params = sum(p.numel() for p in model.logits_ood.parameters())
     closed_params = sum(p.numel() for p in model.parameters()) - head_params
@@ -163,7 +181,13 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=[*ALL_MODELS, "third-party"],
+        help="models to time ('third-party': every third-party family member listed in THIRD_PARTY)",
+    )
     parser.add_argument("--size", nargs=2, type=int, default=[1024, 2048], metavar=("H", "W"))
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved closed-set/DenseHybrid pairs per model")
@@ -178,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
-    for name in args.models:
+    names = [n for entry in args.models for n in (THIRD_PARTY if entry == "third-party" else [entry])]
+    for name in dict.fromkeys(names):
         rows.append(benchmark(name, tuple(args.size), device, args.repeats, args.warmup, args.extra_repeats))
         print(f"done: {name}", flush=True)
     print(markdown(rows))
