@@ -205,11 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     names = [n for entry in args.models for n in (THIRD_PARTY if entry == "third-party" else [entry])]
     for name in dict.fromkeys(names):
         rows.append(benchmark(name, tuple(args.size), device, args.repeats, args.warmup, args.extra_repeats))
-        print(f"done: {name}", flush=True)
+        print(f"done: {name}\n{markdown(rows[-1:]).splitlines()[2]}", flush=True)  # a killed run keeps its rows
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
     print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

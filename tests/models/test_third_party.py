@@ -54,10 +54,12 @@ def test_forward_at_two_sizes_and_gradients_reach_both_heads_and_the_backbone(na
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in classifier.parameters())
 
 
-@pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "PSPNet", "Linknet", "UnetPlusPlus", "MAnet", "PAN"])
+@pytest.mark.parametrize(
+    "arch", ["Unet", "FPN", "DeepLabV3", "DeepLabV3Plus", "PSPNet", "Linknet", "UnetPlusPlus", "MAnet", "PAN"]
+)
 def test_smp_split_reproduces_the_smp_logits(arch):
     torch.manual_seed(0)
-    kwargs = {"decoder_channels": 16} if arch == "DeepLabV3Plus" else {}
+    kwargs = {"decoder_channels": 16} if arch.startswith("DeepLabV3") else {}
     encoder = SMALL_ENCODER if arch not in ("UnetPlusPlus", "PAN") else "resnet18"  # PAN needs a dilatable encoder
     net = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=4, **kwargs).eval()
     model = DenseHybrid(from_smp(net), num_classes=4, **PLAIN).eval()
@@ -249,5 +251,38 @@ def test_export_parity(name, tmp_path):
         if fmt == "onnx" and name.endswith(":resnet18"):
             continue  # the same graph as with the small encoder, which is checked; saves CI time
         export_model(model, path, fmt, threshold=0.0, example_size=(1, 64, 96))
+        report = check_parity(model, path, fmt, threshold=0.0, sizes=sizes)
+        assert report.passed, report.lines()
+
+
+# the ONNX column of docs/models.md for the other smp architectures (TorchScript exports them all)
+SMP_OTHERS = {
+    "DeepLabV3": (SMALL_ENCODER, {"decoder_channels": 16}, None),
+    "Segformer": (SMALL_ENCODER, {"decoder_segmentation_channels": 16}, None),
+    "UnetPlusPlus": (SMALL_ENCODER, {"decoder_channels": [16, 16, 16, 16, 16]}, None),
+    "MAnet": (SMALL_ENCODER, {"decoder_channels": [16, 16, 16, 16, 16]}, None),
+    "Linknet": (SMALL_ENCODER, {}, None),
+    "PAN": ("resnet18", {"decoder_channels": 16}, None),
+    "PSPNet": (SMALL_ENCODER, {"psp_out_channels": 16}, "adaptive_avg_pool2d"),
+    "UPerNet": (SMALL_ENCODER, {"decoder_channels": 16}, "adaptive_avg_pool2d"),
+    "DPT": ("tu-test_vit", {"decoder_intermediate_channels": (8, 8, 8, 8), "decoder_fusion_channels": 8}, "bicubic"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(SMP_OTHERS))
+def test_other_smp_architectures_export(arch, tmp_path):
+    encoder, kwargs, onnx_failure = SMP_OTHERS[arch]
+    torch.manual_seed(0)
+    model = create_model(f"smp:{arch}:{encoder}", num_classes=3, **kwargs).eval()
+    large = arch in ("PAN", "DPT")  # PAN pools its top map by 1/256 overall: inputs of at least 128 px
+    example, sizes = ((1, 128, 160), ((1, 130, 150), (2, 160, 192))) if large else ((1, 64, 96), ((1, 50, 70),))
+    for fmt in ("torchscript", "onnx"):
+        path = tmp_path / f"m.{fmt}"
+        if fmt == "onnx" and onnx_failure:
+            with pytest.raises(DenseHybridError, match=onnx_failure):
+                export_model(model, path, fmt, threshold=0.0, example_size=example)
+            continue
+        export_model(model, path, fmt, threshold=0.0, example_size=example)
         report = check_parity(model, path, fmt, threshold=0.0, sizes=sizes)
         assert report.passed, report.lines()

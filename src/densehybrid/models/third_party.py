@@ -198,7 +198,9 @@ class SmpSegmenter(nn.Module):
         self.upsampling = upsampling
         self.feature_channels = int(last.in_channels)
         divisible = bool(getattr(model, "requires_divisible_input_shape", True))
-        self.size_divisor = int(getattr(model.encoder, "output_stride", 32)) if divisible else 1
+        stride = int(getattr(model.encoder, "output_stride", 32))
+        # DPT reassembles the token grid one level coarser (stride 2x), then upsamples: it needs twice the stride
+        self.size_divisor = (2 * stride if self.prefix_tokens else stride) if divisible else 1
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         padded = pad_to_multiple(images, self.size_divisor)
