@@ -286,3 +286,17 @@ def test_other_smp_architectures_export(arch, tmp_path):
         export_model(model, path, fmt, threshold=0.0, example_size=example)
         report = check_parity(model, path, fmt, threshold=0.0, sizes=sizes)
         assert report.passed, report.lines()
+
+
+def test_torchvision_loads_a_local_state_dict_with_its_auxiliary_classifier(tmp_path):
+    from torchvision.models import segmentation
+
+    torch.manual_seed(0)
+    net = segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3, aux_loss=True).eval()
+    torch.save(net.state_dict(), tmp_path / "fcn.pt")  # as torchvision's released files: aux_classifier.* included
+    model = create_model("tv:fcn_resnet50", num_classes=3, pretrained=str(tmp_path / "fcn.pt")).eval()
+    images = _images(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).logits, net(model.normalize(images))["out"], rtol=0, atol=1e-5)
+    with pytest.warns(UserWarning, match="starts fresh"):
+        create_model("tv:fcn_resnet50", num_classes=5, pretrained=str(tmp_path / "fcn.pt"))
