@@ -210,6 +210,13 @@ def test_bad_names_are_clear_errors(name, match):
         create_model(name, num_classes=3)
 
 
+def test_arguments_the_library_rejects_are_one_clear_error():
+    with pytest.raises(ValueError, match=r"Cannot build 'smp:FPN:resnet18' .*smp says"):
+        create_model("smp:FPN:resnet18", num_classes=3, decoder_segmentation_channels=8)  # GroupNorm needs 32 | C
+    with pytest.raises(ValueError, match=r"Cannot configure 'hf:upernet' .*transformers says"):
+        create_model("hf:upernet", num_classes=3, config={"backbone_config": {"model_type": "no-such-backbone"}})
+
+
 def test_adapter_arguments_are_not_overridable():
     with pytest.raises(ValueError, match="`encoder_weights`"):
         create_model("smp:Unet:resnet18", num_classes=3, encoder_weights="imagenet")  # nothing may download

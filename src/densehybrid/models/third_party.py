@@ -276,7 +276,10 @@ def smp_model(
     for key in ("encoder_weights", "classes", "in_channels", "activation", "aux_params", "encoder_name", "arch"):
         if key in kwargs:
             raise ValueError(f"Expected no `{key}` in the kwargs of {name!r}: the adapter sets it.")
-    model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
+    try:
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+        raise ValueError(f"Cannot build {name!r} with model.kwargs {sorted(kwargs)}: smp says {exc}") from exc
     if pretrained is not None:
         load_weights(model, read_weights(pretrained), f"pretrained {str(pretrained)!r}", ["segmentation_head."])
     return _hybrid(SmpSegmenter(model), num_classes, mean, std)
@@ -411,7 +414,10 @@ def hf_model(
     for key in ("num_labels", "id2label", "label2id"):
         if key in overrides:
             raise ValueError(f"Expected no `{key}` in the config of {name!r}: it follows num_classes.")
-    hf_config = config_cls(**{**settings, **overrides, "num_labels": num_classes})
+    try:
+        hf_config = config_cls(**{**settings, **overrides, "num_labels": num_classes})
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"Cannot configure {name!r} with config {sorted(overrides)}: transformers says {exc}") from exc
     if member == "upernet":
         hf_config.use_auxiliary_head = False
         hf_config.use_pretrained_backbone = False
