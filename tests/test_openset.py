@@ -6,7 +6,7 @@ import torch
 from sklearn.metrics import f1_score, roc_curve
 
 from densehybrid.models import create_model
-from densehybrid.openset import OpenSetPredictor, calibrate_threshold, predict_open_set
+from densehybrid.openset import OpenSetModel, calibrate_threshold, open_set_labels, predict_open_set
 
 
 def test_predict_open_set_overrides_only_pixels_above_the_threshold():
@@ -62,11 +62,22 @@ def test_calibration_errors():
         calibrate_threshold([(torch.randn(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))])
 
 
-def test_predictor_bundles_model_score_and_threshold():
+def test_open_set_model_bundles_model_score_and_threshold():
     model = create_model("ladder_mobilenetv3", num_classes=3, decoder_channels=16).eval()
     images = torch.rand(1, 3, 64, 64)
-    prediction = OpenSetPredictor(model, "densehybrid", threshold=float("-inf"))(images)
-    assert prediction.scores.shape == (1, 64, 64)
-    assert torch.all(prediction.open_set == 3)  # every finite score passes -inf
-    none = OpenSetPredictor(model, "msp")(images)
-    assert none.open_set is None and none.closed_set.shape == (1, 64, 64)
+    with torch.no_grad():
+        result = OpenSetModel(model, "densehybrid", threshold=-1e30)(images, return_outputs=True)
+        none = OpenSetModel(model, "msp")(images)
+    assert result.scores.shape == (1, 64, 64) and result.scores.dtype == torch.float32
+    assert torch.all(result.labels == 3)  # every finite score passes the threshold
+    assert torch.equal(result.closed_set, result.outputs.logits.argmax(1))
+    assert torch.equal(none.labels, none.closed_set) and none.outputs is None
+    with pytest.raises(ValueError, match="finite number"):
+        OpenSetModel(model, threshold=float("nan"))
+
+
+def test_the_open_set_rule_is_strictly_above_the_threshold():
+    closed = torch.tensor([[[0, 1, 2]]])
+    scores = torch.tensor([[[0.5, 1.0, 1.5]]])
+    assert open_set_labels(closed, scores, 1.0, 3).tolist() == [[[0, 1, 3]]]
+    assert open_set_labels(closed, scores, None, 3).tolist() == [[[0, 1, 2]]]

@@ -37,6 +37,7 @@ _ENTRY_POINTS: dict[str, str] = {
     "list_models": "densehybrid.models",
     "compute_score": "densehybrid.scores",
     "list_scores": "densehybrid.scores",
+    "OpenSetModel": "densehybrid.openset",
     "calibrate_threshold": "densehybrid.openset",
     "predict_open_set": "densehybrid.openset",
     "DenseHybridLoss": "densehybrid.losses",
@@ -53,6 +54,7 @@ _ENTRY_POINTS: dict[str, str] = {
 __all__ = [
     "DenseHybridLoss",
     "FolderDataset",
+    "OpenSetModel",
     "Predictor",
     "__version__",
     "calibrate_checkpoint",
@@ -77,7 +79,7 @@ if TYPE_CHECKING:
     from densehybrid.export import export_model
     from densehybrid.losses import DenseHybridLoss
     from densehybrid.models import create_model, list_models
-    from densehybrid.openset import calibrate_threshold, predict_open_set
+    from densehybrid.openset import OpenSetModel, calibrate_threshold, predict_open_set
     from densehybrid.predict import Predictor
     from densehybrid.recipes import load_recipe
     from densehybrid.scores import compute_score, list_scores

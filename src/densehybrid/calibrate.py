@@ -29,9 +29,10 @@ from densehybrid.engine.outputs import check_output_file
 from densehybrid.engine.runtime import atomic_torch_save
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
 from densehybrid.models.checkpoint import model_from_checkpoint, read_checkpoint_file, split_checkpoint
-from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold
+from densehybrid.models.window import SlidingWindow, describe_window
+from densehybrid.openset import CALIBRATION_METHODS, OpenSetModel, calibrate_threshold
 from densehybrid.predict import CALIBRATION_KEY, Calibration
-from densehybrid.scores import compute_score, get_score
+from densehybrid.scores import get_score
 
 __all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_path"]
 
@@ -132,6 +133,7 @@ def calibrate_checkpoint(
     num_workers: int = 0,
     amp: bool = False,
     progress: bool = True,
+    window: SlidingWindow | str | None = "auto",
     overwrite: bool = False,
     report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -156,6 +158,7 @@ def calibrate_checkpoint(
         sample_pixels: pixels sampled for the display range (spread over the batches).
         seed: seeds that sample.
         device, batch_size, num_workers, amp, progress: loop settings.
+        window: sliding-window inference of :class:`~densehybrid.openset.OpenSetModel` (``"auto"``: the model's).
         overwrite: replace an existing ``out``.
         report: called with the result before the checkpoint is written (a failed write then loses nothing).
 
@@ -190,12 +193,22 @@ def calibrate_checkpoint(
         )
     options = dict(score_options or {})
 
+    open_set = OpenSetModel(net, score, None, options, window)
+
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loop = model_outputs(
-            net, dataset, device, batch_size, num_workers, amp=amp, progress=progress, desc="calibrate"
+            open_set,
+            dataset,
+            device,
+            batch_size,
+            num_workers,
+            amp=amp,
+            progress=progress,
+            desc="calibrate",
+            window=None,
         )
         for batch, output in loop:
-            scores = compute_score(score, output, **options)
+            scores = output.scores
             target = batch["target"].to(scores.device).long()
             binary = anomaly_target(target, k) if target_kind == "semantic" else target
             if calibration_scale != 1.0:
@@ -248,6 +261,7 @@ def calibrate_checkpoint(
         "num_classes": k,
         **calibration.to_dict(),
         "calibration_scale": float(calibration_scale),
+        "window": describe_window(open_set.window),
         "anomaly_pixels": pairs.anomalies,
     }
     if report is not None:

@@ -3,27 +3,50 @@
 ``classes = argmax_k s_k(x); classes[score(x) > tau] = K`` (Grcić et al., ECCV 2022, Sec. 3.4; released
 ``evaluate_osr.py``). The threshold is calibrated on labelled held-out data, either at a target true-positive rate
 (0.95 by default, as the released StreetHazards code) or at the best F1 (:func:`calibrate_threshold`).
+
+:class:`OpenSetModel` is the inference object: a model, a score, the threshold and an optional sliding window;
+:func:`open_set_labels` is the rule itself, written once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from densehybrid._checks import check_finite, check_ndim
-from densehybrid.models.output import output_fields
+from densehybrid.models.output import check_finite_outputs, output_as_float32, output_fields
+from densehybrid.models.window import SlidingWindow, describe_window, resolve_window, sliding_window_outputs
 from densehybrid.scores import check_score_inputs, compute_score, get_score, score_info
 
 CALIBRATION_METHODS = ("tpr", "f1")
 
 
+def open_set_labels(
+    closed_set: torch.Tensor, scores: torch.Tensor, threshold: float | None, unknown: int
+) -> torch.Tensor:
+    """The open-set rule, the only place a threshold is applied: ``score > threshold`` ⇒ unknown.
+
+    Args:
+        closed_set: (N, H, W) int64 closed-set ids ``0..K-1``.
+        scores: (N, H, W) anomaly scores, higher = more anomalous.
+        threshold: pixels with ``scores > threshold`` (strict, as the released code) become ``unknown``; None
+            leaves the closed-set ids.
+        unknown: the unknown id K.
+
+    Returns:
+        (N, H, W) int64 with ids in ``0..K`` (a new tensor; traceable, so exported graphs apply the same rule).
+    """
+    if threshold is None:
+        return closed_set.clone()
+    return torch.where(scores > threshold, torch.full_like(closed_set, unknown), closed_set)
+
+
 def predict_open_set(logits: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Closed-set argmax with anomalous pixels set to the unknown id K.
+    """Closed-set argmax with anomalous pixels set to the unknown id K (:func:`open_set_labels`).
 
     Args:
         logits: (N, K, H, W) closed-set logits.
@@ -40,33 +63,57 @@ def predict_open_set(logits: torch.Tensor, scores: torch.Tensor, threshold: floa
             f"Expected `scores` {tuple(scores.shape)} to match `logits` {tuple(logits.shape)} in N, H and W."
         )
     check_finite("scores", scores)
-    classes = logits.max(dim=1).indices  # same ids as argmax, several times faster on CPU
-    classes[scores > threshold] = logits.shape[1]
-    return classes
+    closed = logits.max(dim=1).indices  # same ids as argmax, several times faster on CPU
+    return open_set_labels(closed, scores, threshold, logits.shape[1])
 
 
-@dataclass
-class OpenSetPrediction:
-    """Everything one forward pass gives: closed-set ids, anomaly scores and the open-set map (all (N, H, W))."""
+def check_threshold(threshold: object) -> float | None:
+    """``threshold`` as a float, or None; raises ValueError for anything but a finite number or None."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"Expected `threshold` to be a finite number or None, but got {threshold!r}.")
+    return float(threshold)
 
-    closed_set: torch.Tensor
+
+class OpenSetOutput(NamedTuple):
+    """What :class:`OpenSetModel` gives for a batch, every map (N, H, W).
+
+    Attributes:
+        scores: float32 anomaly scores, higher = more anomalous.
+        labels: int64 open-set labels: classes ``0..K-1``, unknown = K where ``scores > threshold`` (no unknown
+            without a threshold).
+        closed_set: int64 closed-set argmax over the K classes.
+        outputs: the model's own output tuple in float32 (merged windows included) when asked for, else None.
+    """
+
     scores: torch.Tensor
-    open_set: torch.Tensor | None
+    labels: torch.Tensor
+    closed_set: torch.Tensor
+    outputs: Any = None
 
 
-class OpenSetPredictor:
-    """A model, a score and a threshold, bundled for inference.
+class OpenSetModel(nn.Module):
+    """A model, an anomaly score, the open-set threshold and the inference window: images -> :class:`OpenSetOutput`.
+
+    The one inference object behind ``predict``, ``export`` (which traces it and checks parity against it),
+    ``calibrate``, ``evaluate-open-set`` and ``export-smiyc``; the only place a threshold is applied
+    (:func:`open_set_labels`).
 
     Args:
-        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``).
+        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput`` of logits), or any model whose
+            output type the score reads (e.g. DiCNet).
         score: a registered score name (see ``densehybrid scores``).
-        threshold: the calibrated threshold; None gives scores and closed-set ids only.
+        threshold: the calibrated threshold; None gives scores and closed-set labels only.
         score_options: keyword options of the score (e.g. ``statistics`` for ``sml``).
+        window: a :class:`~densehybrid.models.window.SlidingWindow` to run the model in overlapping windows,
+            ``"auto"`` for the model's released one (``model.inference_window``; the Segmenter's COCO setting), or
+            None for one whole-image pass.
 
     Example:
         >>> from densehybrid.models import create_model
-        >>> predictor = OpenSetPredictor(create_model("ladder_mobilenetv3", num_classes=3).eval(), threshold=0.0)
-        >>> predictor(torch.rand(1, 3, 64, 64)).open_set.shape
+        >>> open_set = OpenSetModel(create_model("ladder_mobilenetv3", num_classes=3).eval(), threshold=0.0)
+        >>> open_set(torch.rand(1, 3, 64, 64)).labels.shape
         torch.Size([1, 64, 64])
     """
 
@@ -76,22 +123,63 @@ class OpenSetPredictor:
         score: str = "densehybrid",
         threshold: float | None = None,
         score_options: Mapping[str, Any] | None = None,
+        window: SlidingWindow | str | None = None,
     ) -> None:
+        super().__init__()
+        get_score(score)
+        name = getattr(model, "model_name", None) or type(model).__name__
+        check_score_inputs([score_info(score).name], output_fields(model), f"model {name!r}")
         self.model = model
-        self.score_name = score
-        self.score_fn = get_score(score)
-        check_score_inputs([score_info(score).name], output_fields(model), f"model {type(model).__name__!r}")
-        self.threshold = threshold
+        self.score = score
+        self.threshold = check_threshold(threshold)
         self.score_options = dict(score_options or {})
+        self.window = resolve_window(model, window)
 
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> OpenSetPrediction:
-        out = self.model(images, output_size=output_size)
-        out = out._replace(**{k: v.float() for k, v in out._asdict().items() if isinstance(v, torch.Tensor)})
-        scores = compute_score(self.score_name, out, **self.score_options)
-        closed = out.logits.argmax(dim=1)
-        open_set = None if self.threshold is None else predict_open_set(out.logits, scores, self.threshold)
-        return OpenSetPrediction(closed, scores, open_set)
+    @property
+    def num_classes(self) -> int:
+        """K, the model's number of known classes (the unknown label)."""
+        k = getattr(self.model, "num_classes", None)
+        if not isinstance(k, int):
+            raise ValueError(
+                "Expected the model to record `num_classes` (models from create_model do), but it has none."
+            )
+        return k
+
+    @property
+    def output_type(self) -> type:
+        return OpenSetOutput
+
+    def model_outputs(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> Any:
+        """The model's output tuple in float32 (through the sliding window when one is set), checked for NaN."""
+        if self.window is not None:
+            out = sliding_window_outputs(self.model, images, self.window, output_size)
+        else:
+            out = self.model(images, output_size=output_size)
+        if not torch.jit.is_tracing():
+            check_finite_outputs(out)
+        return output_as_float32(out)
+
+    def forward(
+        self, images: torch.Tensor, output_size: tuple[int, int] | None = None, return_outputs: bool = False
+    ) -> OpenSetOutput:
+        """Scores, open-set and closed-set labels of a batch.
+
+        Args:
+            images: (N, 3, H, W) float in [0, 1].
+            output_size: (H_out, W_out) of the maps; defaults to (H, W).
+            return_outputs: keep the model's outputs in the result.
+
+        Returns:
+            :class:`OpenSetOutput`, maps (N, H_out, W_out).
+        """
+        out = self.model_outputs(images, output_size)
+        scores = compute_score(self.score, out, **self.score_options).float()
+        closed = out.logits.max(dim=1).indices
+        labels = open_set_labels(closed, scores, self.threshold, out.logits.shape[1])
+        return OpenSetOutput(scores, labels, closed, out if return_outputs else None)
+
+    def extra_repr(self) -> str:
+        return f"score={self.score!r}, threshold={self.threshold}, window={describe_window(self.window)!r}"
 
 
 def calibrate_threshold(

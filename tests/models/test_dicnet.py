@@ -150,14 +150,15 @@ def test_student_loads_a_torchvision_backbone(tmp_path):
 
 
 def test_open_set_prediction_with_the_dicnet_score():
-    from densehybrid.openset import OpenSetPredictor
+    from densehybrid.openset import OpenSetModel
 
     model = create_model("dicnet", num_classes=3, teacher="ladder_mobilenetv3", decoder_channels=8).eval()
-    prediction = OpenSetPredictor(model, "dicnet", threshold=0.0)(torch.rand(1, 3, 32, 48))
-    assert prediction.scores.shape == prediction.open_set.shape == (1, 32, 48)
-    assert (prediction.open_set == 3).all()  # every squared discrepancy is above 0: all pixels are "unknown"
+    with torch.no_grad():
+        prediction = OpenSetModel(model, "dicnet", threshold=0.0)(torch.rand(1, 3, 32, 48))
+    assert prediction.scores.shape == prediction.labels.shape == (1, 32, 48)
+    assert (prediction.labels == 3).all()  # every squared discrepancy is above 0: all pixels are "unknown"
     with pytest.raises(ValueError, match="dataset-posterior logits of a DenseHybrid model"):
-        OpenSetPredictor(model, "densehybrid")
+        OpenSetModel(model, "densehybrid")
 
 
 def test_a_light_timm_student(tmp_path):

@@ -24,6 +24,7 @@ from densehybrid.models.deeplabv3plus import deeplabv3plus_wrn38, load_closed_se
 from densehybrid.models.ldn import ldn121
 from densehybrid.models.registry import get_model_entry
 from densehybrid.models.segmenter import segmenter_vit_ti16
+from densehybrid.models.window import SlidingWindow, sliding_window_outputs
 
 COMPAT = Path(__file__).resolve().parents[1] / "data" / "compat"
 FIXTURES = {"ldn121": ("ldn121_th", 12), "deeplabv3plus_wrn38": ("dlv3p_wrn38_th", 19)}
@@ -149,13 +150,10 @@ def test_segmenter_outputs_match_released_model(segmenter_b16):
     assert relative_error(out.logits, torch.from_numpy(ref["logits"])) < 1e-4
     assert relative_error(out.ood_logits, torch.from_numpy(ref["logits_ood"])) < 1e-4
     assert segmenter_b16.data_config["mean"] == pytest.approx([0.485, 0.456, 0.406])
-    # Without the sliding window, eval-mode forward is the same whole-image pass.
-    segmenter_b16.sliding_window = False
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(segmenter_b16(images).logits, out.logits)
-    finally:
-        segmenter_b16.sliding_window = True
+    # Eval-mode forward is the same whole-image pass: logits, never probabilities.
+    with torch.no_grad():
+        torch.testing.assert_close(segmenter_b16(images).logits, out.logits)
+    assert segmenter_b16.inference_window == SlidingWindow(512, 320, "probabilities")  # the released COCO setting
 
 
 def test_released_segmenter_checkpoint_names_fit_strictly(segmenter_b16, tmp_path):
@@ -181,25 +179,34 @@ def segmenter_ti() -> torch.nn.Module:
     return create_model("segmenter_vit_ti16", num_classes=3, image_size=64, window_size=64, window_stride=40).eval()
 
 
-@pytest.mark.parametrize("merge", ["logits", "softmax"])
+WINDOW = SlidingWindow(64, 40, "logits")
+
+
+def test_eval_forward_is_the_whole_image_logits_on_a_window_sized_input(segmenter_ti):
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = segmenter_ti.forward_whole(images)
+        for a, b in zip(segmenter_ti(images), whole):  # eval mode: logits, not the window's probabilities
+            torch.testing.assert_close(a, b)
+    assert not torch.allclose(whole.logits.sum(1), torch.ones(2, 64, 64))
+
+
+@pytest.mark.parametrize("merge", ["logits", "probabilities"])
 def test_sliding_window_on_one_window_equals_whole_image(segmenter_ti, merge):
     images = torch.rand(2, 3, 64, 64)
-    segmenter_ti.window_merge = merge
     with torch.no_grad():
-        slid, whole = segmenter_ti(images), segmenter_ti.forward_whole(images)
-    segmenter_ti.window_merge = "softmax"
+        slid = sliding_window_outputs(segmenter_ti, images, SlidingWindow(64, 40, merge))
+        whole = segmenter_ti.forward_whole(images)
     for a, b in zip(slid, whole):
         torch.testing.assert_close(a, b if merge == "logits" else b.softmax(1))
 
 
 def test_sliding_window_resizes_up_and_averages_overlaps(segmenter_ti):
     images = torch.rand(1, 3, 40, 60)  # shorter side 40 < 64: resized to 64 x 96, windows at columns 0 and 32
-    segmenter_ti.window_merge = "logits"
     with torch.no_grad():
-        slid = segmenter_ti(images, output_size=(20, 30))
+        slid = sliding_window_outputs(segmenter_ti, images, WINDOW, output_size=(20, 30))
         resized = F.interpolate(images, size=(64, 96), mode="bilinear", align_corners=False)
         left, right = segmenter_ti.forward_whole(resized[..., :64]), segmenter_ti.forward_whole(resized[..., 32:])
-    segmenter_ti.window_merge = "softmax"
     for i, full in enumerate(slid):
         merged = torch.zeros(1, full.shape[1], 64, 96)
         merged[..., :64] += left[i]
@@ -210,12 +217,25 @@ def test_sliding_window_resizes_up_and_averages_overlaps(segmenter_ti):
         torch.testing.assert_close(full, expected)
 
 
+def test_open_set_model_runs_the_models_released_window(segmenter_ti):
+    from densehybrid.openset import OpenSetModel
+
+    images = torch.rand(1, 3, 40, 60)
+    with torch.no_grad():
+        auto = OpenSetModel(segmenter_ti, window="auto")(images, return_outputs=True)
+        slid = sliding_window_outputs(segmenter_ti, images, segmenter_ti.inference_window)
+    assert segmenter_ti.inference_window == SlidingWindow(64, 40, "probabilities")
+    torch.testing.assert_close(auto.outputs.logits, slid.logits)
+    torch.testing.assert_close(auto.outputs.logits.sum(1), torch.ones(1, 40, 60))  # probabilities, as released
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"window_size": 0}, "window_size"),
         ({"window_size": 64, "window_stride": 100}, "window_stride"),
         ({"window_merge": "mean"}, "window_merge"),
+        ({"window_merge": "max"}, "window_merge"),
     ],
 )
 def test_segmenter_rejects_bad_window_options(kwargs, match):

@@ -86,6 +86,30 @@ def device_option(text: str) -> str:
     return text
 
 
+def window_option(text: str) -> Any:
+    """argparse type of ``--window``: ``auto``, ``none`` or ``SIZE[:STRIDE[:MERGE]]``
+    (:func:`densehybrid.models.window.parse_window`)."""
+    from densehybrid.models.window import parse_window
+
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: The help of ``--window``, shared by every command that runs a model over images.
+WINDOW_HELP = (
+    "sliding-window inference: auto (default: the model's released setting, for the Segmenter 512x512 windows with "
+    "stride 320 merged as probabilities as the released COCO20 evaluation, the whole image for the other models), "
+    "none (whole image), or SIZE[:STRIDE[:MERGE]] with MERGE probabilities or logits"
+)
+
+
+def add_window_argument(parser: argparse.ArgumentParser) -> None:
+    """``--window``."""
+    parser.add_argument("--window", type=window_option, default="auto", help=WINDOW_HELP)
+
+
 def worker_count(text: str) -> int:
     """argparse type: DataLoader workers, 0 up to the usable CPU cores."""
     from densehybrid.engine.resources import check_num_workers
@@ -127,7 +151,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--batch-size``, ``--num-workers``, ``--amp`` and ``--no-progress``."""
+    """``--device``, ``--batch-size``, ``--num-workers``, ``--amp``, ``--no-progress`` and ``--window``."""
     parser.add_argument("--device", type=device_option, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--batch-size", type=positive_int, default=1, help="frames per forward pass (frames of a batch share one size)"
@@ -144,6 +168,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
         help="bfloat16 autocast on CUDA (faster; scores differ slightly from the float32 released evaluation)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_window_argument(parser)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"calibrated {result['model']} (K={result['num_classes']}) on {result['benchmark']} {result['split']} "
             f"({result['num_images']} images, {result['anomaly_pixels']} anomaly pixels): score {result['score']}, "
-            f"threshold {result['threshold']:.6g} at {rule}, heatmap range [{low:.6g}, {high:.6g}]",
+            f"threshold {result['threshold']:.6g} at {rule}, heatmap range [{low:.6g}, {high:.6g}]; inference: "
+            f"{result['window']}",
             flush=True,
         )
 
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             amp=args.amp,
             progress=not args.no_progress,
+            window=args.window,
             overwrite=args.overwrite,
             report=announce,
         )

@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             progress=not args.no_progress,
+            window=args.window,
         )
     document = result_document("evaluate", info, result, args, options)
     print(format_results(document), flush=True)  # printed first: a failed write must not lose the results
@@ -147,6 +148,8 @@ def format_results(result: dict[str, Any]) -> str:
         lines.append(f"partial evaluation ({result['num_images']} images{of}): not comparable to published numbers")
     if result["input_scale"] != 1.0:
         lines.append(f"model input resized by {result['input_scale']}: not comparable to full-resolution numbers")
+    if result.get("window"):
+        lines.append(f"inference: {result['window']}")
     components = result.get("components") or {}
     if result["anomaly"]:
         header = ["score", "AP", "FPR95", "AUROC"] + (["sIoU", "PPV", "mean F1"] if components else [])

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             amp=args.amp,
             progress=not args.no_progress,
+            window=args.window,
             **kwargs,
         )
     document = result_document("evaluate-open-set", info, result, args, options)
@@ -161,6 +162,8 @@ def format_results(result: dict[str, Any]) -> str:
     ]
     if result.get("input_scale", 1.0) != 1.0:
         lines.append(f"model input resized by {result['input_scale']}: not comparable to full-resolution numbers")
+    if result.get("window"):
+        lines.append(f"inference: {result['window']}")
     header = ["calibrate -> evaluate", "threshold", "images", "open-mIoU", "anomaly IoU", "closed mIoU"]
     rows = [
         [

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from densehybrid.engine.batches import collate
 from densehybrid.engine.runtime import select_device
-from densehybrid.errors import NonFiniteError
 from densehybrid.labels import ANOMALY, INLIER, anomaly_target
 from densehybrid.metrics import ConfusionMatrix, anomaly_metrics
-from densehybrid.models.output import output_as_float32, output_fields
+from densehybrid.models.output import check_finite_outputs, output_as_float32, output_fields
+from densehybrid.models.window import SlidingWindow, resolve_window, sliding_window_outputs
 from densehybrid.openset import predict_open_set
 from densehybrid.scores import check_score_inputs, compute_score, score_info
 
@@ -57,9 +57,15 @@ def model_outputs(
     amp: bool = True,
     progress: bool = True,
     desc: str = "evaluate",
+    window: SlidingWindow | str | None = "auto",
 ):
     """Yield ``(batch, output)`` for every batch of ``dataset``: the model's output tuple (e.g. ``HybridOutput``) in
-    float32, dense outputs at the target's resolution."""
+    float32, dense outputs at the target's resolution.
+
+    ``window``: a :class:`~densehybrid.models.window.SlidingWindow`, ``"auto"`` (default: the model's released one,
+    ``model.inference_window``; none for most models) or None (one whole-image pass).
+    """
+    window = resolve_window(model, window)
     device = select_device(device)
     model.to(device).eval()
     use_amp = amp and device.type == "cuda"
@@ -70,31 +76,12 @@ def model_outputs(
         # no_grad, not inference_mode: the mode must not leak into the caller's code while this generator is
         # suspended at `yield` (metric states created there would become inference tensors).
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(images, output_size=size)
+            if window is None:
+                out = model(images, output_size=size)
+            else:
+                out = sliding_window_outputs(model, images, window, size)
         check_finite_outputs(out, batch)
         yield batch, output_as_float32(out)
-
-
-def check_finite_outputs(out: Any, batch: Mapping[str, Any] | None = None) -> None:
-    """Raise :class:`~densehybrid.errors.NonFiniteError` when a model output holds NaN or infinite values.
-
-    A model with damaged weights (a diverged training run) gives NaN everywhere; every score and metric downstream
-    would then fail with a misleading message or, worse, rank NaN silently.
-
-    Args:
-        out: a model output (``HybridOutput``, ``DistillationOutput``, ...); every tensor field is checked.
-        batch: the batch, whose ``name`` entries identify the frames in the message.
-    """
-    for name, tensor in out._asdict().items():
-        if not isinstance(tensor, torch.Tensor) or bool(torch.isfinite(tensor).all()):
-            continue
-        bad = int((~torch.isfinite(tensor)).sum())
-        names = list((batch or {}).get("name") or [])
-        frames = f" on frame(s) {', '.join(map(str, names[:3]))}" if names else ""
-        raise NonFiniteError(
-            f"Expected finite model outputs, but {bad} of {tensor.numel()} `{name}` values are NaN or infinite"
-            f"{frames}: the weights are probably damaged (e.g. saved from a diverged training run)."
-        )
 
 
 def evaluate(
@@ -117,6 +104,7 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
     amp: bool = True,
+    window: SlidingWindow | str | None = "auto",
 ) -> EvaluationResult:
     """Anomaly metrics for every score (and segmentation metrics for semantic targets) in one pass.
 
@@ -139,6 +127,7 @@ def evaluate(
         device, batch_size, num_workers, progress: loop settings.
         amp: run the model under bfloat16 autocast on CUDA (see :func:`model_outputs`); False keeps float32, as
             the released evaluation code does.
+        window: sliding-window inference (see :func:`model_outputs`).
 
     Returns:
         :class:`EvaluationResult`.
@@ -158,7 +147,9 @@ def evaluate(
     opened = ConfusionMatrix(num_classes) if target_kind == "semantic" and threshold is not None else None
     sampler = _PixelSampler(sample_pixels, len(dataset), seed) if sample_pixels else None
     num_images = 0
-    for batch, out in model_outputs(model, dataset, device, batch_size, num_workers, amp=amp, progress=progress):
+    for batch, out in model_outputs(
+        model, dataset, device, batch_size, num_workers, amp=amp, progress=progress, window=window
+    ):
         target = batch["target"].to(out.logits.device).long()
         binary = anomaly_target(target, num_classes) if target_kind == "semantic" else target
         group_targets = dict(groups(batch, binary)) if groups is not None else {"all": binary}

@@ -35,6 +35,7 @@ from densehybrid.errors import DatasetError
 from densehybrid.labels import anomaly_target
 from densehybrid.metrics import COMPONENT_TRACKS, PROTOCOLS, ComponentMetrics
 from densehybrid.models.output import output_fields
+from densehybrid.models.window import SlidingWindow, describe_window, resolve_window
 from densehybrid.scores import check_score_inputs, compute_score, score_info
 
 #: Benchmarks without anomalies: only the closed-set mIoU is evaluated there.
@@ -276,6 +277,7 @@ def evaluate_benchmark(
     batch_size: int = 1,
     num_workers: int = 0,
     progress: bool = True,
+    window: SlidingWindow | str | None = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a benchmark under its official protocol.
 
@@ -298,6 +300,8 @@ def evaluate_benchmark(
         num_classes: K of the model; default ``model.num_classes``.
         limit: evaluate only the first ``limit`` frames.
         input_scale: resize factor of the model input; metrics stay at the labels' full resolution.
+        window: sliding-window inference: ``"auto"`` (the model's released window, e.g. the Segmenter's 512/320
+            probability merge of the COCO20 evaluation), a :class:`~densehybrid.models.window.SlidingWindow` or None.
         amp: bfloat16 autocast on CUDA (faster, slightly different scores); the released code runs float32.
         device, batch_size, num_workers, progress: loop settings (progress bars go to stderr).
 
@@ -345,6 +349,7 @@ def evaluate_benchmark(
             num_workers=num_workers,
             progress=progress,
             amp=amp,
+            window=window,
         )
         anomaly = {name: result.anomaly[name]["all"] for name in names}
         component_results = None
@@ -357,7 +362,7 @@ def evaluate_benchmark(
                 track,
                 protocol,
                 score_options,
-                (device, batch_size, num_workers, amp, progress),
+                (device, batch_size, num_workers, amp, progress, window),
             )
     closed = None
     if result.closed_set is not None:
@@ -376,6 +381,7 @@ def evaluate_benchmark(
         "expected_images": expected,
         "complete": expected is not None and result.num_images == expected,
         "input_scale": float(input_scale),
+        "window": describe_window(resolve_window(model, window)),
         "anomaly": anomaly,
         "components": component_results,
         "component_track": track if components else None,
@@ -418,14 +424,14 @@ def _component_metrics(
     track: str,
     protocol: str,
     score_options: Mapping[str, Mapping[str, Any]] | None,
-    loop: tuple[str | torch.device, int, int, bool, bool],
+    loop: tuple[str | torch.device, int, int, bool, bool, SlidingWindow | str | None],
 ) -> dict[str, dict[str, Any] | None]:
     """Second pass: SMIYC component metrics of each score at its pixel curve's best-F1 threshold.
 
     ``semantic_classes`` is K for semantic targets (anomaly id K), None for binary ones; ``loop`` holds
-    ``(device, batch_size, num_workers, amp, progress)``.
+    ``(device, batch_size, num_workers, amp, progress, window)``.
     """
-    device, batch_size, num_workers, amp, progress = loop
+    device, batch_size, num_workers, amp, progress, window = loop
     metrics: dict[str, ComponentMetrics] = {}
     results: dict[str, dict[str, Any] | None] = {}
     for name, values in anomaly.items():
@@ -442,7 +448,15 @@ def _component_metrics(
     if metrics:
         options = {k: dict(v) for k, v in (score_options or {}).items()}
         for batch, out in model_outputs(
-            model, dataset, device, batch_size, num_workers, amp=amp, progress=progress, desc="components"
+            model,
+            dataset,
+            device,
+            batch_size,
+            num_workers,
+            amp=amp,
+            progress=progress,
+            desc="components",
+            window=window,
         ):
             target = batch["target"].to(out.logits.device).long()
             binary = target if semantic_classes is None else anomaly_target(target, semantic_classes)

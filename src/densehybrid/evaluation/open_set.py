@@ -53,9 +53,8 @@ from densehybrid.evaluation.benchmark import (
 from densehybrid.labels import ANOMALY, anomaly_target
 from densehybrid.metrics import ConfusionMatrix
 from densehybrid.metrics.segmentation import NAN_IOU_RULES
-from densehybrid.models.output import output_fields
-from densehybrid.openset import CALIBRATION_METHODS, calibrate_threshold, predict_open_set
-from densehybrid.scores import check_score_inputs, compute_score, score_info
+from densehybrid.models.window import SlidingWindow, describe_window, resolve_window
+from densehybrid.openset import CALIBRATION_METHODS, OpenSetModel, calibrate_threshold
 
 #: Benchmarks with an open-set protocol and their default calibration scale.
 OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0, "folder": 1.0}
@@ -66,11 +65,6 @@ STREETHAZARDS_TOWNS = ("t5", "t6")
 CALIBRATION_RULES = ("above", "at_least")
 #: COCO20/80 protocols: "released" (calibrate and evaluate on the same val split) and "halves" (two folds).
 COCO_PROTOCOLS = ("released", "halves")
-
-
-def _check_model_score(model: nn.Module, score: str) -> None:
-    name = getattr(model, "model_name", None) or type(model).__name__
-    check_score_inputs([score_info(score).name], output_fields(model), f"model {name!r}")
 
 
 def _loop_kwargs(device, batch_size, num_workers, amp, progress) -> dict[str, Any]:
@@ -85,6 +79,7 @@ def calibration_pairs(
     scale: float = 1.0,
     score_options: Mapping[str, Any] | None = None,
     desc: str = "calibrate",
+    window: SlidingWindow | str | None = "auto",
     **loop: Any,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(scores, binary target)`` per batch for :func:`~densehybrid.openset.calibrate_threshold`.
@@ -100,12 +95,13 @@ def calibration_pairs(
         scale: resize factor of the calibration maps (1.0: none).
         score_options: keyword options of the score.
         desc: progress-bar label.
+        window: sliding-window inference of :class:`~densehybrid.openset.OpenSetModel` (``"auto"``: the model's).
         **loop: ``device``, ``batch_size``, ``num_workers``, ``amp``, ``progress`` of
             :func:`~densehybrid.engine.evaluate.model_outputs`.
     """
-    _check_model_score(model, score)
-    for batch, out in model_outputs(model, dataset, desc=desc, **loop):
-        scores = compute_score(score, out, **dict(score_options or {}))
+    open_set = OpenSetModel(model, score, None, score_options, window)
+    for batch, out in model_outputs(open_set, dataset, desc=desc, window=None, **loop):
+        scores = out.scores
         binary = anomaly_target(batch["target"].to(scores.device).long(), num_classes)
         if scale != 1.0:
             scores = F.interpolate(scores[:, None], scale_factor=scale, mode="bilinear", align_corners=False)[:, 0]
@@ -121,22 +117,23 @@ def open_set_confusion(
     num_classes: int,
     score_options: Mapping[str, Any] | None = None,
     desc: str = "open-set",
+    window: SlidingWindow | str | None = "auto",
     **loop: Any,
 ) -> tuple[ConfusionMatrix, ConfusionMatrix, int]:
-    """Closed-set and open-set confusion matrices of ``dataset`` at full (label) resolution.
+    """Closed-set and open-set confusion matrices of ``dataset`` at full (label) resolution, from
+    :class:`~densehybrid.openset.OpenSetModel`.
 
     Returns:
         ``(closed, open, num_images)``: the closed-set matrix holds the argmax over the K classes, the open-set one
         the same argmax with ``score > threshold`` pixels set to K.
     """
-    _check_model_score(model, score)
+    open_set = OpenSetModel(model, score, threshold, score_options, window)
     closed, opened = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
     num_images = 0
-    for batch, out in model_outputs(model, dataset, desc=desc, **loop):
-        target = batch["target"].to(out.logits.device).long()
-        scores = compute_score(score, out, **dict(score_options or {}))
-        closed.update(out.logits.argmax(1), target)
-        opened.update(predict_open_set(out.logits, scores, threshold), target)
+    for batch, out in model_outputs(open_set, dataset, desc=desc, window=None, **loop):
+        target = batch["target"].to(out.labels.device).long()
+        closed.update(out.closed_set, target)
+        opened.update(out.labels, target)
         num_images += target.shape[0]
     return closed, opened, num_images
 
@@ -207,6 +204,7 @@ def open_set_folds(
     amp: bool = False,
     progress: bool = True,
     benchmark: str = "",
+    window: SlidingWindow | str | None = "auto",
 ) -> dict[str, Any]:
     """Calibrate a threshold on one part, evaluate open-mIoU on another (or the same), per fold; average the folds.
 
@@ -227,6 +225,9 @@ def open_set_folds(
         class_names: the K class names, stored beside the per-class IoUs.
         device, batch_size, num_workers, amp, progress: loop settings.
         benchmark: name used in error messages.
+        window: sliding-window inference: ``"auto"`` (the model's released window: the Segmenter's 512x512
+            windows, stride 320, merged as probabilities, as the released COCO20 evaluation), a
+            :class:`~densehybrid.models.window.SlidingWindow` or None (whole image).
 
     Returns:
         A JSON-ready dict: ``folds`` (per fold: ``calibration``, ``evaluation``, ``threshold``,
@@ -257,7 +258,8 @@ def open_set_folds(
         raise ValueError(f"Expected folds over the parts {list(parts)}, but got {list(folds)}.")
     (score,) = check_scores([score], score_options)
     options = dict((score_options or {}).get(score, {}))
-    loop = _loop_kwargs(device, batch_size, num_workers, amp, progress)
+    window = resolve_window(model, window)
+    loop = {**_loop_kwargs(device, batch_size, num_workers, amp, progress), "window": window}
     thresholds: dict[str, float] = {}
     with dataset_worker_errors(), same_size_batches(batch_size, benchmark):
         for name in dict.fromkeys(calibration for calibration, _ in folds):
@@ -321,6 +323,7 @@ def open_set_folds(
         "calibration_rule": calibration_rule if tpr else None,
         "strict_tpr": calibration_rule == "above" if tpr else None,
         "calibration_scale": float(calibration_scale),
+        "window": describe_window(window),
         "nan_iou": nan_iou,
         "num_classes": num_classes,
         "class_names": list(class_names),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
+
+from densehybrid.errors import NonFiniteError
 
 
 class HybridOutput(NamedTuple):
@@ -44,3 +47,25 @@ def output_as_float32(output: NamedTuple) -> NamedTuple:
     return output._replace(
         **{k: v.float() for k, v in output._asdict().items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     )
+
+
+def check_finite_outputs(out: Any, batch: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`~densehybrid.errors.NonFiniteError` when a model output holds NaN or infinite values.
+
+    A model with damaged weights (a diverged training run) gives NaN everywhere; every score and metric downstream
+    would then fail with a misleading message or, worse, rank NaN silently.
+
+    Args:
+        out: a model output (``HybridOutput``, ``DistillationOutput``, ...); every tensor field is checked.
+        batch: the batch, whose ``name`` entries identify the frames in the message.
+    """
+    for name, tensor in out._asdict().items():
+        if not isinstance(tensor, torch.Tensor) or bool(torch.isfinite(tensor).all()):
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        names = list((batch or {}).get("name") or [])
+        frames = f" on frame(s) {', '.join(map(str, names[:3]))}" if names else ""
+        raise NonFiniteError(
+            f"Expected finite model outputs, but {bad} of {tensor.numel()} `{name}` values are NaN or infinite"
+            f"{frames}: the weights are probably damaged (e.g. saved from a diverged training run)."
+        )

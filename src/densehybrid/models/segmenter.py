@@ -22,11 +22,11 @@ Both outputs are upsampled bilinearly (``align_corners=False``) to the padded si
 ``output_size`` when that differs. The input is normalised with the ImageNet mean/std inside ``forward``, as the
 released COCO pipeline does.
 
-In eval mode ``forward`` runs the released evaluation's sliding window: images whose shorter side is below the window
-are resized up (bilinearly) so that it equals the window, 512×512 windows slide with stride 320 (the last window of
-each row and column is aligned to the border), the window outputs are averaged where windows overlap, and the result
-is resized back to the input (or ``output_size``). Set ``sliding_window=False`` (or call :meth:`forward_whole`) for
-one pass over the whole image.
+``forward`` returns logits in train and eval mode: one pass over the whole image (:meth:`forward_whole`). The
+released COCO20 evaluation runs the model over 512×512 sliding windows with stride 320 and softmaxes the merged
+outputs; that setting is recorded as ``model.inference_window`` and applied by inference
+(:class:`densehybrid.OpenSetModel`, the evaluation protocols and the commands with ``--window auto``), see
+:mod:`densehybrid.models.window`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torch import nn
 from densehybrid.errors import CheckpointError
 from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_images, resolve_output_size
 from densehybrid.models.output import HybridOutput
+from densehybrid.models.window import WINDOW_MERGES, SlidingWindow
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ ENCODERS = {
     "segmenter_vit_s16": ("vit_small_patch16_384", 6),
     "segmenter_vit_b16": ("vit_base_patch16_384", 16),
 }
-#: How eval-mode sliding-window outputs are merged (see :class:`Segmenter`).
-WINDOW_MERGES = ("softmax", "logits")
+#: The name earlier versions gave the released probability merge.
+_LEGACY_MERGES = {"softmax": "probabilities"}
 
 
 class SegmenterBlock(nn.Module):
@@ -192,19 +193,20 @@ class Segmenter(nn.Module):
         decoder_dropout: dropout in the decoder blocks.
         mean: input normalisation mean (ImageNet's, as released).
         std: input normalisation std.
-        sliding_window: run the released sliding-window evaluation in eval mode; False: one whole-image pass.
-        window_size: side of the square windows; images whose shorter side is below it are resized up to it.
+        sliding_window: record the released sliding window as ``inference_window`` (False: None, one whole-image
+            pass). ``forward`` never slides: inference applies it (:mod:`densehybrid.models.window`).
+        window_size: side of the square windows of ``inference_window``.
         window_stride: step between windows.
-        window_merge: ``"softmax"`` (released): average the window logits where windows overlap, resize to the
-            input, then apply the softmax over channels of each head, so both outputs are probabilities (the released
-            COCO evaluation then computes its score from these as if they were logits); ``"logits"``: average and
-            resize the logits, which stay logits.
+        window_merge: ``"probabilities"`` (released; ``"softmax"`` is accepted as its earlier name) or
+            ``"logits"``, see :class:`~densehybrid.models.window.SlidingWindow`.
 
     Attributes:
         num_classes: K.
         feature_channels: width of the encoder tokens the two decoders read.
         patch_size: 16.
         data_config: ``{"mean": [...], "std": [...]}`` applied inside ``forward``.
+        inference_window: the released :class:`~densehybrid.models.window.SlidingWindow` (512, stride 320,
+            probabilities), or None.
     """
 
     def __init__(
@@ -220,7 +222,7 @@ class Segmenter(nn.Module):
         sliding_window: bool = True,
         window_size: int = 512,
         window_stride: int = 320,
-        window_merge: str = "softmax",
+        window_merge: str = "probabilities",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -232,13 +234,11 @@ class Segmenter(nn.Module):
             raise ValueError(
                 f"Expected `window_stride` to be at most `window_size` ({window_size}), but got {window_stride}."
             )
+        window_merge = _LEGACY_MERGES.get(window_merge, window_merge)
         if window_merge not in WINDOW_MERGES:
             raise ValueError(f"Expected `window_merge` to be one of {WINDOW_MERGES}, but got {window_merge!r}.")
         self.num_classes = num_classes
-        self.sliding_window = bool(sliding_window)
-        self.window_size = window_size
-        self.window_stride = window_stride
-        self.window_merge = window_merge
+        self.inference_window = SlidingWindow(window_size, window_stride, window_merge) if sliding_window else None
         self.normalize = Normalize(mean, std)
         extra = {} if encoder_heads is None else {"num_heads": encoder_heads}
         self.encoder = timm.create_model(
@@ -307,18 +307,15 @@ class Segmenter(nn.Module):
         return self.decoder_th(features)
 
     def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
-        """Closed-set and dataset-posterior outputs: one whole-image pass, or the sliding window in eval mode.
+        """Closed-set and dataset-posterior logits from one whole-image pass, in train and eval mode.
 
         Args:
             images: (N, 3, H, W) float in [0, 1].
             output_size: (H_out, W_out) of both outputs; defaults to (H, W).
 
         Returns:
-            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out)
-            (probabilities in eval mode with ``window_merge="softmax"``).
+            :class:`HybridOutput` with ``logits`` (N, K, H_out, W_out) and ``ood_logits`` (N, 2, H_out, W_out).
         """
-        if self.sliding_window and not self.training:
-            return self.forward_sliding(images, output_size)
         return self.forward_whole(images, output_size)
 
     def forward_whole(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
@@ -337,53 +334,6 @@ class Segmenter(nn.Module):
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             outputs.append(x)
-        return HybridOutput(*outputs)
-
-    def forward_sliding(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> HybridOutput:
-        """The released evaluation's sliding window.
-
-        The image is resized (bilinearly) so that its shorter side is at least ``window_size`` (the longer side
-        scaled by the same ratio, truncated to an int), zero-padded on the bottom/right if a side is still shorter
-        than a window, and covered by ``window_size`` windows at offsets ``0, stride, 2 * stride, ...`` below
-        ``side - window_size`` plus one aligned with the far border. Each window goes through
-        :meth:`forward_whole`; the outputs are summed where windows overlap and divided by the number of windows
-        covering each pixel, cropped to the resized image, and resized bilinearly to the input size; with ``window_merge="softmax"`` each head is then turned into probabilities;
-        last, both are resized to ``output_size`` when that differs.
-        Shapes as in :meth:`forward`.
-        """
-        size = resolve_output_size(images, output_size)
-        h, w = int(images.shape[-2]), int(images.shape[-1])
-        ws, stride = self.window_size, self.window_stride
-        x = images
-        if min(h, w) < ws:
-            ratio = max(h, w) / min(h, w)
-            long_side = int(ratio * ws)
-            resized = (ws, long_side) if h < w else (long_side, ws)
-            x = F.interpolate(x, size=resized, mode="bilinear", align_corners=False)
-        rh, rw = int(x.shape[-2]), int(x.shape[-1])
-        x = F.pad(x, (0, max(ws - rw, 0), 0, max(ws - rh, 0)))
-        ph, pw = int(x.shape[-2]), int(x.shape[-1])
-        rows = [a for a in range(0, ph, stride) if a < ph - ws] + [ph - ws]
-        cols = [a for a in range(0, pw, stride) if a < pw - ws] + [pw - ws]
-        n = x.shape[0]
-        sums = [x.new_zeros(n, self.num_classes, ph, pw), x.new_zeros(n, 2, ph, pw)]
-        count = x.new_zeros(1, 1, ph, pw)
-        for top in rows:
-            for left in cols:
-                out = self.forward_whole(x[..., top : top + ws, left : left + ws])
-                for total, part in zip(sums, out):
-                    total[..., top : top + ws, left : left + ws] += part
-                count[..., top : top + ws, left : left + ws] += 1
-        outputs = []
-        for total in sums:
-            merged = (total / count)[..., :rh, :rw]
-            if (rh, rw) != (h, w):
-                merged = F.interpolate(merged, size=(h, w), mode="bilinear", align_corners=False)
-            if self.window_merge == "softmax":
-                merged = merged.softmax(1)
-            if (h, w) != size:
-                merged = F.interpolate(merged, size=size, mode="bilinear", align_corners=False)
-            outputs.append(merged)
         return HybridOutput(*outputs)
 
 
@@ -472,7 +422,8 @@ def segmenter_vit_b16(
         pretrained_backbone: local ImageNet ViT-B/16 weights (timm or JAX ``.npz``) for the encoder.
         image_size: size the position embeddings are laid out for.
         **kwargs: forwarded to :class:`Segmenter` (``drop_path_rate``, ``decoder_dropout``, ``mean``, ``std``,
-            ``sliding_window``, ``window_size``, ``window_stride``, ``window_merge``, ``encoder_heads``).
+            ``sliding_window``, ``window_size``, ``window_stride``, ``window_merge`` of the recorded
+            ``inference_window``, ``encoder_heads``).
     """
     return _segmenter("segmenter_vit_b16", num_classes, pretrained_backbone, image_size, **kwargs)
 
