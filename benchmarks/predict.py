@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densehybrid.export import ExportGraph, export_model, load_exported
+from densehybrid.export import export_model, load_exported
 from densehybrid.models import create_model
+from densehybrid.openset import OpenSetModel
 from densehybrid.predict import Predictor, predict_files
 
 DEMO_MODEL = "ladder_resnet18"
@@ -87,7 +88,7 @@ def onnx_vs_eager(model_name: str, num_classes: int, size: tuple[int, int], repe
     """Median latency of one (1, 3, H, W) image through the exported graph: ONNX Runtime vs eager PyTorch."""
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=num_classes).eval()
-    graph = ExportGraph(model, threshold=0.0).eval()
+    graph = OpenSetModel(model, threshold=0.0).eval()
     images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = export_model(model, Path(tmp) / "model.onnx", "onnx", threshold=0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -16,15 +17,15 @@ from densehybrid.cli import main
 from densehybrid.errors import DenseHybridError
 from densehybrid.export import (
     ExportGraph,
-    aspect_pool,
     check_parity,
     eager_reference,
     export_model,
     load_exported,
     require_onnx,
-    traceable_copy,
 )
 from densehybrid.models import create_model
+from densehybrid.models.hybrid import aspect_pool
+from densehybrid.openset import OpenSetModel
 from densehybrid.predict import CALIBRATION_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,9 +33,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize(("h", "w"), [(5, 9), (2, 3), (7, 4), (1, 1), (3, 13), (8, 8)])
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
-def test_aspect_pool_matches_adaptive_average_pooling(h, w, rows):
+def test_traced_aspect_pool_matches_adaptive_average_pooling_at_every_size(h, w, rows):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about the Python-level checks it freezes
+        traced = torch.jit.trace(lambda x: aspect_pool(x, rows), torch.randn(1, 3, 6, 10, dtype=torch.float64))
     x = torch.randn(2, 3, h, w, dtype=torch.float64)
     cols = max(1, round(rows * (w / h)))
+    torch.testing.assert_close(traced(x), F.adaptive_avg_pool2d(x, (rows, cols)))
     torch.testing.assert_close(aspect_pool(x, rows), F.adaptive_avg_pool2d(x, (rows, cols)))
 
 
@@ -84,7 +89,7 @@ def test_parity_check_detects_a_wrong_file(tmp_path):
     class Shifted(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.graph = ExportGraph(traceable_copy(model))
+            self.graph = ExportGraph(OpenSetModel(model))
 
         def forward(self, images):
             scores, labels = self.graph(images)

@@ -7,20 +7,20 @@ The exported graph maps RGB images (N, 3, H, W) float32 in [0, 1], with dynamic 
   threshold set to the unknown id K (the threshold is a constant of the graph; without one the labels are the
   closed-set argmax).
 
-The model's input normalisation is inside the graph. Both formats are traced (``torch.jit.trace``; ONNX through
-PyTorch's TorchScript-based exporter) from a copy of the model in which the aspect-ratio pyramid pooling of the
-ladder models and LDN-121 reads the feature-map size as a tensor instead of a Python number, so the pooling grid
-follows every input's aspect ratio as in eager PyTorch. :func:`check_parity` then compares the file with the eager
-model on random images of two sizes.
+The graph is :class:`~densehybrid.openset.OpenSetModel`, the inference object every command runs, traced: the
+model's input normalisation, the score and the open-set rule are inside it. Both formats are traced
+(``torch.jit.trace``; ONNX through PyTorch's TorchScript-based exporter). The models are traceable by construction:
+the aspect-ratio pyramid pooling of the ladder models and LDN-121 (:func:`densehybrid.models.hybrid.aspect_pool`)
+reads the feature-map size as a tensor while tracing, so the pooling grid follows every input's aspect ratio as in
+eager PyTorch. :func:`check_parity` then compares the file with the eager ``OpenSetModel`` on random images of two
+sizes.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,14 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from densehybrid.engine.evaluate import check_finite_outputs
 from densehybrid.engine.outputs import atomic_path
 from densehybrid.errors import DenseHybridError
-from densehybrid.models.output import HybridOutput, output_as_float32
-from densehybrid.scores import compute_score, get_score
+from densehybrid.openset import OpenSetModel
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -48,7 +45,6 @@ __all__ = [
     "load_exported",
     "onnxruntime_available",
     "require_onnx",
-    "traceable_copy",
 ]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -85,128 +81,32 @@ def require_onnx() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Aspect-ratio pyramid pooling with tensor sizes
-
-
-def _size(x: torch.Tensor, dim: int) -> torch.Tensor:
-    # an int in eager mode, a traced 0-dim tensor while tracing: as a tensor, arithmetic on it stays in the graph
-    return torch.as_tensor(x.shape[dim])
-
-
-def _pool_matrix(length: torch.Tensor, bins: torch.Tensor | int) -> torch.Tensor:
-    """(bins, length) averaging weights of ``adaptive_avg_pool`` along one axis.
-
-    Bin i covers ``[floor(i * n / m), ceil((i + 1) * n / m))`` as in PyTorch's adaptive pooling.
-    """
-    index = torch.arange(bins)
-    start = torch.div(index * length, bins, rounding_mode="floor")
-    stop = torch.div((index + 1) * length + bins - 1, bins, rounding_mode="floor")
-    position = torch.arange(length)
-    inside = (position[None, :] >= start[:, None]) & (position[None, :] < stop[:, None])
-    return inside.float() / (stop - start).float()[:, None]
-
-
-def aspect_pool(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``adaptive_avg_pool2d(x, (rows, max(1, round(rows * W / H))))`` with the sizes as tensors (traceable).
-
-    Python's ``round`` and ``torch.round`` both round halves to even, and the product is taken in float64 as in the
-    models, so the grid is the same.
-    """
-    h, w = _size(x, -2), _size(x, -1)
-    aspect = w.double() / h.double()
-    cols = torch.clamp(torch.round(aspect * rows), min=1).long()
-    pooled = torch.matmul(_pool_matrix(h, rows).to(x.dtype), x)
-    return torch.matmul(pooled, _pool_matrix(w, cols).to(x.dtype).transpose(0, 1))
-
-
-def _ladder_spp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = self.reduce(x)
-    size = x.shape[-2:]
-    pooled = [x]
-    for grid, level in zip(self.grids, self.levels):
-        pooled.append(F.interpolate(level(aspect_pool(x, grid)), size=size, mode="bilinear", align_corners=False))
-    return self.fuse(torch.cat(pooled, dim=1))
-
-
-def _ldn_spp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    size = x.shape[-2:]
-    x = self.spp.spp_bn(x)
-    levels = [x]
-    for i, rows in enumerate(self.grids):
-        level = getattr(self.spp, f"spp{i}")
-        levels.append(F.interpolate(level(aspect_pool(x, rows)), size=size, mode="bilinear", align_corners=False))
-    return self.spp.spp_fuse(torch.cat(levels, dim=1))
-
-
-def _traceable_forwards() -> dict[type, Callable[..., torch.Tensor]]:
-    from densehybrid.models import ladder, ldn
-
-    return {ladder.SpatialPyramidPooling: _ladder_spp_forward, ldn.SpatialPyramidPooling: _ldn_spp_forward}
-
-
-def traceable_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` in eval mode whose aspect-ratio pooling modules trace with dynamic sizes."""
-    model = copy.deepcopy(model).eval()
-    forwards = _traceable_forwards()
-    for module in model.modules():
-        forward = forwards.get(type(module))
-        if forward is not None:
-            module.forward = types.MethodType(forward, module)
-    return model
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The exported graph
 
 
 class ExportGraph(nn.Module):
-    """images (N, 3, H, W) in [0, 1] -> (scores (N, H, W) float32, labels (N, H, W) int64).
+    """The two outputs an exported file has, from :class:`~densehybrid.openset.OpenSetModel`:
+    images (N, 3, H, W) in [0, 1] -> (scores (N, H, W) float32, labels (N, H, W) int64).
 
     Args:
-        model: a DenseHybrid model (normalises its input itself).
-        score: registered score name.
-        threshold: ``scores > threshold`` becomes K; None leaves the closed-set argmax.
-        score_options: keyword options of the score.
+        open_set: the inference object (without a sliding window: its Python loop would be frozen into the graph).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        score: str = "densehybrid",
-        threshold: float | None = None,
-        score_options: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, open_set: OpenSetModel) -> None:
         super().__init__()
-        get_score(score)
-        self.model = model
-        self.score = score
-        self.threshold = None if threshold is None else float(threshold)
-        self.score_options = dict(score_options or {})
-        self.num_classes = int(model.num_classes)
-
-    def outputs(self, images: torch.Tensor) -> HybridOutput:
-        model = self.model
-        if not all(hasattr(model, name) for name in ("forward_features", "forward_head", "forward_ood_head")):
-            return model(images)
-        # resize unconditionally: the model's own forward skips an equal-size resize, which tracing would freeze
-        features = model.forward_features(images)
-        size = images.shape[-2:]
-        corners = bool(getattr(model, "align_corners", False))
-        logits = F.interpolate(model.forward_head(features), size=size, mode="bilinear", align_corners=corners)
-        ood = F.interpolate(model.forward_ood_head(features), size=size, mode="bilinear", align_corners=corners)
-        return HybridOutput(logits, ood)
+        if open_set.window is not None:
+            raise ValueError(
+                f"Expected an OpenSetModel without a sliding window for export, but it has {open_set.window.describe()}"
+                ": the exported graph runs the whole image."
+            )
+        self.open_set = open_set
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.outputs(images)
-        scores = compute_score(self.score, out, **self.score_options).float()
-        closed = out.logits.argmax(dim=1)
-        if self.threshold is None:
-            return scores, closed
-        unknown = torch.full_like(closed, self.num_classes)
-        return scores, torch.where(scores > self.threshold, unknown, closed)
+        result = self.open_set(images)
+        return result.scores, result.labels
 
 
-def _metadata(graph: ExportGraph, model: nn.Module, extra: Mapping[str, Any]) -> dict[str, str]:
+def _metadata(graph: OpenSetModel, model: nn.Module, extra: Mapping[str, Any]) -> dict[str, str]:
     data = {
         "producer": "densehybrid",
         "model": getattr(model, "model_name", type(model).__name__),
@@ -233,13 +133,13 @@ def export_model(
     example_size: tuple[int, int, int] = (1, 160, 288),
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the graph of :class:`ExportGraph` to ``path`` (atomically).
+    """Trace :class:`~densehybrid.openset.OpenSetModel` (through :class:`ExportGraph`) into ``path`` (atomically).
 
     Args:
         model: a DenseHybrid model.
         path: output file (``.onnx`` or ``.pt``/``.ts`` by convention).
         fmt: ``"onnx"`` or ``"torchscript"``.
-        score, threshold, score_options: see :class:`ExportGraph`.
+        score, threshold, score_options: see :class:`~densehybrid.openset.OpenSetModel`.
         opset: ONNX opset version.
         example_size: (N, H, W) of the tracing input (any size works; one whose feature maps differ in size from
             the pooling grids avoids shortcuts being frozen into the graph).
@@ -259,12 +159,15 @@ def export_model(
     if fmt == "onnx":
         require_onnx()
     path = Path(path)
-    graph = ExportGraph(traceable_copy(model), score, threshold, score_options).eval()
+    open_set = OpenSetModel(model, score, threshold, score_options)
+    graph = ExportGraph(open_set)
     n, h, w = example_size
     example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+    training = model.training
+    graph.eval()
     with torch.no_grad():
-        check_finite_outputs(graph.outputs(example))  # a model with damaged weights is refused before export
-    props = _metadata(graph, model, metadata or {})
+        open_set.model_outputs(example)  # a model with damaged weights (NaN outputs) is refused before export
+    props = _metadata(open_set, model, metadata or {})
     try:
         with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
             # tracing warns about every Python-level shape check it freezes; the parity check is what verifies
@@ -280,6 +183,8 @@ def export_model(
         name = getattr(model, "model_name", type(model).__name__)
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # tracer errors append whole graphs
         raise DenseHybridError(f"Cannot export {name} to {fmt} at {str(path)!r}: {detail}") from exc
+    finally:
+        model.train(training)
     return path
 
 
@@ -394,18 +299,13 @@ def eager_reference(
     threshold: float | None = None,
     score_options: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the exported graph should give, from the model's own forward: (scores, labels, top-2 logit gap)."""
-    model = model.eval()
-    out = model(images)
-    check_finite_outputs(out)
-    out = output_as_float32(out)
-    scores = compute_score(score, out, **dict(score_options or {}))
-    top2 = out.logits.topk(2, dim=1).values if out.logits.shape[1] > 1 else None
-    gap = (top2[:, 0] - top2[:, 1]) if top2 is not None else torch.full_like(scores, math.inf)
-    labels = out.logits.max(dim=1).indices
-    if threshold is not None:
-        labels[scores > threshold] = out.logits.shape[1]
-    return scores, labels, gap
+    """What the exported graph should give, from :class:`~densehybrid.openset.OpenSetModel` in eager mode:
+    (scores, labels, top-2 logit gap)."""
+    result = OpenSetModel(model.eval(), score, threshold, score_options)(images, return_outputs=True)
+    logits = result.outputs.logits
+    top2 = logits.topk(2, dim=1).values if logits.shape[1] > 1 else None
+    gap = (top2[:, 0] - top2[:, 1]) if top2 is not None else torch.full_like(result.scores, math.inf)
+    return result.scores, result.labels, gap
 
 
 def check_parity(

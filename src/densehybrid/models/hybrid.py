@@ -72,7 +72,7 @@ def resolve_output_size(images: torch.Tensor, output_size: Sequence[int] | None)
     """Validate ``images`` and return the (H, W) both outputs get: ``output_size`` or the input's own size."""
     check_images(images)
     if output_size is None:
-        return int(images.shape[-2]), int(images.shape[-1])
+        return tuple(images.shape[-2:])  # ints; while tracing, sizes that follow the input
     size = tuple(output_size)
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ValueError(f"Expected `output_size` to be two positive ints (H, W), but got {output_size!r}.")
@@ -80,10 +80,43 @@ def resolve_output_size(images: torch.Tensor, output_size: Sequence[int] | None)
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
-    """Bilinear resize of a dense map to ``size`` (no-op when it already has that size)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    """Bilinear resize of a dense map to ``size`` (no-op when it already has that size).
+
+    While tracing it always resizes (an identity at equal size): a skipped resize would be frozen into the graph.
+    """
+    if not torch.jit.is_tracing() and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def _pool_matrix(length: torch.Tensor, bins: torch.Tensor | int) -> torch.Tensor:
+    """(bins, length) averaging weights of ``adaptive_avg_pool`` along one axis.
+
+    Bin i covers ``[floor(i * n / m), ceil((i + 1) * n / m))`` as in PyTorch's adaptive pooling.
+    """
+    index = torch.arange(bins)
+    start = torch.div(index * length, bins, rounding_mode="floor")
+    stop = torch.div((index + 1) * length + bins - 1, bins, rounding_mode="floor")
+    position = torch.arange(length)
+    inside = (position[None, :] >= start[:, None]) & (position[None, :] < stop[:, None])
+    return inside.float() / (stop - start).float()[:, None]
+
+
+def aspect_pool(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, (rows, max(1, round(rows * W / H))))``: a pyramid level whose column count follows
+    the aspect ratio of the feature map (ladder models, LDN-121).
+
+    Traceable by construction: while tracing, the sizes are tensors and the pooling is two products with averaging
+    matrices, so an exported graph follows every input's aspect ratio. ``torch.round`` rounds halves to even as
+    Python's ``round`` does, and the ratio is taken in float64, so the grid is the same.
+    """
+    if not torch.jit.is_tracing():
+        h, w = x.shape[-2:]
+        return F.adaptive_avg_pool2d(x, (rows, max(1, round(rows * (w / h)))))
+    h, w = torch.as_tensor(x.shape[-2]), torch.as_tensor(x.shape[-1])
+    cols = torch.clamp(torch.round(w.double() / h.double() * rows), min=1).long()
+    pooled = torch.matmul(_pool_matrix(h, rows).to(x.dtype), x)
+    return torch.matmul(pooled, _pool_matrix(w, cols).to(x.dtype).transpose(0, 1))
 
 
 class HybridModel(nn.Module):

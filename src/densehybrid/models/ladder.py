@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from densehybrid.models.heads import BNReluConv
-from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, DenseHybrid, upsample
+from densehybrid.models.hybrid import IMAGENET_MEAN, IMAGENET_STD, DenseHybrid, aspect_pool, upsample
 
 
 class SpatialPyramidPooling(nn.Module):
@@ -34,11 +34,9 @@ class SpatialPyramidPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.reduce(x)
         size = x.shape[-2:]
-        aspect = size[1] / max(size[0], 1)
         pooled = [x]
         for grid, level in zip(self.grids, self.levels):
-            grid_size = (grid, max(1, round(grid * aspect)))
-            pooled.append(upsample(level(nn.functional.adaptive_avg_pool2d(x, grid_size)), size))
+            pooled.append(upsample(level(aspect_pool(x, grid)), size))
         return self.fuse(torch.cat(pooled, dim=1))
 
 

@@ -32,13 +32,12 @@ from contextlib import contextmanager, nullcontext
 from os import PathLike
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from densehybrid.errors import CheckpointError
 from densehybrid.models.heads import BNReluConv, DatasetPosteriorHead
-from densehybrid.models.hybrid import HybridModel, Normalize, check_images, upsample
+from densehybrid.models.hybrid import HybridModel, Normalize, aspect_pool, check_images, upsample
 
 logger = logging.getLogger(__name__)
 
@@ -237,12 +236,11 @@ class SpatialPyramidPooling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, h, w) -> (N, out_channels, h, w)."""
-        size = tuple(x.shape[-2:])
-        aspect = size[1] / size[0]
+        size = x.shape[-2:]
         x = _run(self.spp.spp_bn, self.spp.spp_bn, x, enabled=self.checkpointing)
         levels = [x]
         for i, rows in enumerate(self.grids):
-            pooled = F.adaptive_avg_pool2d(x, (rows, max(1, round(aspect * rows))))
+            pooled = aspect_pool(x, rows)  # traceable: exported graphs follow the input's aspect ratio
             level = getattr(self.spp, f"spp{i}")
             levels.append(upsample(_run(level, level, pooled, enabled=self.checkpointing), size))
         return _run(self.spp.spp_fuse, self.spp.spp_fuse, torch.cat(levels, dim=1), enabled=self.checkpointing)
