@@ -62,9 +62,10 @@ def test_export_reproduces_pytorch(tmp_path, name, kwargs, fmt):
     assert max(report.relative_error) <= 1e-4 and report.label_mismatches == [0, 0]
     # the dynamic shapes really are dynamic: a third size and aspect ratio, batch of three
     images = torch.rand(3, 3, 72, 200, generator=torch.Generator().manual_seed(2))
-    scores, labels = load_exported(path, fmt)(images.numpy())
+    scores, labels, closed = load_exported(path, fmt)(images.numpy())
     reference, expected, _ = eager_reference(model, images, threshold=threshold)
     assert scores.shape == (3, 72, 200) and labels.dtype == np.int64
+    assert ((closed == labels) | (labels == 5)).all() and (closed < 5).all()
     assert np.abs(scores - reference.numpy()).max() <= 1e-4 * np.abs(reference.numpy()).max()
     near = np.abs(reference.numpy() - threshold) <= 1e-4 * np.abs(reference.numpy()).max()
     assert ((labels == expected.numpy()) | near).all() and (labels == 5).any() and (labels < 5).any()
@@ -92,8 +93,8 @@ def test_parity_check_detects_a_wrong_file(tmp_path):
             self.graph = ExportGraph(OpenSetModel(model))
 
         def forward(self, images):
-            scores, labels = self.graph(images)
-            return scores * 1.01, labels
+            scores, labels, closed = self.graph(images)
+            return scores * 1.01, labels, closed
 
     with pytest.warns(Warning):
         torch.jit.save(torch.jit.trace(Shifted(), torch.rand(1, 3, 64, 96), check_trace=False), tmp_path / "bad.pt")
@@ -129,7 +130,7 @@ def test_cli_export_bakes_in_the_calibrated_threshold(tmp_path, capsys):
     props = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
     assert props["densehybrid.threshold"] == threshold and props["densehybrid.unknown_label"] == 4
     images = torch.rand(1, 3, 64, 64)
-    _, labels = load_exported(out, "onnx")(images.numpy())
+    _, labels, _ = load_exported(out, "onnx")(images.numpy())
     _, expected, _ = eager_reference(model, images, threshold=threshold)
     assert (labels == expected.numpy()).mean() > 0.99 and (labels == 4).any()
 
@@ -168,7 +169,7 @@ def test_cli_export_an_existing_out_needs_overwrite(small_checkpoint, tmp_path, 
         err = capsys.readouterr().err
         assert "--overwrite" in err and "Traceback" not in err and out.read_text() == "an earlier export"
     assert _export(small_checkpoint, out, "--no-parity", "--overwrite") == 0
-    scores, _ = load_exported(out, "torchscript")(np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32))
+    scores, *_ = load_exported(out, "torchscript")(np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32))
     assert scores.shape == (1, 32, 32) and not list(tmp_path.glob("*.tmp"))
     before = small_checkpoint.read_bytes()
     assert _export(small_checkpoint, small_checkpoint, "--overwrite") == 1  # the checkpoint never

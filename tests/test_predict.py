@@ -400,3 +400,39 @@ def test_predict_runs_a_dicnet_checkpoint_with_its_own_score(tmp_path, capsys):
     code = main(["predict", "--checkpoint", str(path), str(tmp_path / "photo.png"), "--out", str(tmp_path / "o")])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()[0])["input"].endswith("photo.png")
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("onnx", ".onnx"), ("torchscript", ".pt")])
+def test_predict_on_an_exported_graph_equals_predict_on_the_checkpoint(tmp_path, checkpoint, fmt, suffix, capsys):
+    from densehybrid.export import PARITY_TOLERANCE
+
+    path, model = checkpoint
+    threshold = float(np.median(Predictor(model, device="cpu").predict(_rgb(48, 64, 0)).scores))  # half unknown
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(48, 64), (40, 56)]):
+        Image.fromarray(_rgb(h, w, i)).save(folder / f"{i}.png")
+    graph = tmp_path / f"model{suffix}"
+    export = ["export", "--checkpoint", str(path), "--format", fmt, "--threshold", str(threshold), "--out", str(graph)]
+    assert main([*export, "--no-parity"]) == 0
+    common = [str(folder), "--save-raw", "--num-workers", "0", "--no-progress", "--display-range", "-5", "0"]
+    assert (
+        main(
+            ["predict", "--checkpoint", str(path), "--threshold", str(threshold), "--out", str(tmp_path / "a"), *common]
+        )
+        == 0
+    )
+    assert main(["predict", "--checkpoint", str(graph), "--out", str(tmp_path / "b"), *common]) == 0
+    printed = capsys.readouterr().out
+    assert ("ONNX Runtime" if fmt == "onnx" else "TorchScript") in printed and "exported file" in printed
+    for i in range(2):
+        eager = np.load(tmp_path / "a" / f"{i}_scores.npy")
+        exported = np.load(tmp_path / "b" / f"{i}_scores.npy")
+        assert np.abs(exported - eager).max() <= PARITY_TOLERANCE * np.abs(eager).max()
+        labels_a = np.asarray(Image.open(tmp_path / "a" / f"{i}_labels.png"))
+        labels_b = np.asarray(Image.open(tmp_path / "b" / f"{i}_labels.png"))
+        near = np.abs(eager - threshold) <= PARITY_TOLERANCE * np.abs(eager).max()
+        assert ((labels_a == labels_b) | near).all() and (labels_a == 4).any() and (labels_a < 4).any()
+    # the graph's threshold is baked in: another one is refused with the remedy
+    assert main(["predict", "--checkpoint", str(graph), "--threshold", "0", "--out", str(tmp_path / "c"), *common]) == 1
+    assert "Export again with --threshold" in capsys.readouterr().err

@@ -5,7 +5,11 @@ The exported graph maps RGB images (N, 3, H, W) float32 in [0, 1], with dynamic 
 * ``scores`` (N, H, W) float32, the anomaly score (higher = more anomalous), and
 * ``labels`` (N, H, W) int64, the open-set segmentation: the closed-set argmax, with pixels whose score exceeds the
   threshold set to the unknown id K (the threshold is a constant of the graph; without one the labels are the
-  closed-set argmax).
+  closed-set argmax), and
+* ``closed_set`` (N, H, W) int64, the closed-set argmax.
+
+:class:`ExportedModel` runs such a file like the eager ``OpenSetModel`` (``densehybrid predict --checkpoint
+model.onnx``), with the metadata stored in it.
 
 The graph is :class:`~densehybrid.openset.OpenSetModel`, the inference object every command runs, traced: the
 model's input normalisation, the score and the open-set rule are inside it. Both formats are traced
@@ -22,6 +26,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,22 +37,28 @@ import torch
 from torch import nn
 
 from densehybrid.engine.outputs import atomic_path
-from densehybrid.errors import DenseHybridError
-from densehybrid.openset import OpenSetModel
+from densehybrid.errors import CheckpointError, DenseHybridError
+from densehybrid.openset import OpenSetModel, OpenSetOutput
 
 __all__ = [
     "EXPORT_FORMATS",
+    "GRAPH_OUTPUTS",
     "PARITY_TOLERANCE",
     "ExportGraph",
+    "ExportedModel",
     "ParityReport",
     "check_parity",
     "export_model",
+    "exported_format",
     "load_exported",
     "onnxruntime_available",
+    "read_exported_metadata",
     "require_onnx",
 ]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
+#: The outputs of an exported graph, in order (files of earlier versions have the first two).
+GRAPH_OUTPUTS = ("scores", "labels", "closed_set")
 #: Largest allowed relative error of the exported scores (max |exported - eager| / max |eager|).
 PARITY_TOLERANCE = 1e-4
 #: (N, H, W) of the random images of the parity check: two sizes and aspect ratios, two batch sizes.
@@ -85,8 +96,8 @@ def require_onnx() -> None:
 
 
 class ExportGraph(nn.Module):
-    """The two outputs an exported file has, from :class:`~densehybrid.openset.OpenSetModel`:
-    images (N, 3, H, W) in [0, 1] -> (scores (N, H, W) float32, labels (N, H, W) int64).
+    """The outputs an exported file has, from :class:`~densehybrid.openset.OpenSetModel`: images (N, 3, H, W) in
+    [0, 1] -> (scores (N, H, W) float32, labels (N, H, W) int64, closed_set (N, H, W) int64).
 
     Args:
         open_set: the inference object (without a sliding window: its Python loop would be frozen into the graph).
@@ -101,9 +112,9 @@ class ExportGraph(nn.Module):
             )
         self.open_set = open_set
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         result = self.open_set(images)
-        return result.scores, result.labels
+        return result.scores, result.labels, result.closed_set
 
 
 def _metadata(graph: OpenSetModel, model: nn.Module, extra: Mapping[str, Any]) -> dict[str, str]:
@@ -115,7 +126,8 @@ def _metadata(graph: OpenSetModel, model: nn.Module, extra: Mapping[str, Any]) -
         "threshold": graph.threshold,
         "unknown_label": graph.num_classes,
         "input": "images (N, 3, H, W) float32 RGB in [0, 1]",
-        "outputs": "scores (N, H, W) float32, higher = more anomalous; labels (N, H, W) int64, unknown = num_classes",
+        "outputs": "scores (N, H, W) float32, higher = more anomalous; labels (N, H, W) int64, unknown = num_classes; "
+        "closed_set (N, H, W) int64",
         **extra,
     }
     return {key: json.dumps(value) for key, value in data.items()}
@@ -199,8 +211,8 @@ def _export_onnx(graph: nn.Module, example: torch.Tensor, path: str, opset: int,
         dynamo=False,
         opset_version=opset,
         input_names=["images"],
-        output_names=["scores", "labels"],
-        dynamic_axes={"images": {0: "N", 2: "H", 3: "W"}, "scores": axes, "labels": axes},
+        output_names=list(GRAPH_OUTPUTS),
+        dynamic_axes={"images": {0: "N", 2: "H", 3: "W"}, **{name: axes for name in GRAPH_OUTPUTS}},
     )
     proto = onnx.load(path)
     for key, value in props.items():
@@ -210,7 +222,8 @@ def _export_onnx(graph: nn.Module, example: torch.Tensor, path: str, opset: int,
 
 
 def load_exported(path: str | os.PathLike[str], fmt: str, threads: int | None = None) -> Callable[[np.ndarray], tuple]:
-    """A callable ``images (N, 3, H, W) float32 array -> (scores, labels)`` arrays running the exported file.
+    """A callable ``images (N, 3, H, W) float32 array -> (scores, labels, closed_set)`` arrays running the exported
+    file (files of earlier versions give ``(scores, labels)``).
 
     Args:
         path: the exported file.
@@ -231,13 +244,152 @@ def load_exported(path: str | os.PathLike[str], fmt: str, threads: int | None = 
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream but still supported
             module = torch.jit.load(str(path), map_location="cpu").eval()
 
-        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
             with torch.no_grad():
-                scores, labels = module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
-            return scores.numpy(), labels.numpy()
+                outputs = module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+            return tuple(output.numpy() for output in outputs)
 
         return run
     raise ValueError(f"Expected `fmt` to be one of {', '.join(EXPORT_FORMATS)}, but got {fmt!r}.")
+
+
+def exported_format(path: str | os.PathLike[str]) -> str | None:
+    """``"onnx"`` for a ``.onnx`` file, ``"torchscript"`` for a TorchScript archive, None for anything else (e.g. a
+    checkpoint)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    # torch.save archives hold data.pkl only; TorchScript archives hold the compiled code as well
+    return "torchscript" if any("/code/" in name or name.startswith("code/") for name in names) else None
+
+
+def read_exported_metadata(path: str | os.PathLike[str], fmt: str) -> dict[str, Any]:
+    """The metadata ``export_model`` stored in the file (ONNX ``metadata_props``, TorchScript ``densehybrid.json``),
+    decoded; empty for a file without any.
+
+    Raises:
+        CheckpointError: the file cannot be read or its metadata is not JSON.
+    """
+    try:
+        if fmt == "onnx":
+            require_onnx()
+            import onnx
+
+            proto = onnx.load(str(path), load_external_data=False)
+            raw = {p.key.removeprefix("densehybrid."): p.value for p in proto.metadata_props}
+        else:
+            files = {"densehybrid.json": ""}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+            raw = json.loads(files["densehybrid.json"] or "{}")
+        return {key: json.loads(value) for key, value in raw.items()}
+    except DenseHybridError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read the exported {fmt} file {str(path)!r}: {exc}") from exc
+
+
+class ExportedModel:
+    """An exported graph run like :class:`~densehybrid.openset.OpenSetModel`: images -> :class:`OpenSetOutput`.
+
+    ONNX files run in ONNX Runtime (CPU), TorchScript files in TorchScript; the score, threshold, K, class names,
+    palette and display range come from the file's metadata.
+
+    Args:
+        path: a file written by :func:`export_model`.
+        fmt: ``"onnx"`` or ``"torchscript"``; default from the file (:func:`exported_format`).
+        threads: intra-op threads of ONNX Runtime (default: its own choice).
+
+    Raises:
+        CheckpointError: not an exported file, or unreadable metadata.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fmt: str | None = None, threads: int | None = None) -> None:
+        self.path = Path(path)
+        fmt = fmt or exported_format(self.path)
+        if fmt not in EXPORT_FORMATS:
+            raise CheckpointError(
+                f"Expected an exported .onnx or TorchScript file at {str(path)!r}, but it is neither. Export one with "
+                "`densehybrid export`."
+            )
+        self.fmt = fmt
+        self.metadata = read_exported_metadata(self.path, fmt)
+        k = self.metadata.get("num_classes")
+        if self.metadata.get("producer") != "densehybrid" or not isinstance(k, int):
+            raise CheckpointError(
+                f"Expected the metadata of `densehybrid export` (producer, num_classes, score, threshold) in "
+                f"{str(path)!r}, but found {sorted(self.metadata) or 'none'}. Export it with `densehybrid export`."
+            )
+        self.num_classes = k
+        self.score = str(self.metadata.get("score", "densehybrid"))
+        self.threshold = self.metadata.get("threshold")
+        self.score_options: dict[str, Any] = {}
+        self.window = None
+        self.device = torch.device("cpu")
+        self._threads = threads
+        self._run: Callable[[np.ndarray], tuple] | None = None
+        self._module: Any = None
+
+    def describe(self) -> str:
+        runtime = "ONNX Runtime" if self.fmt == "onnx" else "TorchScript"
+        return f"{runtime} ({self.path.name})"
+
+    def check_settings(
+        self, score: str, threshold: float | None, score_options: Mapping[str, Any] | None, window: Any
+    ) -> None:
+        """Refuse settings that differ from the ones baked into the graph (they cannot change without a re-export)."""
+        if score != self.score:
+            raise ValueError(
+                f"Expected the score {self.score!r} of the exported file {str(self.path)!r}, but got {score!r}: the "
+                "score is part of the graph. Export again with --score."
+            )
+        if threshold != self.threshold:
+            raise ValueError(
+                f"Expected the threshold {self.threshold} of the exported file {str(self.path)!r}, but got "
+                f"{threshold}: the threshold is part of the graph. Export again with --threshold."
+            )
+        if score_options:
+            raise ValueError("Expected no score options for an exported graph: its score is part of the graph.")
+        if window not in (None, "auto"):
+            raise ValueError("Expected no sliding window for an exported graph: it runs the whole image (or tile).")
+
+    def place(self, device: str | torch.device) -> torch.device:
+        """Where the graph runs: ONNX Runtime on the CPU (``"auto"`` picks it), TorchScript on ``device``."""
+        from densehybrid.engine.runtime import select_device
+
+        if self.fmt == "onnx":
+            if str(device) not in ("auto", "cpu"):
+                raise ValueError(f"Expected device auto or cpu for an ONNX file (ONNX Runtime, CPU), but got {device}.")
+            self.device = torch.device("cpu")
+        else:
+            self.device = select_device(device)
+        return self.device
+
+    def __call__(self, images: torch.Tensor) -> OpenSetOutput:
+        """(N, 3, H, W) float images in [0, 1] -> :class:`OpenSetOutput` (scores, labels, closed set) on the device."""
+        if self.fmt == "torchscript":
+            if self._module is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self._module = torch.jit.load(str(self.path), map_location=self.device).eval()
+            with torch.no_grad():
+                outputs = tuple(self._module(images.float().to(self.device)))
+        else:
+            if self._run is None:
+                self._run = load_exported(self.path, "onnx", self._threads)
+            outputs = tuple(torch.from_numpy(o) for o in self._run(images.float().cpu().numpy()))
+        scores, labels = outputs[0].float(), outputs[1].long()
+        # files of earlier versions have no closed_set output: their labels are the closest there is
+        closed = outputs[2].long() if len(outputs) > 2 else labels
+        return OpenSetOutput(scores, labels, closed)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -332,7 +484,7 @@ def check_parity(
     for n, h, w in sizes:
         images = torch.rand(n, 3, h, w, generator=generator)
         scores, labels, gap = eager_reference(model, images, score, threshold, score_options)
-        exported_scores, exported_labels = run(images.numpy())
+        exported_scores, exported_labels = run(images.numpy())[:2]
         reference = scores.numpy()
         scale = max(float(np.abs(reference).max()), 1e-12)
         if exported_scores.shape != reference.shape or exported_labels.shape != reference.shape:

@@ -31,14 +31,17 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
-from densehybrid.errors import DenseHybridError
+from densehybrid.errors import DenseHybridError, NonFiniteError
+from densehybrid.openset import OpenSetModel
 
 #: Persistence names of the SMIYC toolkit datasets (where it looks for saved outputs).
 SMIYC_DATASETS = ("AnomalyTrack-all", "ObstacleTrack-all", "LostAndFound-test", "LostAndFound-train")
@@ -442,3 +445,46 @@ class SmiycWriter:
             "squash": None if self.squash is None else self.squash.params(),
             "float16_problem_frames": self.float16_problems,
         }
+
+
+def write_smiyc_maps(
+    open_set: OpenSetModel,
+    dataset: Any,
+    frames: Sequence[Any],
+    targets: Sequence[str],
+    writer: SmiycWriter,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "export",
+) -> None:
+    """Run the inference object on every frame and write its score map with ``writer`` (the loop of
+    ``densehybrid export-smiyc``).
+
+    Args:
+        open_set: the :class:`~densehybrid.openset.OpenSetModel` (its score; no threshold is needed).
+        dataset: a benchmark loader (``load_image(frame) -> (3, H, W)`` in [0, 1]).
+        frames: the frames to export, in order.
+        targets: the SMIYC dataset folder of each frame.
+        writer: the :class:`SmiycWriter` of the export.
+        device: where the model runs.
+        progress: show a progress bar on stderr.
+        desc: its label.
+
+    Raises:
+        NonFiniteError: the model gives NaN or infinite outputs (the frame is named).
+    """
+    import sys
+
+    from tqdm import tqdm
+
+    open_set.to(device).eval()
+    with torch.inference_mode():
+        for index in tqdm(range(len(frames)), desc=desc, unit="frame", file=sys.stderr, disable=not progress):
+            frame = frames[index]
+            image = dataset.load_image(frame).unsqueeze(0).to(device)
+            try:
+                scores = open_set(image).scores[0]
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc} (frame {frame.name})") from exc
+            writer.write(frame.name, scores, dataset=targets[index])

@@ -9,6 +9,7 @@ from densehybrid.cli._common import (
     add_model_arguments,
     add_overwrite_argument,
     check_sml_arguments,
+    load_model,
     load_score_options,
     naming_checkpoint,
     positive_float,
@@ -78,10 +79,8 @@ def run(args: argparse.Namespace) -> int:
     )
     score_options = {}
     if args.sml_statistics is not None:
-        from densehybrid.predict import load_checkpoint_model
-
-        _, metadata = load_checkpoint_model(args.checkpoint, args.model, args.num_classes)
-        score_options = load_score_options([args.score], args.sml_statistics, metadata["num_classes"])["sml"]
+        _, info = load_model(args.checkpoint, args.model, args.num_classes)
+        score_options = load_score_options([args.score], args.sml_statistics, info["num_classes"])["sml"]
 
     def announce(result: dict) -> None:
         rule = f"TPR > {result['target_tpr']}" if result["method"] == "tpr" else "best F1"

@@ -50,12 +50,26 @@ def run(args: argparse.Namespace) -> int:
         score=args.score,
         threshold=args.threshold,
     )
+    if predictor.model is None:
+        raise ValueError(
+            f"Expected a checkpoint for --checkpoint, but {args.checkpoint!r} is already an exported graph "
+            f"({predictor.inference})."
+        )
     model, score, threshold = predictor.model, predictor.score, predictor.threshold
-    extra = {"class_names": predictor.class_names, "palette": predictor.palette.tolist()}
+    extra = {
+        "class_names": predictor.class_names,
+        "palette": predictor.palette.tolist(),
+        "display_range": list(predictor.display_range) if predictor.display_range is not None else None,
+    }
     with naming_checkpoint(args.checkpoint):
         path = export_model(model, out, args.format, score=score, threshold=threshold, opset=args.opset, metadata=extra)
     where = f"threshold {threshold:.6g} ({predictor.threshold_source})" if threshold is not None else "no threshold"
     print(f"exported {getattr(model, 'model_name', 'model')} ({args.format}, score {score}, {where}) to {path}")
+    if predictor.window is not None:
+        print(
+            f"note: the graph runs the whole image; this model's released inference uses {predictor.window.describe()}"
+            " (densehybrid predict/evaluate with --window auto)"
+        )
     if args.no_parity:
         return 0
     with naming_checkpoint(args.checkpoint):

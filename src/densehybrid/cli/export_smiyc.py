@@ -31,6 +31,7 @@ _TOOLKIT_SPLITS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from densehybrid.cli._common import (
         add_overwrite_argument,
+        add_window_argument,
         device_option,
         finite_float,
         non_negative_int,
@@ -76,20 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compression-level", type=non_negative_int, default=9, help="gzip level 0..9")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="loader option, repeatable")
+    add_window_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
     from densehybrid.cli._common import load_model, naming_checkpoint
     from densehybrid.data.datasets import get_benchmark, parse_dataset_options
-    from densehybrid.engine.evaluate import check_finite_outputs
     from densehybrid.engine.outputs import check_output_dir, remove_stale_temporaries, staging_dir, swap_in
     from densehybrid.engine.runtime import select_device
-    from densehybrid.models.output import output_fields
-    from densehybrid.scores import check_score_inputs, compute_score, score_info
-    from densehybrid.smiyc_export import SMIYC_DATASETS, SmiycWriter, Squash, anomaly_map_path
+    from densehybrid.models.window import describe_window
+    from densehybrid.openset import OpenSetModel
+    from densehybrid.scores import score_info
+    from densehybrid.smiyc_export import SMIYC_DATASETS, SmiycWriter, Squash, anomaly_map_path, write_smiyc_maps
 
     spec = get_benchmark(args.benchmark)
     split = args.split or spec.export_split or spec.split
@@ -127,22 +126,19 @@ def run(args: argparse.Namespace) -> int:
 
     device = select_device(args.device)
     model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
-    model.to(device).eval()
-    check_score_inputs([info.name], output_fields(model), f"checkpoint {str(args.checkpoint)!r}")
+    try:
+        open_set = OpenSetModel(model, info.name, window=args.window)
+    except ValueError as exc:
+        raise ValueError(f"Checkpoint {str(args.checkpoint)!r}: {exc}") from exc
+    print(f"inference: {describe_window(open_set.window)}", file=sys.stderr)
     squash = None if args.squash == "none" else Squash(args.squash, args.squash_center, args.squash_scale)
     staged = staging_dir(method_dir)
     try:
         writer = SmiycWriter(
             staged, args.method, squash=squash, compression_level=args.compression_level, check_float16=True
         )
-        with torch.inference_mode(), naming_checkpoint(args.checkpoint):
-            for index in tqdm(range(len(frames)), desc=f"export {spec.name}", unit="frame", file=sys.stderr):
-                frame = frames[index]
-                image = dataset.load_image(frame).unsqueeze(0).to(device)
-                output = model(image, output_size=tuple(image.shape[-2:]))
-                check_finite_outputs(output, {"name": [frame.name]})
-                scores = compute_score(info.name, output)[0]
-                writer.write(frame.name, scores, dataset=targets[index])
+        with naming_checkpoint(args.checkpoint):
+            write_smiyc_maps(open_set, dataset, frames, targets, writer, device=device, desc=f"export {spec.name}")
         summary = writer.summary()
         for folder in folders:
             swap_in(staged / "anomaly_p" / args.method / folder.name, folder)

@@ -8,6 +8,7 @@ import sys
 from densehybrid.cli._common import (
     add_model_arguments,
     add_overwrite_argument,
+    add_window_argument,
     load_score_options,
     naming_checkpoint,
     non_negative_int,
@@ -17,7 +18,9 @@ from densehybrid.cli._common import (
 
 HELP = "predict your own images: anomaly heatmap, open-set segmentation and overlay per image"
 DESCRIPTION = (
-    "Run a checkpoint on image files, folders (recursive) or glob patterns. For each image it writes, under OUT and "
+    "Run a checkpoint, or a graph written by `densehybrid export` (--checkpoint model.onnx runs ONNX Runtime, a "
+    "TorchScript model.pt runs TorchScript, with the score, threshold, classes and palette the file records), on "
+    "image files, folders (recursive) or glob patterns. For each image it writes, under OUT and "
     "the input's relative path, NAME_heatmap.png (the anomaly score on one colour scale for the whole run: the "
     "checkpoint's calibrated range, else --display-range, else the 1st-99th percentiles of the first image), "
     "NAME_segmentation.png (known classes in colour, unknown pixels in cyan) and NAME_overlay.png; with --save-raw "
@@ -69,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=non_negative_int, default=2, help="processes decoding images")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_window_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         tile_overlap=args.tile_overlap,
         input_scale=args.input_scale,
         amp=args.amp,
+        window=args.window,
         **options,
     )
     predictor.score_options = load_score_options([predictor.score], args.sml_statistics, predictor.num_classes).get(
