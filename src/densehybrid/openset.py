@@ -150,7 +150,11 @@ class OpenSetModel(nn.Module):
         return OpenSetOutput
 
     def model_outputs(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> Any:
-        """The model's output tuple in float32 (through the sliding window when one is set), checked for NaN."""
+        """The model's output tuple in float32 (through the sliding window when one is set), checked for NaN.
+
+        Raises:
+            NonFiniteError: NaN or infinite outputs (damaged weights, e.g. from a diverged training run).
+        """
         if self.window is not None:
             out = sliding_window_outputs(self.model, images, self.window, output_size)
         else:
@@ -171,6 +175,9 @@ class OpenSetModel(nn.Module):
 
         Returns:
             :class:`OpenSetOutput`, maps (N, H_out, W_out).
+
+        Raises:
+            NonFiniteError: NaN or infinite model outputs.
         """
         out = self.model_outputs(images, output_size)
         scores = compute_score(self.score, out, **self.score_options).float()
