@@ -609,7 +609,10 @@ def dicnet(
         )
     t, s = _as_compute_dtype(teacher_features), _as_compute_dtype(student_features).to(teacher_features.device)
     discrepancy = (t - s).pow(2).mean(dim=1, keepdim=True)
-    if size is not None:
+    if size is not None and torch.jit.is_tracing():
+        # sizes are traced tensors: always resize (an identity at equal size), so the graph follows the input
+        discrepancy = F.interpolate(discrepancy, size=tuple(size), mode="bilinear", align_corners=True)
+    elif size is not None:
         size = tuple(int(v) for v in size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"Expected `size` to be two positive ints (H, W), but got {size!r}.")

@@ -271,7 +271,7 @@ class Segmenter(nn.Module):
         pos = self.encoder.pos_embed
         prefix = self.encoder.num_prefix_tokens
         old = tuple(self.encoder.patch_embed.grid_size)
-        if tuple(grid) == old:
+        if not torch.jit.is_tracing() and tuple(grid) == old:  # while tracing, always resize (traced grid sizes)
             return pos
         table = pos[:, prefix:].reshape(1, *old, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=grid, mode="bilinear", align_corners=False)
@@ -325,13 +325,13 @@ class Segmenter(nn.Module):
         ``output_size`` when that differs. Shapes as in :meth:`forward`.
         """
         size = resolve_output_size(images, output_size)
-        h, w = int(images.shape[-2]), int(images.shape[-1])
+        h, w = images.shape[-2], images.shape[-1]  # no int(): traced sizes keep an exported graph dynamic
         features = self.forward_features(images)
         padded = (features.shape[-2] * self.patch_size, features.shape[-1] * self.patch_size)
         outputs = []
         for x in (self.forward_head(features), self.forward_ood_head(features)):
             x = F.interpolate(x, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
-            if tuple(x.shape[-2:]) != size:
+            if torch.jit.is_tracing() or tuple(x.shape[-2:]) != tuple(size):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             outputs.append(x)
         return HybridOutput(*outputs)
