@@ -205,3 +205,30 @@ def test_errors_are_one_line_and_name_the_problem(tmp_path, checkpoints, capsys)
     assert _run("streethazards", root, path, out) == 1
     assert "calibration part 't5'" in _error(capsys)
     assert not out.exists()
+
+
+def test_coco_released_protocol_runs_the_segmenter_in_its_released_sliding_window(tmp_path):
+    """The released COCO20 evaluation slides windows over the Segmenter and scores the merged probabilities; the
+    model's forward gives logits, and the protocol's inference object applies the window (here 32, stride 20)."""
+    from densehybrid.evaluation import coco_open_set
+    from densehybrid.models.window import SlidingWindow, sliding_window_outputs
+
+    root = make_fake_coco(tmp_path / "coco", n=3)
+    torch.manual_seed(0)
+    model = create_model("segmenter_vit_ti16", num_classes=20, image_size=32, window_size=32, window_stride=20).eval()
+    assert model.inference_window == SlidingWindow(32, 20, "probabilities")
+    result = coco_open_set(root, model, target_tpr=0.9, device="cpu", num_workers=0, progress=False)
+    assert result["window"] == "32x32 windows, stride 20, merged as probabilities"
+
+    class Released(torch.nn.Module):  # what the released script computes: window, softmax, then the score
+        def forward(self, images, output_size=None):
+            return sliding_window_outputs(model, images, model.inference_window, output_size)
+
+    frames = list(_frames(Released(), COCOOpenSet(root)))
+    (fold,) = result["folds"]
+    assert fold["threshold"] == pytest.approx(_released_threshold(frames, 20, 1.0, 0.9, at_least=True), abs=1e-5)
+    opened, closed = _confusions(frames, 20, fold["threshold"])
+    assert result["open_miou"] == pytest.approx(np.mean(np.nan_to_num(_iou(opened)[:20])))
+    assert result["closed_miou"] == pytest.approx(np.nanmean(_iou(closed)))
+    whole = coco_open_set(root, model, target_tpr=0.9, device="cpu", num_workers=0, progress=False, window=None)
+    assert whole["window"] == "whole image (no sliding window)" and whole["folds"][0]["threshold"] != fold["threshold"]
