@@ -436,3 +436,19 @@ def test_predict_on_an_exported_graph_equals_predict_on_the_checkpoint(tmp_path,
     # the graph's threshold is baked in: another one is refused with the remedy
     assert main(["predict", "--checkpoint", str(graph), "--threshold", "0", "--out", str(tmp_path / "c"), *common]) == 1
     assert "Export again with --threshold" in capsys.readouterr().err
+
+
+def test_read_ahead_keeps_order_passes_errors_on_and_stops_early():
+    from densehybrid.predict.run import _read_ahead
+
+    assert list(_read_ahead(iter(range(7)))) == list(range(7))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(_read_ahead(failing()))
+    reader = _read_ahead(iter(range(100)), depth=2)
+    assert next(reader) == 0
+    reader.close()  # the reader thread is blocked on a full buffer: closing must not hang

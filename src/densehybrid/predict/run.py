@@ -162,20 +162,23 @@ def _read_ahead(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     done = object()
     stop = threading.Event()
 
+    def put(item: Any) -> bool:
+        while not stop.is_set():  # never blocks for good: the consumer may have stopped early
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def read() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            buffer.put(done)
+            put(done)
         except BaseException as exc:  # handed to the consumer, which raises it
-            buffer.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=read, name="densehybrid-predict-reader", daemon=True)
     thread.start()
