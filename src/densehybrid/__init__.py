@@ -10,7 +10,8 @@ Main entry points (imported on first use, so ``import densehybrid`` stays light)
 
 * models: :func:`create_model`, :func:`list_models`;
 * scores and open-set decisions: :func:`compute_score`, :func:`list_scores`, :func:`calibrate_threshold`,
-  :func:`predict_open_set`;
+  :func:`predict_open_set`, and :class:`OpenSetModel` (model + score + threshold + sliding window: the one inference
+  object behind predict, export, calibrate, evaluate-open-set and export-smiyc);
 * training: :class:`DenseHybridLoss`, :func:`load_recipe` (the recipes behind ``densehybrid train``);
 * evaluation: :func:`evaluate_benchmark` (``densehybrid evaluate``), :func:`get_benchmark`, :class:`FolderDataset`
   (a user's own tree, the ``folder`` benchmark), :func:`diagnose` (``densehybrid doctor``);
