@@ -41,7 +41,7 @@ def _no_model_work(monkeypatch):
         raise AssertionError("the checkpoint was read before the output was checked")
 
     monkeypatch.setattr(densehybrid.models.checkpoint, "read_checkpoint_file", refuse)
-    monkeypatch.setattr(densehybrid.calibrate, "read_checkpoint_file", refuse)
+    monkeypatch.setattr(densehybrid.calibrate, "read_checkpoint", refuse)
 
 
 def _digest(path) -> str:

@@ -169,7 +169,7 @@ def test_4_orphan_checkpoint_temporaries_are_removed(tiny_set, tmp_path):
         tiny_model(),
         tiny_set,
         ClosedSetObjective(),
-        TrainConfig(epochs=1, max_steps=1, device="cpu", progress=False),
+        TrainConfig(epochs=1, max_steps=1, device="cpu", progress=False, num_workers=0),
         out_dir=tmp_path,
     )
     assert not orphan.exists() and (tmp_path / "last.pt").exists()
@@ -246,7 +246,7 @@ def test_7_swap_in_keeps_the_old_result_until_the_new_one_is_complete(tmp_path):
 
 # -- 8. per-epoch averages of the history are right after a resume --------------------------------------------------
 def test_8_history_averages_are_identical_after_a_resume(tiny_set, tmp_path):
-    fast = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3)
+    fast = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3, num_workers=0)
     reference = fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, **fast))
     fit(
         tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=1, max_steps=2, **fast), out_dir=tmp_path / "b"
@@ -465,7 +465,7 @@ def test_12_nan_output_error_names_the_checkpoint(fs_laf, tmp_path, capsys):
 
 
 def test_12_truncated_last_pt_mentions_no_resume(tiny_set, tmp_path):
-    config = TrainConfig(epochs=1, max_steps=1, device="cpu", progress=False)
+    config = TrainConfig(epochs=1, max_steps=1, device="cpu", progress=False, num_workers=0)
     fit(tiny_model(), tiny_set, ClosedSetObjective(), config, out_dir=tmp_path)
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:200])
@@ -474,7 +474,7 @@ def test_12_truncated_last_pt_mentions_no_resume(tiny_set, tmp_path):
             tiny_model(),
             tiny_set,
             ClosedSetObjective(),
-            TrainConfig(epochs=1, device="cpu", progress=False),
+            TrainConfig(epochs=1, device="cpu", progress=False, num_workers=0),
             out_dir=tmp_path,
             resume=True,
         )

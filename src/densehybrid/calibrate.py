@@ -26,15 +26,20 @@ from torch.utils.data import Dataset, Subset
 
 from densehybrid.engine.evaluate import model_outputs
 from densehybrid.engine.outputs import check_output_file
-from densehybrid.engine.runtime import atomic_torch_save
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
-from densehybrid.models.checkpoint import model_from_checkpoint, read_checkpoint_file, split_checkpoint
+from densehybrid.models.checkpoint import (
+    Checkpoint,
+    checkpoint_dict,
+    model_from_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from densehybrid.models.window import SlidingWindow, describe_window
 from densehybrid.openset import CALIBRATION_METHODS, OpenSetModel, calibrate_threshold
-from densehybrid.predict import CALIBRATION_KEY, Calibration
+from densehybrid.predict import Calibration
 from densehybrid.scores import get_score
 
-__all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_path"]
+__all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_checkpoint", "calibrated_path"]
 
 #: The name of the demo's generated benchmark.
 ROADSCENE = "roadscene"
@@ -183,8 +188,8 @@ def calibrate_checkpoint(
     dataset, split, target_kind, benchmark_k, class_names, palette = _open_data(
         benchmark, root, split, dataset_options, limit, input_scale
     )
-    raw = read_checkpoint_file(checkpoint)
-    net, metadata = model_from_checkpoint(raw, checkpoint, model, num_classes, benchmark_k)
+    info = read_checkpoint(checkpoint)
+    net, metadata = model_from_checkpoint(info, checkpoint, model, num_classes, benchmark_k)
     k = int(metadata["num_classes"])
     if target_kind == "semantic" and benchmark_k is not None and k != benchmark_k:
         raise ValueError(
@@ -266,20 +271,28 @@ def calibrate_checkpoint(
     }
     if report is not None:
         report(result)
-    atomic_torch_save(_with_calibration(raw, metadata, calibration), out_path)
+    write_checkpoint(calibrated_checkpoint(info, metadata, calibration), out_path)
     return result
 
 
-def _with_calibration(raw: Any, metadata: Mapping[str, Any], calibration: Calibration) -> dict[str, Any]:
-    """The checkpoint object with the calibration added (and the architecture recorded, so no flags are needed)."""
-    state, _ = split_checkpoint(raw)
-    if isinstance(raw, Mapping) and not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        stored = dict(raw)
-    else:
-        stored = {"model": state}
-    stored.setdefault("model_name", metadata["model_name"])
-    if not isinstance(stored.get("model_kwargs"), Mapping):
-        stored["model_kwargs"] = {"num_classes": metadata["num_classes"]}
-    stored.setdefault("num_classes", metadata["num_classes"])
-    stored[CALIBRATION_KEY] = calibration.to_dict()
-    return stored
+def calibrated_checkpoint(info: Checkpoint, metadata: Mapping[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """The checkpoint with the calibration added, in the one format: the architecture and K are recorded (so no
+    flags are needed later) and the classes are the checkpoint's, else those of the calibration data."""
+    k = int(metadata["num_classes"])
+    kwargs = info.model_kwargs if info.model_name == metadata["model_name"] and info.model_kwargs else {}
+    return checkpoint_dict(
+        info.state_dict,
+        model_name=metadata["model_name"],
+        model_kwargs={**kwargs, "num_classes": k},
+        num_classes=k,
+        architecture=info.architecture,
+        class_names=info.class_names or calibration.class_names,
+        palette=info.palette or calibration.palette,
+        ignore_index=info.ignore_index,
+        normalization=info.normalization,
+        method=info.method,
+        recipe=info.recipe,
+        calibration=calibration.to_dict(),
+        training=info.training or None,
+        metadata=info.metadata,
+    )

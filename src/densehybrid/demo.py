@@ -373,6 +373,7 @@ def _train_config(config: DemoConfig, epochs: int, lr: float, seed_offset: int) 
         device=config.device,
         progress=config.progress,
         checkpoint_every=25,
+        num_workers=0,  # the generated scenes are in memory
     )
 
 

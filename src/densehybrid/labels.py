@@ -12,11 +12,19 @@ Dataset loaders convert their on-disk encoding to these once; nothing downstream
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 INLIER = 0
 ANOMALY = 1
 IGNORE_INDEX = 255
+
+#: Cityscapes train-id colours: the first colours of the default palette (no cyan, the unknown colour).
+CITYSCAPES_COLOURS = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
 
 
 def anomaly_target(target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -34,3 +42,14 @@ def anomaly_target(target: torch.Tensor, num_classes: int, ignore_index: int = I
     out[target == num_classes] = ANOMALY
     out[target == ignore_index] = IGNORE_INDEX
     return out
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 class colours: the Cityscapes colours first, then seeded random colours away from cyan."""
+    colours = list(CITYSCAPES_COLOURS[:num_classes])
+    rng = np.random.default_rng(0)
+    while len(colours) < num_classes:
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if abs(colour[0] - 0) + abs(colour[1] - 255) + abs(colour[2] - 255) > 120:  # keep clear of the unknown cyan
+            colours.append(colour)
+    return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)

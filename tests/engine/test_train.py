@@ -8,7 +8,7 @@ from densehybrid.engine.train import cosine_lr
 from densehybrid.errors import CheckpointError
 from tests.helpers import tiny_model
 
-FAST = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3)
+FAST = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3, num_workers=0)
 
 
 def test_closed_set_training_lowers_the_loss(tiny_set):

@@ -11,7 +11,7 @@ from densehybrid.engine.distributed import ShardedBatchSampler
 from densehybrid.engine.train import build_optimizer, epoch_lr
 from tests.helpers import tiny_model
 
-FAST = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3)
+FAST = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3, num_workers=0)
 
 
 def test_schedules_follow_their_formulas():

@@ -48,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "predict": "predict",
     "calibrate": "calibrate",
     "export": "export",
+    "info": "info",
     "doctor": "doctor",
     "models": "models",
     "scores": "scores",

@@ -300,7 +300,6 @@ def load_score_options(
         ValueError: ``sml`` without a statistics file, a file given without ``sml``, or statistics for another K.
         DenseHybridError: the statistics file is missing or unreadable.
     """
-    import torch
 
     from densehybrid.scores import SMLStatistics
 
@@ -310,12 +309,12 @@ def load_score_options(
     path = Path(sml_statistics)
     if not path.is_file():
         raise DenseHybridError(f"Expected `--sml-statistics` {str(path)!r} to be an existing file, but it is missing.")
+    from densehybrid.models.checkpoint import read_checkpoint_file
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises pickle, zip and runtime errors for a damaged file
-        raise DenseHybridError(
-            f"Cannot read SML statistics {str(path)!r} (truncated or not a torch file?): {exc}"
-        ) from exc
+        state = read_checkpoint_file(path)
+    except DenseHybridError as exc:  # a damaged file
+        raise DenseHybridError(f"Cannot read SML statistics {str(path)!r}: {exc}") from exc
     if isinstance(state, Mapping) and "sml_statistics" in state:
         state = state["sml_statistics"]
     try:

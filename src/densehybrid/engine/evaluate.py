@@ -54,7 +54,7 @@ def model_outputs(
     device: str | torch.device = "auto",
     batch_size: int = 4,
     num_workers: int = 0,
-    amp: bool = True,
+    amp: bool = False,
     progress: bool = True,
     desc: str = "evaluate",
     window: SlidingWindow | str | None = "auto",
@@ -103,7 +103,7 @@ def evaluate(
     batch_size: int = 4,
     num_workers: int = 0,
     progress: bool = True,
-    amp: bool = True,
+    amp: bool = False,
     window: SlidingWindow | str | None = "auto",
 ) -> EvaluationResult:
     """Anomaly metrics for every score (and segmentation metrics for semantic targets) in one pass.

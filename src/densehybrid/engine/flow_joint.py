@@ -38,6 +38,7 @@ from densehybrid.engine.runtime import atomic_torch_save, select_device
 from densehybrid.flows.checkpoint import load_flow_state
 from densehybrid.flows.negatives import FlowNegatives, MixedNegatives, to_8bit
 from densehybrid.losses import densehybrid_loss
+from densehybrid.models.checkpoint import read_checkpoint_file
 
 __all__ = [
     "FLOW_LR_DECAY",
@@ -380,7 +381,7 @@ def pretrain_flow(
     steps = steps_per_epoch or max(1, len(dataset) // batch_size)
     epoch, history = 0, []
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        state = read_checkpoint_file(checkpoint_path, map_location=device)
         load_flow_state(flow, state)
         optimizer.load_state_dict(state["optimizer"])
         epoch, history = int(state["epoch"]), list(state["history"])

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,32 @@ from tqdm.auto import tqdm
 from densehybrid.engine import distributed
 from densehybrid.engine.batches import ResumableSampler, collate, unpack_sample
 from densehybrid.engine.outputs import atomic_path, remove_stale_temporaries
-from densehybrid.engine.runtime import atomic_torch_save, rng_state, select_device, set_rng_state
+from densehybrid.engine.runtime import rng_state, select_device, set_rng_state
 from densehybrid.errors import CheckpointError
 from densehybrid.labels import IGNORE_INDEX
+from densehybrid.models.checkpoint import checkpoint_dict, write_checkpoint
 from densehybrid.models.output import HybridOutput
+from densehybrid.recipes.schema import COMMON
 
-CHECKPOINT_FORMAT = "densehybrid-checkpoint"
-CHECKPOINT_VERSION = 1
-OPTIMIZERS = ("adam", "sgd", "adamax")
-SCHEDULES = ("cosine", "constant", "poly")
+OPTIMIZERS = COMMON["optim"]["optimizer"].choices
+SCHEDULES = COMMON["optim"]["schedule"].choices
+
+
+def _recipe_key(dotted: str) -> Any:
+    """A :class:`TrainConfig` field whose default is the recipe schema's default of ``dotted`` (one source)."""
+    section, key = dotted.split(".")
+    default = COMMON[section][key].default
+    return field(default=tuple(default) if isinstance(default, list) else default, metadata={"recipe_key": dotted})
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of one run (the released recipes are presets of these; see docs/training.md).
+    """Optimisation settings of one run, derived from the recipe schema (see docs/training.md).
+
+    Every field that a recipe sets takes its default from :data:`densehybrid.recipes.schema.COMMON` (the field's
+    ``metadata["recipe_key"]`` names the key) and :meth:`from_recipe` builds the config of a resolved recipe, so the
+    two cannot disagree. The fields without a recipe key (``device``, ``hflip``, ``max_steps``, ``progress``) say
+    where and how long a run goes, not what it trains.
 
     Attributes:
         epochs: passes over the training set.
@@ -57,9 +69,8 @@ class TrainConfig:
         eps: Adam epsilon (1e-7 in the released recipes).
         seed: seeds batch order, augmentation and negatives.
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        amp: mixed precision on CUDA (ignored on CPU). The recipes of ``densehybrid train`` turn it off: the released
-            code trains in float32.
-        hflip: random horizontal flips in the loop (recipes flip in their data transform instead).
+        amp: mixed precision on CUDA (ignored on CPU); off by default, as the released code trains in float32.
+        hflip: random horizontal flips in the loop (a recipe flips in its data transform instead: ``augment.flip``).
         num_workers: DataLoader workers.
         checkpoint_every: also write ``last.pt`` every this many steps (0: only at the end of each epoch).
         max_steps: stop after this many optimiser steps in total (a checkpoint is written), e.g. for smoke runs.
@@ -71,30 +82,49 @@ class TrainConfig:
             (``lr * (1 - epoch / epochs) ** poly_power``).
         poly_power: exponent of the poly schedule.
         best_metric: a key of the ``on_epoch_end`` metrics; the checkpoint of the epoch where it is highest is
-            also written to ``best.pt`` (None: no best checkpoint).
+            also written to ``best.pt`` (None, or a metric no epoch reports: no best checkpoint).
     """
 
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 4e-4
-    backbone_lr_ratio: float = 0.25
-    lr_min: float = 1e-7
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-7
-    seed: int = 0
+    epochs: int = _recipe_key("optim.epochs")
+    batch_size: int = _recipe_key("optim.batch_size")
+    lr: float = _recipe_key("optim.lr")
+    backbone_lr_ratio: float = _recipe_key("optim.backbone_lr_ratio")
+    lr_min: float = _recipe_key("optim.lr_min")
+    weight_decay: float = _recipe_key("optim.weight_decay")
+    betas: tuple[float, float] = _recipe_key("optim.betas")
+    eps: float = _recipe_key("optim.eps")
+    seed: int = _recipe_key("run.seed")
     device: str = "auto"
-    amp: bool = True
+    amp: bool = _recipe_key("run.amp")
     hflip: bool = True
-    num_workers: int = 0
-    checkpoint_every: int = 0
+    num_workers: int = _recipe_key("run.num_workers")
+    checkpoint_every: int = _recipe_key("run.checkpoint_every")
     max_steps: int | None = None
     progress: bool = True
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    schedule: str = "cosine"
-    poly_power: float = 0.9
-    best_metric: str | None = None
+    optimizer: str = _recipe_key("optim.optimizer")
+    momentum: float = _recipe_key("optim.momentum")
+    schedule: str = _recipe_key("optim.schedule")
+    poly_power: float = _recipe_key("optim.poly_power")
+    best_metric: str | None = _recipe_key("run.best_metric")
+
+    @classmethod
+    def from_recipe(cls, recipe: Mapping[str, Any], **run: Any) -> TrainConfig:
+        """The config of a resolved recipe: every field with a recipe key from the recipe, the others from ``run``
+        (``device``, ``max_steps``, ``progress``; ``hflip`` is off: a recipe flips in its data transform).
+
+        Args:
+            recipe: a resolved recipe (:func:`densehybrid.recipes.load_recipe`).
+            **run: values of the fields without a recipe key, or overrides (e.g. ``best_metric=None`` for a run
+                without validation).
+        """
+        values: dict[str, Any] = {"hflip": False}
+        for item in fields(cls):
+            dotted = item.metadata.get("recipe_key")
+            if dotted is not None:
+                section, key = dotted.split(".")
+                value = recipe[section][key]
+                values[item.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**{**values, **run})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -280,6 +310,10 @@ def _hflip(images: torch.Tensor, target: torch.Tensor, generator: torch.Generato
     return images, target
 
 
+#: Entries of ``fit``'s ``metadata`` that are fields of the checkpoint format (stored at its top level).
+CHECKPOINT_FIELDS = ("method", "recipe", "class_names", "palette", "ignore_index")
+
+
 def training_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -293,20 +327,20 @@ def training_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     metadata: dict[str, Any] | None = None,
     epoch_sums: dict[str, float] | None = None,
+    objective_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to continue a run exactly, plus what is needed to rebuild the model.
+    """Everything needed to continue a run exactly, plus what is needed to rebuild the model, in the one checkpoint
+    format (:func:`densehybrid.models.checkpoint.checkpoint_dict`).
 
-    ``epoch_sums`` are the sums of the logged values over the steps done so far in the current epoch, so that a
-    resumed epoch's averages in the history count every step of the epoch once.
+    ``metadata`` entries named in :data:`CHECKPOINT_FIELDS` become the checkpoint's fields (the method defaults to
+    the objective's name); the others are kept under ``"metadata"``. ``epoch_sums`` are the sums of the logged values
+    over the steps done so far in the current epoch, so that a resumed epoch's averages in the history count every
+    step of the epoch once. ``objective_state`` is the objective's own state (e.g. a flow, its optimiser and schedule).
     """
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": model.state_dict(),
-        "model_name": getattr(model, "model_name", None),
-        "model_kwargs": getattr(model, "model_kwargs", None),
-        "data_config": getattr(model, "data_config", None),
-        "num_classes": getattr(model, "num_classes", None),
+    extra = dict(metadata or {})
+    described = {key: extra.pop(key) for key in CHECKPOINT_FIELDS if key in extra}
+    described.setdefault("method", objective)
+    training = {
         "objective": objective,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -317,10 +351,12 @@ def training_checkpoint(
         "generator": generator.get_state(),
         "rng": rng_state(),
         "history": history,
-        "metadata": metadata or {},
         "epoch_sums": dict(epoch_sums or {}),
         "world_size": distributed.world_size(),
     }
+    if objective_state is not None:
+        training["objective_state"] = objective_state
+    return checkpoint_dict(model, training=training, metadata=extra, **described)
 
 
 def fit(
@@ -351,7 +387,8 @@ def fit(
             checkpoints); temporaries of saves killed mid-write (``.*.tmp``) found there are removed first.
         resume: continue from ``out_dir/last.pt`` if it exists.
         on_epoch_end: optional callback ``(epoch, model) -> metrics`` (e.g. validation), logged in the history.
-        metadata: plain values stored in every checkpoint under ``"metadata"`` (e.g. what the run is for).
+        metadata: plain values stored in every checkpoint: the fields of :data:`CHECKPOINT_FIELDS` (method, recipe,
+            class names, palette, ignore id) at the checkpoint's top level, the rest under ``"metadata"``.
         on_step: optional callback ``(global_step, logs)`` after every step (logs averaged over the ranks).
         stop: optional callable polled after every step; when it returns True (on any rank) the run writes a
             checkpoint and returns with ``interrupted=True`` (e.g. on SIGINT).
@@ -414,10 +451,9 @@ def fit(
             scaler,
             metadata,
             sums,
+            objective.state_dict() if hasattr(objective, "state_dict") else None,
         )
-        if hasattr(objective, "state_dict"):
-            state["objective_state"] = objective.state_dict()
-        return atomic_torch_save(state, checkpoint_path)
+        return write_checkpoint(state, checkpoint_path)
 
     steps_per_epoch = len(train_set) // config.batch_size
     if steps_per_epoch == 0:

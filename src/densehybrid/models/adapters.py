@@ -65,9 +65,9 @@ def from_torchvision_deeplabv3(model: nn.Module) -> SplitSegmenter:
 def _torchvision_deeplab(builder, num_classes: int, pretrained: str | None) -> DenseHybrid:
     model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
     if pretrained is not None:
-        from densehybrid.models.checkpoint import extract_state_dict
+        from densehybrid.models.checkpoint import extract_state_dict, read_checkpoint_file
 
-        state = extract_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+        state = extract_state_dict(read_checkpoint_file(pretrained))
         state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
         model.load_state_dict(state, strict=True)
     return DenseHybrid(from_torchvision_deeplabv3(model), num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -6,14 +6,21 @@ A released file may be a bare ``state_dict`` or a dict that nests it under a key
 ``torch.compile``. :func:`load_checkpoint` accepts all of these, loads strictly by default, and when the names do not
 fit, raises a :class:`~densehybrid.errors.CheckpointError` that lists what is missing and unexpected and names the
 registered architecture whose parameter names fit the file best.
+
+Every file the package writes has one layout (:data:`FORMAT_VERSION`), built by :func:`checkpoint_dict` and written by
+:func:`write_checkpoint`; :func:`read_checkpoint` reads it, the released files and every layout the package wrote
+before (see docs/training.md, "The one checkpoint format").
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import pickle
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -22,9 +29,13 @@ import torch
 from torch import nn
 
 from densehybrid.errors import CheckpointError
+from densehybrid.labels import IGNORE_INDEX
 
 #: Keys under which checkpoints commonly nest their state dict, tried in this order.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "params")
+STATE_DICT_KEYS = (
+    "state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "params",
+    "flow", "flow_state", "flow_state_dict",
+)  # fmt: skip
 #: Prefixes added to every name by wrappers: ``nn.DataParallel``/DDP and ``torch.compile``.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LISTED = 10
@@ -403,7 +414,7 @@ def model_from_checkpoint(
     K is ``num_classes``, else the checkpoint's, else ``default_num_classes``.
 
     Args:
-        checkpoint: what :func:`read_checkpoint_file` returned for ``path``.
+        checkpoint: what :func:`read_checkpoint_file` or :func:`read_checkpoint` returned for ``path``.
         path: the file, named in errors.
         model_name: a registered model name; required when the checkpoint records none.
         num_classes: K, overriding the checkpoint's.
@@ -421,8 +432,10 @@ def model_from_checkpoint(
     """
     from densehybrid.models.registry import create_model, list_models
 
-    state, metadata = split_checkpoint(checkpoint)
-    recorded = metadata.get("model_name") if isinstance(metadata.get("model_name"), str) else None
+    info = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, path=str(path))
+    state = info.state_dict
+    metadata = {**info.metadata, **info.training, **info.fields()}
+    recorded = info.model_name
     name = model_name or recorded
     if name is None:
         raise ValueError(
@@ -448,10 +461,368 @@ def model_from_checkpoint(
             f"Cannot rebuild model {name!r} with the arguments checkpoint {str(path)!r} records ({sorted(kwargs)}): "
             f"{exc}"
         ) from exc
-    state = strip_prefix(state)
     *_, message = check_state_dict(model, state, source=f"checkpoint {str(path)!r}", for_cli=for_cli)
     if message:
         raise CheckpointError(message)
     model.load_state_dict(state)
     metadata = {**metadata, "model_name": name, "num_classes": k, "num_classes_from": source, "model_kwargs": kwargs}
     return model.eval(), metadata
+
+
+# -- the one checkpoint format ----------------------------------------------------------------------------------------
+#: The ``format`` entry of every checkpoint the package writes.
+CHECKPOINT_FORMAT = "densehybrid-checkpoint"
+#: The layout :func:`checkpoint_dict` builds. 1: the first training layout (``"version": 1``, no class names, method
+#: or recipe at the top level); 2: this one (``"format_version": 2``).
+FORMAT_VERSION = 2
+#: The entry holding the open-set calibration written by ``densehybrid calibrate``.
+CALIBRATION_KEY = "open_set"
+#: The entries that make a checkpoint resumable (what :func:`~densehybrid.engine.fit` needs to continue a run).
+TRAINING_KEYS = (
+    "objective",
+    "optimizer",
+    "scaler",
+    "config",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "generator",
+    "rng",
+    "history",
+    "epoch_sums",
+    "world_size",
+    "objective_state",
+)
+#: The layouts :func:`read_checkpoint` reads: name -> what writes (or wrote) it.
+LAYOUTS: dict[str, str] = {
+    "densehybrid-2": "the current format (format_version 2): every command of this package",
+    "training-1": "a training checkpoint of the first format ('format': 'densehybrid-checkpoint', 'version': 1)",
+    "calibrated-1": "a checkpoint calibrated before format_version existed (an 'open_set' entry beside the weights)",
+    "flow-pretrain-1": "flow_last.pt of the flow pre-training loop ('format': 'densehybrid-flow-checkpoint')",
+    "demo-stage-1": "a finished demo stage: the weights and the stage's 'settings'",
+    "demo-flow-1": "a demo flow stage: the flow's weights, its 'flow_config' and the stage's 'settings'",
+    "demo-distillation-1": "the demo's unfinished distillation run: the student's weights under 'student'",
+    "released": "a file of another source: a bare or nested state dict (e.g. the released DenseHybrid weights)",
+}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain containers of str/int/float/bool/None (so that a file loads weights-only)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # NumPy arrays and scalars, tensors
+        return value.tolist()
+    return str(value)
+
+
+def checkpoint_dict(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    method: str = "",
+    recipe: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] = (),
+    palette: Sequence[Sequence[int]] = (),
+    ignore_index: int = IGNORE_INDEX,
+    calibration: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    normalization: Mapping[str, Sequence[float]] | None = None,
+    architecture: str | None = None,
+) -> dict[str, Any]:
+    """The one checkpoint layout (version :data:`FORMAT_VERSION`), ready for :func:`write_checkpoint`.
+
+    Args:
+        model: the trained network (its ``model_name``, ``model_kwargs``, ``num_classes`` and ``data_config`` are
+            recorded when it has them; a flow records its ``config``), or a bare state dict.
+        method: the training method (``closed-set``, ``densehybrid``, ``dicnet``, ``denseflow-pretrain``, ...).
+        recipe: the resolved recipe of the run.
+        class_names, palette, ignore_index: the K class names, their (K, 3) RGB colours and the void label of the
+            data the model was trained on (empty when unknown).
+        calibration: the open-set calibration (score, threshold, rule, display range), stored under
+            :data:`CALIBRATION_KEY`.
+        training: the resumable state (:data:`TRAINING_KEYS`: optimiser, scheduler and flow states in
+            ``objective_state``, sampler position, RNG states, history); None for a finished, non-resumable file.
+        metadata: further plain values (e.g. what the run is for).
+        model_name, model_kwargs, num_classes, normalization, architecture: override what ``model`` records (the
+            architecture is the network's class name).
+
+    Returns:
+        a dict of tensors and plain values (loads with ``weights_only=True``).
+    """
+    is_module = isinstance(model, nn.Module)
+    state = model.state_dict() if is_module else dict(model)
+    kwargs = model_kwargs if model_kwargs is not None else getattr(model, "model_kwargs", None)
+    if kwargs is None and isinstance(getattr(model, "config", None), Mapping):
+        kwargs = model.config  # a flow records its constructor arguments as `config`
+    names = [str(name) for name in class_names]
+    checkpoint: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": state,
+        "architecture": architecture or (type(model).__name__ if is_module else None),
+        "model_name": model_name if model_name is not None else getattr(model, "model_name", None),
+        "model_kwargs": _plain(kwargs),
+        "num_classes": num_classes if num_classes is not None else getattr(model, "num_classes", None),
+        "class_names": names,
+        "palette": [[int(c) for c in colour] for colour in palette],
+        "ignore_index": int(ignore_index),
+        "normalization": _plain(normalization if normalization is not None else getattr(model, "data_config", None)),
+        "method": str(method),
+        "recipe": _plain(recipe) if recipe is not None else None,
+        "metadata": _plain(metadata or {}),
+    }
+    if calibration is not None:
+        checkpoint[CALIBRATION_KEY] = _plain(calibration)
+    if training is not None:
+        unknown = sorted(set(training) - set(TRAINING_KEYS))
+        if unknown:
+            raise ValueError(f"Expected training state entries among {', '.join(TRAINING_KEYS)}, but got {unknown}.")
+        checkpoint.update(training)
+    return checkpoint
+
+
+def atomic_save(obj: Any, path: str | PathLike[str]) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A run killed mid-write leaves the previous file intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_checkpoint(checkpoint: Mapping[str, Any], path: str | PathLike[str]) -> Path:
+    """Write a :func:`checkpoint_dict` atomically: the one writer of every checkpoint the package produces.
+
+    Raises:
+        ValueError: ``checkpoint`` is not of the current format (build it with :func:`checkpoint_dict`).
+    """
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"Expected a checkpoint built by checkpoint_dict() (format {CHECKPOINT_FORMAT!r}, format_version "
+            f"{FORMAT_VERSION}), but got format {checkpoint.get('format')!r}, version "
+            f"{checkpoint.get('format_version')!r}."
+        )
+    return atomic_save(dict(checkpoint), path)
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, whatever its layout (see :func:`read_checkpoint`).
+
+    Attributes:
+        path: the file.
+        layout: a key of :data:`LAYOUTS`.
+        format_version: the layout's version: :data:`FORMAT_VERSION`, 1 for the package's earlier layouts, 0 for
+            a file of another source.
+        state_dict: the weights (wrapper prefixes stripped); for a flow, the flow's.
+        model_name, model_kwargs, num_classes: the registered architecture and its arguments (None when unknown);
+            ``architecture`` is the network's class name (e.g. ``DenseFlow``).
+        class_names, palette, ignore_index: the classes of the training data (empty when the file does not say).
+        normalization: the input normalisation (``{"mean": [...], "std": [...]}``), None when unknown.
+        method: the training method ("" when unknown).
+        recipe: the resolved recipe of the run, None when the file has none.
+        calibration: the open-set calibration entry, None when not calibrated.
+        training: the resumable state (:data:`TRAINING_KEYS`); empty for a finished file.
+        metadata: every other entry (the ``"metadata"`` entry's contents at the top level).
+    """
+
+    path: str
+    layout: str
+    format_version: int
+    state_dict: dict[str, torch.Tensor]
+    model_name: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    architecture: str | None = None
+    class_names: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)
+    ignore_index: int = IGNORE_INDEX
+    normalization: dict[str, Any] | None = None
+    method: str = ""
+    recipe: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the file holds the optimiser state a run resumes from."""
+        return self.training.get("optimizer") is not None
+
+    def fields(self) -> dict[str, Any]:
+        """The descriptive entries as :func:`model_from_checkpoint` and the commands read them from metadata."""
+        entries = {
+            "format_version": self.format_version,
+            "layout": self.layout,
+            "model_name": self.model_name,
+            "model_kwargs": dict(self.model_kwargs),
+            "class_names": list(self.class_names),
+            "palette": [list(c) for c in self.palette],
+            "ignore_index": self.ignore_index,
+            "normalization": self.normalization,
+            "method": self.method,
+            "recipe": self.recipe,
+        }
+        if self.num_classes is not None:
+            entries["num_classes"] = self.num_classes
+        if self.calibration is not None:
+            entries[CALIBRATION_KEY] = self.calibration
+        return entries
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready description (what ``densehybrid info --json`` prints); builds no model."""
+        parameters = sum(int(t.numel()) for t in self.state_dict.values() if t.is_floating_point())
+        history = self.training.get("history") or []
+        config = self.training.get("config") if isinstance(self.training.get("config"), Mapping) else {}
+        epochs = config.get("epochs") or ((self.recipe or {}).get("optim") or {}).get("epochs")
+        last = history[-1] if history and isinstance(history[-1], Mapping) else {}
+        return _plain(
+            {
+                "path": self.path,
+                "format_version": self.format_version,
+                "layout": self.layout,
+                "architecture": {
+                    "model": self.model_name,
+                    "class": self.architecture,
+                    "kwargs": self.model_kwargs,
+                    "num_classes": self.num_classes,
+                    "parameters": parameters,
+                    "tensors": len(self.state_dict),
+                    "normalization": self.normalization,
+                },
+                "classes": {"names": self.class_names, "palette": self.palette, "ignore_index": self.ignore_index},
+                "method": self.method,
+                "calibration": self.calibration,
+                "recipe": self.recipe,
+                "training": {
+                    "resumable": self.resumable,
+                    "epoch": self.training.get("epoch"),
+                    "epochs": epochs,
+                    "step_in_epoch": self.training.get("step_in_epoch"),
+                    "global_step": self.training.get("global_step"),
+                    "last_epoch": dict(last),
+                },
+            }
+        )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _layout(obj: Any) -> str:
+    if not isinstance(obj, Mapping):
+        return "released"
+    if obj.get("format") == CHECKPOINT_FORMAT and "format_version" in obj:
+        return "densehybrid-2"
+    if obj.get("format") == CHECKPOINT_FORMAT and obj.get("version") == 1:
+        return "training-1"
+    if obj.get("format") == "densehybrid-flow-checkpoint":
+        return "flow-pretrain-1"
+    if isinstance(obj.get("student"), Mapping) and "epoch" in obj:
+        return "demo-distillation-1"
+    if isinstance(obj.get("settings"), Mapping) and "flow_config" in obj:
+        return "demo-flow-1"
+    if isinstance(obj.get("settings"), Mapping) and isinstance(obj.get("model"), Mapping):
+        return "demo-stage-1"
+    if isinstance(obj.get(CALIBRATION_KEY), Mapping):
+        return "calibrated-1"
+    return "released"
+
+
+def read_checkpoint(
+    source: str | PathLike[str] | Mapping[str, Any], *, map_location: str | torch.device = "cpu", path: str = ""
+) -> Checkpoint:
+    """Read any checkpoint (the current format, every earlier layout of this package, or a released file).
+
+    The file is read weights-only (:func:`read_checkpoint_file`); no model is built.
+
+    Args:
+        source: the file, or what :func:`read_checkpoint_file` returned for it.
+        map_location: device to map tensors to while reading a file.
+        path: how to name an already loaded ``source`` in messages.
+
+    Raises:
+        CheckpointError: the file cannot be read, or holds no weights.
+    """
+    if isinstance(source, Mapping):
+        obj, name = source, path or "the checkpoint"
+    else:
+        obj, name = read_checkpoint_file(source, map_location), str(source)
+    layout = _layout(obj)
+    entries = dict(obj) if isinstance(obj, Mapping) else {}
+    if layout == "flow-pretrain-1":
+        state, entries = strip_prefix(dict(entries.pop("flow"))), entries
+        entries.setdefault("method", "denseflow-pretrain")
+        entries.setdefault("architecture", "DenseFlow")
+        entries.setdefault("model_kwargs", entries.pop("flow_config", None))
+    elif layout == "demo-distillation-1":
+        state = {f"student.{k}": v for k, v in strip_prefix(dict(entries.pop("student"))).items()}
+        entries.setdefault("method", "dicnet")
+    else:
+        try:
+            state, entries = split_checkpoint(obj)
+        except CheckpointError as exc:
+            raise CheckpointError(f"Checkpoint {name!r}: {exc}") from exc
+        state = strip_prefix(state)
+        if layout == "demo-flow-1":
+            entries.setdefault("architecture", "DenseFlow")
+            entries.setdefault("model_kwargs", entries.pop("flow_config", None))
+    metadata = entries.get("metadata") if isinstance(entries.get("metadata"), Mapping) else {}
+    recipe = entries.get("recipe") if isinstance(entries.get("recipe"), Mapping) else metadata.get("recipe")
+    method = entries.get("method") or metadata.get("method") or entries.get("objective") or ""
+    kwargs = entries.get("model_kwargs") if isinstance(entries.get("model_kwargs"), Mapping) else {}
+    calibration = entries.get(CALIBRATION_KEY) if isinstance(entries.get(CALIBRATION_KEY), Mapping) else None
+    class_names = entries.get("class_names") or (calibration or {}).get("class_names") or []
+    palette = entries.get("palette") or (calibration or {}).get("palette") or []
+    num_classes = _int_or_none(entries.get("num_classes")) or _int_or_none(kwargs.get("num_classes"))
+    num_classes = num_classes or _int_or_none(metadata.get("num_classes"))
+    normalization = entries.get("normalization", entries.get("data_config"))
+    descriptive = {
+        "format", "format_version", "version", "model_name", "model_kwargs", "num_classes", "architecture",
+        "class_names", "palette", "ignore_index", "normalization", "data_config", "method", "recipe", CALIBRATION_KEY,
+    }  # fmt: skip
+    return Checkpoint(
+        path=name,
+        layout=layout,
+        format_version=int(entries.get("format_version", 1 if layout != "released" else 0)),
+        state_dict=state,
+        model_name=entries.get("model_name") if isinstance(entries.get("model_name"), str) else None,
+        model_kwargs=dict(kwargs),
+        num_classes=num_classes,
+        architecture=entries.get("architecture") if isinstance(entries.get("architecture"), str) else None,
+        class_names=[str(n) for n in class_names],
+        palette=[[int(c) for c in colour] for colour in palette],
+        ignore_index=IGNORE_INDEX if _int_or_none(entries.get("ignore_index")) is None else entries["ignore_index"],
+        normalization=dict(normalization) if isinstance(normalization, Mapping) else None,
+        method=str(method),
+        recipe=dict(recipe) if isinstance(recipe, Mapping) else None,
+        calibration=dict(calibration) if calibration is not None else None,
+        training={k: entries[k] for k in TRAINING_KEYS if k in entries},
+        metadata={
+            **{k: v for k, v in entries.items() if k not in descriptive and k not in TRAINING_KEYS and k != "metadata"},
+            **metadata,
+        },
+    )

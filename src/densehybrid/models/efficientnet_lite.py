@@ -58,7 +58,9 @@ def efficientnet_lite0_state_dict(path: str | Path | None = None) -> OrderedDict
         CheckpointError: when the file does not hold 247 floating-point tensors of the expected shapes.
     """
     path = Path(path) if path is not None else efficientnet_lite0_weights_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    from densehybrid.models.checkpoint import read_checkpoint_file
+
+    source = read_checkpoint_file(path)
     tensors = [(k, v) for k, v in source.items() if v.is_floating_point()]
     reference = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
     names = [k for k, v in reference.items() if v.is_floating_point()]

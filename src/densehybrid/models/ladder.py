@@ -98,9 +98,9 @@ class LadderSegmenter(nn.Module):
 
 
 def _load_backbone_weights(backbone: nn.Module, path: str) -> None:
-    from densehybrid.models.checkpoint import extract_state_dict
+    from densehybrid.models.checkpoint import extract_state_dict, read_checkpoint_file
 
-    state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = extract_state_dict(read_checkpoint_file(path))
     # features_only models drop the classifier: ignore its keys, report anything else that does not fit
     result = backbone.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if "num_batches_tracked" not in k]

@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from densehybrid.errors import CheckpointError
+from densehybrid.models.checkpoint import CALIBRATION_KEY
 
 __all__ = ["CALIBRATION_KEY", "Calibration", "read_calibration"]
-
-#: Checkpoint entry holding the open-set calibration written by ``densehybrid calibrate``.
-CALIBRATION_KEY = "open_set"
 
 
 @dataclass

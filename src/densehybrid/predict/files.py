@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from densehybrid.data.datasets._io import IMAGE_SUFFIXES  # picked up when a folder is scanned
 from densehybrid.engine.outputs import check_output_dir
 
 __all__ = [
@@ -20,9 +21,6 @@ __all__ = [
     "discover_images",
     "output_paths",
 ]
-
-#: File suffixes picked up when a folder is scanned (explicit files and globs are tried whatever their suffix).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
 
 
 @dataclass(frozen=True)

@@ -279,8 +279,9 @@ class Predictor:
         uses_calibration = calibration is not None and chosen == calibration.score
         range_source = "argument" if options.get("display_range") is not None else "checkpoint"
         options.setdefault("display_range", calibration.display_range if uses_calibration else None)
-        options.setdefault("class_names", calibration.class_names if calibration else metadata.get("class_names", ()))
-        options.setdefault("palette", calibration.palette if calibration else metadata.get("palette"))
+        # the checkpoint's classes (the reader falls back to those of the calibration data for older files)
+        options.setdefault("class_names", metadata.get("class_names") or ())
+        options.setdefault("palette", metadata.get("palette") or None)
         predictor = cls(
             net,
             chosen,

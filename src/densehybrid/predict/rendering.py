@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from densehybrid.labels import default_palette
+
 __all__ = [
     "HEATMAP_COLORMAP",
     "OVERLAY_ALPHA",
@@ -15,25 +17,6 @@ __all__ = [
 
 HEATMAP_COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
-# Cityscapes train-id colours: the first colours of the default palette (no cyan, the unknown colour).
-_CITYSCAPES_COLOURS = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)  # fmt: skip
-
-
-def default_palette(num_classes: int) -> np.ndarray:
-    """(K, 3) uint8 class colours: the Cityscapes colours first, then seeded random colours away from cyan."""
-    colours = list(_CITYSCAPES_COLOURS[:num_classes])
-    rng = np.random.default_rng(0)
-    while len(colours) < num_classes:
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        if abs(colour[0] - 0) + abs(colour[1] - 255) + abs(colour[2] - 255) > 120:  # keep clear of the unknown cyan
-            colours.append(colour)
-    return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
-
-
 _COLORMAP_TABLES: dict[str, np.ndarray] = {}
 
 

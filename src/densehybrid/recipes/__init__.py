@@ -22,7 +22,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from densehybrid.recipes import flow_methods as _flow_methods  # noqa: F401  (registers denseflow-pretrain)
 from densehybrid.recipes.methods import (
     METHODS,
     MethodContext,
@@ -40,6 +39,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "METHODS",
+    "RECIPES",
     "Key",
     "MethodContext",
     "TrainingMethod",
@@ -59,13 +59,30 @@ __all__ = [
 _FREE_TABLES = {("model", "kwargs"), ("data", "options")}
 
 
+#: Every recipe shipped with the package: its name is the file ``presets/NAME.toml``.
+RECIPES: tuple[str, ...] = (
+    "generic",
+    "ldn121-streethazards",
+    "ldn121-streethazards-finetune",
+    "ldn121-streethazards-finetune-flow",
+    "dlv3p-cityscapes-finetune",
+    "dlv3p-cityscapes-finetune-flow",
+    "segmenter-coco20",
+    "segmenter-coco20-finetune",
+    "segmenter-coco20-finetune-flow",
+    "denseflow-pretrain",
+    "dicnet",
+    "dicnet-streethazards",
+)
+
+
 def _presets() -> Any:
     return resources.files("densehybrid.recipes") / "presets"
 
 
 def list_recipes() -> list[str]:
-    """Names of the recipes shipped with the package, sorted."""
-    return sorted(p.name[: -len(".toml")] for p in _presets().iterdir() if p.name.endswith(".toml"))
+    """Names of the recipes shipped with the package (:data:`RECIPES`), sorted."""
+    return sorted(RECIPES)
 
 
 def recipe_path(name_or_path: str | Path) -> Any:
@@ -82,7 +99,7 @@ def recipe_path(name_or_path: str | Path) -> Any:
             )
         return candidate
     shipped = _presets() / f"{name_or_path}.toml"
-    if not shipped.is_file():
+    if name_or_path not in RECIPES:
         raise ValueError(
             f"Unknown recipe {str(name_or_path)!r}. Available: {', '.join(list_recipes())} (or the path of a .toml "
             "or .json recipe file)."
@@ -243,6 +260,3 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> dict
     if not raw.get("name"):
         raw["name"] = Path(str(path)).stem
     return resolve_recipe(raw, overrides, source)
-
-
-from densehybrid.recipes import distillation as _distillation  # noqa: E402,F401  (registers the dicnet method)

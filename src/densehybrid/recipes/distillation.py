@@ -23,16 +23,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from densehybrid.errors import CheckpointError
-from densehybrid.recipes.methods import MethodContext, register_method
 from densehybrid.recipes.schema import Key
 
-__all__ = ["DISTILL_SECTIONS", "DICNET_MODELS", "DistillationObjective", "build_distillation_model"]
+if TYPE_CHECKING:
+    from densehybrid.recipes.methods import MethodContext
+
+__all__ = [
+    "DISTILL_SECTIONS",
+    "DICNET_MODELS",
+    "DistillationObjective",
+    "build_distillation_model",
+    "build_objective",
+]
 
 #: The registered DiCNet models a ``dicnet`` recipe can train.
 DICNET_MODELS = ("dicnet_pspnet", "dicnet")
@@ -68,15 +76,16 @@ class DistillationObjective:
         return loss, {"loss": float(loss.detach())}
 
 
-def _build_objective(context: MethodContext) -> Callable:
+def build_objective(context: MethodContext) -> Callable:
+    """The ``dicnet`` method's objective (see :class:`DistillationObjective`)."""
     return DistillationObjective()
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from densehybrid.models.checkpoint import read_checkpoint_file, split_checkpoint, strip_prefix
+    from densehybrid.models.checkpoint import read_checkpoint
 
-    state, metadata = split_checkpoint(read_checkpoint_file(path))
-    return strip_prefix(state), metadata
+    info = read_checkpoint(path)
+    return info.state_dict, info.fields()
 
 
 def _recorded(metadata: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -246,12 +255,3 @@ def _check_student_width(model: nn.Module, student: Mapping[str, torch.Tensor], 
             f"Expected the student in {where} to produce the teacher's feature width ({model.feature_channels} "
             f"channels), but it produces {int(weights[-1].shape[0])}: it was distilled from another teacher."
         )
-
-
-register_method(
-    "dicnet",
-    _build_objective,
-    sections=DISTILL_SECTIONS,
-    description="DiCNet: the student learns the frozen teacher's features, mse(S(x), T(x)); no labels, no negatives",
-    build_model=build_distillation_model,
-)

@@ -1,8 +1,8 @@
-"""Training methods with a normalizing flow: ``denseflow-pretrain`` (registered here) and the synthetic / mixed
+"""Training methods with a normalizing flow: ``denseflow-pretrain`` and the synthetic / mixed
 negatives of the ``densehybrid`` method (:func:`build_flow_finetuning`, used when ``negatives.source`` is not
 ``real``).
 
-- ``denseflow-pretrain`` trains a :class:`~densehybrid.flows.DenseFlow` by maximum likelihood (bits/dim) on the
+- ``denseflow-pretrain`` (listed in :data:`densehybrid.recipes.methods.METHODS`) trains a :class:`~densehybrid.flows.DenseFlow` by maximum likelihood (bits/dim) on the
   recipe's augmented inlier crops with ``[optim]``'s optimiser (Adamax in the shipped recipe) and writes a grid of
   samples after every epoch. The trained network is the flow: ``last.pt`` holds it under ``"model"`` and loads with
   :func:`~densehybrid.flows.load_flow_state` or as ``--flow-init`` of a fine-tuning run.
@@ -17,17 +17,24 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from densehybrid.engine import distributed
 from densehybrid.errors import CheckpointError
-from densehybrid.recipes.flow_schema import FLOW_PRETRAIN_KEYS
-from densehybrid.recipes.methods import MethodContext, build_negative_stream, register_method
 
-__all__ = ["build_flow", "build_flow_finetuning", "load_flow_init"]
+if TYPE_CHECKING:
+    from densehybrid.recipes.methods import MethodContext
+
+__all__ = [
+    "build_flow",
+    "build_flow_finetuning",
+    "build_pretrain_flow",
+    "build_pretrain_objective",
+    "load_flow_init",
+]
 
 
 def _refuse_several_processes(recipe: Mapping[str, Any]) -> None:
@@ -47,19 +54,18 @@ def load_flow_init(flow: nn.Module, path: str) -> dict[str, Any]:
         CheckpointError: the file is missing or does not fit the flow (the message lists the mismatched keys).
     """
     from densehybrid.flows import load_flow_state
-    from densehybrid.models.checkpoint import read_checkpoint_file
+    from densehybrid.models.checkpoint import read_checkpoint
 
     source = Path(path).expanduser()
     if not source.is_file():
         raise CheckpointError(
             f"Expected the flow checkpoint (`--flow-init`, flow.init) {path!r} to exist, but it is missing."
         )
-    obj = read_checkpoint_file(source)
-    nested = obj.get("objective_state") if isinstance(obj, Mapping) else None
-    if isinstance(nested, Mapping) and isinstance(nested.get("flow"), Mapping):
-        obj = nested["flow"]
     try:
-        return load_flow_state(flow, obj)
+        info = read_checkpoint(source)
+        nested = info.training.get("objective_state")
+        joint = isinstance(nested, Mapping) and isinstance(nested.get("flow"), Mapping)
+        return load_flow_state(flow, nested["flow"] if joint else info.state_dict)
     except CheckpointError as exc:
         raise CheckpointError(f"Flow checkpoint {str(source)!r} (`--flow-init`, flow.init): {exc}") from exc
 
@@ -83,7 +89,8 @@ def build_flow(section: Mapping[str, Any]) -> tuple[nn.Module, bool]:
 
 
 # -- denseflow-pretrain -----------------------------------------------------------------------------------------------
-def _build_pretrain_flow(context: MethodContext) -> nn.Module:
+def build_pretrain_flow(context: MethodContext) -> nn.Module:
+    """The flow a ``denseflow-pretrain`` recipe trains (its ``build_model``)."""
     recipe = context.recipe
     _refuse_several_processes(recipe)
     crop = recipe["augment"]["crop"]
@@ -98,22 +105,14 @@ def _build_pretrain_flow(context: MethodContext) -> nn.Module:
     return flow.train()
 
 
-def _build_pretrain(context: MethodContext) -> Any:
+def build_pretrain_objective(context: MethodContext) -> Any:
+    """The ``denseflow-pretrain`` objective: bits/dim of the crops, a grid of samples per epoch."""
     from densehybrid.engine.flow_objectives import FlowLikelihoodObjective
 
     section = context.recipe["flow"]
     return FlowLikelihoodObjective(
         context.out_dir, section["grid_samples"], section["grid_size"], seed=context.recipe["run"]["seed"]
     )
-
-
-register_method(
-    "denseflow-pretrain",
-    _build_pretrain,
-    sections={"flow": FLOW_PRETRAIN_KEYS},
-    description="DenseFlow pre-training: bits/dim on random inlier crops, a samples grid per epoch",
-    build_model=_build_pretrain_flow,
-)
 
 
 # -- synthetic and mixed negatives of the densehybrid method ----------------------------------------------------------
@@ -129,6 +128,7 @@ def build_flow_finetuning(context: MethodContext) -> Any:
     from densehybrid.engine.flow_objectives import JointFlowObjective
     from densehybrid.flows import FlowNegatives, MixedNegatives
     from densehybrid.losses import DenseHybridLoss
+    from densehybrid.recipes.methods import build_negative_stream
 
     recipe = context.recipe
     _refuse_several_processes(recipe)

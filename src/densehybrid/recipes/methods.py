@@ -1,13 +1,17 @@
 """Training methods: what a recipe's ``method`` key selects.
 
-A method is registered once with :func:`register_method`: its name, the recipe sections it adds to the common
-schema, and one function ``build(context) -> objective`` that returns the training step's objective, a callable
-``(model, images, target, generator) -> (loss, logs)`` (see :func:`densehybrid.engine.fit`; an objective may also
-carry ``state_dict``/``load_state_dict`` and ``after_step`` to train a second network, e.g. a flow). A method that
-trains something other than a registered segmentation model passes ``build_model``.
+A method is one :class:`TrainingMethod` entry of the literal table :data:`METHODS`: its name, the recipe sections it
+adds to the common schema, and one function ``build(context) -> objective`` that returns the training step's
+objective, a callable ``(model, images, target, generator) -> (loss, logs)`` (see :func:`densehybrid.engine.fit`; an
+objective may also carry ``state_dict``/``load_state_dict`` and ``after_step`` to train a second network, e.g. a
+flow). A method that trains something other than a registered segmentation model passes ``build_model``. Functions
+of other modules are named as ``"module:function"`` (:class:`Entry`), imported when a run calls them, so importing
+the table imports no method's code.
 
-Registered here: ``closed-set`` (cross-entropy) and ``densehybrid`` (pasted real negatives and the hybrid loss);
-``dicnet`` (feature distillation) in :mod:`densehybrid.recipes.distillation`.
+The package's methods: ``closed-set`` (cross-entropy) and ``densehybrid`` (pasted real negatives or flow samples, and
+the hybrid loss), here; ``denseflow-pretrain`` in :mod:`densehybrid.recipes.flow_methods`; ``dicnet`` (feature
+distillation) in :mod:`densehybrid.recipes.distillation`. Code outside the package adds its own with
+:func:`register_method`.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from densehybrid.recipes.flow_schema import FLOW_FINETUNE_KEYS, NEGATIVE_SOURCES
+from densehybrid.recipes.distillation import DISTILL_SECTIONS
+from densehybrid.recipes.flow_schema import FLOW_FINETUNE_KEYS, FLOW_PRETRAIN_KEYS, NEGATIVE_SOURCES
 from densehybrid.recipes.schema import Key
 
-__all__ = ["METHODS", "MethodContext", "TrainingMethod", "get_method", "list_methods", "register_method"]
+__all__ = ["METHODS", "Entry", "MethodContext", "TrainingMethod", "get_method", "list_methods", "register_method"]
 
 
 @dataclass
@@ -63,7 +68,17 @@ class TrainingMethod:
     uses_negatives: bool = False
 
 
-METHODS: dict[str, TrainingMethod] = {}
+@dataclass(frozen=True)
+class Entry:
+    """A function named as ``"module:function"``, imported when first called (a table entry without imports)."""
+
+    target: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
 
 
 def register_method(
@@ -75,7 +90,9 @@ def register_method(
     build_model: Callable[[MethodContext], nn.Module] | None = None,
     uses_negatives: bool = False,
 ) -> TrainingMethod:
-    """Register a training method under ``name`` (a recipe's ``method``); returns it.
+    """Add a training method of code outside the package to :data:`METHODS` under ``name``; returns it.
+
+    The package's own methods are entries of the literal table :data:`METHODS`; this is for plug-ins.
 
     Args:
         name: the ``method`` value recipes use.
@@ -112,13 +129,6 @@ def _build_closed_set(context: MethodContext) -> Callable:
     from densehybrid.engine.train import ClosedSetObjective
 
     return ClosedSetObjective()
-
-
-register_method(
-    "closed-set",
-    _build_closed_set,
-    description="cross-entropy on the known classes (the posterior head gets no gradient)",
-)
 
 
 # -- densehybrid ------------------------------------------------------------------------------------------------------
@@ -212,11 +222,35 @@ def _build_densehybrid(context: MethodContext) -> Callable:
     )
 
 
-register_method(
-    "densehybrid",
-    _build_densehybrid,
-    sections=DENSEHYBRID_SECTIONS,
-    description="DenseHybrid: negatives (real, flow samples or mixed) pasted into every image; CE + beta L_x + "
-    "lambda L_d",
-    uses_negatives=True,
-)
+# -- the table --------------------------------------------------------------------------------------------------------
+#: Every training method of the package, by the name recipes use (``method = "..."``).
+METHODS: dict[str, TrainingMethod] = {
+    "closed-set": TrainingMethod(
+        "closed-set",
+        _build_closed_set,
+        description="cross-entropy on the known classes (the posterior head gets no gradient)",
+    ),
+    "densehybrid": TrainingMethod(
+        "densehybrid",
+        _build_densehybrid,
+        DENSEHYBRID_SECTIONS,
+        description="DenseHybrid: negatives (real, flow samples or mixed) pasted into every image; CE + beta L_x + "
+        "lambda L_d",
+        uses_negatives=True,
+    ),
+    "denseflow-pretrain": TrainingMethod(
+        "denseflow-pretrain",
+        Entry("densehybrid.recipes.flow_methods:build_pretrain_objective"),
+        {"flow": FLOW_PRETRAIN_KEYS},
+        description="DenseFlow pre-training: bits/dim on random inlier crops, a samples grid per epoch",
+        build_model=Entry("densehybrid.recipes.flow_methods:build_pretrain_flow"),
+    ),
+    "dicnet": TrainingMethod(
+        "dicnet",
+        Entry("densehybrid.recipes.distillation:build_objective"),
+        DISTILL_SECTIONS,
+        description="DiCNet: the student learns the frozen teacher's features, mse(S(x), T(x)); no labels, no "
+        "negatives",
+        build_model=Entry("densehybrid.recipes.distillation:build_distillation_model"),
+    ),
+}

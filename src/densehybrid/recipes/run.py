@@ -141,6 +141,22 @@ def _num_classes(recipe: Mapping[str, Any], dataset: Any) -> int:
     return int(k)
 
 
+def class_fields(dataset: Any, num_classes: int) -> dict[str, Any]:
+    """The checkpoint fields naming the classes a run trains on: the dataset's class names (e.g. a folder tree's
+    ``classes.txt``), its palette (else :func:`~densehybrid.labels.default_palette`) and the ignore id."""
+    from densehybrid.labels import default_palette
+
+    names = [str(name) for name in getattr(dataset, "class_names", ()) or ()]
+    palette = getattr(dataset, "palette", None)
+    if palette is None or len(palette) != num_classes:
+        palette = default_palette(num_classes)
+    return {
+        "class_names": names if len(names) == num_classes else [],
+        "palette": [[int(c) for c in colour] for colour in palette],
+        "ignore_index": int(getattr(dataset, "ignore_index", IGNORE_INDEX)),
+    }
+
+
 # -- model ------------------------------------------------------------------------------------------------------------
 def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Module:
     """The recipe's model, initialised from ``init`` as ``model.init_as`` says.
@@ -150,7 +166,7 @@ def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Mo
             head may be missing from a checkpoint used as initialisation).
     """
     from densehybrid.models import create_model
-    from densehybrid.models.checkpoint import check_state_dict, read_checkpoint_file, split_checkpoint, strip_prefix
+    from densehybrid.models.checkpoint import check_state_dict, read_checkpoint
 
     model_cfg = recipe["model"]
     kwargs = dict(model_cfg["kwargs"])
@@ -162,8 +178,7 @@ def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Mo
     seed_everything(recipe["run"]["seed"])
     model = create_model(model_cfg["name"], num_classes=num_classes, **kwargs)
     if init and how == "checkpoint":
-        state, _ = split_checkpoint(read_checkpoint_file(init))
-        state = strip_prefix(state)
+        state = read_checkpoint(init).state_dict
         missing, unexpected, mismatched, message = check_state_dict(model, state, source=f"`--init` {init!r}")
         missing = [k for k in missing if not k.startswith(_POSTERIOR_HEAD)]
         if missing or unexpected or mismatched:
@@ -198,14 +213,13 @@ def _trained_fields(recipe: Mapping[str, Any]) -> dict[str, Any]:
 def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> int | None:
     """The global step of ``out/last.pt`` when it exists and belongs to the same recipe (None when there is none);
     raise when it belongs to another one."""
-    from densehybrid.models.checkpoint import read_checkpoint_file
+    from densehybrid.models.checkpoint import read_checkpoint
 
     path = out / "last.pt"
     if not path.is_file():
         return None
-    state = read_checkpoint_file(path)
-    metadata = state.get("metadata") if isinstance(state, Mapping) else None
-    previous = metadata.get("recipe") if isinstance(metadata, Mapping) else None
+    checkpoint = read_checkpoint(path)
+    previous = checkpoint.recipe
     if previous is None or _trained_fields(json.loads(json.dumps(previous))) != _trained_fields(
         json.loads(json.dumps(recipe))
     ):
@@ -213,7 +227,7 @@ def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> int | None:
             f"Expected `--out` {str(out)!r} to be empty or to hold an unfinished run of the same configuration, but "
             f"its last.pt was written by another configuration. Use another --out, or --no-resume to start over."
         )
-    return int(state.get("global_step", 0))
+    return int(checkpoint.training.get("global_step", 0))
 
 
 def _trim_log(path: Path, global_step: int) -> None:
@@ -294,28 +308,12 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
     context = MethodContext(recipe, model, num_classes, device, inputs.neg_root, inputs.data_root, out)
     objective = effective.build(context)
 
-    optim, run = recipe["optim"], recipe["run"]
-    config = TrainConfig(
-        epochs=optim["epochs"],
-        batch_size=optim["batch_size"],
-        lr=optim["lr"],
-        backbone_lr_ratio=optim["backbone_lr_ratio"],
-        lr_min=optim["lr_min"],
-        weight_decay=optim["weight_decay"],
-        betas=tuple(optim["betas"]),
-        eps=optim["eps"],
-        seed=run["seed"],
+    run = recipe["run"]
+    config = TrainConfig.from_recipe(
+        recipe,
         device=str(device),
-        amp=run["amp"],
-        hflip=False,  # flips are part of the seeded data transform
-        num_workers=run["num_workers"],
-        checkpoint_every=run["checkpoint_every"],
         max_steps=inputs.max_steps,
         progress=inputs.progress,
-        optimizer=optim["optimizer"],
-        momentum=optim["momentum"],
-        schedule=optim["schedule"],
-        poly_power=optim["poly_power"],
         best_metric=run["best_metric"] if val_set is not None else None,
     )
     resumed_step = _check_resumable(out, recipe) if out is not None and inputs.resume else None
@@ -347,6 +345,7 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
         return {**metrics, **validation}
 
     metadata = {"kind": RUN_KIND, "recipe": recipe, "num_classes": num_classes, "method": effective.name}
+    metadata.update(class_fields(train_set, num_classes))
     try:
         result = fit(
             model,

@@ -1,7 +1,7 @@
 """The keys a recipe may hold: their types, defaults, allowed values and meaning.
 
 A recipe is a nested table (TOML or JSON). The sections every method shares are in :data:`COMMON`; a training
-method adds its own sections when it is registered (:func:`densehybrid.recipes.methods.register_method`). Values are
+method adds its own sections in its entry of :data:`densehybrid.recipes.methods.METHODS`. Values are
 checked here, once, before any data or weights are read.
 """
 

@@ -16,8 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from densehybrid.errors import DatasetError
 
-#: File suffixes accepted for images, in the order a loader tries them when a tree allows several.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: The package's one set of image file suffixes (datasets, folders of negatives, ``predict``), in the order a loader
+#: tries them when a tree allows several.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
 
 _REDOWNLOAD = "Re-extract or re-download this file from the benchmark's archive."
 

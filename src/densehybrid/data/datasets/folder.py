@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, PairingIssue, require_dir
-from densehybrid.data.datasets._io import DatasetFileError, read_image, read_label
+from densehybrid.data.datasets._io import IMAGE_SUFFIXES, DatasetFileError, read_image, read_label
 from densehybrid.labels import IGNORE_INDEX
 
 if sys.version_info >= (3, 11):
@@ -36,7 +36,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: The optional settings file of a folder tree and the keys it may hold.
 SETTINGS_FILE = "dataset.toml"
 SETTINGS_KEYS = ("anomaly_id",)

@@ -164,7 +164,7 @@ class RoadObstacle21(_SmiycTrack):
         return scene == "validation" and not fid.startswith(self.EXCLUDED_VALIDATION_PREFIXES)
 
 
-_LAF_IMAGE_SUFFIXES = tuple(f"_leftImg8bit{suffix}" for suffix in (".png", ".webp", ".jpg"))
+_LAF_IMAGE_SUFFIXES = tuple(f"_leftImg8bit{suffix}" for suffix in IMAGE_SUFFIXES)
 _LAF_LABEL_SUFFIX = "_gtCoarse_labelIds.png"
 _LAF_OBSTACLE_MAX = 200
 
