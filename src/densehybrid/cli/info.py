@@ -24,17 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _flat(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for key, value in table.items():
-        if isinstance(value, Mapping) and value and prefix == "":
-            items.extend(_flat(value, f"{key}."))
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
+def _values(values: Any) -> str:
+    if isinstance(values, list):
+        return "[" + ", ".join(_number(v) for v in values) + "]"
+    return json.dumps(values) if isinstance(values, (str, Mapping)) else _number(values)
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -49,7 +47,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"  arguments    {json.dumps(kwargs)}")
     if arch["normalization"]:
         norm = arch["normalization"]
-        lines.append(f"  input        mean {norm.get('mean')}, std {norm.get('std')} (applied inside the model)")
+        mean, std = _values(norm.get("mean")), _values(norm.get("std"))
+        lines.append(f"  input        mean {mean}, std {std} (applied inside the model)")
     names = classes["names"]
     if names:
         lines.append(f"classes        {len(names)}: {', '.join(names)} (ignore id {classes['ignore_index']})")
@@ -79,9 +78,10 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     recipe = summary["recipe"]
     if recipe:
         lines.append(f"recipe         {recipe.get('name') or '(unnamed)'} (method {recipe.get('method', '?')})")
-        for key, value in _flat({k: v for k, v in recipe.items() if k not in ("name", "method")}):
-            if value not in ("", {}, None):
-                lines.append(f"  {key} = {json.dumps(value)}")
+        for section, table in recipe.items():
+            if isinstance(table, Mapping):
+                items = ", ".join(f"{key}={_values(value)}" for key, value in table.items() if value not in ("", {}))
+                lines.append(f"  {section:12s} {items}")
     else:
         lines.append("recipe         none recorded")
     if training["epoch"] is None and training["global_step"] is None:

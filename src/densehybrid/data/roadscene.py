@@ -490,11 +490,13 @@ class RoadSceneDataset(Dataset):
     Attributes:
         num_classes: K = :data:`ROADSCENE_NUM_CLASSES`.
         class_names: :data:`ROADSCENE_CLASSES`.
+        palette: (K, 3) their colours (:data:`ROADSCENE_PALETTE`), recorded in the checkpoints of runs on it.
         anomalies: per item, its :class:`AnomalyRecord` list.
     """
 
     num_classes = ROADSCENE_NUM_CLASSES
     class_names = ROADSCENE_CLASSES
+    palette = ROADSCENE_PALETTE[:ROADSCENE_NUM_CLASSES]
 
     def __init__(
         self,

@@ -423,8 +423,11 @@ def model_from_checkpoint(
 
     Returns:
         ``(model, metadata)``: the model in eval mode on the CPU, and every checkpoint entry besides the state dict,
-        with ``model_name``, ``num_classes``, ``num_classes_from`` (``"argument"``, ``"checkpoint"`` or
-        ``"default"``) and ``model_kwargs`` (the arguments the model was built with) set.
+        read by :func:`read_checkpoint` whatever the file's layout (``format_version``, ``layout``, ``class_names``,
+        ``palette``, ``ignore_index``, ``normalization``, ``method``, ``recipe``, :data:`CALIBRATION_KEY` when
+        calibrated, the training state), with ``model_name``, ``num_classes``, ``num_classes_from``
+        (``"argument"``, ``"checkpoint"`` or ``"default"``) and ``model_kwargs`` (the arguments the model was built
+        with) set.
 
     Raises:
         CheckpointError: no state dict, arguments the model does not take, or weights that do not fit.
