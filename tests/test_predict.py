@@ -291,7 +291,7 @@ def _no_model_work(monkeypatch):
         raise AssertionError("the checkpoint was read before the outputs were checked")
 
     monkeypatch.setattr(densehybrid.models.checkpoint, "read_checkpoint_file", refuse)
-    monkeypatch.setattr(densehybrid.calibrate, "read_checkpoint_file", refuse)
+    monkeypatch.setattr(densehybrid.calibrate, "read_checkpoint", refuse)
 
 
 def _predict(path, out, *inputs, extra=()):

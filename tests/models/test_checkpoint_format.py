@@ -212,3 +212,20 @@ def test_info_prints_a_checkpoint_without_building_the_model(old_files, tmp_path
     assert "training-1" in text and "epoch 2/4, step 10 (resumable)" in text and "loss 1.25" in text
     assert main(["info", str(tmp_path / "missing.pt")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_only_the_checkpoint_module_calls_torch_load_or_save():
+    import ast
+    from pathlib import Path
+
+    import densehybrid
+
+    callers = set()
+    package = Path(densehybrid.__file__).parent
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and func.attr in ("load", "save"):
+                if isinstance(func.value, ast.Name) and func.value.id == "torch":
+                    callers.add(path.relative_to(package).as_posix())
+    assert callers == {"models/checkpoint.py"}  # read_checkpoint_file and atomic_save
