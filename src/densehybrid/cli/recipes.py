@@ -10,7 +10,8 @@ from densehybrid.cli._common import json_ready
 HELP = "list the training recipes and the released command each stands for (--json: resolved configurations)"
 DESCRIPTION = (
     "One line per recipe: its name, its training method and the released training command it stands for. --json "
-    "prints every resolved value; copy a recipe with `densehybrid train --recipe NAME --print-config > mine.json`."
+    "prints every resolved value (a recipe's `base` chain laid under it) and, under `param_groups`, the learning rate "
+    "each optimiser parameter group starts at; copy a recipe with `densehybrid train --recipe NAME --print-config > mine.json`."
 )
 
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid.recipes import get_method, list_methods, list_recipes, load_recipe
+    from densehybrid.recipes import get_method, list_methods, list_recipes, load_recipe, optimizer_groups
 
     if args.methods:
         width = max(len(name) for name in list_methods())
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     names = args.names or list_recipes()
     recipes = {name: load_recipe(name) for name in names}
     if args.json:
-        print(json.dumps(json_ready(recipes), indent=2))
+        shown = {name: {**recipe, "param_groups": optimizer_groups(recipe)} for name, recipe in recipes.items()}
+        print(json.dumps(json_ready(shown), indent=2))
         return 0
     width = max(len(r["name"]) for r in recipes.values())
     methods = max(len(r["method"]) for r in recipes.values())

@@ -4,7 +4,9 @@ A recipe is one TOML (or JSON) file: a ``method`` (a registered training method,
 :mod:`densehybrid.recipes.methods`) and nested sections ``[model]``, ``[data]``, ``[augment]``, ``[optim]``, ``[run]``
 plus the method's own (``[loss]``, ``[negatives]`` for ``densehybrid``). The released recipes ship as files under
 ``densehybrid/recipes/presets/``; a user can copy one, change it and pass its path to ``--recipe``. Keys a file omits
-take the schema's defaults (:mod:`densehybrid.recipes.schema`); ``--set section.key=VALUE`` overrides any key.
+take the schema's defaults (:mod:`densehybrid.recipes.schema`); ``--set section.key=VALUE`` overrides any key. A recipe
+may start from another with ``base = "NAME"`` (a shipped recipe or a file path) and hold only what differs
+(:func:`expand_recipe`).
 
 Example:
     >>> recipe = load_recipe("ldn121-streethazards", ["optim.epochs=2"])
@@ -43,10 +45,12 @@ __all__ = [
     "Key",
     "MethodContext",
     "TrainingMethod",
+    "expand_recipe",
     "get_method",
     "list_methods",
     "list_recipes",
     "load_recipe",
+    "optimizer_groups",
     "parse_override",
     "read_recipe_file",
     "recipe_path",
@@ -247,16 +251,102 @@ def _check_model_and_data(recipe: dict[str, Any]) -> None:
         )
 
 
-def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a shipped recipe (by name) or a recipe file, apply ``--set`` overrides and resolve it.
+def _merge_tables(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``parent`` with ``child`` laid over it: tables merge key by key (recursively), any other value replaces."""
+    merged = copy.deepcopy(dict(parent))
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge_tables(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _base_path(base: Any, child: Any, source: str) -> Any:
+    """The file a ``base`` names: a shipped recipe, or a file path (relative to the including file's folder)."""
+    if not isinstance(base, str) or not base:
+        raise ValueError(
+            f"Expected `base` in {source} to name a recipe (a shipped name or a file path), but got {base!r}."
+        )
+    if isinstance(child, Path) and (Path(base).suffix in (".toml", ".json") or "/" in base):
+        beside = child.parent / Path(base).expanduser()
+        if beside.is_file():
+            return beside
+    try:
+        return recipe_path(base)
+    except ValueError as exc:
+        raise ValueError(f"Cannot resolve `base = {base!r}` of {source}: {exc}") from exc
+
+
+def _source(path: Any, name: str) -> str:
+    return f"recipe file {str(path)!r}" if isinstance(path, Path) else f"recipe {name!r}"
+
+
+def expand_recipe(path: Any, name: str = "", chain: Sequence[str] = ()) -> dict[str, Any]:
+    """The raw table of the recipe file ``path`` with its ``base`` chain laid under it (no validation yet).
+
+    A recipe with ``base = "NAME"`` (a shipped recipe or a file path) starts from that recipe's table (itself
+    expanded) and overrides it: sections merge key by key, every other value replaces the parent's. Only ``name`` is
+    never inherited (a recipe file without one is named after the file).
 
     Raises:
-        ValueError: an unknown recipe (the message lists the shipped ones), a file that does not parse, or a
-            recipe that does not fit its method's schema.
+        ValueError: a ``base`` that names no recipe, or a cycle (the message shows the chain).
+    """
+    key = str(path)
+    if key in chain:
+        cycle = " -> ".join([*chain, key])
+        raise ValueError(f"Expected recipe `base` chains to end, but they form a cycle: {cycle}.")
+    raw = read_recipe_file(path)
+    base = raw.pop("base", None)
+    if base is not None:
+        parent = expand_recipe(_base_path(base, path, _source(path, name or key)), chain=[*chain, key])
+        parent.pop("name", None)
+        raw = _merge_tables(parent, raw)
+    if not raw.get("name"):
+        raw["name"] = name or Path(str(path)).stem
+    return raw
+
+
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a shipped recipe (by name) or a recipe file, lay it over its ``base`` chain, apply ``--set`` overrides
+    and resolve it.
+
+    Raises:
+        ValueError: an unknown recipe (the message lists the shipped ones), a file that does not parse, a ``base``
+            that names no recipe or forms a cycle, or a recipe that does not fit its method's schema.
     """
     path = recipe_path(name_or_path)
-    raw = read_recipe_file(path)
-    source = f"recipe file {str(path)!r}" if isinstance(path, Path) else f"recipe {str(name_or_path)!r}"
-    if not raw.get("name"):
-        raw["name"] = Path(str(path)).stem
-    return resolve_recipe(raw, overrides, source)
+    raw = expand_recipe(path)
+    return resolve_recipe(raw, overrides, _source(path, str(name_or_path)))
+
+
+def optimizer_groups(recipe: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The optimiser parameter groups of a resolved recipe and the learning rate each starts at.
+
+    The run's optimiser has one group for the backbone (parameters whose name contains ``backbone``, at
+    ``optim.lr * optim.backbone_lr_ratio``) and one for everything else (``optim.lr``); a recipe that also trains a
+    flow beside the segmenter (``negatives.source`` synthetic or mixed) adds the flow's own Adamax group.
+    """
+    optim = recipe["optim"]
+    schedule = optim["schedule"] + (f" to {optim['lr_min']:g}" if optim["schedule"] == "cosine" else "")
+    groups = [
+        {"group": "decoder and heads", "optimizer": optim["optimizer"], "lr": optim["lr"], "schedule": schedule},
+        {
+            "group": "backbone",
+            "optimizer": optim["optimizer"],
+            "lr": optim["lr"] * optim["backbone_lr_ratio"],
+            "schedule": schedule,
+        },
+    ]
+    if recipe.get("negatives", {}).get("source", "real") != "real":
+        flow = recipe["flow"]
+        groups.append(
+            {
+                "group": "flow",
+                "optimizer": "adamax",
+                "lr": flow["lr"] if flow["init"] else flow["lr_random_init"],
+                "schedule": f"x {flow['lr_decay']:g} per epoch",
+            }
+        )
+    return groups
+
