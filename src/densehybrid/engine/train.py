@@ -374,8 +374,11 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` on ``train_set`` with ``objective``; checkpoint to ``out_dir/last.pt``.
 
+    The library's one training loop: closed-set training, DenseHybrid fine-tuning (real, synthetic or mixed
+    negatives), flow pre-training and DiCNet distillation differ only in their objective.
+
     Args:
-        model: a DenseHybrid model (``forward(images, output_size) -> HybridOutput``).
+        model: the network to train (e.g. ``forward(images, output_size) -> HybridOutput``; a flow; a DiCNet).
         train_set: samples with an image (3, H, W) in [0, 1] and a target (H, W) of class ids / 255. A dataset with a
             ``set_epoch(epoch)`` method is told the epoch before each pass (per-epoch seeded augmentation).
         objective: :class:`ClosedSetObjective`, :class:`DenseHybridObjective` or a callable
@@ -397,143 +400,200 @@ def fit(
     Returns:
         :class:`TrainResult`; ``finished`` is False when ``config.max_steps`` or ``stop`` ended the run early.
     """
-    device = distributed.local_device(select_device(config.device))
-    model.to(device)
-    world, rank = distributed.world_size(), distributed.rank()
-    if config.batch_size % world:
-        raise ValueError(
-            f"Expected `batch_size` ({config.batch_size}, the global batch) to be divisible by the {world} processes."
-        )
-    train_model = distributed.wrap(model, device, sync_bn) if world > 1 else model
-    optimizer = build_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-    objective_name = getattr(objective, "name", type(objective).__name__)
-    checkpoint_path = Path(out_dir) / "last.pt" if out_dir is not None else None
+    loop = _Loop(model, train_set, objective, config, out_dir, metadata, sync_bn)
+    if resume:
+        loop.resume()
+    while loop.epoch < config.epochs:
+        interrupted = loop.train_epoch(on_step, stop)
+        if interrupted is not None:
+            path = loop.save()
+            distributed.barrier()
+            return TrainResult(loop.epoch, loop.global_step, False, loop.history, path, interrupted=interrupted)
+        loop.end_epoch(on_epoch_end)
+    distributed.barrier()
+    return TrainResult(loop.epoch, loop.global_step, True, loop.history, loop.checkpoint_path)
 
-    epoch, step_in_epoch, global_step, history = 0, 0, 0, []
-    sums: dict[str, float] = {}
-    summed_steps = 0  # steps whose logs are in `sums` (fewer than step_in_epoch after resuming an older checkpoint)
-    if checkpoint_path is not None:
-        remove_stale_temporaries(checkpoint_path.parent)  # a save killed mid-write leaves its .last.pt.*.tmp
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
+
+class _Loop:
+    """The state of one :func:`fit` run: model, optimiser, generator, position and the running sums of the logs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        objective: Callable,
+        config: TrainConfig,
+        out_dir: str | Path | None,
+        metadata: dict[str, Any] | None,
+        sync_bn: bool,
+    ) -> None:
+        self.device = distributed.local_device(select_device(config.device))
+        model.to(self.device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if config.batch_size % self.world:
+            raise ValueError(
+                f"Expected `batch_size` ({config.batch_size}, the global batch) to be divisible by the {self.world} "
+                "processes."
+            )
+        self.model, self.train_set, self.objective, self.config, self.metadata = (
+            model,
+            train_set,
+            objective,
+            config,
+            metadata,
+        )
+        self.train_model = distributed.wrap(model, self.device, sync_bn) if self.world > 1 else model
+        self.optimizer = build_optimizer(model, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and self.amp_dtype == torch.float16 else None
+        self.objective_name = getattr(objective, "name", type(objective).__name__)
+        self.checkpoint_path = Path(out_dir) / "last.pt" if out_dir is not None else None
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history: list[dict[str, float]] = []
+        self.sums: dict[str, float] = {}
+        self.summed_steps = 0  # steps whose logs are in `sums` (fewer than step_in_epoch after resuming an older file)
+        if self.checkpoint_path is not None:
+            remove_stale_temporaries(self.checkpoint_path.parent)  # a save killed mid-write leaves .last.pt.*.tmp
+        self.steps_per_epoch = len(train_set) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"Expected at least `batch_size`={config.batch_size} training samples, but the dataset has "
+                f"{len(train_set)}."
+            )
+
+    def resume(self) -> None:
+        """Continue from ``last.pt`` when it exists: weights, optimiser, position, RNG states, objective state."""
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return
         try:
-            state = load_training_state(checkpoint_path, model, optimizer, scaler)
+            state = load_training_state(self.checkpoint_path, self.model, self.optimizer, self.scaler)
         except CheckpointError as exc:
             raise CheckpointError(
                 f"{exc} The run cannot continue from it: start over with `--no-resume` (resume=False in Python) or "
-                f"delete {str(checkpoint_path)!r}."
+                f"delete {str(self.checkpoint_path)!r}."
             ) from exc
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        generator.set_state(state["generator"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
-        history = state["history"]
-        if step_in_epoch and state.get("epoch_sums"):
-            sums, summed_steps = dict(state["epoch_sums"]), step_in_epoch
-        if state.get("objective_state") is not None and hasattr(objective, "load_state_dict"):
-            objective.load_state_dict(state["objective_state"])
+        self.history = state["history"]
+        if self.step_in_epoch and state.get("epoch_sums"):
+            self.sums, self.summed_steps = dict(state["epoch_sums"]), self.step_in_epoch
+        if state.get("objective_state") is not None and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state["objective_state"])
 
-    def save() -> Path | None:
-        if checkpoint_path is None or not distributed.is_main():
+    def save(self) -> Path | None:
+        """Write ``last.pt`` atomically (rank 0 only); returns its path, or None when nothing is written."""
+        if self.checkpoint_path is None or not distributed.is_main():
             return None
         state = training_checkpoint(
-            model,
-            optimizer,
-            config,
-            objective_name,
-            epoch,
-            step_in_epoch,
-            global_step,
-            generator,
-            history,
-            scaler,
-            metadata,
-            sums,
-            objective.state_dict() if hasattr(objective, "state_dict") else None,
+            self.model,
+            self.optimizer,
+            self.config,
+            self.objective_name,
+            self.epoch,
+            self.step_in_epoch,
+            self.global_step,
+            self.generator,
+            self.history,
+            self.scaler,
+            self.metadata,
+            self.sums,
+            self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
         )
-        return write_checkpoint(state, checkpoint_path)
+        return write_checkpoint(state, self.checkpoint_path)
 
-    steps_per_epoch = len(train_set) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"Expected at least `batch_size`={config.batch_size} training samples, but the dataset has {len(train_set)}."
+    def train_epoch(
+        self, on_step: Callable[[int, dict[str, float]], None] | None, stop: Callable[[], bool] | None
+    ) -> bool | None:
+        """The rest of the current epoch; None when it ended, else whether ``stop`` (True) or ``max_steps`` ended
+        the run."""
+        config = self.config
+        _set_epoch_lr(self.optimizer, config, self.epoch)
+        self.train_model.train()
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(self.epoch)
+        sampler = ResumableSampler(
+            len(self.train_set), config.seed, self.epoch, start=self.step_in_epoch * config.batch_size
         )
-    while epoch < config.epochs:
-        _set_epoch_lr(optimizer, config, epoch)
-        train_model.train()
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        sampler = ResumableSampler(len(train_set), config.seed, epoch, start=step_in_epoch * config.batch_size)
         loader = DataLoader(
-            train_set,
-            batch_sampler=distributed.ShardedBatchSampler(sampler, config.batch_size, rank, world),
+            self.train_set,
+            batch_sampler=distributed.ShardedBatchSampler(sampler, config.batch_size, self.rank, self.world),
             num_workers=config.num_workers,
             collate_fn=collate,
         )
-        t0 = time.perf_counter()
+        self.epoch_start = time.perf_counter()
         bar = tqdm(
             loader,
-            total=steps_per_epoch - step_in_epoch,
-            desc=f"{objective_name} epoch {epoch + 1}/{config.epochs}",
+            total=self.steps_per_epoch - self.step_in_epoch,
+            desc=f"{self.objective_name} epoch {self.epoch + 1}/{config.epochs}",
             disable=not config.progress or not distributed.is_main(),
             leave=False,
         )
         for batch in bar:
-            images = batch["image"].to(device, non_blocking=True)
-            target = batch["target"].to(device, non_blocking=True).long()
-            # one shared stream on every rank; each rank draws from its own generator derived from it
-            step_generator = distributed.rank_generator(generator) if world > 1 else generator
-            if config.hflip:
-                images, target = _hflip(images, target, step_generator)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                loss, logs = objective(train_model, images, target, step_generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"The training loss became {float(loss)} at step {global_step} (epoch {epoch + 1}); "
-                    "lower the learning rate or check the inputs."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if hasattr(objective, "after_step"):
-                objective.after_step(train_model, step_generator)
-            step_in_epoch += 1
-            global_step += 1
-            logs = distributed.mean_over_ranks(logs) if world > 1 else logs
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            summed_steps += 1
+            logs = self.step(batch)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if on_step is not None:
-                on_step(global_step, logs)
-            if config.checkpoint_every and global_step % config.checkpoint_every == 0:
-                save()
+                on_step(self.global_step, logs)
+            if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
+                self.save()
             stopping = stop is not None and distributed.any_rank(bool(stop()))
-            if stopping or (config.max_steps is not None and global_step >= config.max_steps):
-                path = save()
-                distributed.barrier()
-                return TrainResult(epoch, global_step, False, history, path, interrupted=stopping)
-        record = {k: v / max(summed_steps, 1) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=optimizer.param_groups[0]["lr"])
+            if stopping or (config.max_steps is not None and self.global_step >= config.max_steps):
+                return stopping
+        return None
+
+    def step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimiser step on ``batch``; returns its logs (averaged over the ranks)."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True).long()
+        # one shared stream on every rank; each rank draws from its own generator derived from it
+        step_generator = distributed.rank_generator(self.generator) if self.world > 1 else self.generator
+        if self.config.hflip:
+            images, target = _hflip(images, target, step_generator)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            loss, logs = self.objective(self.train_model, images, target, step_generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The training loss became {float(loss)} at step {self.global_step} (epoch {self.epoch + 1}); "
+                "lower the learning rate or check the inputs."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if hasattr(self.objective, "after_step"):
+            self.objective.after_step(self.train_model, step_generator)
+        self.step_in_epoch += 1
+        self.global_step += 1
+        logs = distributed.mean_over_ranks(logs) if self.world > 1 else logs
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.summed_steps += 1
+        return logs
+
+    def end_epoch(self, on_epoch_end: Callable[[int, nn.Module], dict[str, float] | None] | None) -> None:
+        """Record the epoch's averages and ``on_epoch_end``'s metrics, checkpoint, and keep ``best.pt``."""
+        record = {k: v / max(self.summed_steps, 1) for k, v in self.sums.items()}
+        record.update(
+            epoch=self.epoch + 1,
+            seconds=time.perf_counter() - self.epoch_start,
+            lr=self.optimizer.param_groups[0]["lr"],
+        )
         if on_epoch_end is not None:
-            record.update(on_epoch_end(epoch, model) or {})
-            train_model.train()
-        history.append(record)
-        epoch += 1
-        step_in_epoch = 0
-        sums, summed_steps = {}, 0
-        path = save()
-        if path is not None and _is_best(history, config.best_metric):
+            record.update(on_epoch_end(self.epoch, self.model) or {})
+            self.train_model.train()
+        self.history.append(record)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.sums, self.summed_steps = {}, 0
+        path = self.save()
+        if path is not None and _is_best(self.history, self.config.best_metric):
             _atomic_copy(path, path.with_name("best.pt"))
-    distributed.barrier()
-    return TrainResult(epoch, global_step, True, history, checkpoint_path)
 
 
 def _is_best(history: list[dict[str, float]], metric: str | None) -> bool:

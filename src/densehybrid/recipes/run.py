@@ -210,9 +210,26 @@ def _trained_fields(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if isinstance(v, Mapping)}
 
 
+def recipe_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The trained keys (``section.key``) whose values differ between two resolved recipes, as
+    ``"optim.lr: 0.0004 -> 1e-05"`` lines, sorted; empty when a run of ``old`` may resume as ``new``."""
+    old, new = json.loads(json.dumps(_trained_fields(old))), json.loads(json.dumps(_trained_fields(new)))
+    lines = []
+    for section in sorted(set(old) | set(new)):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if before.get(key, "(none)") != after.get(key, "(none)"):
+                lines.append(f"{section}.{key}: {before.get(key, '(none)')!r} -> {after.get(key, '(none)')!r}")
+    return lines
+
+
 def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> int | None:
-    """The global step of ``out/last.pt`` when it exists and belongs to the same recipe (None when there is none);
-    raise when it belongs to another one."""
+    """The global step of ``out/last.pt`` when it exists and belongs to the same resolved recipe (None when there is
+    none); raise, naming the keys that differ, when it belongs to another one.
+
+    This is the library's one resume rule: a run resumes (or, finished, is reused) only with the same resolved
+    recipe; ``--no-resume`` (``RunInputs.resume=False``) starts it anew.
+    """
     from densehybrid.models.checkpoint import read_checkpoint
 
     path = out / "last.pt"
@@ -220,12 +237,18 @@ def _check_resumable(out: Path, recipe: Mapping[str, Any]) -> int | None:
         return None
     checkpoint = read_checkpoint(path)
     previous = checkpoint.recipe
-    if previous is None or _trained_fields(json.loads(json.dumps(previous))) != _trained_fields(
-        json.loads(json.dumps(recipe))
-    ):
+    if not isinstance(previous, Mapping):
         raise DenseHybridError(
-            f"Expected `--out` {str(out)!r} to be empty or to hold an unfinished run of the same configuration, but "
-            f"its last.pt was written by another configuration. Use another --out, or --no-resume to start over."
+            f"Expected `--out` {str(out)!r} to be empty or to hold a run of the same recipe, but its last.pt records "
+            "no recipe. Use another --out, or --no-resume to start over."
+        )
+    differences = recipe_differences(previous, recipe)
+    if differences:
+        shown = "; ".join(differences[:10]) + (f" (and {len(differences) - 10} more)" if len(differences) > 10 else "")
+        raise DenseHybridError(
+            f"Expected `--out` {str(out)!r} to be empty or to hold a run of the same recipe, but its last.pt was "
+            f"written by a recipe that differs in {len(differences)} key(s): {shown}. Use another --out, or "
+            "--no-resume to start over."
         )
     return int(checkpoint.training.get("global_step", 0))
 
