@@ -7,8 +7,8 @@ seeded subsample of the evaluated pixels, widened to include the threshold), and
 carries both under :data:`densehybrid.predict.CALIBRATION_KEY`. The original file is never written; the output
 follows the output-path policy of :mod:`densehybrid.engine.outputs` (an existing file only with ``overwrite``).
 
-Benchmarks are read with the registered loaders (``densehybrid doctor`` lists them); ``roadscene`` is the demo's
-generated benchmark (``--root demo_out/data``).
+Benchmarks are read with the registered loaders (``densehybrid doctor`` lists them), the demo's generated
+``roadscene`` (``--root demo_out/data``) among them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from densehybrid.engine.evaluate import model_outputs
 from densehybrid.engine.outputs import check_output_file
@@ -39,10 +39,8 @@ from densehybrid.openset import CALIBRATION_METHODS, OpenSetModel, calibrate_thr
 from densehybrid.predict import Calibration
 from densehybrid.scores import get_score
 
-__all__ = ["DISPLAY_PERCENTILES", "ROADSCENE", "calibrate_checkpoint", "calibrated_checkpoint", "calibrated_path"]
+__all__ = ["DISPLAY_PERCENTILES", "calibrate_checkpoint", "calibrated_checkpoint", "calibrated_path"]
 
-#: The name of the demo's generated benchmark.
-ROADSCENE = "roadscene"
 #: Percentiles of the evaluated pixels' scores that bound the heatmap's colour scale.
 DISPLAY_PERCENTILES = (1.0, 99.0)
 
@@ -69,19 +67,6 @@ def _open_data(
     input_scale: float,
 ) -> tuple[Dataset, str, str, int | None, list[str], list[list[int]]]:
     """(dataset, split, target kind, K of the benchmark, class names, palette)."""
-    if benchmark == ROADSCENE:
-        from densehybrid.data import ROADSCENE_CLASSES, ROADSCENE_PALETTE, RoadSceneDataset
-        from densehybrid.evaluation import ScaleImage
-
-        if options:
-            raise ValueError(f"Expected no `--option` for the {ROADSCENE!r} benchmark, but got {dict(options)}.")
-        split = split or "val"
-        transform = ScaleImage(input_scale) if input_scale != 1.0 else None
-        dataset: Dataset = RoadSceneDataset(root, split, transform=transform)
-        if limit is not None:
-            dataset = Subset(dataset, range(min(limit, len(dataset))))
-        k = len(ROADSCENE_CLASSES)
-        return dataset, split, "semantic", k, list(ROADSCENE_CLASSES), ROADSCENE_PALETTE[:k].tolist()
     from densehybrid.data.datasets import get_benchmark
     from densehybrid.evaluation import open_benchmark
 
@@ -89,7 +74,8 @@ def _open_data(
     loader, dataset = open_benchmark(spec, root, split or _default_split(spec), options, limit, input_scale)
     names = list(loader.class_names) if loader.target_kind == "semantic" else []
     k = spec.num_known_classes if spec.num_known_classes is not None else loader.num_classes  # folder: classes.txt
-    return dataset, loader.split, loader.target_kind, k, names, []
+    palette = list(getattr(loader, "palette", []))
+    return dataset, loader.split, loader.target_kind, k, names, palette
 
 
 class _Pairs:
@@ -146,7 +132,7 @@ def calibrate_checkpoint(
 
     Args:
         checkpoint: the checkpoint to calibrate (read only).
-        benchmark: a registered benchmark name or ``"roadscene"``.
+        benchmark: a registered benchmark name (e.g. ``"roadscene"``, the demo's).
         root: the benchmark's root.
         out: the calibrated checkpoint (default :func:`calibrated_path`); checked before the work with the
             output-path policy (:func:`densehybrid.engine.outputs.check_output_file`): never ``checkpoint`` or a

@@ -288,6 +288,14 @@ def make_fake_folder(
     return root
 
 
+def make_fake_roadscene(root: Path) -> Path:
+    """A tiny generated RoadScene benchmark (it has no download: the generator is the tree's source)."""
+    from densehybrid.data import RoadSceneBenchmark
+
+    RoadSceneBenchmark(root / "roadscene", image_size=(48, 64), sizes={"train": 2, "val": 1, "test": 2}).prepare()
+    return root / "roadscene"
+
+
 #: benchmark name -> builder with default arguments, returning the root to pass to the loader (default split).
 FAKE_TREES: dict[str, Callable[[Path], Path]] = {
     "cityscapes": make_fake_cityscapes,
@@ -302,4 +310,5 @@ FAKE_TREES: dict[str, Callable[[Path], Path]] = {
     "coco20": make_fake_coco,
     "ade20k": make_fake_ade20k,
     "folder": make_fake_folder,
+    "roadscene": make_fake_roadscene,
 }

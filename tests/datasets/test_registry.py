@@ -35,7 +35,7 @@ def test_spec_is_consistent_with_its_loader(name):
     assert spec.protocol in PROTOCOLS or (spec.protocol is None and name == "ade20k")
     assert spec.export_split is None or spec.export_split in spec.dataset.splits
     assert spec.smiyc_dataset is None or spec.smiyc_dataset in SMIYC_PERSISTENCE
-    assert ("http" in spec.download or name == "folder") and spec.expected_tree
+    assert ("http" in spec.download or name in ("folder", "roadscene")) and spec.expected_tree  # own or generated
     assert spec.dataset.target_kind in TARGET_KINDS
     if spec.dataset.target_kind == "semantic" and spec.num_known_classes is not None:
         assert spec.num_known_classes == spec.dataset.num_classes

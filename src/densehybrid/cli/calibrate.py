@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--benchmark",
         required=True,
-        help=f"labelled data: roadscene (the demo's) or a registered benchmark ({', '.join(list_benchmarks())})",
+        help=f"labelled data: a registered benchmark ({', '.join(list_benchmarks())}; roadscene is the demo's)",
     )
     parser.add_argument("--root", required=True, help="the benchmark's dataset root")
     parser.add_argument(

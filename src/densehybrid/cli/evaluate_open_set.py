@@ -34,11 +34,12 @@ DESCRIPTION = (
     "--tpr, maps at full size); --coco-protocol halves runs two folds over the halves of val2017 instead (ours). "
     "folder (your own tree) runs two folds over the halves of its val split (ours): calibrated on one half (first "
     "threshold with TPR > --tpr), evaluated on the other. "
+    "roadscene (the demo's generated benchmark, --root OUT/data) calibrates on val and evaluates test, as the demo. "
     "NaN IoUs count as 0 in the open-mIoU, as the TPAMI-era scripts (--nan-iou skip: the ECCV nanmean). Prints a "
     "table, writes JSON."
 )
 
-_BENCHMARKS = ("streethazards", "coco20", "folder")
+_BENCHMARKS = ("streethazards", "coco20", "folder", "roadscene")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration-scale",
         type=positive_float,
         default=None,
-        help="resize factor of the calibration score/label maps (default: 0.5 streethazards, 1.0 coco20 and folder)",
+        help="resize factor of the calibration score/label maps (default: 0.5 streethazards, 1.0 otherwise)",
     )
     parser.add_argument("--sml-statistics", default=None, help="file with SMLStatistics.to_dict() for --score sml")
     parser.add_argument(
@@ -96,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from densehybrid.data.datasets import get_benchmark
     from densehybrid.engine.outputs import check_output_file
-    from densehybrid.evaluation import coco_open_set, folder_open_set, streethazards_open_set
+    from densehybrid.evaluation import coco_open_set, folder_open_set, roadscene_open_set, streethazards_open_set
     from densehybrid.scores import get_score
 
     if not 0.0 < args.tpr < 1.0:
@@ -114,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
     )
     model, info = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
     score_options = load_score_options([args.score], args.sml_statistics, info["num_classes"])
-    protocols = {"streethazards": streethazards_open_set, "coco20": coco_open_set, "folder": folder_open_set}
+    protocols = {
+        "streethazards": streethazards_open_set,
+        "coco20": coco_open_set,
+        "folder": folder_open_set,
+        "roadscene": roadscene_open_set,
+    }
     protocol = protocols[spec.name]
     kwargs: dict[str, Any] = {"nan_iou": args.nan_iou}
     if args.calibration_scale is not None:

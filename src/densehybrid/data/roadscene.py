@@ -47,7 +47,6 @@ from densehybrid.data._roadscene_render import (
     render_scene,
 )
 from densehybrid.data._roadscene_sources import NEGATIVE_SOURCES, REAL_ANOMALY_SOURCES, TEXTURE_SOURCES
-from densehybrid.data.datasets._io import describe_npz_error
 from densehybrid.errors import DatasetError
 from densehybrid.labels import IGNORE_INDEX
 
@@ -76,6 +75,7 @@ __all__ = [
     "RoadSceneNegatives",
     "RoadSceneSplit",
     "Scene",
+    "benchmark_digest",
     "colorize_roadscene",
     "generate_negative",
     "generate_scene",
@@ -425,6 +425,8 @@ class RoadSceneBenchmark:
             with open(self.root / "anomalies.json", encoding="utf-8") as fh:
                 records = json.load(fh)[split]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            from densehybrid.data.datasets._io import describe_npz_error
+
             raise DatasetError(
                 f"Expected {str(path)!r} to be a readable RoadScene split, but {describe_npz_error(err)}. {remedy}"
             ) from err
@@ -439,6 +441,20 @@ class RoadSceneBenchmark:
             raise DatasetError(f"Expected {str(path)!r} to match the SHA-256 in its manifest, but it differs. {remedy}")
         self._splits[split] = data
         return data
+
+
+def benchmark_digest(root: str | os.PathLike[str]) -> str:
+    """A short fingerprint of the benchmark cached under ``root``: SHA-256 of its manifest's configuration and array
+    hashes (16 hex digits). Two folders have the same digest exactly when they hold the same scenes.
+
+    Raises:
+        DatasetError: when ``root`` holds no readable RoadScene manifest.
+    """
+    manifest = _read_manifest(Path(root))
+    if manifest is None:
+        raise DatasetError(f"Expected {str(root)!r} to hold a RoadScene benchmark (manifest.json), but it is missing.")
+    content = json.dumps({"config": manifest["config"], "files": manifest["files"]}, sort_keys=True)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
 def _write_json(path: Path, obj: Any) -> None:

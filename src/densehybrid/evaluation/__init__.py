@@ -24,6 +24,7 @@ from densehybrid.evaluation.open_set import (
     folder_open_set,
     open_set_confusion,
     open_set_folds,
+    roadscene_open_set,
     streethazards_open_set,
     two_fold_open_set,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "coco_open_set",
     "folder_open_set",
     "open_set_folds",
+    "roadscene_open_set",
     "evaluate_benchmark",
     "open_benchmark",
     "open_set_confusion",

@@ -57,7 +57,7 @@ from densehybrid.models.window import SlidingWindow, describe_window, resolve_wi
 from densehybrid.openset import CALIBRATION_METHODS, OpenSetModel, calibrate_threshold
 
 #: Benchmarks with an open-set protocol and their default calibration scale.
-OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0, "folder": 1.0}
+OPEN_SET_BENCHMARKS: dict[str, float] = {"streethazards": 0.5, "coco20": 1.0, "folder": 1.0, "roadscene": 1.0}
 #: The StreetHazards test towns, in fold order.
 STREETHAZARDS_TOWNS = ("t5", "t6")
 #: Calibration rules at the target TPR: "above" = first ``roc_curve`` threshold with TPR > target (released
@@ -521,6 +521,43 @@ def _split_parts(
         parts[name] = loader if len(indices) == n else Subset(loader, indices)
         described[name] = _describe(loader, indices)
     return parts, described
+
+
+def roadscene_open_set(
+    root: str | Path,
+    model: nn.Module,
+    score: str = "densehybrid",
+    *,
+    dataset_options: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    input_scale: float = 1.0,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """RoadScene open-set evaluation, the demo's protocol: the threshold is calibrated on val (first TPR > the
+    target, full-size maps) and applied to test.
+
+    Args:
+        root: the benchmark folder (``OUT/data`` of ``densehybrid demo --out OUT``).
+        model: a model with K = 10.
+        score, dataset_options, limit, input_scale, num_classes: as :func:`coco_open_set`.
+        **kwargs: :func:`open_set_folds` options (``calibration_scale`` defaults to 1.0).
+
+    Returns:
+        :func:`open_set_folds`' dict plus ``benchmark``, ``split``, ``input_scale`` and ``parts``.
+    """
+    parts: dict[str, Dataset] = {}
+    described = {}
+    loader = None
+    for split in ("val", "test"):
+        loader, dataset = open_benchmark("roadscene", root, split, dataset_options, limit, input_scale)
+        parts[split] = dataset
+        described[split] = _describe(loader, range(len(dataset)))
+    k = model_num_classes(model, loader, num_classes, "roadscene")
+    kwargs.setdefault("calibration_scale", OPEN_SET_BENCHMARKS["roadscene"])
+    common = {"num_classes": k, "class_names": loader.class_names, "benchmark": "roadscene"}
+    result = open_set_folds(model, parts, [("val", "test")], score, **common, **kwargs)
+    return _with_header(result, "roadscene", "test", input_scale, described)
 
 
 def _with_header(

@@ -28,6 +28,7 @@ from densehybrid.data.datasets.coco import COCO_THINGS, VOC_CLASSES, COCOOpenSet
 from densehybrid.data.datasets.fishyscapes import FishyscapesLAF, FishyscapesStatic
 from densehybrid.data.datasets.folder import FolderDataset, ImageFolder
 from densehybrid.data.datasets.road_anomaly import RoadAnomaly
+from densehybrid.data.datasets.roadscene import RoadScene
 from densehybrid.data.datasets.smiyc import LostAndFound, LostAndFoundNoKnown, RoadAnomaly21, RoadObstacle21
 from densehybrid.data.datasets.streethazards import StreetHazards
 
@@ -58,6 +59,7 @@ __all__ = [
     "RoadAnomaly",
     "RoadAnomaly21",
     "RoadObstacle21",
+    "RoadScene",
     "StreetHazards",
     "get_benchmark",
     "list_benchmarks",
@@ -258,6 +260,14 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             expected_counts={},
             description="your own tree: DIR/classes.txt, images/labels and val/ (anomaly pixels = label value K)",
             export_split="val",
+        ),
+        _spec(
+            "roadscene",
+            RoadScene,
+            protocol="pooled",
+            num_known_classes=10,
+            expected_counts={"train": 400, "val": 100, "test": 100},
+            description="RoadScene, the demo's generated road-scene benchmark (10 classes, anomaly 10; no download)",
         ),
         _spec(
             "ade20k",
