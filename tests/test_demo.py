@@ -36,7 +36,7 @@ def test_demo_writes_every_report_file(tiny_run):
     out, result = tiny_run
     for key in ("markdown", "html", "json", "roc", "pr", "histograms", "examples"):
         assert result.files[key].exists() and result.files[key].stat().st_size > 0, key
-    assert (out / "closed_set.pt").exists() and (out / "densehybrid.pt").exists()
+    assert (out / "closed-set" / "last.pt").exists() and (out / "finetune" / "last.pt").exists()
     html = result.files["html"].read_text()
     assert html.count("data:image/png;base64,") >= 4
 
@@ -88,7 +88,9 @@ def test_demo_over_two_seeds_reports_mean_and_spread(tmp_path):
     result = run_demo(config, command="densehybrid demo --quick --seeds 2")
     stored = json.loads(result.files["json"].read_text())
     assert stored["seeds"] == [0, 1] and set(stored["rows_per_seed"]) == {"0", "1"}
-    assert (tmp_path / "closed_set.pt").exists() and (tmp_path / "seeds" / "seed-1" / "closed_set.pt").exists()
+    assert (tmp_path / "closed-set" / "last.pt").exists()
+    assert (tmp_path / "seeds" / "seed-1" / "closed-set" / "last.pt").exists()
+    assert not (tmp_path / "finetune").exists()  # --finetune-epochs 0: no fine-tuning stage
     per_seed = {
         seed: {(r["model"], r["score"], r["family"]): r for r in rows} for seed, rows in stored["rows_per_seed"].items()
     }
@@ -168,19 +170,24 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert "train_images" in capsys.readouterr().err
 
 
-def test_demo_retrains_a_stage_whose_settings_changed(tiny_run, tmp_path):
+def test_demo_refuses_a_stage_of_other_settings_unless_no_resume(tiny_run, tmp_path):
     import shutil
 
     import torch
 
+    from densehybrid.errors import DenseHybridError
+
     out, _ = tiny_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    run_demo(DemoConfig.quick(**{**TINY, "out_dir": copy, "closed_epochs": 2}), command="densehybrid demo --quick")
-    closed = torch.load(copy / "closed_set.pt", weights_only=True)
-    assert closed["settings"]["closed_epochs"] == 2 and len(closed["history"]) == 2
-    finetuned = torch.load(copy / "densehybrid.pt", weights_only=True)
-    assert finetuned["settings"]["closed_epochs"] == 2  # fine-tuning restarted from the new closed-set model
+    before = (copy / "finetune" / "last.pt").stat().st_mtime_ns
+    changed = DemoConfig.quick(**{**TINY, "out_dir": copy, "closed_epochs": 2})
+    with pytest.raises(DenseHybridError, match=r"differs in 1 key\(s\): optim.epochs: 1 -> 2.*--no-resume"):
+        run_demo(changed, command="densehybrid demo --quick")
+    run_demo(dataclasses_replace(changed, resume=False), command="densehybrid demo --quick --no-resume")
+    closed = torch.load(copy / "closed-set" / "last.pt", weights_only=True)
+    assert closed["metadata"]["recipe"]["optim"]["epochs"] == 2 and len(closed["history"]) == 2
+    assert (copy / "finetune" / "last.pt").stat().st_mtime_ns > before  # fine-tuned again from the new model
 
 
 def test_demo_dicnet_adds_its_rows_and_reuses_its_stage(tiny_run, tmp_path, capsys):
@@ -190,7 +197,7 @@ def test_demo_dicnet_adds_its_rows_and_reuses_its_stage(tiny_run, tmp_path, caps
     import torch
 
     out, plain = tiny_run
-    assert not (out / "dicnet.pt").exists() and "DiCNet distillation" not in plain.timings  # the flag is off
+    assert not (out / "dicnet").exists() and "DiCNet distillation" not in plain.timings  # the flag is off
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     config = DemoConfig.quick(**{**TINY, "out_dir": copy, "dicnet": True, "dicnet_epochs": 1})
@@ -214,17 +221,18 @@ def test_demo_dicnet_adds_its_rows_and_reuses_its_stage(tiny_run, tmp_path, caps
         line.startswith("hybrid vs dicnet (DiCNet student of the closed-set model), pooled:") for line in result.verdict
     )
     assert "| dicnet " in result.table
-    # a finished stage with its settings; the teacher is the closed-set model, unchanged by the distillation
-    finished = torch.load(copy / "dicnet.pt", weights_only=True)
-    assert finished["settings"]["dicnet_epochs"] == 1 and len(finished["history"]) == 1
-    closed = torch.load(copy / "closed_set.pt", weights_only=True)["model"]
+    # the demo-dicnet recipe's run; the teacher is the closed-set model, unchanged by the distillation
+    finished = torch.load(copy / "dicnet" / "last.pt", weights_only=True)
+    assert finished["metadata"]["recipe"]["name"] == "demo-dicnet" and len(finished["history"]) == 1
+    closed = torch.load(copy / "closed-set" / "last.pt", weights_only=True)["model"]
     for name, tensor in closed.items():
         assert torch.equal(finished["model"][f"teacher.{name}"], tensor), name
     capsys.readouterr()
     again = run_demo(dataclasses_replace(config, progress=True), command="densehybrid demo --quick --dicnet")
     banners = capsys.readouterr().err
     assert (
-        banners.count("reused the finished stage") == 3 and f"reused the finished stage {copy / 'dicnet.pt'}" in banners
+        banners.count("reused the finished stage") == 3
+        and f"reused the finished stage {copy / 'dicnet' / 'last.pt'}" in banners
     )
     again_rows = [r for r in again.rows if r["model"] == "dicnet"]
     assert [r["ap"] for r in again_rows] == pytest.approx([r["ap"] for r in result.rows if r["model"] == "dicnet"])
@@ -237,39 +245,42 @@ def test_demo_dicnet_options_are_documented(capsys):
     assert "--dicnet " in flat and "DiCNet distillation epochs (with --dicnet) (default: 5; --quick: 1)" in flat
     assert DemoConfig().dicnet is False
     with pytest.raises(ValueError, match="dicnet_epochs"):
-        DemoConfig(dicnet_epochs=0)
+        DemoConfig.create(dicnet_epochs=0)
 
 
-def test_demo_distillation_resumes_an_interrupted_stage(tmp_path, monkeypatch):
+def test_demo_options_are_recipe_overrides_of_its_presets():
+    config = DemoConfig.create(closed_epochs=7, lr=1e-3, negative_size=40, beta=0.1, batch_size=4)
+    assert config.overrides["demo-closed-set"] == ["optim.epochs=7", "optim.lr=0.001", "optim.batch_size=4"]
+    assert (
+        "negatives.crop=40" in config.overrides["demo-finetune"]
+        and "loss.beta=0.1" in config.overrides["demo-finetune"]
+    )
+    assert "flow.max_side=40" in config.overrides["demo-finetune-flow"]
+    assert config.recipe("demo-closed-set")["optim"]["epochs"] == 7 and config.setting("lr") == 1e-3
+    assert config.recipe("demo-finetune")["run"]["seed"] == 1  # each stage's seed: the run's seed + its offset
+    default = DemoConfig.create()
+    assert default.overrides == {} and default.setting("closed_epochs") == 5 and default.setting("finetune_lr") == 1e-5
+    assert not {f.name for f in __import__("dataclasses").fields(DemoConfig)} & {"closed_epochs", "lr", "beta"}
+
+
+def test_a_stage_run_by_hand_gives_the_demos_weights(tmp_path, capsys):
+    """`densehybrid train --recipe demo-closed-set --data-root OUT/data` (and the fine-tuning stage) with the
+    overrides the demo records: the same parameters as the demo's stages, at --quick size."""
+    import shlex
+
     import torch
 
-    import densehybrid.demo as demo
-    from densehybrid.models import create_model
-
-    torch.manual_seed(0)
-    teacher = create_model("ladder_efficientnet_lite0", num_classes=3, decoder_channels=16)
-    images = [{"image": torch.rand(3, 32, 64)} for _ in range(4)]
-    config = DemoConfig.quick(out_dir=tmp_path, device="cpu", progress=False, batch_size=2, dicnet_epochs=2)
-    settings = demo._stage_settings(config, "dicnet")
-    model = demo._dicnet_model(teacher)
-    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    calls = []
-    step = demo.distillation_step
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # the first step of epoch 2
-            raise KeyboardInterrupt
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(demo, "distillation_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        demo._distil(model, images, config, settings, tmp_path / "train_dicnet", "cpu")
-    saved = torch.load(tmp_path / "train_dicnet" / "last.pt", weights_only=True)
-    assert saved["epoch"] == 1 and saved["metadata"]["demo_settings"] == settings
-    monkeypatch.setattr(demo, "distillation_step", step)
-    fresh = demo._dicnet_model(teacher)
-    history = demo._distil(fresh, images, config, settings, tmp_path / "train_dicnet", "cpu")
-    assert [h["epoch"] for h in history] == [1, 2] and history[0]["loss"] == saved["history"][0]["loss"]
-    for name, tensor in fresh.teacher.state_dict().items():
-        assert torch.equal(tensor, teacher_before[name]), name  # the frozen teacher never moves
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    stages = {s["recipe"]: s for s in json.loads((out / "results.json").read_text())["stages"]}
+    assert set(stages) == {"demo-closed-set", "demo-finetune"}
+    for preset, folder in (("demo-closed-set", "closed-set"), ("demo-finetune", "finetune")):
+        args = shlex.split(stages[preset]["command"])
+        assert args[:6] == ["densehybrid", "train", "--recipe", preset, "--data-root", str(out / "data")]
+        args[args.index("--out") + 1] = str(tmp_path / folder)
+        assert main([*args[1:], "--device", "cpu", "--no-progress"]) == 0
+        demo = torch.load(out / folder / "last.pt", weights_only=True)["model"]
+        by_hand = torch.load(tmp_path / folder / "last.pt", weights_only=True)["model"]
+        assert demo.keys() == by_hand.keys()
+        assert all(torch.equal(demo[k], by_hand[k]) for k in demo), preset

@@ -49,10 +49,10 @@ def test_synthetic_run_trains_the_flow_and_shows_its_samples(synthetic_run):
     stored = json.loads(result.files["json"].read_text())
     _finetuned_metrics_are_finite(stored["rows"])
     assert stored["negatives"] == "synthetic" and "negatives_comparison" not in stored
-    for name in ("closed_set.pt", "flow_pretrained.pt", "densehybrid_synthetic.pt", "flow_synthetic.pt"):
-        assert (out / name).exists(), name
-    assert not (out / "densehybrid.pt").exists()  # the real-negative stage keeps its own file
-    assert (out / "train_flow" / "samples_epoch001.png").exists()
+    for name in ("closed-set", "flow-pretrain", "finetune-synthetic"):
+        assert (out / name / "last.pt").exists(), name
+    assert not (out / "finetune").exists()  # the real-negative stage keeps its own folder
+    assert (out / "flow-pretrain" / "samples_epoch001.png").exists()
     assert stored["flow_samples"] == {
         "pretrained": "figures/flow_samples_pretrained.png",
         "finetuned_synthetic": "figures/flow_samples_synthetic.png",
@@ -68,7 +68,7 @@ def test_synthetic_run_trains_the_flow_and_shows_its_samples(synthetic_run):
     html = result.files["html"].read_text()
     assert "<h2>Flow samples</h2>" in html and html.count("data:image/png;base64,") >= 6
     assert {"flow pre-training", "DenseHybrid fine-tuning"} <= set(stored["timings"])
-    history = json.loads(json.dumps(__import__("torch").load(out / "densehybrid_synthetic.pt")["history"]))
+    history = json.loads(json.dumps(__import__("torch").load(out / "finetune-synthetic" / "last.pt")["history"]))
     assert "flow_bpd" in history[0] and "flow_jsd" in history[0]  # the joint iteration's flow step ran
 
 
@@ -78,8 +78,8 @@ def test_rerun_reuses_the_flow_and_fine_tuning_stages(synthetic_run, capsys):
     again = run_demo(config, command="densehybrid demo --quick --negatives synthetic")
     banners = capsys.readouterr().err
     assert "== flow pre-training" in banners
-    assert f"reused the finished stage {out / 'flow_pretrained.pt'}" in banners
-    assert f"reused the finished stage {out / 'densehybrid_synthetic.pt'}" in banners
+    assert f"reused the finished stage {out / 'flow-pretrain' / 'last.pt'}" in banners
+    assert f"reused the finished stage {out / 'finetune-synthetic' / 'last.pt'}" in banners
     assert banners.count("reused the finished stage") == 3
     assert again.timings["flow pre-training"] < first.timings["flow pre-training"]
     assert [r["ap"] for r in again.rows] == pytest.approx([r["ap"] for r in first.rows], nan_ok=True)
@@ -95,14 +95,14 @@ def test_compare_negatives_with_mixed_main_run(synthetic_run, tmp_path, capsys):
     result = run_demo(config, command="densehybrid demo --quick --negatives mixed --compare-negatives")
     banners = capsys.readouterr().err
     # one closed-set model for all three fine-tunings, one pre-trained flow for synthetic and mixed
-    assert banners.count(f"reused the finished stage {copy / 'closed_set.pt'}") == 3
-    assert banners.count(f"reused the finished stage {copy / 'flow_pretrained.pt'}") == 2
-    assert f"reused the finished stage {copy / 'densehybrid_synthetic.pt'}" in banners
+    assert banners.count(f"reused the finished stage {copy / 'closed-set' / 'last.pt'}") == 3
+    assert banners.count(f"reused the finished stage {copy / 'flow-pretrain' / 'last.pt'}") == 2
+    assert f"reused the finished stage {copy / 'finetune-synthetic' / 'last.pt'}" in banners
     assert "== DenseHybrid fine-tuning with mixed negatives" in banners
     stored = json.loads(result.files["json"].read_text())
     assert stored["negatives"] == "mixed" and stored["synthetic_fraction"] == 0.5
     _finetuned_metrics_are_finite(stored["rows"])
-    for name in ("densehybrid_mixed.pt", "densehybrid.pt", "flow_mixed.pt", "figures/flow_samples_mixed.png"):
+    for name in ("finetune-mixed/last.pt", "finetune/last.pt", "figures/flow_samples_mixed.png"):
         assert (copy / name).exists(), name
     comparison = stored["negatives_comparison"]
     assert comparison["sources"] == ["real", "synthetic", "mixed"]
@@ -130,11 +130,10 @@ def test_default_real_run_is_unchanged_by_the_flow_options(synthetic_run, tmp_pa
     plain = tmp_path / "plain"
     plain.mkdir()
     shutil.copytree(out / "data", plain / "data")
-    shutil.copy(out / "closed_set.pt", plain / "closed_set.pt")
+    shutil.copytree(out / "closed-set", plain / "closed-set")
     result = run_demo(DemoConfig.quick(out_dir=plain, **TINY), command="densehybrid demo --quick")
     assert DemoConfig().negatives == "real"
-    assert (plain / "densehybrid.pt").exists() and not (plain / "flow_pretrained.pt").exists()
-    assert not (plain / "train_flow").exists()
+    assert (plain / "finetune" / "last.pt").exists() and not (plain / "flow-pretrain").exists()
     stored = json.loads(result.files["json"].read_text())
     assert stored["negatives"] == "real" and "negatives_comparison" not in stored and "flow_samples" not in stored
     assert "## Flow samples" not in result.files["markdown"].read_text()

@@ -109,25 +109,21 @@ def test_1_policy_functions(tmp_path):
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
-# -- 2. a demo re-run never deletes a finished stage before its replacement is complete ----------------------------
-def test_2_interrupted_demo_rerun_keeps_the_finished_stage(tmp_path, monkeypatch):
+# -- 2. a demo re-run never deletes a finished stage of other settings: it is refused, naming the keys that differ -
+def test_2_demo_rerun_with_other_settings_keeps_the_finished_stage(tmp_path):
     import densehybrid.demo as demo
+    from densehybrid.errors import DenseHybridError
 
     tiny = dict(image_size=(48, 96), train_images=4, val_images=2, test_images=2, batch_size=2, negative_size=24)
     old = demo.DemoConfig.quick(out_dir=tmp_path, device="cpu", progress=False, **tiny)
-    model = create_model(old.model, num_classes=len(demo.ROADSCENE_CLASSES))
-    settings = demo._stage_settings(old, "closed")
-    demo._mark_finished(tmp_path / "closed_set.pt", model, settings, [])
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(demo, "fit", interrupted)
+    stage = tmp_path / "closed-set" / "last.pt"
+    stage.parent.mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 2, "metadata": {"recipe": old.recipe("demo-closed-set")}}, stage)
+    before = stage.read_bytes()
     new = demo.DemoConfig.quick(out_dir=tmp_path, device="cpu", progress=False, lr=5e-4, **tiny)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(DenseHybridError, match=r"optim.lr: 0.0004 -> 0.0005.*--no-resume"):
         demo.run_demo(new)
-    kept = torch.load(tmp_path / "closed_set.pt", weights_only=True)
-    assert kept["settings"] == settings  # the old finished stage, intact
+    assert stage.read_bytes() == before  # the old finished stage, intact
 
 
 # -- 3. outputs are checked before the work; results are printed before files are written --------------------------
@@ -287,15 +283,15 @@ def test_9_nan_settings_and_nan_models(tmp_path, capsys):
         main(["demo", "--out", str(tmp_path), "--lr", "nan"])
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="finite"):
-        demo.DemoConfig(beta=math.inf)
+        demo.DemoConfig.create(beta=math.inf)
     with pytest.raises(ValueError, match="finite"):
         TrainConfig(lr=math.nan)
     model = tiny_model()
     with torch.no_grad():
         next(model.parameters()).fill_(math.nan)
-    with pytest.raises(NonFiniteError, match="diverged"):
-        demo._mark_finished(tmp_path / "closed_set.pt", model, {}, [])
-    assert not (tmp_path / "closed_set.pt").exists()
+    torch.save({"model": model.state_dict()}, tmp_path / "last.pt")
+    with pytest.raises(NonFiniteError, match="diverged"):  # a demo stage that diverged is not used
+        demo._check_finite_weights(tmp_path / "last.pt")
 
 
 # -- 10. sizes, image counts and workers are bounded by the machine -------------------------------------------------
@@ -321,7 +317,7 @@ def test_10_bounds_from_the_machine(tmp_path, capsys):
     with pytest.raises(ResourceError, match="available"):
         check_memory(1e18, "a test array", "Ask for less.")
     with pytest.raises(ValueError, match="negative_size"):
-        demo.DemoConfig(negative_size=100_000)
+        demo.DemoConfig.create(negative_size=100_000)
     with pytest.raises(ResourceError, match="fit in memory"):
         demo.DemoConfig(image_size=(4096, 4096), train_images=10**7)
     assert main(["toy2d", "--out", str(tmp_path / "toy"), "--resolution", "10000000"]) == 1

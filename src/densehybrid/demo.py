@@ -1,128 +1,186 @@
 """The demo: DenseHybrid end to end on the built-in road-scene benchmark, on a CPU, in minutes.
 
-Stages (each timed, each resumable: finished stages are reused from ``out_dir`` on a re-run, and said so):
+The demo is a pipeline of shipped recipes, each stage trained by :func:`densehybrid.recipes.run.train_recipe` (the
+same code as ``densehybrid train``) into its own folder of ``out_dir``:
 
-1. generate (and cache) the benchmark: road scenes, training negatives, val/test scenes with two anomaly families;
-2. train the segmenter (ImageNet EfficientNet-Lite0 backbone by default) closed-set (cross-entropy);
-3. fine-tune it with DenseHybrid: negatives pasted into every training image, the released code's loss;
+1. generate (and cache) the benchmark in ``data_dir``: road scenes and val/test scenes with two anomaly families;
+2. ``demo-closed-set`` (``closed-set/``): the segmenter (ImageNet EfficientNet-Lite0 backbone) with cross-entropy;
+3. ``demo-finetune`` (``finetune/``): DenseHybrid fine-tuning of it, the benchmark's negatives pasted into every scene;
 4. fit SML statistics on the training set, calibrate the open-set threshold at 95% TPR on val;
 5. evaluate every score on test (per anomaly family and pooled), closed mIoU and open-mIoU, for both models;
 6. write the report (Markdown, HTML, JSON, figures) and print the table.
 
-With ``dicnet=True`` a DiCNet student is also distilled from the closed-set model (frozen teacher: its pre-logit
-features) after stage 3, and its ``dicnet`` score is evaluated on the same split and families (rows with
-``model = "dicnet"``). It is off by default: the default run is at its CPU time budget.
+A stage whose folder holds a finished run of the same resolved recipe is reused (and said so); an interrupted one
+continues; one of another recipe is refused with the keys that differ (``resume=False``, ``--no-resume``, retrains).
+Each stage can be run by hand with the command ``results.json`` records for it (``stages``), e.g.
+``densehybrid train --recipe demo-closed-set --data-root OUT/data --out X``, and gives the same weights.
 
-With ``negatives="synthetic"`` or ``"mixed"`` a small DenseFlow is first pre-trained on the training scenes (its own
-reusable stage), and stage 3 is the released joint fine-tuning: flow samples (or, for ``mixed``, each pasted negative
-synthetic with probability ``synthetic_fraction``) are pasted, and the flow is trained jointly (see docs/flows.md).
-``compare_negatives=True`` fine-tunes the same closed-set model with real, synthetic and mixed negatives and reports
-every score of each.
+With ``dicnet=True`` a DiCNet student is also distilled from the closed-set model (``demo-dicnet``, ``dicnet/``) and
+its ``dicnet`` score is evaluated (rows with ``model = "dicnet"``). With ``negatives="synthetic"`` or ``"mixed"`` a
+small DenseFlow is pre-trained first (``demo-flow-pretrain``, ``flow-pretrain/``) and stage 3 is the released joint
+fine-tuning (``demo-finetune-flow``, ``finetune-synthetic/`` or ``finetune-mixed/``). ``compare_negatives=True``
+fine-tunes the same closed-set model with real, synthetic and mixed negatives and reports every score of each. With
+``seeds > 1`` stages 2-5 run once per training seed on the same benchmark (``seeds/seed-S/``), and the report gives
+the mean and the standard deviation over seeds.
 
-With ``seeds > 1`` stages 2-5 run once per training seed on the same benchmark, and the report gives the mean and
-the standard deviation over seeds of every number in the anomaly table.
+:class:`DemoConfig` holds the benchmark and report settings; the training settings are the presets' values, changed
+by recipe overrides (``--set``-style strings per preset) that the demo's training options map onto
+(:data:`TRAINING_OPTIONS`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from densehybrid.data import (
-    ROADSCENE_CLASSES,
-    ROADSCENE_PALETTE,
-    RoadSceneBenchmark,
-    RoadSceneDataset,
-    RoadSceneNegatives,
-)
-from densehybrid.engine import ClosedSetObjective, DenseHybridObjective, NegativeStream, TrainConfig, fit
-from densehybrid.engine.distill import (
-    DISTILLATION_LR,
-    DISTILLATION_WEIGHT_DECAY,
-    distillation_optimizer,
-    distillation_step,
-)
+from densehybrid.data import ROADSCENE_CLASSES, ROADSCENE_PALETTE, RoadSceneBenchmark
 from densehybrid.engine.evaluate import EvaluationResult, evaluate, model_outputs
 from densehybrid.engine.outputs import remove_stale_temporaries
 from densehybrid.engine.resources import check_memory
-from densehybrid.engine.runtime import atomic_torch_save, seed_everything, select_device
-from densehybrid.errors import CheckpointError, NonFiniteError
+from densehybrid.engine.runtime import seed_everything, select_device
+from densehybrid.errors import NonFiniteError
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
-from densehybrid.losses import DenseHybridLoss
-from densehybrid.models import create_model
-from densehybrid.models.checkpoint import read_checkpoint_file
-from densehybrid.models.dicnet import DiCNet
-from densehybrid.negatives import NegativePaster
 from densehybrid.openset import calibrate_threshold, predict_open_set
 from densehybrid.scores import SMLStatistics, fit_sml_statistics, get_score, list_scores
 
 FAMILIES = {1: "real", 2: "procedural"}
-#: Version of the training negatives (pool, crops, masks): a fine-tuned stage made with others is not reused.
-NEGATIVES_VERSION = 2
 #: Scores that read only the logits: meaningful for the closed-set model too.
 LOGIT_SCORES = ("msp", "max_logit", "energy", "entropy", "sml", "generative")
-#: The DiCNet student of the demo: EfficientNet-Lite0 up to its stride-8 stage (ImageNet weights from the installed
-#: package, like the closed-set backbone), pyramid pooling and a 3x3 convolution to the teacher's feature width.
+#: The DiCNet student of the demo (see the ``demo-dicnet`` preset).
 DICNET_STUDENT = "efficientnet_lite0"
 #: Sources of the fine-tuning negatives: the real pasted crops, flow samples, or a mixture of both.
 NEGATIVE_SOURCES = ("real", "synthetic", "mixed")
+#: Patch sides of the flow negatives start here (the released 16 px) and step by 8 px.
+FLOW_MIN_SIDE = 16
+#: Samples in each grid of flow samples shown in the report.
+FLOW_GRID_SAMPLES = 16
+
+#: The demo's stages: preset, folder (a fine-tuning folder adds the source of its negatives) and the offset of its
+#: training seed from the run's seed.
+CLOSED, FINETUNE, FLOW, FINETUNE_FLOW, DICNET = (
+    "demo-closed-set",
+    "demo-finetune",
+    "demo-flow-pretrain",
+    "demo-finetune-flow",
+    "demo-dicnet",
+)
+STAGE_FOLDERS = {CLOSED: "closed-set", FINETUNE: "finetune", FLOW: "flow-pretrain", DICNET: "dicnet"}
+SEED_OFFSETS = {CLOSED: 0, FINETUNE: 1, FLOW: 0, FINETUNE_FLOW: 1, DICNET: 2}
+_SEGMENTER_STAGES = (CLOSED, FINETUNE, FINETUNE_FLOW)
+_FINETUNE_STAGES = (FINETUNE, FINETUNE_FLOW)
+
+
+def _flow_side(size: int) -> int:
+    """The largest flow patch side for real negatives of side ``size``: rounded down to the flow's stride (8)."""
+    return max(FLOW_MIN_SIDE, int(size) // 8 * 8)
+
+
+#: The demo's training options and the recipe keys they set: option -> [(preset, key, value from the option)].
+TRAINING_OPTIONS: dict[str, list[tuple[str, str, Any]]] = {
+    "model": [(p, "model.name", str) for p in _SEGMENTER_STAGES],
+    "closed_epochs": [(CLOSED, "optim.epochs", int)],
+    "finetune_epochs": [(p, "optim.epochs", int) for p in _FINETUNE_STAGES],
+    "batch_size": [(p, "optim.batch_size", int) for p in (*_SEGMENTER_STAGES, DICNET)],
+    "lr": [(CLOSED, "optim.lr", float)],
+    "finetune_lr": [(p, "optim.lr", float) for p in _FINETUNE_STAGES],
+    "negative_size": [(p, "negatives.crop", int) for p in _FINETUNE_STAGES]
+    + [(FINETUNE_FLOW, "flow.max_side", _flow_side)],
+    "beta": [(p, "loss.beta", float) for p in _FINETUNE_STAGES],
+    "lambda_": [(p, "loss.lambda", float) for p in _FINETUNE_STAGES],
+    "dicnet_epochs": [(DICNET, "optim.epochs", int)],
+    "synthetic_fraction": [(FINETUNE_FLOW, "negatives.synthetic_fraction", float)],
+    "flow_epochs": [(FLOW, "optim.epochs", int)],
+    "flow_crop": [(FLOW, "augment.crop", int), (FLOW, "flow.grid_size", int)],
+    "flow_batch_size": [(FLOW, "optim.batch_size", int)],
+    "flow_lr": [(FLOW, "optim.lr", float), (FLOW, "optim.lr_min", float)],
+    "flow_finetune_lr": [(FINETUNE_FLOW, "flow.lr", float)],
+}
+#: Where the default of each training option is read (the first key it sets).
+_OPTION_SOURCE = {name: targets[0][:2] for name, targets in TRAINING_OPTIONS.items()}
+#: ``--quick``: smaller benchmark and report, and these training options.
+QUICK_SETTINGS = dict(image_size=(64, 128), train_images=32, val_images=8, test_images=8, num_examples=3)
+QUICK_TRAINING = dict(
+    closed_epochs=2,
+    finetune_epochs=1,
+    negative_size=32,
+    dicnet_epochs=1,
+    flow_epochs=1,
+    flow_crop=32,
+    flow_batch_size=8,
+)
+
+
+def _lookup(recipe: Mapping[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return recipe[section][key]
+
+
+def _toml(value: Any) -> str:
+    """A value as a TOML literal for a ``--set`` string."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def training_overrides(options: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The recipe overrides (``KEY=VALUE`` per preset) that the demo's training options stand for.
+
+    Raises:
+        ValueError: an unknown option.
+    """
+    overrides: dict[str, list[str]] = {}
+    for name, value in options.items():
+        if name not in TRAINING_OPTIONS:
+            raise ValueError(f"Unknown demo training option {name!r}. Available: {', '.join(TRAINING_OPTIONS)}.")
+        if name == "finetune_epochs" and value == 0:
+            continue  # no fine-tuning: DemoConfig.finetune is False
+        for preset, key, convert in TRAINING_OPTIONS[name]:
+            overrides.setdefault(preset, []).append(f"{key}={_toml(convert(value))}")
+    return overrides
 
 
 @dataclass
 class DemoConfig:
-    """Settings of one demo run. ``quick()`` gives the smoke-test variant.
+    """Settings of one demo run: the benchmark, the pipeline's stages and the report. Build it with :meth:`create`
+    (or :meth:`quick`, the smoke-test variant), which also takes the training options of :data:`TRAINING_OPTIONS`.
 
-    The defaults were chosen on the validation split (``eval_split="val"``), never on test; see docs/demo.md.
+    The presets' training settings were chosen on the validation split (``eval_split="val"``), never on test; see
+    docs/demo.md.
 
     Attributes:
-        out_dir: report, checkpoints and the cached benchmark go here.
+        out_dir: report, stage folders and the cached benchmark go here.
         data_dir: where the generated benchmark is cached (default ``out_dir/data``).
-        seed: seeds the benchmark and the first training run.
+        seed: seeds the benchmark and the first training run (each stage's ``run.seed`` is ``seed`` + its offset).
         seeds: training runs, with seeds ``seed, seed + 1, ...`` on the same benchmark; the report gives mean and
             standard deviation over them.
         image_size: (H, W) of the generated scenes.
         train_images, val_images, test_images: split sizes.
-        model: registered model name (default: the ladder model on ImageNet EfficientNet-Lite0).
-        closed_epochs: closed-set training epochs.
-        finetune_epochs: DenseHybrid fine-tuning epochs.
-        batch_size: images per step.
-        lr: closed-set learning rate of decoder and heads (backbone at 1/4, cosine decay, as released).
-        finetune_lr: fine-tuning learning rate (backbone at 1/4, cosine decay).
-        negative_size: side of the pasted negative crops (px).
-        beta: weight of the negative likelihood term (released code: 0.03).
-        lambda_: weight of the dataset-posterior term (released code: 10 * beta = 0.3).
         target_tpr: TPR at which the open-set threshold is calibrated on val.
         eval_split: the split the anomaly and segmentation numbers are measured on: "test", or "val" to choose
             settings without looking at test.
-        dicnet: also distil a DiCNet student from the closed-set model and evaluate its ``dicnet`` score (off by
-            default: the default run is at its 10-minute CPU budget).
-        dicnet_epochs: DiCNet distillation epochs (Adam 1e-4, weight decay 1e-5, horizontal flips: the released
-            optimiser; the released 150 epochs do not fit a CPU).
+        finetune: run the fine-tuning stage (``--finetune-epochs 0`` turns it off: the fine-tuned rows are then those
+            of the closed-set model).
+        dicnet: also distil a DiCNet student from the closed-set model (``demo-dicnet``) and evaluate its score.
+        negatives: source of the fine-tuning negatives: "real", "synthetic" (a jointly trained flow) or "mixed".
+        compare_negatives: also fine-tune the same closed-set model with the other two sources and report each.
         device: "auto", "cpu" or "cuda".
         num_examples: test images shown in the report.
-        resume: reuse finished stages and continue interrupted training from ``out_dir``.
+        resume: reuse finished stages and continue interrupted ones (False: retrain every stage).
         progress: progress bars, stage banners and time estimates (on stderr).
-        negatives: source of the fine-tuning negatives: "real" (pasted crops of photographs), "synthetic" (samples of
-            a jointly trained flow) or "mixed" (each pasted negative synthetic with probability
-            ``synthetic_fraction``).
-        synthetic_fraction: b of the "mixed" source, in [0, 1].
-        compare_negatives: also fine-tune the same closed-set model with the other two sources and report each.
-        flow_epochs: epochs of the flow's maximum-likelihood pre-training on the training scenes.
-        flow_crop: side of the pre-training crops and of the report's flow samples (a multiple of 8).
-        flow_batch_size: crops per pre-training step.
-        flow_lr: pre-training learning rate (Adamax; the released rate for a randomly initialised flow).
-        flow_finetune_lr: the flow's learning rate in joint fine-tuning (Adamax; released: 1e-5, × 0.99 per epoch).
+        overrides: preset name -> recipe overrides (``KEY=VALUE``) of the demo's training settings.
     """
 
     out_dir: Path = Path("demo_out")
@@ -133,135 +191,96 @@ class DemoConfig:
     train_images: int = 400
     val_images: int = 100
     test_images: int = 100
-    model: str = "ladder_efficientnet_lite0"
-    closed_epochs: int = 5
-    finetune_epochs: int = 3
-    batch_size: int = 8
-    lr: float = 4e-4
-    finetune_lr: float = 1e-5
-    negative_size: int = 64
-    beta: float = 0.03
-    lambda_: float = 0.3
     target_tpr: float = 0.95
     eval_split: str = "test"
+    finetune: bool = True
     dicnet: bool = False
-    dicnet_epochs: int = 5
+    negatives: str = "real"
+    compare_negatives: bool = False
     device: str = "auto"
     num_examples: int = 6
     resume: bool = True
     progress: bool = True
-    negatives: str = "real"
-    synthetic_fraction: float = 0.5
-    compare_negatives: bool = False
-    flow_epochs: int = 3
-    flow_crop: int = 64
-    flow_batch_size: int = 16
-    flow_lr: float = 1e-3
-    flow_finetune_lr: float = 1e-5
+    overrides: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def quick(cls, **overrides: Any) -> DemoConfig:
+    def create(cls, quick: bool = False, **settings: Any) -> DemoConfig:
+        """A configuration from fields and training options (``closed_epochs=2``, ``lr=1e-3``, ...); ``quick``
+        starts from the smoke-test settings (:data:`QUICK_SETTINGS`, :data:`QUICK_TRAINING`)."""
+        names = {f.name for f in fields(cls)}
+        given = {**(QUICK_SETTINGS if quick else {}), **{k: v for k, v in settings.items() if k in names}}
+        options = {**(QUICK_TRAINING if quick else {}), **{k: v for k, v in settings.items() if k not in names}}
+        _check_options(options, given)
+        if options.get("finetune_epochs") == 0:
+            given["finetune"] = False
+        overrides = training_overrides(options)
+        for preset, extra in given.pop("overrides", {}).items():
+            overrides.setdefault(preset, []).extend(extra)
+        return cls(**given, overrides=overrides)
+
+    @classmethod
+    def quick(cls, **settings: Any) -> DemoConfig:
         """A smoke-test run: small images, small splits, few epochs (under a minute on 2 CPU cores)."""
-        base = dict(
-            image_size=(64, 128),
-            train_images=32,
-            val_images=8,
-            test_images=8,
-            closed_epochs=2,
-            finetune_epochs=1,
-            negative_size=32,
-            num_examples=3,
-            dicnet_epochs=1,
-            flow_epochs=1,
-            flow_crop=32,
-            flow_batch_size=8,
-        )
-        base.update(overrides)
-        return cls(**base)
+        return cls.create(quick=True, **settings)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.data_dir = Path(self.data_dir) if self.data_dir is not None else self.out_dir / "data"
         self.image_size = tuple(self.image_size)
-        for name in (
-            "train_images",
-            "val_images",
-            "test_images",
-            "closed_epochs",
-            "batch_size",
-            "seeds",
-            "dicnet_epochs",
-        ):
+        self.overrides = {k: list(v) for k, v in self.overrides.items()}
+        for name in ("train_images", "val_images", "test_images", "seeds"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
-        if self.finetune_epochs < 0:
-            raise ValueError(f"Expected `finetune_epochs` to be >= 0, but got {self.finetune_epochs}.")
-        if self.train_images < self.batch_size:
-            raise ValueError(
-                f"Expected `train_images` >= `batch_size` ({self.batch_size}), but got {self.train_images}."
-            )
-        if self.negative_size <= 16:
-            # rectangles are drawn with sides 16, 24, ... below the crop side, as in the released code
-            raise ValueError(f"Expected `negative_size` > 16 px, but got {self.negative_size}.")
-        for name in ("lr", "finetune_lr", "beta", "lambda_", "target_tpr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
-        for name in ("lr", "finetune_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Expected `{name}` > 0, but got {getattr(self, name)}.")
-        if not 0 < self.target_tpr <= 1:
-            raise ValueError(f"Expected `target_tpr` in (0, 1], but got {self.target_tpr}.")
-        if self.negative_size > max(self.image_size):
-            raise ValueError(
-                f"Expected `negative_size` at most the larger scene side ({max(self.image_size)} px), but got "
-                f"{self.negative_size}: a larger negative is cropped to the scene anyway."
-            )
-        images = self.train_images + self.val_images + self.test_images
-        # uint8 scenes, targets and family maps (5 bytes a pixel), plus the 500 cached negatives of side
-        # 2 * negative_size (16 bytes a pixel, see RoadSceneNegatives)
-        planned = images * self.image_size[0] * self.image_size[1] * 5 + 500 * (2 * self.negative_size) ** 2 * 16
-        check_memory(
-            planned,
-            f"the benchmark ({images} scenes of {self.image_size[0]}x{self.image_size[1]}) and the negatives "
-            f"(side {2 * self.negative_size})",
-            "Lower --image-size, the image counts or --negative-size.",
-        )
+        value = self.target_tpr
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"Expected `target_tpr` in (0, 1], but got {value!r}.")
         if self.eval_split not in ("test", "val"):
             raise ValueError(f"Expected `eval_split` to be 'test' or 'val', but got {self.eval_split!r}.")
-        self._check_flow_settings()
-
-    def _check_flow_settings(self) -> None:
         if self.negatives not in NEGATIVE_SOURCES:
             raise ValueError(f"Expected `negatives` to be one of {NEGATIVE_SOURCES}, but got {self.negatives!r}.")
-        b = self.synthetic_fraction
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and 0.0 <= b <= 1.0):
-            raise ValueError(f"Expected `synthetic_fraction` in [0, 1], but got {b!r}.")
-        for name in ("flow_epochs", "flow_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
-        if self.flow_crop < 8 or self.flow_crop % 8:
-            raise ValueError(
-                f"Expected `flow_crop` to be a positive multiple of 8 (the flow's stride), got {self.flow_crop}."
-            )
-        if self.flow_crop > min(self.image_size):
-            raise ValueError(
-                f"Expected `flow_crop` at most the smaller scene side ({min(self.image_size)} px), but got "
-                f"{self.flow_crop}."
-            )
-        for name in ("flow_lr", "flow_finetune_lr"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value > 0)
-            ):
-                raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value!r}.")
-        if self.uses_flow and _flow_max_side(self) > min(self.image_size):
-            raise ValueError(
-                f"Expected the largest flow patch ({_flow_max_side(self)} px, from `negative_size`) to fit the smaller "
-                f"scene side ({min(self.image_size)} px), but it does not. Lower --negative-size."
-            )
+        for preset in self.presets:  # every stage's recipe resolves before anything is written
+            self.recipe(preset)
+        batch = self.setting("batch_size")
+        if self.train_images < batch:
+            raise ValueError(f"Expected `train_images` >= `batch_size` ({batch}), but got {self.train_images}.")
+        side = self.setting("negative_size")
+        images = self.train_images + self.val_images + self.test_images
+        # uint8 scenes, targets and family maps (5 bytes a pixel), plus the 1000 cached negatives (16 bytes a pixel)
+        check_memory(
+            images * self.image_size[0] * self.image_size[1] * 5 + 1000 * side**2 * 16,
+            f"the benchmark ({images} scenes of {self.image_size[0]}x{self.image_size[1]}) and the negatives "
+            f"(side {side})",
+            "Lower --image-size, the image counts or --negative-size.",
+        )
+
+    @property
+    def presets(self) -> list[str]:
+        """The presets this configuration trains (per seed)."""
+        presets = [CLOSED]
+        if self.uses_flow:
+            presets.append(FLOW)
+        if self.finetune:
+            presets += [FINETUNE_FLOW if s != "real" else FINETUNE for s in self.negative_sources]
+        return presets + ([DICNET] if self.dicnet else [])
+
+    def recipe(self, preset: str, extra: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+        """The resolved recipe of ``preset`` with the demo's overrides, ``extra`` and the stage's seed."""
+        from densehybrid.recipes import load_recipe
+
+        seed = f"run.seed={self.seed + SEED_OFFSETS[preset]}"
+        return load_recipe(preset, [*self.overrides.get(preset, ()), seed, *extra])
+
+    def setting(self, option: str) -> Any:
+        """The value of a training option (:data:`TRAINING_OPTIONS`) in this configuration's recipes."""
+        if option == "finetune_epochs" and not self.finetune:
+            return 0
+        preset, key = _OPTION_SOURCE[option]
+        return _lookup(self.recipe(preset), key)
+
+    @property
+    def synthetic_fraction(self) -> float:
+        """b of the "mixed" source."""
+        return self.setting("synthetic_fraction")
 
     @property
     def negative_sources(self) -> list[str]:
@@ -273,12 +292,52 @@ class DemoConfig:
     @property
     def uses_flow(self) -> bool:
         """Whether any fine-tuning run of this configuration needs the flow."""
-        return any(s != "real" for s in self.negative_sources)
+        return self.finetune and any(s != "real" for s in self.negative_sources)
 
     @property
     def training_seeds(self) -> list[int]:
         """The seed of every training run."""
         return [self.seed + i for i in range(self.seeds)]
+
+
+def _check_options(options: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """The demo's own limits on its training options (the recipes check the rest when they resolve)."""
+    image_size = tuple(settings.get("image_size", DemoConfig.image_size))
+    for name in ("closed_epochs", "batch_size", "dicnet_epochs", "flow_epochs", "flow_batch_size"):
+        if name in options and int(options[name]) < 1:
+            raise ValueError(f"Expected `{name}` to be >= 1, but got {options[name]}.")
+    if options.get("finetune_epochs", 1) < 0:
+        raise ValueError(f"Expected `finetune_epochs` to be >= 0, but got {options['finetune_epochs']}.")
+    for name in ("lr", "finetune_lr", "beta", "lambda_", "flow_lr", "flow_finetune_lr", "synthetic_fraction"):
+        value = options.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
+    for name in ("lr", "finetune_lr", "flow_lr", "flow_finetune_lr"):
+        if options.get(name, 1.0) <= 0:
+            raise ValueError(f"Expected `{name}` > 0, but got {options[name]}.")
+    if not 0.0 <= options.get("synthetic_fraction", 0.5) <= 1.0:
+        raise ValueError(f"Expected `synthetic_fraction` in [0, 1], but got {options['synthetic_fraction']!r}.")
+    side = options.get("negative_size")
+    if side is not None and side <= 16:  # rectangles have sides 16, 24, ... below the crop side, as released
+        raise ValueError(f"Expected `negative_size` > 16 px, but got {side}.")
+    if side is not None and side > max(image_size):
+        raise ValueError(
+            f"Expected `negative_size` at most the larger scene side ({max(image_size)} px), but got {side}: a larger "
+            "negative is cropped to the scene anyway."
+        )
+    crop = options.get("flow_crop")
+    if crop is not None and (crop < 8 or crop % 8 or crop > min(image_size)):
+        raise ValueError(
+            f"Expected `flow_crop` to be a positive multiple of 8 (the flow's stride) at most the smaller scene side "
+            f"({min(image_size)} px), but got {crop}."
+        )
+    negatives = settings.get("negatives", "real")
+    if side is not None and (negatives != "real" or settings.get("compare_negatives")):
+        if _flow_side(side) > min(image_size):
+            raise ValueError(
+                f"Expected the largest flow patch ({_flow_side(side)} px, from `negative_size`) to fit the smaller "
+                f"scene side ({min(image_size)} px), but it does not. Lower --negative-size."
+            )
 
 
 @dataclass
@@ -341,15 +400,17 @@ def _work_units(config: DemoConfig) -> tuple[float, float, float]:
     """(closed-set, fine-tuning, scoring) work of one seed in image passes (a forward pass costs a third of a step;
     fine-tuning steps pay for the negatives too)."""
     train = config.train_images
-    closed = config.closed_epochs * train
-    finetune = config.finetune_epochs * train * 1.1
+    closed = config.setting("closed_epochs") * train
+    finetune = config.setting("finetune_epochs") * train * 1.1
     scoring = (2 * train + config.val_images + 2 * config.test_images) / 3
     return closed, finetune, scoring
 
 
 def _dicnet_units(config: DemoConfig) -> float:
     """DiCNet work of one seed in image passes: a teacher forward and a light student step per image, then scoring."""
-    return config.dicnet_epochs * config.train_images * 0.6 + config.test_images / 3 if config.dicnet else 0.0
+    if not config.dicnet:
+        return 0.0
+    return config.setting("dicnet_epochs") * config.train_images * 0.6 + config.test_images / 3
 
 
 def _family_groups(batch: Mapping[str, Any], binary: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -364,271 +425,131 @@ def _family_groups(batch: Mapping[str, Any], binary: torch.Tensor) -> dict[str, 
     return groups
 
 
-def _train_config(config: DemoConfig, epochs: int, lr: float, seed_offset: int) -> TrainConfig:
-    return TrainConfig(
-        epochs=epochs,
-        batch_size=config.batch_size,
-        lr=lr,
-        seed=config.seed + seed_offset,
-        device=config.device,
-        progress=config.progress,
-        checkpoint_every=25,
-        num_workers=0,  # the generated scenes are in memory
-    )
+# ------------------------------------------------------------------------------------------------- the pipeline
+@dataclass
+class _StageRun:
+    """A trained (or reused) stage: its recipe, its folder's ``last.pt``, the command that trains it by hand."""
+
+    recipe: dict[str, Any]
+    checkpoint: Path
+    seconds: float
+    reused: bool
+    record: dict[str, Any]
 
 
-def _stage_settings(config: DemoConfig, stage: str) -> dict[str, Any]:
-    """The settings a stage's result depends on: a finished stage is reused only when they are unchanged."""
-    settings = {
-        "model": config.model,
-        "seed": config.seed,
-        "image_size": list(config.image_size),
-        "train_images": config.train_images,
-        "batch_size": config.batch_size,
-        "closed_epochs": config.closed_epochs,
-        "lr": config.lr,
-    }
-    if stage == "densehybrid":
-        settings.update(
-            finetune_epochs=config.finetune_epochs,
-            finetune_lr=config.finetune_lr,
-            negative_size=config.negative_size,
-            beta=config.beta,
-            lambda_=config.lambda_,
-        )
-    if stage == "dicnet":
-        settings.update(
-            dicnet_epochs=config.dicnet_epochs,
-            dicnet_student=DICNET_STUDENT,
-            dicnet_lr=DISTILLATION_LR,
-            dicnet_weight_decay=DISTILLATION_WEIGHT_DECAY,
-        )
-    return settings
+class _Pipeline:
+    """The demo's stages on one benchmark: resolves each stage's recipe and trains it with ``train_recipe``."""
+
+    def __init__(self, config: DemoConfig, digest: str, device: torch.device, say: _Announcer) -> None:
+        self.config, self.digest, self.device, self.say = config, digest, device, say
+        self.records: list[dict[str, Any]] = []
+
+    def stage(
+        self,
+        config: DemoConfig,
+        preset: str,
+        folder: Path,
+        banner: tuple[str, str],
+        init: Path | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> _StageRun:
+        """Train ``preset`` into ``folder`` (or reuse the finished run of the same recipe there)."""
+        from densehybrid.recipes.run import RunInputs, train_recipe
+
+        t0 = time.perf_counter()
+        pinned = (f"data.options.digest={_toml(self.digest)}", *extra)
+        recipe = config.recipe(preset, pinned)
+        self.say.banner(*banner)
+        checkpoint = folder / "last.pt"
+        reused = config.resume and _finished(checkpoint, recipe)
+        if reused:
+            self.say.say(f"   reused the finished stage {checkpoint} (same recipe; --no-resume retrains it)")
+        else:
+            inputs = RunInputs(
+                data_root=config.data_dir,
+                init="" if init is None else str(init),
+                out=folder,
+                device=str(self.device),
+                progress=config.progress,
+                resume=config.resume,
+            )
+            summary = train_recipe(recipe, inputs)
+            if not summary["finished"]:
+                raise RuntimeError(
+                    f"Expected stage {preset!r} to finish, but it stopped at step {summary['global_step']}."
+                )
+            _check_finite_weights(checkpoint)
+        sets = [*config.overrides.get(preset, ()), f"run.seed={config.seed + SEED_OFFSETS[preset]}", *pinned]
+        command = ["densehybrid", "train", "--recipe", preset, "--data-root", str(config.data_dir)]
+        command += [*(["--init", str(init)] if init is not None else []), "--out", str(folder)]
+        command += [arg for item in sets for arg in ("--set", item)]
+        record = {"recipe": preset, "out": str(folder), "init": None if init is None else str(init), "set": sets}
+        record["command"] = shlex.join(command)
+        if record not in self.records:  # a comparison reuses the closed-set stage: listed once
+            self.records.append(record)
+        return _StageRun(recipe, checkpoint, time.perf_counter() - t0, reused, record)
 
 
-def _reuse_stage(model: torch.nn.Module, path: Path, train_dir: Path, settings: dict[str, Any]) -> bool:
-    """Load a finished stage into ``model`` if it was made with ``settings``; otherwise clear its stale state."""
-    if path.exists():
-        stored = read_checkpoint_file(path)
-        if stored.get("settings") == settings:
-            model.load_state_dict(stored["model"])
-            return True
-        # kept until the retrained stage replaces it atomically: an interrupted re-run leaves the old one intact
-    # an interrupted run of the same settings resumes; one of other settings must not
-    last = train_dir / "last.pt"
-    if last.exists():
-        try:
-            same = read_checkpoint_file(last).get("metadata", {}).get("demo_settings") == settings
-        except CheckpointError:
-            same = False  # a damaged partial run of any settings: start that stage over
-        if not same:
-            last.unlink()
-    return False
+def _finished(checkpoint: Path, recipe: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` is the end of a finished run of ``recipe`` (the same resolved recipe)."""
+    from densehybrid.errors import CheckpointError
+    from densehybrid.models.checkpoint import read_checkpoint
+    from densehybrid.recipes.run import recipe_differences
+
+    if not checkpoint.is_file():
+        return False
+    try:
+        info = read_checkpoint(checkpoint)
+    except CheckpointError:
+        return False  # a damaged file: train_recipe says what is wrong with it
+    if not isinstance(info.recipe, Mapping) or recipe_differences(info.recipe, recipe):
+        return False  # train_recipe refuses it, naming the keys that differ
+    return int(info.training.get("epoch") or 0) >= recipe["optim"]["epochs"] and not info.training.get("step_in_epoch")
 
 
-def _mark_finished(path: Path, model: torch.nn.Module, settings: dict[str, Any], history: list) -> None:
-    damaged = [name for name, tensor in model.state_dict().items() if not bool(torch.isfinite(tensor.float()).all())]
+def _check_finite_weights(checkpoint: Path) -> None:
+    from densehybrid.models.checkpoint import read_checkpoint
+
+    state = read_checkpoint(checkpoint).state_dict
+    damaged = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor.float()).all())]
     if damaged:
         raise NonFiniteError(
-            f"Expected finite weights at the end of stage {path.stem!r}, but {len(damaged)} tensor(s) hold NaN or "
-            f"infinite values (first: {damaged[0]}): training diverged, so the stage is not saved. Lower the "
-            "learning rate."
+            f"Expected finite weights at the end of stage {checkpoint.parent.name!r}, but {len(damaged)} tensor(s) "
+            f"hold NaN or infinite values (first: {damaged[0]}): training diverged. Lower the learning rate and "
+            "re-run with --no-resume."
         )
-    atomic_torch_save(
-        {
-            "model": model.state_dict(),
-            "model_name": getattr(model, "model_name", None),
-            "model_kwargs": getattr(model, "model_kwargs", None),
-            "data_config": model.data_config,
-            "settings": settings,
-            "history": history,
-        },
-        path,
-    )
 
 
-# ----------------------------------------------------------------------------------------- synthetic negatives
-#: Patch sides of the flow negatives start here (the released 16 px) and step by 8 px.
-FLOW_MIN_SIDE = 16
-#: Samples in each grid of flow samples shown in the report.
-FLOW_GRID_SAMPLES = 16
+def _load_model(checkpoint: Path, device: torch.device) -> torch.nn.Module:
+    """The segmenter (or DiCNet) a stage trained, in eval mode on ``device``."""
+    from densehybrid.models.checkpoint import model_from_checkpoint, read_checkpoint
+
+    model, _ = model_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
+    return model.to(device).eval()
 
 
-def _flow_max_side(config: DemoConfig) -> int:
-    """The largest flow patch side: the real negatives' crop side, rounded down to the flow's stride (8)."""
-    return max(FLOW_MIN_SIDE, config.negative_size // 8 * 8)
+def _load_flow(recipe: Mapping[str, Any], checkpoint: Path) -> torch.nn.Module:
+    """The flow of a flow pre-training or flow fine-tuning run's ``last.pt``."""
+    from densehybrid.recipes.flow_methods import build_flow, load_flow_init
+
+    flow, _ = build_flow({**recipe["flow"], "init": ""})
+    load_flow_init(flow, str(checkpoint))
+    return flow
 
 
-def _finetune_name(source: str) -> str:
-    """Stem of a fine-tuning stage's checkpoint and training folder; the real-negative stage keeps its old name."""
-    return "densehybrid" if source == "real" else f"densehybrid_{source}"
-
-
-def _flow_stage_settings(config: DemoConfig, data_seed: int) -> dict[str, Any]:
-    return {
-        "flow": "DenseFlow.small",
-        "seed": config.seed,
-        "data_seed": data_seed,
-        "image_size": list(config.image_size),
-        "train_images": config.train_images,
-        "flow_epochs": config.flow_epochs,
-        "flow_crop": config.flow_crop,
-        "flow_batch_size": config.flow_batch_size,
-        "flow_lr": config.flow_lr,
-    }
-
-
-def _flow_finetune_settings(config: DemoConfig, flow_settings: dict[str, Any]) -> dict[str, Any]:
-    """What a synthetic or mixed fine-tuning stage depends on beyond the real one's settings."""
-    settings = {
-        "negatives_source": config.negatives,
-        "flow_pretraining": flow_settings,
-        "flow_finetune_lr": config.flow_finetune_lr,
-        "flow_sides": [FLOW_MIN_SIDE, _flow_max_side(config)],
-    }
-    if config.negatives == "mixed":
-        settings["synthetic_fraction"] = config.synthetic_fraction
-    return settings
-
-
-@dataclass
-class _FlowStage:
-    flow: torch.nn.Module
-    settings: dict[str, Any]
-    grid: Path
-    seconds: float
-
-
-def _write_flow_grid(flow: torch.nn.Module, config: DemoConfig, path: Path) -> Path:
-    """A grid of ``FLOW_GRID_SAMPLES`` flow samples of ``flow_crop``² from fixed latents (seed ``config.seed``)."""
+def _write_flow_grid(flow: torch.nn.Module, side: int, seed: int, path: Path) -> Path:
+    """A grid of ``FLOW_GRID_SAMPLES`` flow samples of ``side``² from fixed latents (``seed``)."""
     from densehybrid.engine.flow_joint import save_sample_grid
 
-    was_training = flow.training
     flow.eval()
     with torch.no_grad():
-        generator = torch.Generator().manual_seed(config.seed)
-        samples = flow.sample(FLOW_GRID_SAMPLES, (config.flow_crop, config.flow_crop), generator=generator)
-    flow.train(was_training)
+        samples = flow.sample(FLOW_GRID_SAMPLES, (side, side), generator=torch.Generator().manual_seed(seed))
     return save_sample_grid(samples / 255.0, path, nrow=4)
 
 
-def _flow_pretraining_stage(
-    config: DemoConfig, data_seed: int, train_set, out: Path, device, say: _Announcer, tag: str
-) -> _FlowStage:
-    """Pre-train ``DenseFlow.small()`` by maximum likelihood on random crops of the training scenes, or reuse it.
-
-    The finished flow is ``out/flow_pretrained.pt`` (reused when its settings are unchanged); an interrupted run
-    resumes from ``out/train_flow/flow_last.pt`` (which also holds a sample grid per epoch). The report's grid of the
-    pre-trained flow's samples is ``out/figures/flow_samples_pretrained.png``.
-    """
-    from densehybrid.engine.flow_joint import pretrain_flow
-    from densehybrid.engine.outputs import remove_stale_temporaries
-    from densehybrid.flows import DenseFlow
-
-    t0 = time.perf_counter()
-    settings = _flow_stage_settings(config, data_seed)
-    path, train_dir = out / "flow_pretrained.pt", out / "train_flow"
-    say.banner(
-        f"flow pre-training{tag}",
-        f"DenseFlow.small(), {config.flow_epochs} epochs of {config.flow_crop}x{config.flow_crop} crops of the "
-        "training scenes, bits/dim",
-    )
-    with torch.random.fork_rng(devices=[]):  # the flow's initialisation, seeded without moving the run's RNG
-        torch.manual_seed(config.seed)
-        flow = DenseFlow.small()
-    if config.resume and _reuse_stage(flow, path, train_dir, settings):
-        say.say(f"   reused the finished stage {path} (same settings; --no-resume retrains it)")
-    else:
-        # pretrain_flow resumes from train_dir/flow_last.pt: only when that partial run had these settings
-        stamp, partial = train_dir / "settings.json", train_dir / "flow_last.pt"
-        train_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(train_dir)
-        same = stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(settings))
-        if partial.exists() and not (config.resume and same):
-            partial.unlink()
-        stamp.write_text(json.dumps(settings))
-        result = pretrain_flow(
-            flow,
-            train_set,
-            out_dir=train_dir,
-            epochs=config.flow_epochs,
-            batch_size=config.flow_batch_size,
-            crop_size=config.flow_crop,
-            lr=config.flow_lr,
-            grid_samples=FLOW_GRID_SAMPLES,
-            seed=config.seed,
-            device=device,
-            resume=config.resume,
-            progress=config.progress,
-        )
-        _check_finite_weights(flow, path)
-        atomic_torch_save(
-            {"model": flow.state_dict(), "flow_config": flow.config, "settings": settings, "history": result.history},
-            path,
-        )
-        if result.history:
-            values = ", ".join(f"{record['bpd']:.3f}" for record in result.history)
-            say.say(f"   flow bits/dim by epoch: {values}")
-    flow.to(device)
-    grid = _write_flow_grid(flow, config, out / "figures" / "flow_samples_pretrained.png")
-    return _FlowStage(flow, settings, grid, time.perf_counter() - t0)
-
-
-def _check_finite_weights(model: torch.nn.Module, path: Path) -> None:
-    damaged = [name for name, tensor in model.state_dict().items() if not bool(torch.isfinite(tensor.float()).all())]
-    if damaged:
-        raise NonFiniteError(
-            f"Expected finite weights at the end of stage {path.stem!r}, but {len(damaged)} tensor(s) hold NaN or "
-            f"infinite values (first: {damaged[0]}): training diverged, so the stage is not saved. Lower the "
-            "learning rate."
-        )
-
-
-def _joint_flow_objective(config: DemoConfig, flow_stage: _FlowStage, device):
-    """The released joint iteration (segmenter step on no-grad flow patches or a mixture, then the flow step) with
-    the demo's loss weights; the flow continues from its pre-trained weights at ``flow_finetune_lr``."""
-    from densehybrid.engine.flow_joint import FLOW_LR_DECAY, build_flow_optimizer
-    from densehybrid.engine.flow_objectives import JointFlowObjective
-    from densehybrid.flows import FlowNegatives, MixedNegatives
-
-    flow = copy.deepcopy(flow_stage.flow).to(device).train()  # the pre-trained flow stays as it is for other runs
-    synthetic = FlowNegatives(flow, patches_per_image=1, min_side=FLOW_MIN_SIDE, max_side=_flow_max_side(config))
-    negatives: Any = synthetic
-    real = None
-    side = config.negative_size
-    if config.negatives == "mixed":
-        negatives = MixedNegatives(synthetic, config.synthetic_fraction)  # the real pasting's defaults (NegativePaster)
-        real = NegativeStream(RoadSceneNegatives(seed=config.seed, size=(side, side), length=1000), crop_size=side)
-    optimizer = build_flow_optimizer(flow, lr=config.flow_finetune_lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=FLOW_LR_DECAY["traffic"])
-    return JointFlowObjective(
-        DenseHybridLoss(beta=config.beta, lambda_=config.lambda_),
-        flow,
-        optimizer,
-        scheduler,
-        negatives,
-        real_negatives=real,
-    )
-
-
-def _save_finetuned_flow(flow: torch.nn.Module, path: Path, settings: dict[str, Any]) -> None:
-    _check_finite_weights(flow, path)
-    atomic_torch_save({"model": flow.state_dict(), "flow_config": flow.config, "settings": settings}, path)
-
-
-def _load_finetuned_flow(flow_stage: _FlowStage, path: Path, settings: dict[str, Any]) -> torch.nn.Module | None:
-    """The jointly fine-tuned flow of a reused stage, or None when it is missing or of other settings."""
-    if not path.exists():
-        return None
-    try:
-        stored = read_checkpoint_file(path)
-    except CheckpointError:
-        return None
-    if stored.get("settings") != settings:
-        return None
-    flow = copy.deepcopy(flow_stage.flow)
-    flow.load_state_dict(stored["model"])
-    return flow
+def _finetune_folder(source: str) -> str:
+    """The folder of a fine-tuning stage: ``finetune`` for real negatives, ``finetune-SOURCE`` otherwise."""
+    return "finetune" if source == "real" else f"finetune-{source}"
 
 
 def _comparison_section(per_source: Mapping[str, list[dict[str, Any]]], synthetic_fraction: float):
@@ -792,146 +713,98 @@ class _SeedRun:
     flow_grids: dict[str, Path] = field(default_factory=dict)
 
 
-def _train_and_evaluate(
-    config: DemoConfig, data_seed: int, datasets: Mapping[str, Any], out: Path, device, say: _Announcer
-) -> _SeedRun:
-    """Stages 2-5 for one training seed (``config.seed``), writing checkpoints to ``out``."""
-    timings: dict[str, float] = {}
-    train_set, val_set = datasets["train"], datasets["val"]
-    eval_set = datasets[config.eval_split]
-    num_classes = len(ROADSCENE_CLASSES)
-    config = dataclasses.replace(config, out_dir=out, data_dir=config.data_dir)
-    closed_units, finetune_units, scoring_units = _work_units(config)
+def _train_stages(
+    pipeline: _Pipeline, config: DemoConfig, out: Path, source: str, main: bool
+) -> tuple[dict[str, torch.nn.Module], dict[str, float], dict[str, Path]]:
+    """Stages 2-3 (and the flow and DiCNet stages) for one training seed: the trained models, timings, flow grids."""
     tag = f" (seed {config.seed})" if config.seeds > 1 else ""
-    out.mkdir(parents=True, exist_ok=True)
-
-    # stage 2: closed-set training
-    t0 = time.perf_counter()
-    torch.manual_seed(config.seed)
-    closed_model = create_model(config.model, num_classes=num_classes)
-    closed_path = out / "closed_set.pt"
-    closed_settings = {**_stage_settings(config, "closed"), "data_seed": data_seed}
-    say.banner(
-        f"closed-set training{tag}",
-        f"{config.closed_epochs} epochs over {len(train_set)} scenes, {config.model}",
+    say, device, timings, grids = pipeline.say, pipeline.device, {}, {}
+    epochs = config.setting("closed_epochs")
+    closed = pipeline.stage(
+        config,
+        CLOSED,
+        out / STAGE_FOLDERS[CLOSED],
+        (f"closed-set training{tag}", f"{epochs} epochs over {config.train_images} scenes, recipe {CLOSED}"),
     )
-    if config.resume and _reuse_stage(closed_model, closed_path, out / "train_closed_set", closed_settings):
-        say.say(f"   reused the finished stage {closed_path} (same settings; --no-resume retrains it)")
-        say.advance(closed_units)
+    closed_units, finetune_units, _ = _work_units(config)
+    say.advance(closed_units, None if closed.reused else closed.seconds)
+    timings["closed-set training"] = closed.seconds
+    models = {"closed-set": _load_model(closed.checkpoint, device)}
+    flow_init: tuple[str, ...] = ()
+    if config.finetune and source != "real":
+        flow = pipeline.stage(
+            config,
+            FLOW,
+            out / STAGE_FOLDERS[FLOW],
+            (f"flow pre-training{tag}", f"DenseFlow.small(), {config.setting('flow_epochs')} epochs, recipe {FLOW}"),
+        )
+        timings["flow pre-training"] = flow.seconds
+        side = flow.recipe["augment"]["crop"]
+        grids["pretrained"] = _write_flow_grid(
+            _load_flow(flow.recipe, flow.checkpoint), side, config.seed, out / "figures" / "flow_samples_pretrained.png"
+        )
+        flow_init = (f"flow.init={_toml(str(flow.checkpoint))}", f"negatives.source={_toml(source)}")
+    if config.finetune:
+        preset = FINETUNE if source == "real" else FINETUNE_FLOW
+        label = {"real": "", "synthetic": " with flow negatives", "mixed": " with mixed negatives"}[source]
+        tuned = pipeline.stage(
+            config,
+            preset,
+            out / _finetune_folder(source),
+            (f"DenseHybrid fine-tuning{label}{tag}", f"{config.setting('finetune_epochs')} epochs, recipe {preset}"),
+            init=closed.checkpoint,
+            extra=flow_init,
+        )
+        timings["DenseHybrid fine-tuning"] = tuned.seconds
+        say.advance(finetune_units, None if tuned.reused else tuned.seconds)
+        models["densehybrid"] = _load_model(tuned.checkpoint, device)
+        if source != "real":
+            flow_side = config.recipe(FLOW)["augment"]["crop"]
+            tuned_flow = _load_flow(tuned.recipe, tuned.checkpoint)
+            grids["finetuned"] = _write_flow_grid(
+                tuned_flow, flow_side, config.seed, out / "figures" / f"flow_samples_{source}.png"
+            )
     else:
-        if say.seconds_per_unit is None:
-            say.rate(_probe_step_seconds(closed_model, train_set, config.batch_size, device) / config.batch_size)
-            say.banner("closed-set training started", "time estimate from one timed step")
-        result = fit(
-            closed_model,
-            train_set,
-            ClosedSetObjective(),
-            _train_config(config, config.closed_epochs, config.lr, 0),
-            out_dir=out / "train_closed_set",
-            resume=config.resume,
-            metadata={"demo_settings": closed_settings},
+        models["densehybrid"] = copy.deepcopy(models["closed-set"])
+    if config.dicnet and main:
+        dicnet = pipeline.stage(
+            config,
+            DICNET,
+            out / STAGE_FOLDERS[DICNET],
+            (
+                f"DiCNet distillation{tag}",
+                f"{config.setting('dicnet_epochs')} epochs, {DICNET_STUDENT} student imitating the frozen "
+                f"closed-set model's pre-logit features, recipe {DICNET}",
+            ),
+            init=closed.checkpoint,
         )
-        _mark_finished(closed_path, closed_model, closed_settings, result.history)
-        say.advance(closed_units, time.perf_counter() - t0)
-    timings["closed-set training"] = time.perf_counter() - t0
+        timings["DiCNet distillation"] = dicnet.seconds
+        say.advance(_dicnet_units(config))
+        models["dicnet"] = _load_model(dicnet.checkpoint, device)
+    return models, timings, grids
 
-    # stage 3: DenseHybrid fine-tuning from the closed-set weights (after the flow's pre-training for flow negatives)
-    flow_stage, flow_grids = None, {}
-    if config.negatives != "real":
-        flow_stage = _flow_pretraining_stage(config, data_seed, train_set, out, device, say, tag)
-        timings["flow pre-training"] = flow_stage.seconds
-        flow_grids["pretrained"] = flow_stage.grid
-    t0 = time.perf_counter()
-    hybrid_model = create_model(config.model, num_classes=num_classes)
-    hybrid_model.load_state_dict(closed_model.state_dict())
-    stem = _finetune_name(config.negatives)
-    hybrid_path = out / f"{stem}.pt"
-    hybrid_settings = {**_stage_settings(config, "densehybrid"), "data_seed": data_seed, "negatives": NEGATIVES_VERSION}
-    if flow_stage is not None:
-        hybrid_settings.update(_flow_finetune_settings(config, flow_stage.settings))
-    source = {"real": "", "synthetic": " with flow negatives", "mixed": " with mixed negatives"}[config.negatives]
-    say.banner(
-        f"DenseHybrid fine-tuning{source}{tag}",
-        f"{config.finetune_epochs} epochs, one pasted negative per scene, loss weights (1, {config.beta}, "
-        f"{config.lambda_})"
-        + (f", synthetic with probability {config.synthetic_fraction:g}" if config.negatives == "mixed" else ""),
-    )
-    reused = config.resume and _reuse_stage(hybrid_model, hybrid_path, out / f"train_{stem}", hybrid_settings)
-    if reused and flow_stage is not None and config.finetune_epochs:
-        tuned_flow = _load_finetuned_flow(flow_stage, out / f"flow_{config.negatives}.pt", hybrid_settings)
-        if tuned_flow is not None:
-            flow_grids["finetuned"] = _write_flow_grid(
-                tuned_flow, config, out / "figures" / f"flow_samples_{config.negatives}.png"
-            )
-    if reused:
-        say.say(f"   reused the finished stage {hybrid_path} (same settings; --no-resume retrains it)")
-        say.advance(finetune_units)
-    elif config.finetune_epochs:
-        if say.seconds_per_unit is None:  # the closed-set stage was reused: time one step for the estimate
-            say.rate(_probe_step_seconds(hybrid_model, train_set, config.batch_size, device) / config.batch_size)
-            say.banner("DenseHybrid fine-tuning started", "time estimate from one timed step")
-        side = config.negative_size
-        if flow_stage is None:
-            negatives = RoadSceneNegatives(seed=config.seed, size=(side, side), length=1000)
-            objective = DenseHybridObjective(
-                DenseHybridLoss(beta=config.beta, lambda_=config.lambda_),
-                NegativeStream(negatives, crop_size=side),
-                NegativePaster(),
-            )
-        else:
-            objective = _joint_flow_objective(config, flow_stage, device)
-        result = fit(
-            hybrid_model,
-            train_set,
-            objective,
-            _train_config(config, config.finetune_epochs, config.finetune_lr, 1),
-            out_dir=out / f"train_{stem}",
-            resume=config.resume,
-            metadata={"demo_settings": hybrid_settings},
-            on_epoch_end=None if flow_stage is None else objective.on_epoch_end,
-        )
-        _mark_finished(hybrid_path, hybrid_model, hybrid_settings, result.history)
-        if flow_stage is not None:
-            _save_finetuned_flow(objective.flow, out / f"flow_{config.negatives}.pt", hybrid_settings)
-            flow_grids["finetuned"] = _write_flow_grid(
-                objective.flow, config, out / "figures" / f"flow_samples_{config.negatives}.png"
-            )
-        say.advance(finetune_units, time.perf_counter() - t0 if say.seconds_per_unit is None else None)
-    timings["DenseHybrid fine-tuning"] = time.perf_counter() - t0
 
-    # stage 3b (--dicnet): DiCNet, a student distilled from the frozen closed-set model
-    dicnet_model = None
-    if config.dicnet:
-        t0 = time.perf_counter()
-        torch.manual_seed(config.seed + 2)  # the student's initialisation, whether earlier stages ran or were reused
-        dicnet_model = _dicnet_model(closed_model)
-        dicnet_path = out / "dicnet.pt"
-        dicnet_settings = {**_stage_settings(config, "dicnet"), "data_seed": data_seed}
-        say.banner(
-            f"DiCNet distillation{tag}",
-            f"{config.dicnet_epochs} epochs, {DICNET_STUDENT} student imitating the frozen closed-set model's "
-            "pre-logit features",
-        )
-        train_dir = out / "train_dicnet"
-        if config.resume and _reuse_stage(dicnet_model, dicnet_path, train_dir, dicnet_settings):
-            say.say(f"   reused the finished stage {dicnet_path} (same settings; --no-resume retrains it)")
-            say.advance(_dicnet_units(config))
-        else:
-            if not config.resume and (train_dir / "last.pt").exists():
-                (train_dir / "last.pt").unlink()
-            history = _distil(dicnet_model, train_set, config, dicnet_settings, train_dir, device)
-            _mark_finished(dicnet_path, dicnet_model, dicnet_settings, history)
-            say.advance(_dicnet_units(config))
-        timings["DiCNet distillation"] = time.perf_counter() - t0
+def _train_and_evaluate(
+    pipeline: _Pipeline, config: DemoConfig, datasets: Mapping[str, Any], out: Path, source: str, main: bool = True
+) -> _SeedRun:
+    """Stages 2-5 for one training seed (``config.seed``) and one source of negatives, training into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    models, timings, grids = _train_stages(pipeline, config, out, source, main)
+    rows, segmentation, threshold, hybrid_eval, more = _evaluate_models(pipeline, config, datasets, models)
+    timings.update(more)
+    return _SeedRun(rows, segmentation, threshold, timings, hybrid_eval, models["densehybrid"], grids)
 
-    # stage 4: SML statistics and threshold calibration
+
+def _evaluate_models(pipeline: _Pipeline, config: DemoConfig, datasets: Mapping[str, Any], models: dict) -> tuple:
+    """Stages 4-5: SML statistics, the threshold on val, every score of every model on the evaluation split."""
+    say, timings, num_classes = pipeline.say, {}, len(ROADSCENE_CLASSES)
+    tag = f" (seed {config.seed})" if config.seeds > 1 else ""
+    train_set, val_set, eval_set = datasets["train"], datasets["val"], datasets[config.eval_split]
+    closed_model, hybrid_model = models["closed-set"], models["densehybrid"]
     t0 = time.perf_counter()
     say.banner(f"calibration{tag}", "SML statistics on train, open-set threshold on val")
-    common = dict(device=device, batch_size=config.batch_size, progress=config.progress)
-    sml_stats = {
-        name: _fit_sml(model, train_set, common)
-        for name, model in (("closed-set", closed_model), ("densehybrid", hybrid_model))
-    }
+    common = dict(device=pipeline.device, batch_size=config.setting("batch_size"), progress=config.progress)
+    sml_stats = {name: _fit_sml(models[name], train_set, common) for name in ("closed-set", "densehybrid")}
     threshold = calibrate_threshold(
         (
             (get_score("densehybrid")(out_.logits, out_.ood_logits), anomaly_target(batch["target"], num_classes))
@@ -940,12 +813,10 @@ def _train_and_evaluate(
         target_tpr=config.target_tpr,
     )
     timings["calibration"] = time.perf_counter() - t0
-
-    # stage 5: evaluation
     t0 = time.perf_counter()
     say.banner(
         f"evaluation on {config.eval_split}{tag}",
-        f"every score, {'all three' if config.dicnet else 'both'} models, per anomaly family",
+        f"every score, {'all three' if 'dicnet' in models else 'both'} models, per anomaly family",
     )
     closed_eval = evaluate(
         closed_model,
@@ -969,13 +840,13 @@ def _train_and_evaluate(
         **common,
     )
     rows = _rows(closed_eval, "closed-set") + _rows(hybrid_eval, "densehybrid")
-    if dicnet_model is not None:
+    if "dicnet" in models:
         dicnet_eval = evaluate(
-            dicnet_model, eval_set, ["dicnet"], num_classes=num_classes, groups=_family_groups, **common
+            models["dicnet"], eval_set, ["dicnet"], num_classes=num_classes, groups=_family_groups, **common
         )
         rows += _rows(dicnet_eval, "dicnet")
     timings["evaluation"] = time.perf_counter() - t0
-    say.advance(scoring_units)
+    say.advance(_work_units(config)[2])
     segmentation = {
         "closed_miou": hybrid_eval.closed_set["miou"],
         "open_miou": hybrid_eval.open_set["open_miou"],
@@ -986,124 +857,38 @@ def _train_and_evaluate(
         "per_class_iou": dict(zip(ROADSCENE_CLASSES, hybrid_eval.closed_set["iou"])),
         "per_class_open_iou": dict(zip(ROADSCENE_CLASSES, hybrid_eval.open_set["open_iou"])),
     }
-    return _SeedRun(rows, segmentation, threshold, timings, hybrid_eval, hybrid_model, flow_grids)
-
-
-def _dicnet_model(teacher: torch.nn.Module) -> DiCNet:
-    """DiCNet on the demo's closed-set model (a frozen copy) with the light ImageNet-initialised student."""
-    import copy
-
-    from densehybrid.models.dicnet import TimmStudent, teacher_feature_channels
-    from densehybrid.models.efficientnet_lite import efficientnet_lite0_state_dict
-
-    student = TimmStudent(DICNET_STUDENT, teacher_feature_channels(teacher))
-    encoder = student.encoder.state_dict()
-    student.encoder.load_state_dict(
-        {k: v for k, v in efficientnet_lite0_state_dict().items() if k in encoder}, strict=False
-    )
-    return DiCNet(copy.deepcopy(teacher), student)
-
-
-def _distil(model: DiCNet, dataset, config: DemoConfig, settings: dict[str, Any], train_dir: Path, device) -> list:
-    """Distil ``model.student`` for ``config.dicnet_epochs`` epochs (released optimiser, random horizontal flips).
-
-    Resumes from ``train_dir/last.pt`` (written atomically after every epoch) when it was made with ``settings``.
-    Returns the mean loss of every epoch.
-    """
-    model.to(device)
-    optimizer = distillation_optimizer(model)
-    history: list[dict[str, float]] = []
-    last = train_dir / "last.pt"
-    start = 0
-    state = read_checkpoint_file(last) if config.resume and last.exists() else None
-    if state is not None and state.get("metadata", {}).get("demo_settings") == settings:
-        model.student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]), list(state["history"])
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    for epoch in range(start, config.dicnet_epochs):
-        generator.manual_seed(config.seed + 2 + 1000 * epoch)  # the same batches after a resume
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-        losses = []
-        for batch in _progress(loader, config.progress, f"distil {epoch + 1}/{config.dicnet_epochs}"):
-            images = batch["image"].to(device)
-            flip = torch.rand(images.shape[0], generator=generator) < 0.5
-            images[flip.to(device)] = images[flip.to(device)].flip(-1)
-            losses.append(distillation_step(model, images, optimizer))
-        loss = float(np.mean(losses))
-        if not math.isfinite(loss):
-            raise NonFiniteError(
-                f"Expected a finite distillation loss in epoch {epoch + 1}, but got {loss}: the student diverged."
-            )
-        history.append({"epoch": epoch + 1, "loss": loss})
-        train_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(
-            {
-                "student": model.student.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "metadata": {"demo_settings": settings},
-            },
-            last,
-        )
-    return history
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
-
-
-def _probe_step_seconds(model: torch.nn.Module, dataset, batch_size: int, device) -> float:
-    """Seconds of one training step of a copy of ``model`` (the model itself is left untouched)."""
-    import copy
-
-    probe = copy.deepcopy(model).to(device).train()
-    images = torch.stack([dataset[i % len(dataset)]["image"] for i in range(batch_size)]).to(device)
-    t0 = time.perf_counter()
-    out = probe(images)
-    (out.logits.float().mean() + out.ood_logits.float().mean()).backward()
-    return time.perf_counter() - t0
+    return rows, segmentation, threshold, hybrid_eval, timings
 
 
 def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResult:
     """Run every stage of the demo and write the report to ``config.out_dir``.
 
-    The first training seed keeps its checkpoints in ``out_dir``; every further seed ``s`` in
+    The first training seed trains into ``out_dir``'s stage folders; every further seed ``s`` into
     ``out_dir/seeds/seed-s``. The report (figures, examples, threshold, segmentation) shows the first seed; the
     anomaly table shows the mean (and, with several seeds, the standard deviation) over seeds.
     """
-    from densehybrid.report import ReportData, ScoreSample, format_table, write_report
+    import dataclasses
+
+    from densehybrid.data.datasets import get_benchmark
+    from densehybrid.data.roadscene import benchmark_digest
 
     timings: dict[str, float] = {}
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    for folder in (
-        out,
-        out / "train_closed_set",
-        out / "train_densehybrid",
-        out / "train_dicnet",
-        out / "train_flow",
-        out / "figures",
-    ):
-        remove_stale_temporaries(folder)  # left by saves killed mid-write
+    for folder in (out, out / "figures"):
+        remove_stale_temporaries(folder)  # left by saves killed mid-write (train_recipe cleans the stage folders)
     remove_stale_temporaries(config.data_dir, "*.tmp")  # the benchmark cache writes NAME.tmp
     seed_everything(config.seed)
     device = select_device(config.device)
     closed_units, finetune_units, scoring_units = _work_units(config)
-    sources = config.negative_sources
     # a joint flow step costs about 2.7 real-negative steps (docs/flows.md)
-    tuned = sum((2.7 if s != "real" else 1.0) * finetune_units + scoring_units for s in sources)
+    tuned = sum((2.7 if s != "real" else 1.0) * finetune_units + scoring_units for s in config.negative_sources)
     say = _Announcer(config.progress, config.seeds * (closed_units + tuned + _dicnet_units(config)))
     say.say(
-        f"densehybrid demo: {len(config.training_seeds)} training run(s) of {config.closed_epochs} closed-set + "
-        f"{config.finetune_epochs} fine-tuning epochs, then evaluation on {config.eval_split}; report in {out}"
+        f"densehybrid demo: {len(config.training_seeds)} training run(s) of {config.setting('closed_epochs')} "
+        f"closed-set + {config.setting('finetune_epochs')} fine-tuning epochs, then evaluation on "
+        f"{config.eval_split}; report in {out}"
     )
-
     t0 = time.perf_counter()
     say.banner(
         "benchmark",
@@ -1119,30 +904,44 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     if benchmark.is_prepared():
         say.say(f"   reused the generated benchmark in {config.data_dir}")
     benchmark.prepare()
-    datasets = {s: RoadSceneDataset(benchmark, s) for s in ("train", "val", "test")}
+    spec = get_benchmark("roadscene")
+    datasets = {split: spec.create(config.data_dir, split) for split in ("train", "val", "test")}
     timings["benchmark"] = time.perf_counter() - t0
+    pipeline = _Pipeline(config, benchmark_digest(config.data_dir), device, say)
 
     runs: dict[int, _SeedRun] = {}
     # with compare_negatives: the fine-tunings with the other sources, from the same closed-set model (reused)
-    other_runs: dict[str, dict[int, _SeedRun]] = {source: {} for source in sources[1:]}
+    other_runs: dict[str, dict[int, _SeedRun]] = {source: {} for source in config.negative_sources[1:]}
     for index, seed in enumerate(config.training_seeds):
         seed_out = out if index == 0 else out / "seeds" / f"seed-{seed}"
-        runs[seed] = _train_and_evaluate(
-            dataclasses.replace(config, seed=seed), config.seed, datasets, seed_out, device, say
-        )
+        seeded = dataclasses.replace(config, seed=seed)
+        runs[seed] = _train_and_evaluate(pipeline, seeded, datasets, seed_out, config.negatives)
         for stage, seconds in runs[seed].timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-        for source in sources[1:]:
+        for source in config.negative_sources[1:]:
             say.say(f"   compare negatives: fine-tuning with {source} negatives from the same closed-set model")
-            other = dataclasses.replace(config, seed=seed, negatives=source, compare_negatives=False)
-            other_runs[source][seed] = _train_and_evaluate(other, config.seed, datasets, seed_out, device, say)
+            other_runs[source][seed] = _train_and_evaluate(pipeline, seeded, datasets, seed_out, source, main=False)
             for stage, seconds in other_runs[source][seed].timings.items():
                 key = f"{source} negatives: {stage}"
                 timings[key] = timings.get(key, 0.0) + seconds
+    return _report(config, command, datasets, runs, other_runs, timings, pipeline)
 
-    # stage 6: report
+
+def _report(
+    config: DemoConfig,
+    command: str,
+    datasets: Mapping[str, Any],
+    runs: Mapping[int, _SeedRun],
+    other_runs: Mapping[str, Mapping[int, _SeedRun]],
+    timings: dict[str, float],
+    pipeline: _Pipeline,
+) -> DemoResult:
+    """Stage 6: the report of every seed's runs, written to ``config.out_dir``."""
+    from densehybrid.report import ReportData, ScoreSample, format_table, write_report
+
+    out = config.out_dir
     t0 = time.perf_counter()
-    say.banner("report", f"{out / 'report.html'}")
+    pipeline.say.banner("report", f"{out / 'report.html'}")
     first = runs[config.seed]
     per_seed = {seed: run.rows for seed, run in runs.items()}
     rows = _aggregate(per_seed)
@@ -1157,7 +956,7 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
         first.threshold,
         len(ROADSCENE_CLASSES),
         config.num_examples,
-        device,
+        pipeline.device,
     )
     verdict = _verdict(rows)
     swallowed = _swallowed_classes(segmentation["per_class_open_iou"], segmentation["per_class_iou"])
@@ -1167,42 +966,7 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
             "The open-set prediction turns much of these known classes into 'unknown' (their scores pass the "
             "threshold calibrated at TPR " + f"{config.target_tpr:.2f}" + "): " + "; ".join(swallowed) + "."
         )
-    if config.seeds > 1:
-        spread = (
-            f"Anomaly table: mean ± standard deviation over {config.seeds} training seeds "
-            f"({', '.join(map(str, config.training_seeds))}) on the same benchmark (seed {config.seed}). The "
-            "segmentation numbers, threshold, figures and examples are those of the first seed; they carry no spread."
-        )
-    else:
-        spread = (
-            "One training seed: no number in this report carries a spread (run with --seeds N for mean ± std over "
-            "N training seeds)."
-        )
-    notes = [
-        spread,
-        "Scores are evaluated on the DenseHybrid fine-tuned model ('densehybrid' rows) and, for logit-only scores, "
-        "on the closed-set model before fine-tuning ('closed-set' rows).",
-        "Families: 'real' = objects cut from photographs, 'procedural' = synthetic shapes unlike any training "
-        "negative, 'all' = both. Metrics are pooled over all pixels of the split; every family is ranked against "
-        "all inlier pixels.",
-        f"Evaluated on the {config.eval_split} split."
-        + (" (Settings are chosen on val; test numbers are reported.)" if config.eval_split == "test" else ""),
-        f"Open-set threshold calibrated on val at TPR {config.target_tpr:.2f} of the densehybrid score.",
-        "The energy and generative scores are the same function of the logits (-logsumexp); their curves coincide.",
-        *(
-            [
-                f"'dicnet' rows (--dicnet): a DiCNet student ({DICNET_STUDENT} to stride 8, ImageNet-initialised, "
-                f"pyramid pooling) distilled for {config.dicnet_epochs} epoch(s) from the frozen closed-set model's "
-                "pre-logit features (Adam 1e-4, weight decay 1e-5, horizontal flips: the released optimiser; the "
-                "released 150 epochs do not fit a CPU); score: mean squared teacher-student feature difference. "
-                "It sees no negatives."
-            ]
-            if config.dicnet
-            else []
-        ),
-        *remarks,
-        *verdict,
-    ]
+    notes = [*_notes(config), *remarks, *verdict]
     sections, extra = _negatives_report(config, runs, other_runs, rows)
     notes += _negatives_notes(config)
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
@@ -1226,6 +990,7 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
             "eval_split": config.eval_split,
             "verdict": verdict,
             "remarks": remarks,
+            "stages": pipeline.records,
             **extra,
         },
         sections=sections,
@@ -1240,6 +1005,44 @@ def run_demo(config: DemoConfig, command: str = "densehybrid demo") -> DemoResul
     return DemoResult(
         rows, segmentation, first.threshold, timings, files, table, verdict, per_seed, remarks, comparison
     )
+
+
+def _notes(config: DemoConfig) -> list[str]:
+    """The report's fixed notes: spread, models, families, split, threshold, the DiCNet student."""
+    if config.seeds > 1:
+        spread = (
+            f"Anomaly table: mean ± standard deviation over {config.seeds} training seeds "
+            f"({', '.join(map(str, config.training_seeds))}) on the same benchmark (seed {config.seed}). The "
+            "segmentation numbers, threshold, figures and examples are those of the first seed; they carry no spread."
+        )
+    else:
+        spread = (
+            "One training seed: no number in this report carries a spread (run with --seeds N for mean ± std over "
+            "N training seeds)."
+        )
+    notes = [
+        spread,
+        "Scores are evaluated on the DenseHybrid fine-tuned model ('densehybrid' rows) and, for logit-only scores, "
+        "on the closed-set model before fine-tuning ('closed-set' rows).",
+        "Families: 'real' = objects cut from photographs, 'procedural' = synthetic shapes unlike any training "
+        "negative, 'all' = both. Metrics are pooled over all pixels of the split; every family is ranked against "
+        "all inlier pixels.",
+        f"Evaluated on the {config.eval_split} split."
+        + (" (Settings are chosen on val; test numbers are reported.)" if config.eval_split == "test" else ""),
+        f"Open-set threshold calibrated on val at TPR {config.target_tpr:.2f} of the densehybrid score.",
+        "The energy and generative scores are the same function of the logits (-logsumexp); their curves coincide.",
+        "Every stage is a shipped recipe trained by `densehybrid train`'s code; results.json `stages` holds the "
+        "command that trains each one by hand.",
+    ]
+    if config.dicnet:
+        notes.append(
+            f"'dicnet' rows (--dicnet): a DiCNet student ({DICNET_STUDENT} to stride 8, ImageNet-initialised, "
+            f"pyramid pooling) distilled for {config.setting('dicnet_epochs')} epoch(s) from the frozen closed-set "
+            "model's pre-logit features (recipe demo-dicnet: Adam 1e-4, weight decay 1e-5, horizontal flips: the "
+            "released optimiser; the released 150 epochs do not fit a CPU); score: mean squared teacher-student "
+            "feature difference. It sees no negatives."
+        )
+    return notes
 
 
 def _negatives_notes(config: DemoConfig) -> list[str]:
@@ -1276,6 +1079,8 @@ def _negatives_report(
     if "finetuned" in grids:
         grids[f"finetuned_{config.negatives}"] = grids.pop("finetuned")
     if grids:
+        flow_crop = config.setting("flow_crop")
+        flow_max_side = _lookup(config.recipe(FINETUNE_FLOW), "flow.max_side")
         captions = {"pretrained": "after pre-training (maximum likelihood on crops of the training scenes)"}
         images = []
         for kind, path in grids.items():
@@ -1285,8 +1090,8 @@ def _negatives_report(
             ReportSection(
                 "Flow samples",
                 paragraphs=[
-                    f"Samples of {config.flow_crop}x{config.flow_crop} px from the same fixed latents (seed "
-                    f"{config.seed}); pasted negatives have sides {FLOW_MIN_SIDE}-{_flow_max_side(config)} px."
+                    f"Samples of {flow_crop}x{flow_crop} px from the same fixed latents (seed "
+                    f"{config.seed}); pasted negatives have sides {FLOW_MIN_SIDE}-{flow_max_side} px."
                 ],
                 images=images,
             )

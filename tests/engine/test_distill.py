@@ -1,4 +1,4 @@
-"""DiCNet distillation: the loss falls, the teacher never changes, the score marks teacher-student disagreement."""
+"""DiCNet distillation through fit: the loss falls, the teacher never changes, the score marks teacher-student disagreement."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from densehybrid import scores
-from densehybrid.engine.distill import distillation_optimizer, distillation_step
 from densehybrid.models import DistillationOutput, create_model
 from densehybrid.models.dicnet import distillation_loss
 
@@ -17,22 +16,33 @@ def model():
     return create_model("dicnet", num_classes=3, teacher="ladder_mobilenetv3", decoder_channels=8)
 
 
-def test_optimizer_has_the_released_settings_and_only_the_student(model):
-    optimizer = distillation_optimizer(model)
-    (group,) = optimizer.param_groups
-    assert isinstance(optimizer, torch.optim.Adam)
-    assert (group["lr"], group["weight_decay"]) == (1e-4, 1e-5)
+def test_distillation_runs_in_fit_lowers_the_loss_and_leaves_the_teacher_unchanged(model):
+    """DiCNet distillation is fit with the distillation objective (the released Adam 1e-4, weight decay 1e-5)."""
+    from densehybrid.engine import TrainConfig, build_optimizer, fit
+    from densehybrid.recipes.distillation import DistillationObjective
+
+    config = TrainConfig(
+        epochs=6,
+        batch_size=2,
+        lr=1e-4,
+        lr_min=1e-4,
+        schedule="constant",
+        backbone_lr_ratio=1.0,
+        eps=1e-8,
+        weight_decay=1e-5,
+        device="cpu",
+        amp=False,
+        hflip=False,
+        progress=False,
+    )
+    (group,) = build_optimizer(model, config).param_groups  # only the student trains
     assert {id(p) for p in group["params"]} == {id(p) for p in model.student.parameters()}
-    with pytest.raises(TypeError, match="DiCNet"):
-        distillation_optimizer(create_model("ladder_mobilenetv3", num_classes=3))
-
-
-def test_short_run_lowers_the_loss_and_leaves_the_teacher_unchanged(model):
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}  # BN statistics included
     student_before = {k: v.clone() for k, v in model.student.state_dict().items()}
-    optimizer = distillation_optimizer(model)  # the released Adam 1e-4, weight decay 1e-5
     images = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
-    losses = [distillation_step(model, images, optimizer) for _ in range(6)]
+    data = [{"image": image, "target": torch.zeros(32, 48, dtype=torch.int64)} for image in images]
+    history = fit(model, data, DistillationObjective(), config).history
+    losses = [h["loss"] for h in history]
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(torch.equal(v, teacher_before[k]) for k, v in model.teacher.state_dict().items())
     assert any(not torch.equal(v, student_before[k]) for k, v in model.student.state_dict().items())

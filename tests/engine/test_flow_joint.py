@@ -1,4 +1,4 @@
-"""Joint fine-tuning with a flow (the released two-step iteration) and flow pre-training."""
+"""Joint fine-tuning with a flow (the released two-step iteration) and flow pre-training through fit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from densehybrid.engine.flow_joint import (
     flow_bits_per_dim,
     flow_joint_step,
     flow_step,
-    pretrain_flow,
     random_crops,
     segmenter_step,
 )
@@ -128,28 +127,41 @@ def test_joint_step_with_a_mixture_of_real_and_synthetic_negatives():
         segmenter_step(model, images, target, loss=loss, optimizer=seg_opt, negatives=mixed)
 
 
-def test_pretraining_writes_a_grid_per_epoch_and_resumes(tmp_path):
-    data = TinySegmentation(n=6, size=(24, 24), seed=2)
+def test_pretraining_runs_in_fit_writes_a_grid_per_epoch_and_resumes(tmp_path):
+    """Flow pre-training is fit with the likelihood objective: no loop of its own."""
+    from densehybrid.data.transforms import AugmentedDataset, SegmentationAugment
+    from densehybrid.engine import TrainConfig, fit
+    from densehybrid.engine.flow_objectives import FlowLikelihoodObjective
+
+    data = AugmentedDataset(TinySegmentation(n=6, size=(24, 24), seed=2), SegmentationAugment(16, (1.0, 1.0)), seed=0)
     held_out = random_crops(TinySegmentation(n=6, size=(24, 24), seed=7), 6, 16, torch.Generator().manual_seed(0))
     flow = tiny_flow()
     before = flow_bits_per_dim(flow.eval(), held_out)
-    options = dict(steps_per_epoch=2, batch_size=3, crop_size=16, lr=1e-2, grid_samples=4, device="cpu")
-    result = pretrain_flow(flow, data, out_dir=tmp_path, epochs=2, **options)
-    assert result.epoch == 2 and len(result.history) == 2
-    assert [p.name for p in result.grids] == ["samples_epoch001.png", "samples_epoch002.png"]
-    with Image.open(result.grids[0]) as grid:
+    config = dict(batch_size=3, lr=1e-2, lr_min=1e-2, schedule="constant", optimizer="adamax", amp=False)
+    config.update(backbone_lr_ratio=1.0, device="cpu", progress=False, hflip=False)
+    objective = FlowLikelihoodObjective(tmp_path, grid_samples=4, grid_size=16)
+    result = fit(
+        flow, data, objective, TrainConfig(epochs=2, **config), out_dir=tmp_path, on_epoch_end=objective.on_epoch_end
+    )
+    assert result.epoch == 2 and len(result.history) == 2 and "bpd" in result.history[0]
+    assert [p.name for p in objective.grids] == ["samples_epoch001.png", "samples_epoch002.png"]
+    with Image.open(objective.grids[0]) as grid:
         assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16 px samples, 2 px padding
     assert flow_bits_per_dim(flow.eval(), held_out) < before - 0.5
     # the checkpoint loads into a fresh flow of the same configuration
     fresh = tiny_flow(seed=9)
-    load_flow_state(fresh, result.checkpoint)
+    load_flow_state(fresh, torch.load(tmp_path / "last.pt", weights_only=True)["model"])
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), flow.state_dict().values()))
     # resuming to 3 epochs trains one more epoch only, continuing the history
-    resumed = pretrain_flow(tiny_flow(seed=9), data, out_dir=tmp_path, epochs=3, **options)
-    assert resumed.epoch == 3 and len(resumed.history) == 3 and len(resumed.grids) == 1
+    again = FlowLikelihoodObjective(tmp_path, grid_samples=4, grid_size=16)
+    resumed = fit(
+        tiny_flow(seed=9),
+        data,
+        again,
+        TrainConfig(epochs=3, **config),
+        out_dir=tmp_path,
+        resume=True,
+        on_epoch_end=again.on_epoch_end,
+    )
+    assert resumed.epoch == 3 and len(resumed.history) == 3 and len(again.grids) == 1
     assert resumed.history[:2] == result.history
-
-
-def test_pretraining_refuses_crops_that_are_not_multiples_of_the_stride(tmp_path):
-    with pytest.raises(ValueError, match=r"`crop_size` to be a positive multiple of 8.*20"):
-        pretrain_flow(tiny_flow(), TinySegmentation(n=2), out_dir=tmp_path, crop_size=20)

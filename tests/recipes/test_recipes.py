@@ -123,9 +123,10 @@ def test_released_recipe_matches_the_released_code(name, capsys):
 
 
 def test_every_shipped_recipe_resolves_and_is_listed(capsys):
-    # the flow recipes are checked in test_flow_recipes.py
+    # the flow recipes are checked in test_flow_recipes.py, the demo's stages in test_demo.py
     flow_recipes = {"denseflow-pretrain", *(f"{name}-flow" for name in RELEASED if name.endswith("finetune"))}
-    assert set(list_recipes()) == set(RELEASED) | {"generic", "dicnet"} | flow_recipes
+    demo = {"demo-closed-set", "demo-finetune", "demo-flow-pretrain", "demo-finetune-flow", "demo-dicnet"}
+    assert set(list_recipes()) == set(RELEASED) | {"generic", "dicnet"} | flow_recipes | demo
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out
     for name in list_recipes():
@@ -162,7 +163,7 @@ def test_set_overrides_are_typed_and_checked():
 def test_unknown_recipe_lists_the_shipped_ones(capsys):
     assert main(["train", "--recipe", "ldn-121", "--print-config"]) == 1
     err = capsys.readouterr().err
-    assert "Unknown recipe 'ldn-121'. Available: denseflow-pretrain, dicnet, dicnet-streethazards, " in err
+    assert "Unknown recipe 'ldn-121'. Available: demo-closed-set, demo-dicnet, demo-finetune, " in err
     assert "generic, ldn121-streethazards, ldn121-streethazards-finetune" in err
 
 

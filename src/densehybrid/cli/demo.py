@@ -18,18 +18,24 @@ DESCRIPTION = (
     "the training runs and reports mean ± std; --dicnet adds a DiCNet student distilled from the closed-set model. "
     "--negatives synthetic|mixed pre-trains a small normalizing flow on the training scenes and fine-tunes with its "
     "samples (or a mixture) as negatives, training the flow jointly; --compare-negatives fine-tunes the same "
-    "closed-set model with real, synthetic and mixed negatives."
+    "closed-set model with real, synthetic and mixed negatives. Every training stage is a shipped recipe "
+    "(demo-closed-set, demo-finetune, demo-flow-pretrain, demo-finetune-flow, demo-dicnet; `densehybrid recipes`) "
+    "trained as `densehybrid train` trains it; the training options set keys of those recipes, and results.json "
+    "records the `densehybrid train` command of every stage."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from densehybrid.cli._common import device_option, finite_float, non_negative_int, positive_float, positive_int
-    from densehybrid.demo import DemoConfig
+    from densehybrid.demo import TRAINING_OPTIONS, DemoConfig
 
-    d, q = DemoConfig(), DemoConfig.quick()
+    d, q = DemoConfig.create(), DemoConfig.quick()
+
+    def value(config: DemoConfig, name: str):
+        return config.setting(name) if name in TRAINING_OPTIONS else getattr(config, name)
 
     def default(name: str, text: str = "") -> str:
-        full, quick = getattr(d, name), getattr(q, name)
+        full, quick = value(d, name), value(q, name)
         full = "x".join(map(str, full)) if isinstance(full, tuple) else full
         quick = "x".join(map(str, quick)) if isinstance(quick, tuple) else quick
         same = full == quick
@@ -196,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         "progress": not args.no_progress,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    config = DemoConfig.create(quick=args.quick, **overrides)
     command = "densehybrid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "densehybrid demo"
     result = run_demo(config, command=command)
     print(result.table)

@@ -1,4 +1,8 @@
-"""Training with a normalizing flow: flow pre-training and the released two-step joint fine-tuning iteration.
+"""Training with a normalizing flow: the per-step functions of the released two-step joint fine-tuning iteration.
+
+Both run inside :func:`~densehybrid.engine.fit` through
+:class:`~densehybrid.engine.flow_objectives.JointFlowObjective` (flow pre-training is
+:class:`~densehybrid.engine.flow_objectives.FlowLikelihoodObjective`, also run by ``fit``).
 
 Joint fine-tuning (TPAMI DenseHybrid, ``*_finetune_flow``), one iteration on a batch ``(images, target)``:
 
@@ -21,33 +25,25 @@ a randomly initialised flow), lr × 0.99 per epoch for traffic scenes and × 0.9
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from densehybrid.engine.batches import unpack_sample
 from densehybrid.engine.outputs import atomic_path
-from densehybrid.engine.runtime import atomic_torch_save, select_device
-from densehybrid.flows.checkpoint import load_flow_state
 from densehybrid.flows.negatives import FlowNegatives, MixedNegatives, to_8bit
 from densehybrid.losses import densehybrid_loss
-from densehybrid.models.checkpoint import read_checkpoint_file
 
 __all__ = [
     "FLOW_LR_DECAY",
-    "FlowPretrainResult",
     "build_flow_optimizer",
     "flow_bits_per_dim",
     "flow_joint_step",
     "flow_step",
-    "pretrain_flow",
     "random_crops",
     "save_sample_grid",
     "segmenter_loss",
@@ -56,7 +52,6 @@ __all__ = [
 
 #: Per-epoch multiplicative decay of the flow's learning rate in the released joint fine-tuning.
 FLOW_LR_DECAY = {"traffic": 0.99, "coco": 0.975}
-FLOW_CHECKPOINT_FORMAT = "densehybrid-flow-checkpoint"
 
 
 def build_flow_optimizer(
@@ -299,134 +294,6 @@ def save_sample_grid(images: torch.Tensor, path: str | Path, nrow: int = 4) -> P
     with atomic_path(path) as tmp:
         save_image(images.detach().float().cpu(), tmp, nrow=nrow, padding=2, format="png")
     return path
-
-
-@dataclass
-class FlowPretrainResult:
-    """What :func:`pretrain_flow` returns: per-epoch records, the checkpoint and the sample grids written."""
-
-    epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    checkpoint: Path | None = None
-    grids: list[Path] = field(default_factory=list)
-
-
-def pretrain_flow(
-    flow: nn.Module,
-    dataset: Dataset,
-    *,
-    out_dir: str | Path,
-    epochs: int = 10,
-    steps_per_epoch: int | None = None,
-    batch_size: int = 16,
-    crop_size: int = 64,
-    lr: float = 1e-3,
-    lr_decay: float = 1.0,
-    grid_samples: int = 16,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    resume: bool = True,
-    progress: bool = False,
-) -> FlowPretrainResult:
-    """Maximum-likelihood pre-training of a flow on random inlier crops (Adamax, bits/dim), with a sample grid per epoch.
-
-    The released code does not include the flow's pre-training; this follows its flow step's MLE term (bits/dim on
-    8-bit inlier crops, Adamax). ``lr`` 1e-3 is the released rate for a randomly initialised flow; crop size, batch
-    size, epochs and the decay are this library's defaults.
-
-    Writes into ``out_dir``: ``flow_last.pt`` after every epoch (atomically: ``{"flow": state_dict, "flow_config",
-    "optimizer", "epoch", "history", "generator"}``; load it with :func:`~densehybrid.flows.load_flow_state`) and
-    ``samples_epoch{NNN}.png``, a grid of ``grid_samples`` samples of ``crop_size``² drawn with a fixed seed, so
-    successive grids show the same latents. A run with ``resume=True`` continues from ``flow_last.pt``.
-
-    Args:
-        flow: the flow to train (e.g. ``DenseFlow()``); moved to ``device``.
-        dataset: inlier images (samples as ``{"image": (3, H, W)}`` or ``(image, target)``; float in [0, 1] or uint8).
-        out_dir: output folder.
-        epochs: epochs to train.
-        steps_per_epoch: optimiser steps per epoch (default ``max(1, len(dataset) // batch_size)``).
-        batch_size: crops per step.
-        crop_size: crop side, a multiple of the flow's stride.
-        lr: Adamax learning rate.
-        lr_decay: learning rate × this after each epoch.
-        grid_samples: samples in each grid (0: no grids).
-        seed: seeds crops, noise and the grid latents.
-        device: "auto", "cpu", "cuda", ...
-        resume: continue from ``out_dir/flow_last.pt`` when present.
-        progress: show a progress bar.
-
-    Returns:
-        :class:`FlowPretrainResult`.
-
-    Raises:
-        ValueError: for an empty dataset or a crop size that is not a multiple of the flow's stride.
-    """
-    stride = int(getattr(flow, "stride", 8))
-    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < stride or crop_size % stride:
-        raise ValueError(
-            f"Expected `crop_size` to be a positive multiple of {stride} (the flow's stride), but got {crop_size!r}."
-        )
-    if len(dataset) == 0:
-        raise ValueError("Expected the flow's training dataset to hold at least one image, but it is empty.")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "flow_last.pt"
-    device = select_device(device)
-    flow.to(device)
-    optimizer = build_flow_optimizer(flow, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    steps = steps_per_epoch or max(1, len(dataset) // batch_size)
-    epoch, history = 0, []
-    if resume and checkpoint_path.exists():
-        state = read_checkpoint_file(checkpoint_path, map_location=device)
-        load_flow_state(flow, state)
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, history = int(state["epoch"]), list(state["history"])
-        generator.set_state(state["generator"])
-    grids = []
-    while epoch < epochs:
-        flow.train()
-        t0, total = time.perf_counter(), 0.0
-        for _ in tqdm(range(steps), desc=f"flow epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
-            crops = to_8bit(random_crops(dataset, batch_size, crop_size, generator)).to(device)
-            bpd = -flow.log_prob(crops, generator=generator).sum() / (math.log(2.0) * crops.numel())
-            _check_finite("flow bits/dim", bpd.detach())
-            optimizer.zero_grad(set_to_none=True)
-            bpd.backward()
-            optimizer.step()
-            total += float(bpd.detach())
-        for group in optimizer.param_groups:
-            group["lr"] *= lr_decay
-        epoch += 1
-        history.append({"epoch": epoch, "bpd": total / steps, "seconds": time.perf_counter() - t0})
-        if grid_samples:
-            flow.eval()
-            samples = flow.sample(grid_samples, (crop_size, crop_size), generator=torch.Generator().manual_seed(seed))
-            grids.append(
-                save_sample_grid(
-                    samples / 255.0, out_dir / f"samples_epoch{epoch:03d}.png", nrow=_grid_rows(grid_samples)
-                )
-            )
-        atomic_torch_save(
-            {
-                "format": FLOW_CHECKPOINT_FORMAT,
-                "flow": flow.state_dict(),
-                "flow_config": getattr(flow, "config", None),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "generator": generator.get_state(),
-            },
-            checkpoint_path,
-        )
-    return FlowPretrainResult(epoch, history, checkpoint_path, grids)
-
-
-def _grid_rows(count: int) -> int:
-    return max(1, math.ceil(math.sqrt(count)))
 
 
 def flow_bits_per_dim(

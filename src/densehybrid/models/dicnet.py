@@ -335,6 +335,21 @@ def _load_partial(module: nn.Module, path: str | PathLike[str]) -> None:
     module.load_state_dict({k: v for k, v in state.items() if k in module.state_dict()}, strict=False)
 
 
+def _load_packaged_weights(student: TimmStudent, backbone: str) -> None:
+    """Start a student's encoder from the ImageNet weights this package ships (EfficientNet-Lite0 only)."""
+    from densehybrid.models.efficientnet_lite import TIMM_NAME, efficientnet_lite0_state_dict
+
+    if backbone != TIMM_NAME:
+        raise ValueError(
+            f"Expected `student_backbone` {TIMM_NAME!r} for `student_imagenet` (the only packaged ImageNet weights), "
+            f"but got {backbone!r}. Pass a timm weight file as `pretrained_backbone` instead."
+        )
+    encoder = student.encoder.state_dict()
+    student.encoder.load_state_dict(
+        {k: v for k, v in efficientnet_lite0_state_dict().items() if k in encoder}, strict=False
+    )
+
+
 def teacher_feature_channels(teacher: nn.Module) -> int:
     """C of a teacher's pre-logit features: its ``feature_channels``, or its wrapped segmenter's (:class:`DenseHybrid`).
 
@@ -574,6 +589,7 @@ def dicnet(
     student_backbone: str | None = None,
     pretrained: str | PathLike[str] | None = None,
     pretrained_backbone: str | PathLike[str] | None = None,
+    student_imagenet: bool = False,
     **teacher_kwargs,
 ) -> DiCNet:
     """DiCNet on any registered closed-set model: that model as the frozen teacher, a dilated-ResNet PPM student.
@@ -588,6 +604,8 @@ def dicnet(
             accepted: that head is not used).
         pretrained_backbone: an ImageNet weight file for the student's encoder (torchvision format for the ResNet,
             timm format for ``student_backbone``).
+        student_imagenet: start a ``student_backbone="efficientnet_lite0"`` encoder from the packaged ImageNet
+            weights (no download; the demo's student).
         **teacher_kwargs: architecture arguments of the teacher (e.g. ``decoder_channels`` of the ladder models).
 
     Returns:
@@ -611,6 +629,10 @@ def dicnet(
     width = teacher_feature_channels(teacher_model)
     if student_backbone is not None:
         student = TimmStudent(student_backbone, width, pretrained_backbone=pretrained_backbone)
+        if student_imagenet:
+            _load_packaged_weights(student, student_backbone)
     else:
+        if student_imagenet:
+            raise ValueError("Expected `student_backbone='efficientnet_lite0'` for `student_imagenet`, but got none.")
         student = PPMStudent(student_depth, width, stem_padding=3, pretrained_backbone=pretrained_backbone)
     return DiCNet(teacher_model, student, num_classes=num_classes)

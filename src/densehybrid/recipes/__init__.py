@@ -77,6 +77,11 @@ RECIPES: tuple[str, ...] = (
     "denseflow-pretrain",
     "dicnet",
     "dicnet-streethazards",
+    "demo-closed-set",
+    "demo-finetune",
+    "demo-flow-pretrain",
+    "demo-finetune-flow",
+    "demo-dicnet",
 )
 
 

@@ -116,6 +116,19 @@ def build_pretrain_objective(context: MethodContext) -> Any:
 
 
 # -- synthetic and mixed negatives of the densehybrid method ----------------------------------------------------------
+def _training_size(context: MethodContext) -> tuple[int, int, str]:
+    """(height, width, description) of the training inputs: the crop, or with ``augment.crop = 0`` (whole images)
+    the size of the first training image."""
+    recipe = context.recipe
+    crop = recipe["augment"]["crop"]
+    if crop or context.data_root is None:
+        return crop, crop, f"the {crop}x{crop} training crop (augment.crop)"
+    from densehybrid.recipes.run import open_dataset
+
+    height, width = open_dataset(recipe, context.data_root, recipe["data"]["train_split"])[0]["image"].shape[-2:]
+    return int(height), int(width), f"the {height}x{width} training images (augment.crop = 0: whole images)"
+
+
 def build_flow_finetuning(context: MethodContext) -> Any:
     """The objective of DenseHybrid fine-tuning with synthetic (``negatives.source = "synthetic"``) or mixed negatives.
 
@@ -128,16 +141,16 @@ def build_flow_finetuning(context: MethodContext) -> Any:
     from densehybrid.engine.flow_objectives import JointFlowObjective
     from densehybrid.flows import FlowNegatives, MixedNegatives
     from densehybrid.losses import DenseHybridLoss
-    from densehybrid.recipes.methods import build_negative_stream
+    from densehybrid.recipes.methods import build_negative_stream, negative_root
 
     recipe = context.recipe
     _refuse_several_processes(recipe)
     neg, section, loss = recipe["negatives"], recipe["flow"], recipe["loss"]
-    crop = recipe["augment"]["crop"]
-    if section["max_side"] > crop:
+    height, width, where = _training_size(context)
+    if section["max_side"] > min(height, width):
         raise ValueError(
-            f"Expected the largest flow patch (flow.max_side = {section['max_side']} px) to fit the {crop}x{crop} "
-            f"training crop (augment.crop), but it does not. Lower flow.max_side to at most {crop} or use a larger crop."
+            f"Expected the largest flow patch (flow.max_side = {section['max_side']} px) to fit {where}, but it does "
+            f"not. Lower flow.max_side to at most {min(height, width)} or use a larger crop."
         )
     mixed = neg["source"] == "mixed"
     if mixed and not 0.0 <= neg["synthetic_fraction"] <= 1.0:
@@ -146,7 +159,8 @@ def build_flow_finetuning(context: MethodContext) -> Any:
         )
     if mixed and neg["rect_prob"] > 1:
         raise ValueError(f"Expected recipe key `negatives.rect_prob` in [0, 1], but got {neg['rect_prob']}.")
-    if mixed and context.neg_root is None:
+    neg_root = negative_root(context)
+    if mixed and neg_root is None:
         raise ValueError(
             f"Expected `--neg-root DIR` (the {neg['dataset']} negatives) for mixed negatives in recipe "
             f"{recipe['name']!r}, but got none. Use negatives.source=synthetic for flow samples only."
@@ -171,7 +185,7 @@ def build_flow_finetuning(context: MethodContext) -> Any:
         max_side=section["max_side"],
         side_step=section["side_step"],
     )
-    synthetic.check_crop(crop, crop)
+    synthetic.check_crop(height, width)
     negatives: Any = synthetic
     real = None
     if mixed:
@@ -184,7 +198,7 @@ def build_flow_finetuning(context: MethodContext) -> Any:
             num_classes_in_mask=neg["classes_in_mask"],
             max_class_pixels=neg["max_class_pixels"] or None,
         )
-        real = build_negative_stream(recipe, context.neg_root)
+        real = build_negative_stream(recipe, neg_root)
     optimizer = build_flow_optimizer(flow, lr=lr, betas=tuple(section["betas"]), eps=section["eps"])
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=section["lr_decay"])
     criterion = DenseHybridLoss(

@@ -153,7 +153,11 @@ DENSEHYBRID_SECTIONS: dict[str, dict[str, Key]] = {
         ),
         "required": Key("bool", True, "fail without --neg-root; false: train closed-set when it is not given"),
         "dataset": Key(
-            "str", "ade20k", "ade20k (ADEChallengeData2016) or folder (any images)", choices=("ade20k", "folder")
+            "str",
+            "ade20k",
+            "ade20k (ADEChallengeData2016), folder (any images) or roadscene (the generated negatives of the RoadScene "
+            "benchmark at --neg-root, default --data-root)",
+            choices=("ade20k", "folder", "roadscene"),
         ),
         "split": Key("str", "training", "the ADE20k split the negatives come from"),
         "resize": Key("int", 384, "the negative's shorter side is first resized to this (0: no resize)", minimum=0),
@@ -173,13 +177,34 @@ DENSEHYBRID_SECTIONS: dict[str, dict[str, Key]] = {
 }
 
 
+#: Distinct generated negatives of ``negatives.dataset = "roadscene"`` (the demo's pool).
+ROADSCENE_NEGATIVES = 1000
+
+
+def negative_root(context: MethodContext) -> Path | None:
+    """``--neg-root``; for the generated ``roadscene`` negatives, ``--data-root`` when it is not given."""
+    if context.neg_root is None and context.recipe["negatives"]["dataset"] == "roadscene":
+        return context.data_root
+    return context.neg_root
+
+
 def build_negative_stream(recipe: Mapping[str, Any], neg_root: Path) -> Any:
-    """The :class:`~densehybrid.engine.NegativeStream` of a recipe's ``[negatives]`` section on ``neg_root``."""
+    """The :class:`~densehybrid.engine.NegativeStream` of a recipe's ``[negatives]`` section on ``neg_root``.
+
+    ``roadscene`` negatives are generated from the seed of the RoadScene benchmark at ``neg_root``, at the crop size,
+    and drawn as they are (``resize``, ``scale`` and ``fill`` are not used).
+    """
     from densehybrid.data.datasets import ADE20K, ImageFolder
     from densehybrid.data.transforms import NegativeCrop
     from densehybrid.engine.train import NegativeStream
 
     section = recipe["negatives"]
+    if section["dataset"] == "roadscene":
+        from densehybrid.data.roadscene import RoadSceneBenchmark, RoadSceneNegatives
+
+        seed = RoadSceneBenchmark.from_root(neg_root).seed
+        side = section["crop"]
+        return NegativeStream(RoadSceneNegatives(seed, (side, side), ROADSCENE_NEGATIVES), side)
     if section["dataset"] == "ade20k":
         dataset = ADE20K(neg_root, split=section["split"])
     else:
@@ -198,7 +223,8 @@ def _build_densehybrid(context: MethodContext) -> Callable:
         from densehybrid.recipes.flow_methods import build_flow_finetuning
 
         return build_flow_finetuning(context)
-    if context.neg_root is None:
+    neg_root = negative_root(context)
+    if neg_root is None:
         raise ValueError(
             f"Expected `--neg-root DIR` (the {recipe['negatives']['dataset']} negatives) for recipe "
             f"{recipe['name']!r}, but got none."
@@ -217,9 +243,7 @@ def _build_densehybrid(context: MethodContext) -> Callable:
     criterion = DenseHybridLoss(
         beta=loss["beta"], lambda_=loss["lambda"], posterior_ignore_void=loss["posterior_ignore_void"]
     )
-    return DenseHybridObjective(
-        criterion, build_negative_stream(recipe, context.neg_root), paster, pastes=neg["pastes"]
-    )
+    return DenseHybridObjective(criterion, build_negative_stream(recipe, neg_root), paster, pastes=neg["pastes"])
 
 
 # -- the table --------------------------------------------------------------------------------------------------------

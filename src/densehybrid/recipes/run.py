@@ -210,14 +210,22 @@ def _trained_fields(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if isinstance(v, Mapping)}
 
 
+#: Keys that only say where a run's starting weights are read from (like ``--init``): a resumed run continues from
+#: its own ``last.pt``, so they are not compared (a copied run folder, whose paths moved, still resumes).
+_START_PATHS = {("model", "init"), ("flow", "init")}
+
+
 def recipe_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The trained keys (``section.key``) whose values differ between two resolved recipes, as
-    ``"optim.lr: 0.0004 -> 1e-05"`` lines, sorted; empty when a run of ``old`` may resume as ``new``."""
+    ``"optim.lr: 0.0004 -> 1e-05"`` lines, sorted; empty when a run of ``old`` may resume as ``new``. The paths of
+    the starting weights (``model.init``, ``flow.init``) are not compared."""
     old, new = json.loads(json.dumps(_trained_fields(old))), json.loads(json.dumps(_trained_fields(new)))
     lines = []
     for section in sorted(set(old) | set(new)):
         before, after = old.get(section, {}), new.get(section, {})
         for key in sorted(set(before) | set(after)):
+            if (section, key) in _START_PATHS:
+                continue
             if before.get(key, "(none)") != after.get(key, "(none)"):
                 lines.append(f"{section}.{key}: {before.get(key, '(none)')!r} -> {after.get(key, '(none)')!r}")
     return lines
@@ -271,6 +279,66 @@ def _trim_log(path: Path, global_step: int) -> None:
     tmp.replace(path)
 
 
+def _open_training_data(recipe: Mapping[str, Any], data_root: Path) -> tuple[Any, Any, int]:
+    """(augmented training set, validation set or None, K): the trees are opened and one sample is decoded, so a
+    broken file or a bad label fails before anything is written."""
+    from densehybrid.data.transforms import AugmentedDataset, SegmentationAugment
+
+    train_set = open_dataset(recipe, data_root, recipe["data"]["train_split"])
+    num_classes = _num_classes(recipe, train_set)
+    val_set = None
+    if recipe["run"]["validate"] and recipe["data"]["val_split"]:
+        optional = recipe["data"]["dataset"] == "folder" and not (data_root / "val").is_dir()
+        if not optional:
+            val_set = open_dataset(recipe, data_root, recipe["data"]["val_split"])
+    augment = recipe["augment"]
+    pipeline = _compose(
+        TrainingTargets(num_classes),
+        SegmentationAugment(augment["crop"], augment["scale"], augment["fill"], augment["flip"]),
+    )
+    train_data = AugmentedDataset(train_set, pipeline, seed=recipe["run"]["seed"])
+    train_data[0]
+    return train_data, val_set, num_classes
+
+
+def train_config(recipe: Mapping[str, Any], device: Any, inputs: RunInputs, validated: bool) -> TrainConfig:
+    """The :class:`~densehybrid.engine.TrainConfig` of a run of a resolved recipe: the recipe's keys through
+    :meth:`TrainConfig.from_recipe <densehybrid.engine.TrainConfig.from_recipe>`, the run's device, step limit and
+    progress bar from ``inputs`` (``validated``: a best checkpoint is kept)."""
+    return TrainConfig.from_recipe(
+        recipe,
+        device=str(device),
+        max_steps=inputs.max_steps,
+        progress=inputs.progress,
+        best_metric=recipe["run"]["best_metric"] if validated else None,
+    )
+
+
+def _prepare_out(out: Path | None, recipe: Mapping[str, Any], resume: bool) -> int | None:
+    """The global step the run resumes from ``out/last.pt`` at (the one resume rule), or None for a fresh run, which
+    clears what a run writes."""
+    resumed_step = _check_resumable(out, recipe) if out is not None and resume else None
+    if out is not None and distributed.is_main():
+        if resumed_step is not None:
+            _trim_log(out / LOG_NAME, resumed_step)
+        elif not resume:
+            for name in ("last.pt", "best.pt", LOG_NAME, SUMMARY_NAME):
+                (out / name).unlink(missing_ok=True)
+    distributed.barrier()
+    return resumed_step
+
+
+def _build_model(recipe: dict[str, Any], inputs: RunInputs, num_classes: int, device: Any, out: Path | None):
+    method = get_method(recipe["method"])
+    init = inputs.init or recipe["model"]["init"]
+    if method.build_model is not None:
+        context = MethodContext(
+            recipe, None, num_classes, device, inputs.neg_root, inputs.data_root, out_dir=out, init=init
+        )
+        return method.build_model(context).to(device)
+    return build_model(recipe, num_classes, init).to(device)
+
+
 def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train as ``recipe`` says; return the run summary (also what ``train-summary.json`` holds).
 
@@ -294,34 +362,8 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
     device = select_device(inputs.device)
     distributed.init_from_env(device)
     device = distributed.local_device(device)
-
-    # data: the trees are opened (and checked) before anything is written
-    train_set = open_dataset(recipe, inputs.data_root, recipe["data"]["train_split"])
-    num_classes = _num_classes(recipe, train_set)
-    val_set = None
-    if recipe["run"]["validate"] and recipe["data"]["val_split"]:
-        optional = recipe["data"]["dataset"] == "folder" and not (inputs.data_root / "val").is_dir()
-        if not optional:
-            val_set = open_dataset(recipe, inputs.data_root, recipe["data"]["val_split"])
-    from densehybrid.data.transforms import AugmentedDataset, SegmentationAugment
-
-    augment = recipe["augment"]
-    pipeline = _compose(
-        TrainingTargets(num_classes),
-        SegmentationAugment(augment["crop"], augment["scale"], augment["fill"], augment["flip"]),
-    )
-    train_data = AugmentedDataset(train_set, pipeline, seed=recipe["run"]["seed"])
-    train_data[0]  # decode one sample now: a broken file or bad label fails before the run starts
-
-    init = inputs.init or recipe["model"]["init"]
-    if method.build_model is not None:
-        context = MethodContext(
-            recipe, None, num_classes, device, inputs.neg_root, inputs.data_root, out_dir=out, init=init
-        )
-        model = method.build_model(context)
-    else:
-        model = build_model(recipe, num_classes, init)
-    model.to(device)
+    train_data, val_set, num_classes = _open_training_data(recipe, inputs.data_root)
+    model = _build_model(recipe, inputs, num_classes, device, out)
     effective = method
     notes: list[str] = []
     real_only = recipe.get("negatives", {}).get("source", "real") == "real"
@@ -330,26 +372,11 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
         notes.append("no --neg-root: closed-set training (pass --neg-root DIR for DenseHybrid training)")
     context = MethodContext(recipe, model, num_classes, device, inputs.neg_root, inputs.data_root, out)
     objective = effective.build(context)
-
-    run = recipe["run"]
-    config = TrainConfig.from_recipe(
-        recipe,
-        device=str(device),
-        max_steps=inputs.max_steps,
-        progress=inputs.progress,
-        best_metric=run["best_metric"] if val_set is not None else None,
-    )
-    resumed_step = _check_resumable(out, recipe) if out is not None and inputs.resume else None
+    config = train_config(recipe, device, inputs, val_set is not None)
+    resumed_step = _prepare_out(out, recipe, inputs.resume)
     resume = resumed_step is not None
-    if out is not None and distributed.is_main():
-        if resume:
-            _trim_log(out / LOG_NAME, resumed_step)
-        elif not inputs.resume:
-            for name in ("last.pt", "best.pt", LOG_NAME, SUMMARY_NAME):
-                (out / name).unlink(missing_ok=True)
-    distributed.barrier()
-
     log = RunLog(out)
+    run = recipe["run"]
     last_step = [resumed_step or 0]  # validation is logged at the step it follows, as training (TensorBoard's x-axis)
 
     def on_step(step: int, logs: dict[str, float]) -> None:
@@ -362,13 +389,12 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
             metrics.update(objective.on_epoch_end(epoch, trained) or {})
         if val_set is None:
             return metrics
-        limit = run["val_limit"] or None
-        validation = validate_model(trained, val_set, num_classes, device, limit, run["amp"])
+        validation = validate_model(trained, val_set, num_classes, device, run["val_limit"] or None, run["amp"])
         log.write("val", last_step[0], {"epoch": epoch + 1, **validation})
         return {**metrics, **validation}
 
     metadata = {"kind": RUN_KIND, "recipe": recipe, "num_classes": num_classes, "method": effective.name}
-    metadata.update(class_fields(train_set, num_classes))
+    metadata.update(class_fields(train_data.dataset, num_classes))
     try:
         result = fit(
             model,
@@ -385,6 +411,23 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
         )
     finally:
         log.close()
+    return _summary(recipe, result, config, effective.name, resume, device, num_classes, out, len(train_data)) | {
+        "seconds": time.perf_counter() - started,
+        "notes": notes,
+    }
+
+
+def _summary(
+    recipe: dict[str, Any],
+    result: Any,
+    config: TrainConfig,
+    method: str,
+    resume: bool,
+    device: Any,
+    num_classes: int,
+    out: Path | None,
+    samples: int,
+) -> dict[str, Any]:
     best = None
     if config.best_metric is not None:
         scored = [h for h in result.history if isinstance(h.get(config.best_metric), float)]
@@ -392,18 +435,17 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
         if scored:
             top = max(scored, key=lambda h: h[config.best_metric])
             best = {"metric": config.best_metric, "value": top[config.best_metric], "epoch": top["epoch"]}
-    steps_per_epoch = len(train_data) // config.batch_size
     return {
         "kind": RUN_KIND,
         "recipe": recipe["name"],
-        "method": effective.name,
+        "method": method,
         "finished": result.finished,
         "interrupted": result.interrupted,
         "resumed": bool(resume),
         "epoch": result.epoch,
         "epochs": config.epochs,
         "global_step": result.global_step,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": samples // config.batch_size,
         "world_size": distributed.world_size(),
         "device": str(device),
         "num_classes": num_classes,
@@ -411,8 +453,8 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
         "best_checkpoint": None if best is None or out is None else str(out / "best.pt"),
         "best": best,
         "history": result.history,
-        "seconds": time.perf_counter() - started,
-        "notes": notes,
+        "seconds": 0.0,
+        "notes": [],
         "resolved_recipe": recipe,
     }
 
