@@ -118,7 +118,10 @@ def test_2_demo_rerun_with_other_settings_keeps_the_finished_stage(tmp_path):
     old = demo.DemoConfig.quick(out_dir=tmp_path, device="cpu", progress=False, **tiny)
     stage = tmp_path / "closed-set" / "last.pt"
     stage.parent.mkdir(parents=True)
-    torch.save({"model": {}, "epoch": 2, "metadata": {"recipe": old.recipe("demo-closed-set")}}, stage)
+    from densehybrid.models.checkpoint import checkpoint_dict, write_checkpoint
+
+    finished = checkpoint_dict({"w": torch.zeros(1)}, recipe=old.recipe("demo-closed-set"), training={"epoch": 2})
+    write_checkpoint(finished, stage)
     before = stage.read_bytes()
     new = demo.DemoConfig.quick(out_dir=tmp_path, device="cpu", progress=False, lr=5e-4, **tiny)
     with pytest.raises(DenseHybridError, match=r"optim.lr: 0.0004 -> 0.0005.*--no-resume"):

@@ -354,4 +354,3 @@ def optimizer_groups(recipe: Mapping[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return groups
-
