@@ -186,7 +186,7 @@ def test_demo_refuses_a_stage_of_other_settings_unless_no_resume(tiny_run, tmp_p
         run_demo(changed, command="densehybrid demo --quick")
     run_demo(dataclasses_replace(changed, resume=False), command="densehybrid demo --quick --no-resume")
     closed = torch.load(copy / "closed-set" / "last.pt", weights_only=True)
-    assert closed["metadata"]["recipe"]["optim"]["epochs"] == 2 and len(closed["history"]) == 2
+    assert closed["recipe"]["optim"]["epochs"] == 2 and len(closed["history"]) == 2
     assert (copy / "finetune" / "last.pt").stat().st_mtime_ns > before  # fine-tuned again from the new model
 
 
@@ -223,7 +223,7 @@ def test_demo_dicnet_adds_its_rows_and_reuses_its_stage(tiny_run, tmp_path, caps
     assert "| dicnet " in result.table
     # the demo-dicnet recipe's run; the teacher is the closed-set model, unchanged by the distillation
     finished = torch.load(copy / "dicnet" / "last.pt", weights_only=True)
-    assert finished["metadata"]["recipe"]["name"] == "demo-dicnet" and len(finished["history"]) == 1
+    assert finished["recipe"]["name"] == "demo-dicnet" and len(finished["history"]) == 1
     closed = torch.load(copy / "closed-set" / "last.pt", weights_only=True)["model"]
     for name, tensor in closed.items():
         assert torch.equal(finished["model"][f"teacher.{name}"], tensor), name
