@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from densehybrid.engine import ClosedSetObjective, TrainConfig, fit
 from densehybrid.engine.batches import ResumableSampler
 from densehybrid.engine.distributed import ShardedBatchSampler
-from densehybrid.engine.train import build_optimizer, epoch_lr
+from densehybrid.engine.train import _set_epoch_lr, build_optimizer, epoch_lr
 from tests.helpers import tiny_model
 
 FAST = dict(batch_size=4, lr=3e-3, device="cpu", progress=False, seed=3, num_workers=0)
@@ -23,6 +25,20 @@ def test_schedules_follow_their_formulas():
     assert epoch_lr(1e-6, constant, 7) == 1e-6
     with pytest.raises(ValueError, match="`schedule` to be one of cosine, constant, poly"):
         TrainConfig(schedule="step")
+
+
+@pytest.mark.parametrize(("lr", "epochs"), [(4e-4, 120), (1e-5, 40)])
+def test_backbone_cosine_is_the_scaled_decoder_rate_as_released(lr, epochs):
+    # The released process_lr: decoder = lr_min + (lr - lr_min) * c, backbone = that / 4 (floor lr_min / 4).
+    config = TrainConfig(epochs=epochs, lr=lr, lr_min=1e-7, backbone_lr_ratio=0.25)
+    optimizer = build_optimizer(tiny_model(), config)
+    assert len(optimizer.param_groups) == 2
+    for epoch in (0, epochs // 2, epochs - 1):
+        _set_epoch_lr(optimizer, config, epoch)
+        c = (1 + math.cos(math.pi * epoch / epochs)) / 2
+        decoder, backbone = (g["lr"] for g in optimizer.param_groups)
+        assert decoder == pytest.approx(1e-7 + (lr - 1e-7) * c, rel=1e-12)
+        assert backbone == pytest.approx((1e-7 + (lr - 1e-7) * c) / 4, rel=1e-12)
 
 
 def test_sgd_without_momentum_is_plain_sgd():

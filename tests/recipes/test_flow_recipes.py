@@ -58,7 +58,7 @@ RELEASED_FLOW = {
         "method": "densehybrid",
         "model": {"name": "segmenter_vit_b16", "num_classes": 20, "init_as": "checkpoint"},
         "data": {"dataset": "coco20", "train_split": "train2017"},
-        "optim": {"optimizer": "adam", "lr": 1e-6, "schedule": "constant", "epochs": 10, "batch_size": 16},
+        "optim": {"optimizer": "adam", "lr": 1e-6, "schedule": "constant", "eps": 1e-8, "epochs": 10, "batch_size": 16},
         "loss": {"beta": 0.15, "lambda": 1.5, "posterior_ignore_void": True},
         "augment": {"crop": 512, "scale": [0.75, 2.0], "fill": [123.0, 116.0, 103.0], "flip": True},
         "negatives": {"source": "synthetic", "pastes": 3},

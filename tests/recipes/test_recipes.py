@@ -77,7 +77,8 @@ RELEASED = {
     "segmenter-coco20-finetune": {
         "method": "densehybrid",
         "model": {"name": "segmenter_vit_b16", "num_classes": 20, "init_as": "checkpoint"},
-        "optim": {"optimizer": "adam", "lr": 1e-6, "schedule": "constant", "epochs": 10, "batch_size": 16},
+        # Adam(params, lr=...) in segmenter_coco20_finetune.py: torch's default eps 1e-8.
+        "optim": {"optimizer": "adam", "lr": 1e-6, "schedule": "constant", "eps": 1e-8, "epochs": 10, "batch_size": 16},
         "augment": {"crop": 512, "scale": [0.5, 2.0]},
         "loss": {"beta": 0.15, "lambda": 1.5, "posterior_ignore_void": True},
         "negatives": {"resize": 256, "crop": 256, "pastes": 3, "rect_prob": 0.5, "max_class_pixels": 10000},

@@ -63,7 +63,7 @@ class TrainConfig:
         lr: learning rate of the decoder and heads.
         backbone_lr_ratio: the backbone (parameters whose name contains ``backbone``) trains at ``lr * ratio``
             (1/4 in the released recipes).
-        lr_min: end of the per-epoch cosine schedule.
+        lr_min: end of the per-epoch cosine schedule of ``lr`` (the backbone's ends at ``lr_min * ratio``).
         weight_decay: weight decay.
         betas: Adam betas.
         eps: Adam epsilon (1e-7 in the released recipes).
@@ -295,8 +295,11 @@ def epoch_lr(base: float, config: TrainConfig, epoch: int) -> float:
 
 
 def _set_epoch_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
+    """Schedule ``config.lr`` and scale it per group, as the released ``process_lr`` does: the backbone's rate is
+    ``epoch_lr(lr) * ratio``, so its cosine floor is ``lr_min * ratio``."""
+    rate = epoch_lr(config.lr, config, epoch)
     for group in optimizer.param_groups:
-        group["lr"] = epoch_lr(group["initial_lr"], config, epoch)
+        group["lr"] = rate * (group["initial_lr"] / config.lr)
 
 
 def _hflip(images: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
