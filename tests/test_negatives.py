@@ -290,3 +290,29 @@ def test_cuda_batch_matches_cpu():
     )
     for x, y in zip(cpu, gpu):
         assert torch.equal(x, y.cpu())
+
+
+def test_without_a_small_class_the_least_frequent_class_is_pasted_as_released():
+    # Released COCO code: no id under max_class_pixels -> the crop's least frequent id (lowest on ties), no rectangle.
+    negatives = _coordinate_negatives(3, 40, 40)
+    segments = torch.zeros(3, 40, 40, dtype=torch.int64)  # 1600 px: id 0 is 1600 - 400 - 300 = 900 px
+    segments[:, :20, :20] = 5  # 400 px
+    segments[:, 20:, :15] = 7  # 300 px: the least frequent
+    segments[2, 20:, 15:35] = 3  # item 2: id 3 also 400 px; id 0 shrinks to 500 px; 7 stays the rarest
+    segments[1, :20, :20] = 7  # item 1: ids 0 (900) and 7 (700); still all above the limit
+    images, target = _inliers(3, 64, 64)
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        out = paste_negatives(images, target, negatives, segments, generator=g, rect_prob=0.0, max_class_pixels=200)
+        shifts = _check_and_locate(images, target, out)
+        for n, (dy, dx) in enumerate(shifts):
+            expected = segments[n] == 7
+            ys, xs = torch.nonzero(out.negative_mask[n], as_tuple=True)
+            assert int(out.negative_mask[n].sum()) == int(expected.sum())
+            assert expected[ys - dy, xs - dx].all()
+    ties = torch.zeros(1, 40, 40, dtype=torch.int64)
+    ties[:, :, 20:] = 4  # ids 0 and 4: 800 px each -> the lower id, 0
+    out = paste_negatives(images[:1], target[:1], negatives[:1], ties, rect_prob=0.0, max_class_pixels=200)
+    (dy, dx) = _check_and_locate(images[:1], target[:1], out)[0]
+    ys, xs = torch.nonzero(out.negative_mask[0], as_tuple=True)
+    assert int(out.negative_mask[0].sum()) == 800 and (ties[0][ys - dy, xs - dx] == 0).all()

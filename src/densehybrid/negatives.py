@@ -172,8 +172,8 @@ def paste_negatives(
         side_step: step between rectangle sides.
         num_classes_in_mask: how many segment ids are drawn for a semantic mask.
         max_class_pixels: draw semantic-mask ids only among those covering fewer than this many pixels of the crop
-            (the released COCO20 recipe: 10,000, i.e. small ADE20k classes); an item without such an id gets a
-            rectangle. None: every id present.
+            (the released COCO20 recipe: 10,000, i.e. small ADE20k classes); an item without such an id pastes its
+            least frequent id (the lowest id on ties), as the released code does. None: every id present.
 
     Returns:
         :class:`PasteResult` ``(images, target, negative_mask)``; the inputs are not modified.
@@ -284,7 +284,13 @@ def paste_negatives(
         ids, compact = torch.unique(segments, return_inverse=True)
         present = torch.zeros((batch, ids.numel()), dtype=torch.int64, device=device)
         present.scatter_add_(1, compact.reshape(batch, -1), in_crop.reshape(batch, -1).long())
-        present = (present > 0) & (present < max_class_pixels) if max_class_pixels is not None else present > 0
+        counts, present = present, present > 0
+        if max_class_pixels is not None:
+            # The released COCO code: ids under the limit; where none is, the least frequent id (the lowest on ties).
+            small = present & (counts < max_class_pixels)
+            rarest = counts.masked_fill(~present, torch.iinfo(counts.dtype).max).argmin(dim=1, keepdim=True)
+            fallback = torch.zeros_like(present).scatter_(1, rarest, True) & present
+            present = torch.where(small.any(dim=1, keepdim=True), small, fallback)
         is_rect = is_rect | (present.sum(dim=1) == 0)
         _check_rectangles(is_rect.cpu() & (num_sides == 0), crop_h, crop_w, neg_h, neg_w, height, width, min_side)
         # The r-th present id (0-based) is the number of ids whose running presence count is <= r.
