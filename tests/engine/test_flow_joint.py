@@ -80,6 +80,20 @@ def test_flow_step_gradient_reaches_the_flow_through_the_pasted_samples_only():
     assert all(torch.equal(a, b) for a, b in zip(model_before, model.parameters()))
 
 
+def test_flow_step_leaves_unused_flow_parameters_without_gradient_and_unmoved():
+    # The released flow step calls backward(): parameters the loss does not reach keep grad None and Adamax skips
+    # them. A zero gradient would move them through the momentum of earlier steps.
+    images, target, model, flow, source, _, _, _ = joint_setup()
+    flow.register_parameter("unreached", torch.nn.Parameter(torch.ones(3)))
+    flow_opt = build_flow_optimizer(flow, lr=1e-3)
+    flow.unreached.grad = torch.ones(3)  # an earlier step that reached it: Adamax now holds momentum for it
+    flow_opt.step()
+    before = flow.unreached.detach().clone()
+    flow_step(model, flow, images, target, optimizer=flow_opt, negatives=source, generator=torch.Generator())
+    assert flow.unreached.grad is None and torch.equal(flow.unreached, before)
+    assert flow.base_dist.loc.grad is not None
+
+
 def test_joint_steps_lower_the_flows_bits_per_dim_on_inlier_crops():
     images, target, model, flow, source, loss, seg_opt, flow_opt = joint_setup(flow_lr=1e-2)
     g = torch.Generator().manual_seed(0)

@@ -95,8 +95,14 @@ def test_flow_source_follows_the_released_size_rules():
     for n in range(2):
         assert h * w <= int(out.negative_mask[n].sum()) <= 3 * h * w
     pasted = out.images[out.negative_mask[:, None].expand_as(out.images)]
-    assert torch.equal(pasted * 255, (pasted * 255).round())  # quantised flow samples in [0, 1]
+    # The released TPAMI flow only clamps its samples to [0, 255] (no floor), in the segmenter step too.
+    assert 0 <= float(pasted.min()) and float(pasted.max()) <= 1
+    assert not torch.equal(pasted * 255, (pasted * 255).floor())
     assert not out.images.requires_grad
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    clamped = flow.sample(2, (16, 16), generator=g2, quantize=False)
+    assert torch.equal(source.sample(2, (16, 16), g1), clamped / 255)
+    assert torch.equal(clamped.floor(), flow.sample(2, (16, 16), generator=torch.Generator().manual_seed(5)))
 
 
 def test_differentiable_samples_carry_gradients_to_the_flow():

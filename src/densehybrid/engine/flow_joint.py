@@ -199,7 +199,7 @@ def flow_step(
     params = [p for p in flow.parameters() if p.requires_grad]
     grads = torch.autograd.grad(total, params, allow_unused=True)
     for p, g in zip(params, grads):
-        p.grad = g if g is not None else torch.zeros_like(p)
+        p.grad = g  # None where the loss does not reach p: the optimiser skips it, as after the released backward()
     optimizer.step()
     return {"flow_jsd": float(jsd.detach()), "flow_bpd": float(bpd.detach())}
 

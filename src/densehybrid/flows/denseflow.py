@@ -74,10 +74,10 @@ class UniformDequantization(nn.Module):
         ldj = (self.ldj_per_dim * x[0].numel()).expand(x.shape[0])
         return v, ldj
 
-    def inverse(self, v: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-        """[0, 1] data space -> [0, 2^b - 1]: floored (a quantised image) or, if differentiable, only clamped."""
+    def inverse(self, v: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """[0, 1] data space -> [0, 2^b - 1]: floored (a quantised image) or, without ``quantize``, only clamped."""
         x = v * self.bins
-        if not differentiable:
+        if quantize:
             x = x.floor()
         return x.clamp(0, self.bins - 1)
 
@@ -662,6 +662,7 @@ class DenseFlow(nn.Module):
         size: tuple[int, int],
         generator: torch.Generator | None = None,
         differentiable: bool = False,
+        quantize: bool | None = None,
     ) -> torch.Tensor:
         """Draw ``n`` images of ``size`` = (H, W) pixels.
 
@@ -669,11 +670,13 @@ class DenseFlow(nn.Module):
             n: number of images.
             size: (H, W), multiples of :attr:`stride`.
             generator: source of the latent draws (on the flow's device).
-            differentiable: keep the graph and only clamp the output to [0, 255] (as the released joint training
-                uses it); otherwise run without gradients and floor to integer values.
+            differentiable: keep the graph (as the released joint training's flow step uses it); otherwise run
+                without gradients.
+            quantize: floor to integer values; otherwise only clamp to [0, 255], as the released TPAMI flow does in
+                both steps of the joint training. None: quantize unless ``differentiable``.
 
         Returns:
-            (n, 3, H, W) float images in [0, 255] (integer-valued unless ``differentiable``).
+            (n, 3, H, W) float images in [0, 255] (integer-valued when quantized).
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"Expected `n` to be a non-negative int, but got {n!r}.")
@@ -690,7 +693,8 @@ class DenseFlow(nn.Module):
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             eps_base = draw(base_shape)
             eps_factored = [draw(s) for s in factored_shapes]
-            return self.transforms[0].inverse(self.decode(eps_base, eps_factored), differentiable=differentiable)
+            quantize = not differentiable if quantize is None else quantize
+            return self.transforms[0].inverse(self.decode(eps_base, eps_factored), quantize=quantize)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())

@@ -237,8 +237,12 @@ class FlowNegatives:
         generator: torch.Generator | None = None,
         differentiable: bool = False,
     ) -> torch.Tensor:
-        """(count, 3, h, w) flow samples scaled to [0, 1]; without gradients unless ``differentiable``."""
-        return self.flow.sample(count, size, generator=generator, differentiable=differentiable) / 255.0
+        """(count, 3, h, w) flow samples scaled to [0, 1]; without gradients unless ``differentiable``.
+
+        Never floored: the released TPAMI flow only clamps to [0, 255], for the segmenter step's samples too.
+        """
+        samples = self.flow.sample(count, size, generator=generator, differentiable=differentiable, quantize=False)
+        return samples / 255.0
 
     def paste(
         self,
