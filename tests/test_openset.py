@@ -45,6 +45,59 @@ def test_tpr_calibration_matches_sklearn_roc_curve(seed):
     assert calibrate_threshold(batches, target_tpr=0.95, strict=True) == pytest.approx(expected_gt, abs=1e-5)
 
 
+def _sklearn_threshold(y: np.ndarray, s: np.ndarray, strict: bool) -> float:
+    """The released rules on scikit-learn's roc_curve: first TPR > 0.95 (StreetHazards) or >= 0.95 (COCO)."""
+    _, tpr, thresholds = roc_curve(y, s)
+    return float(thresholds[(tpr > 0.95) if strict else (tpr >= 0.95)][0])
+
+
+def _hand_made_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    cases = {}
+    # Ties at every score, DenseHybrid-like magnitudes.
+    s = np.repeat(np.array([40.0, 31.5, 22.25, 17.0, 12.5, 9.0, 5.0], np.float32), 20)
+    y = np.zeros(s.size, np.int64)
+    y[::3] = 1
+    cases["ties"] = (s, y)
+    # Collinear runs: one anomaly per distinct score across the crossing (scikit-learn drops the inner points), then
+    # equal (1 anomaly, 1 inlier) steps, then inliers only.
+    run = np.linspace(39.0, 20.0, 40, dtype=np.float32)
+    pairs = np.repeat(np.linspace(19.5, 10.0, 20, dtype=np.float32), 2)
+    low = np.linspace(9.5, 5.0, 30, dtype=np.float32)
+    s = np.concatenate([run, pairs, low])
+    y = np.concatenate([np.ones(40, np.int64), np.tile([1, 0], 20), np.zeros(30, np.int64)])
+    cases["collinear"] = (s, y)
+    # Collinear runs exactly where TPR reaches 0.95: 60 anomalies one per score, the 57th is the crossing.
+    s = np.concatenate([np.linspace(40.0, 10.0, 60, dtype=np.float32), np.linspace(9.0, 5.0, 10, dtype=np.float32)])
+    y = np.concatenate([np.ones(60, np.int64), np.zeros(10, np.int64)])
+    cases["collinear_at_crossing"] = (s, y)
+    # Many close float32 scores of magnitude 5-40 with ties (what the binned state could not tell apart).
+    rng = np.random.default_rng(0)
+    s = (5 + 35 * rng.random(60_000)).astype(np.float32)
+    s[::7] = s[1::7][: s[::7].size]
+    y = (rng.random(s.size) < 0.1 + 0.8 * (s > 30)).astype(np.int64)
+    cases["dense_5_40"] = (s, y)
+    return cases
+
+
+@pytest.mark.parametrize("name", ["ties", "collinear", "collinear_at_crossing", "dense_5_40"])
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("memory_pixels", [1 << 24, 50])
+def test_tpr_calibration_equals_sklearn_roc_curve_rule_exactly(name, strict, memory_pixels):
+    s, y = _hand_made_cases()[name]
+    y = y.copy()
+    target = torch.from_numpy(y.copy())
+    target[::11] = 255  # void pixels are left out
+    keep = target.numpy() != 255
+    expected = _sklearn_threshold(y[keep], s[keep], strict)
+    scores = torch.from_numpy(s)
+    batches = [(scores[i : i + 997][None, None], target[i : i + 997][None, None]) for i in range(0, s.size, 997)]
+    # StreetHazards: strict=True (drop_intermediate follows); COCO: >= on the same thinned roc_curve.
+    threshold = calibrate_threshold(
+        batches, target_tpr=0.95, strict=strict, drop_intermediate=True, memory_pixels=memory_pixels
+    )
+    assert threshold == expected  # exactly: the same float32 score
+
+
 def test_f1_calibration_maximises_pixel_f1():
     g = torch.Generator().manual_seed(0)
     target = (torch.rand(1, 30, 30, generator=g) < 0.3).long()

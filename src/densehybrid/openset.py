@@ -196,36 +196,56 @@ def calibrate_threshold(
     strict: bool = True,
     ignore_index: int = 255,
     drop_intermediate: bool | None = None,
+    memory_pixels: int = 1 << 24,
 ) -> float:
-    """Choose the open-set threshold on labelled calibration data, streaming in fixed memory.
+    """Choose the open-set threshold on labelled calibration data, exactly, in bounded memory.
+
+    The threshold is the one scikit-learn's ``roc_curve`` gives on the same pixels (scores rounded to float32):
+    the distinct scores highest first, with ``drop_intermediate`` its thinned curve. The pixels are kept as 5 bytes
+    each, in memory up to ``memory_pixels`` and then in a temporary file; the crossing is found from a coarse
+    histogram and resolved exactly by a second pass over the stored pixels near it
+    (:class:`densehybrid.metrics._exact.ExactCurve`).
 
     Args:
         batches: pairs of (scores (N, H, W), binary target (N, H, W) in {0 inlier, 1 anomaly, ignore_index}).
         method: ``"tpr"``: the threshold reaching ``target_tpr`` of the anomaly pixels; ``"f1"``: best pixel F1.
         target_tpr: the true-positive rate for ``method="tpr"`` (0.95 in the released code).
-        strict: ``"tpr"`` picks the first threshold with TPR > target (released code) instead of >=.
+        strict: ``"tpr"`` picks the first threshold with TPR > target (released StreetHazards code) instead of >=.
         ignore_index: target id of void pixels.
         drop_intermediate: skip the collinear points that scikit-learn's ``roc_curve`` drops, as the released code
             that walks it does; default: as ``strict`` (the released COCO20 code uses ``>=`` on ``roc_curve``:
             ``strict=False, drop_intermediate=True``).
+        memory_pixels: calibration pixels held in memory before they move to a temporary file.
 
     Returns:
-        the threshold; apply it as ``scores > threshold``.
+        the threshold (one of the scores); apply it as ``scores > threshold``, as the released code does.
     """
-    from densehybrid.metrics import AnomalyMetrics
+    from densehybrid.metrics import _exact
+    from densehybrid.metrics._inputs import check_anomaly_inputs
+    from densehybrid.metrics._keys import order_keys
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"Expected `method` to be one of {CALIBRATION_METHODS}, but got {method!r}.")
     if not 0.0 < target_tpr <= 1.0:
         raise ValueError(f"Expected `target_tpr` in (0, 1], but got {target_tpr}.")
-    metric = AnomalyMetrics(ignore_index=ignore_index)
-    for scores, target in batches:
-        metric.update(scores, target)
-    threshold = (
-        metric.best_f1_threshold()
-        if method == "f1"
-        else metric.threshold_at_tpr(target_tpr, strict=strict, drop_intermediate=drop_intermediate)
-    )
+    store = _exact.PixelStore(memory_pixels)
+    try:
+        for scores, target in batches:
+            check_anomaly_inputs(scores, target, ignore_index, batched=True)
+            flat_scores, flat_target = scores.detach().reshape(-1), target.reshape(-1)
+            keep = flat_target != ignore_index
+            store.add(order_keys(flat_scores[keep]).cpu(), flat_target[keep].cpu())
+        curve = _exact.ExactCurve(store.chunks)
+        if curve.num_pos == 0:
+            raise ValueError("Expected anomaly pixels in the calibration data, but found none: cannot set a threshold.")
+        if method == "f1":
+            threshold, _ = _exact.best_f1(curve.pieces(), curve.num_pos)
+        else:
+            drop = strict if drop_intermediate is None else drop_intermediate
+            start = curve.first_bin_at_tpr(target_tpr, strict)
+            threshold, _ = _exact.point_at_tpr(curve.pieces(start), curve.num_pos, target_tpr, strict, drop)
+    finally:
+        store.close()
     if math.isnan(threshold):
-        raise ValueError("Expected anomaly pixels in the calibration data, but found none: cannot set a threshold.")
+        raise ValueError(f"Expected a point with TPR {'>' if strict else '>='} {target_tpr}, but there is none.")
     return float(threshold)

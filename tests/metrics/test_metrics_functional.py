@@ -179,3 +179,29 @@ def test_strict_rule_skips_collinear_points_like_sklearn():
     assert fpr_at_tpr(scores, target, strict=True) == fpr
     assert threshold_at_tpr(scores, target, strict=True) == threshold
     assert fpr_at_tpr(scores, target) == 0.95  # the >= rule sees every point
+
+
+@pytest.mark.parametrize("budget", [1, 7, 1 << 23])
+def test_piecewise_exact_curve_equals_the_whole_sorted_curve(budget):
+    # Pieces of at most `budget` pixels (and oversized single bins counted key by key) give the very same metrics.
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    from densehybrid.metrics import _exact
+
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randint(0, 40, (400,), generator=g).float() * 0.75 + 5).float()
+    scores[:50] = 12.5  # one large tie
+    target = (torch.rand(400, generator=g) < 0.3).long()
+    target[::13] = 255
+    curve = _exact.ExactCurve(_exact.tensor_chunks(scores, target, 255, chunk=64), budget=budget)
+    keep = target != 255
+    y, s = target[keep].numpy(), scores[keep].numpy()
+    assert (curve.num_pos, curve.num_neg) == (int(y.sum()), int((y == 0).sum()))
+    assert _exact.average_precision(curve.pieces(), curve.num_pos) == pytest.approx(average_precision_score(y, s))
+    assert _exact.auroc(curve.pieces(), curve.num_pos, curve.num_neg) == pytest.approx(roc_auc_score(y, s))
+    fpr, tpr, thresholds = roc_curve(y, s)
+    for strict in (True, False):
+        hit = (tpr > 0.95) if strict else (tpr >= 0.95)
+        start = curve.first_bin_at_tpr(0.95, strict)
+        threshold, fps = _exact.point_at_tpr(curve.pieces(start), curve.num_pos, 0.95, strict, True)
+        assert threshold == thresholds[hit][0] and fps / curve.num_neg == fpr[hit][0]

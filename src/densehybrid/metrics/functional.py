@@ -1,9 +1,12 @@
-"""Exact pixel-level anomaly metrics for inputs that fit in memory.
+"""Exact pixel-level anomaly metrics for tensors in memory, in bounded extra memory.
 
-Each function sorts all evaluated pixels once (O(n log n) time, O(n) memory), groups tied scores as scikit-learn
-does, and computes its metric from the grouped counts (:mod:`densehybrid.metrics._curve`). They are the reference
-for the streaming metrics and agree with scikit-learn to floating-point rounding. For benchmark-sized evaluations
-use :class:`~densehybrid.metrics.AnomalyMetrics`, whose memory does not grow with the number of pixels.
+Each function groups tied scores as scikit-learn does and computes its metric from the grouped counts
+(:mod:`densehybrid.metrics._curve`), equal to scikit-learn's up to floating-point summation order. Scores are
+rounded to float32 (as the streaming metrics do) and the curve is built piece by piece
+(:class:`densehybrid.metrics._exact.ExactCurve`): a few passes over the input, each sorting at most 2**23 pixels,
+so the extra memory stays bounded whatever the pixel count (float64 scores are sorted whole instead, keeping their
+full precision). They are the reference for the streaming metrics; for evaluations that stream batches use
+:class:`~densehybrid.metrics.AnomalyMetrics`, whose state does not grow with the number of pixels.
 
 Conventions: ``scores`` are higher for more anomalous pixels and are used as given (never squashed or normalised);
 ``target`` holds 0 (inlier), 1 (anomaly) or ``ignore_index``; a threshold ``t`` predicts "anomaly" for
@@ -18,7 +21,7 @@ import warnings
 import torch
 
 from densehybrid.labels import IGNORE_INDEX
-from densehybrid.metrics import _curve
+from densehybrid.metrics import _curve, _exact
 from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index, valid_pixels
 from densehybrid.metrics._keys import keys_to_float, order_keys
 
@@ -73,11 +76,20 @@ def _exact_curve_float64(scores: torch.Tensor, target: torch.Tensor) -> _curve.C
 
 def _curve_from_inputs(
     scores: torch.Tensor, target: torch.Tensor, ignore_index: int | None, validate_args: bool
-) -> _curve.Curve:
+) -> _exact.ExactCurve | _exact.WholeCurve:
+    """The exact curve: float64 scores sorted whole; any other dtype (rounded to float32) in bounded memory."""
     check_ignore_index(ignore_index)
     check_anomaly_inputs(scores, target, ignore_index, batched=False, validate_args=validate_args)
-    flat_scores, flat_target, _ = valid_pixels(scores, target, ignore_index)
-    return exact_curve(flat_scores, flat_target)
+    if scores.dtype == torch.float64:
+        flat_scores, flat_target, _ = valid_pixels(scores, target, ignore_index)
+        return _exact.WholeCurve(exact_curve(flat_scores, flat_target))
+    return _exact.ExactCurve(_exact.tensor_chunks(scores, target, ignore_index))
+
+
+def _point_at_tpr(curve: _exact.ExactCurve | _exact.WholeCurve, tpr: float, strict: bool) -> tuple[float, int]:
+    """(threshold, fps) of the first point meeting the rule (``strict``: on scikit-learn's thinned curve)."""
+    pieces = curve.pieces(curve.first_bin_at_tpr(tpr, strict))
+    return _exact.point_at_tpr(pieces, curve.num_pos, tpr, strict, drop_intermediate=strict)
 
 
 def _check_tpr(tpr: float, strict: bool) -> None:
@@ -140,7 +152,7 @@ def average_precision(
     curve = _curve_from_inputs(scores, target, ignore_index, validate_args)
     if warn_degenerate(curve.num_pos, curve.num_neg, False, "average precision"):
         return math.nan
-    return _curve.average_precision(curve)
+    return _exact.average_precision(curve.pieces(), curve.num_pos)
 
 
 def auroc(
@@ -171,7 +183,7 @@ def auroc(
     curve = _curve_from_inputs(scores, target, ignore_index, validate_args)
     if warn_degenerate(curve.num_pos, curve.num_neg, True, "AUROC"):
         return math.nan
-    return _curve.auroc(curve)
+    return _exact.auroc(curve.pieces(), curve.num_pos, curve.num_neg)
 
 
 def fpr_at_tpr(
@@ -209,7 +221,8 @@ def fpr_at_tpr(
     curve = _curve_from_inputs(scores, target, ignore_index, validate_args)
     if warn_degenerate(curve.num_pos, curve.num_neg, True, "the FPR at a TPR"):
         return math.nan
-    return _curve.fpr_at_index(curve, _curve.index_at_tpr(curve, tpr, strict))
+    _, fps = _point_at_tpr(curve, tpr, strict)
+    return fps / curve.num_neg if fps >= 0 else math.nan
 
 
 def threshold_at_tpr(
@@ -245,7 +258,7 @@ def threshold_at_tpr(
     curve = _curve_from_inputs(scores, target, ignore_index, validate_args)
     if warn_degenerate(curve.num_pos, curve.num_neg, False, "the threshold at a TPR"):
         return math.nan
-    return _curve.threshold_at_index(curve, _curve.index_at_tpr(curve, tpr, strict))
+    return _point_at_tpr(curve, tpr, strict)[0]
 
 
 def best_f1_threshold(
@@ -278,5 +291,4 @@ def best_f1_threshold(
     curve = _curve_from_inputs(scores, target, ignore_index, validate_args)
     if warn_degenerate(curve.num_pos, curve.num_neg, False, "the best-F1 threshold"):
         return math.nan, math.nan
-    index, f1 = _curve.best_f1_index(curve)
-    return _curve.threshold_at_index(curve, index), f1
+    return _exact.best_f1(curve.pieces(), curve.num_pos)
