@@ -7,6 +7,8 @@ fresh child process so that its wall time and peak resident memory are its own:
 * ``ours``: :class:`densehybrid.metrics.AnomalyMetrics` (fixed 2**24-bin histogram), ``update`` per frame;
 * ``exact``: the reference values, from one in-place numpy sort of packed (order key, label) int64 values (8 bytes
   per valid pixel, the leanest exact method here; its memory grows with the pixels);
+* ``functional``: the exact functions of :mod:`densehybrid.metrics.functional` on the concatenated valid pixels
+  (float32 scores, uint8 labels: 5 bytes per pixel of input), built piece by piece in bounded extra memory;
 * ``sklearn``: ``average_precision_score`` + ``roc_curve`` (+ ``auc``) on the concatenated valid pixels;
 * ``pytorch_ood``: pytorch-ood 0.4 ``OODSegmentationMetrics(device="cpu", void_label=255)`` (AP = its trapezoidal
   ``AUPR-OUT``);
@@ -43,11 +45,12 @@ from typing import Any
 import numpy as np
 import torch
 
-METHODS = ("ours", "exact", "sklearn", "pytorch_ood", "torchmetrics")
+METHODS = ("ours", "exact", "functional", "sklearn", "pytorch_ood", "torchmetrics")
 PEERS = ("sklearn", "pytorch_ood", "torchmetrics")
 LABELS = {
     "ours": "densehybrid `AnomalyMetrics` (ours)",
     "exact": "exact reference (in-place numpy sort)",
+    "functional": "densehybrid exact functions `average_precision`/`auroc`/`fpr_at_tpr` (ours)",
     "sklearn": "scikit-learn `average_precision_score` + `roc_curve`",
     "pytorch_ood": "pytorch-ood `OODSegmentationMetrics`",
     "torchmetrics": "torchmetrics exact `BinaryAveragePrecision`/`AUROC`/`ROC`",
@@ -123,6 +126,22 @@ class Collecting(Method):
         scores, labels = torch.cat(self.scores), torch.cat(self.labels)
         self.scores, self.labels = [], []
         return scores, labels
+
+
+class Functional(Collecting):
+    """The exact functional metrics (piecewise exact curve) on the gathered pixels; FPR95 by the TPR >= 0.95 rule."""
+
+    def finish(self):
+        from densehybrid.metrics import auroc, average_precision, fpr_at_tpr
+
+        scores, labels = self.gathered()
+        kwargs = dict(ignore_index=None, validate_args=False)
+        return (
+            average_precision(scores, labels, **kwargs),
+            auroc(scores, labels, **kwargs),
+            fpr_at_tpr(scores, labels, 0.95, **kwargs),
+            {},
+        )
 
 
 class Exact(Method):
@@ -231,7 +250,14 @@ class Torchmetrics(Method):
         return float(r["ap"]), float(r["auroc"]), float(fpr[index]), {}
 
 
-WORKERS = {"ours": Ours, "exact": Exact, "sklearn": Sklearn, "pytorch_ood": PytorchOOD, "torchmetrics": Torchmetrics}
+WORKERS = {
+    "ours": Ours,
+    "exact": Exact,
+    "functional": Functional,
+    "sklearn": Sklearn,
+    "pytorch_ood": PytorchOOD,
+    "torchmetrics": Torchmetrics,
+}
 
 
 def run_worker(method: str, frames: int, height: int, width: int, seed: int) -> dict[str, Any]:

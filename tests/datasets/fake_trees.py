@@ -255,13 +255,16 @@ def make_fake_ade20k(root: Path, n: int = 2, splits: Sequence[str] = ("training"
     return Path(root)
 
 
-def make_fake_coco(root: Path, n: int = 2, split: str = "val2017", size: Size = (16, 32)) -> Path:
-    """COCO-Stuff setup: ``images/{split}/{id:012d}.jpg`` + ``annotations/{split}/{id:012d}.png`` (id - 1, 255)."""
+def make_fake_coco(
+    root: Path, n: int = 2, split: str = "val2017", size: Size = (16, 32), labels: str = "labels", first_id: int = 139
+) -> Path:
+    """``images/{split}/{id:012d}.jpg`` + ``{labels}/{split}/{id:012d}.png`` (stuffthingmaps: id - 1, 255); the
+    released layout (``labels``) or COCO-Stuff's (``annotations``)."""
     root = Path(root)
     for i in range(n):
-        stem = f"{139 + i:012d}"
+        stem = f"{first_id + i:012d}"
         write_image(root / "images" / split / f"{stem}.jpg", size)
-        write_label(root / "annotations" / split / f"{stem}.png", pattern(size, COCO_IDS, i))
+        write_label(root / labels / split / f"{stem}.png", pattern(size, COCO_IDS, i))
     return root
 
 

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from densehybrid.data.datasets import ADE20K, VOC_CLASSES, COCOOpenSet, RoadAnomaly
+from densehybrid.data.datasets import (
+    ADE20K,
+    COCO20_CLASSES,
+    VAL2017_WITHOUT_INSTANCES,
+    VOC_CLASSES,
+    COCOOpenSet,
+    RoadAnomaly,
+)
 from densehybrid.errors import DatasetError
 from tests.datasets.conftest import expected_target, raw_label
 from tests.datasets.fake_trees import make_fake_ade20k, make_fake_coco, make_fake_road_anomaly, write_label
@@ -48,11 +55,35 @@ def test_ade20k_other_is_void_and_classes_shift_down(tmp_path):
 def test_coco20_voc_classes_known_other_things_anomalous_stuff_void(tmp_path):
     root = make_fake_coco(tmp_path, n=2)
     ds = COCOOpenSet(root)
-    assert ds.num_classes == 20 and ds.class_names == VOC_CLASSES
+    # The released COCO20 ids: the VOC classes in COCO category-id order (tv last, bottle 14, dining table 18).
+    assert ds.num_classes == 20 and ds.class_names == COCO20_CLASSES
+    assert COCO20_CLASSES[13:] == ("cow", "bottle", "chair", "couch", "potted plant", "dining table", "tv")
     raw = raw_label(ds.frames[0].label)
-    mapping = {0: 14, 1: 1, 2: 6, 24: 20, 71: 19, 91: 255, 181: 255, 255: 255}
+    mapping = {0: 0, 1: 1, 2: 2, 24: 20, 71: 19, 91: 255, 181: 255, 255: 255}
     assert set(np.unique(raw)) == set(mapping)
     assert torch.equal(ds[0]["target"], torch.from_numpy(expected_target(raw, mapping)))
+    voc = COCOOpenSet(root, known_classes="voc")  # the VOC order stays available by name
+    assert voc.class_names == VOC_CLASSES
+    mapping = {0: 14, 1: 1, 2: 6, 24: 20, 71: 19, 91: 255, 181: 255, 255: 255}
+    assert torch.equal(voc[0]["target"], torch.from_numpy(expected_target(raw, mapping)))
+
+
+def test_coco_reads_the_released_layout_and_image_list(tmp_path):
+    # The released evaluation reads labels/val2017 and 4,952 images: val2017 without the 48 without instances.
+    assert len(VAL2017_WITHOUT_INSTANCES) == 48 and 25593 in VAL2017_WITHOUT_INSTANCES
+    root = make_fake_coco(tmp_path / "released", n=3, first_id=25592)  # ids 25592, 25593 (excluded), 25594
+    assert [f.name for f in COCOOpenSet(root).frames] == ["000000025592", "000000025594"]
+    assert len(COCOOpenSet(root, images="all")) == 3
+    listed = tmp_path / "list.txt"
+    listed.write_text("000000025594.png\n")
+    assert [f.name for f in COCOOpenSet(root, images=str(listed)).frames] == ["000000025594"]
+    assert len(COCOOpenSet(root, split="val2017", images="released")) == 2
+    stuff = make_fake_coco(tmp_path / "cocostuff", n=1, labels="annotations")
+    assert len(COCOOpenSet(stuff, layout="cocostuff")) == 1
+    with pytest.raises(DatasetError, match="labels"):
+        COCOOpenSet(stuff)
+    with pytest.raises(ValueError, match="`layout`"):
+        COCOOpenSet(stuff, layout="coco")
 
 
 def test_coco_background_class_and_custom_known_classes(tmp_path):
@@ -60,7 +91,7 @@ def test_coco_background_class_and_custom_known_classes(tmp_path):
     with_background = COCOOpenSet(root, background="class")
     assert with_background.num_classes == 21 and with_background.class_names[0] == "background"
     raw = raw_label(with_background.frames[0].label)
-    mapping = {0: 15, 1: 2, 2: 7, 24: 21, 71: 20, 91: 0, 181: 0, 255: 255}
+    mapping = {0: 1, 1: 2, 2: 3, 24: 21, 71: 20, 91: 0, 181: 0, 255: 255}
     assert torch.equal(with_background[0]["target"], torch.from_numpy(expected_target(raw, mapping)))
     custom = COCOOpenSet(root, known_classes="person, giraffe")
     mapping = {0: 0, 24: 1, 1: 2, 2: 2, 71: 2, 91: 255, 181: 255, 255: 255}

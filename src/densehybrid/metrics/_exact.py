@@ -29,8 +29,8 @@ PixelChunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 _COARSE_SHIFT = 16
 _COARSE_BINS = 1 << (32 - _COARSE_SHIFT)
 _COARSE_OFFSET = _COARSE_BINS // 2
-#: Default pixels per piece: about 300 MiB of temporaries while one piece is sorted.
-DEFAULT_BUDGET = 1 << 23
+#: Default pixels per piece: at most about 400 MiB of temporaries while one piece is sorted and grouped.
+DEFAULT_BUDGET = 1 << 22
 
 
 class Piece(NamedTuple):
@@ -110,7 +110,10 @@ class ExactCurve:
         for keys, labels in self.chunks():
             inside = (keys >= low) & (keys <= high)
             if bool(inside.any()):
-                parts.append(keys[inside].to(torch.int64) * 2 + labels[inside].to(torch.int64))
+                packed = keys[inside].to(torch.int64)
+                packed <<= 1
+                packed |= labels[inside]
+                parts.append(packed)
         packed = torch.cat(parts)
         del parts
         packed.numpy().sort()

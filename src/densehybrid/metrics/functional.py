@@ -3,7 +3,7 @@
 Each function groups tied scores as scikit-learn does and computes its metric from the grouped counts
 (:mod:`densehybrid.metrics._curve`), equal to scikit-learn's up to floating-point summation order. Scores are
 rounded to float32 (as the streaming metrics do) and the curve is built piece by piece
-(:class:`densehybrid.metrics._exact.ExactCurve`): a few passes over the input, each sorting at most 2**23 pixels,
+(:class:`densehybrid.metrics._exact.ExactCurve`): a few passes over the input, each sorting at most 2**22 pixels,
 so the extra memory stays bounded whatever the pixel count (float64 scores are sorted whole instead, keeping their
 full precision). They are the reference for the streaming metrics; for evaluations that stream batches use
 :class:`~densehybrid.metrics.AnomalyMetrics`, whose state does not grow with the number of pixels.

@@ -24,7 +24,13 @@ from densehybrid.data.datasets._base import TARGET_KINDS, BenchmarkDataset, Disc
 from densehybrid.data.datasets._io import DatasetFileError
 from densehybrid.data.datasets.ade20k import ADE20K, ADE20K_CLASSES
 from densehybrid.data.datasets.cityscapes import CITYSCAPES_CLASSES, LABEL_ID_TO_TRAIN_ID, Cityscapes
-from densehybrid.data.datasets.coco import COCO_THINGS, VOC_CLASSES, COCOOpenSet
+from densehybrid.data.datasets.coco import (
+    COCO20_CLASSES,
+    COCO_THINGS,
+    VAL2017_WITHOUT_INSTANCES,
+    VOC_CLASSES,
+    COCOOpenSet,
+)
 from densehybrid.data.datasets.fishyscapes import FishyscapesLAF, FishyscapesStatic
 from densehybrid.data.datasets.folder import FolderDataset, ImageFolder
 from densehybrid.data.datasets.road_anomaly import RoadAnomaly
@@ -38,10 +44,12 @@ __all__ = [
     "BENCHMARKS",
     "CITYSCAPES_CLASSES",
     "COCOOpenSet",
+    "COCO20_CLASSES",
     "COCO_THINGS",
     "LABEL_ID_TO_TRAIN_ID",
     "PROTOCOLS",
     "TARGET_KINDS",
+    "VAL2017_WITHOUT_INSTANCES",
     "VOC_CLASSES",
     "BenchmarkDataset",
     "BenchmarkSpec",

@@ -3,11 +3,13 @@
 The DenseHybrid README points to the COCO-Stuff repository for the data; its ``stuffthingmaps_trainval2017`` PNGs
 hold ``category_id - 1`` per pixel (things 0..90, stuff 91..181) and 255 for unlabelled.
 
-Which 20 classes are known in the paper's COCO20/80 is not public in our sources (the TPAMI code is not released).
-We follow the most standard 20-of-80 split: the 20 PASCAL VOC categories are known and the other 60 COCO thing
-categories are unknown (anomalies), as in the VOC -> COCO open-world protocols. Stuff pixels are not part of
-either group and are void by default (``background="ignore"``); ``background="class"`` instead makes them a VOC-style
-background class 0. ``known_classes`` selects any other split by COCO thing names.
+By default the loader follows the released TPAMI-era data code (``data/datasets/coco/coco20.py``): the 20 PASCAL VOC
+categories are known, numbered 0..19 in COCO category-id order (:data:`COCO20_CLASSES`); the other 60 thing
+categories are unknown (anomalies); stuff and unlabelled pixels are void. It reads ``ROOT/labels/{split}`` and, for
+val2017, the released list of 4,952 images: val2017 without the 48 images that have no COCO instance annotation
+(:data:`VAL2017_WITHOUT_INSTANCES`). ``known_classes="voc"`` numbers the same classes in VOC order,
+``layout="cocostuff"`` reads ``ROOT/annotations/{split}`` (the COCO-Stuff README's layout), ``images="all"`` every
+file, and ``background="class"`` makes stuff a VOC-style background class 0.
 """
 
 from __future__ import annotations
@@ -129,8 +131,26 @@ VOC_CLASSES = (
     "tv",
 )
 
+#: The same 20 classes in COCO category-id order: the ids 0..19 of the released COCO20 data code and checkpoints.
+COCO20_CLASSES = tuple(name for _, name in sorted(COCO_THINGS.items()) if name in VOC_CLASSES)
+
+#: Named class orders of ``known_classes``.
+CLASS_ORDERS = {"coco20": COCO20_CLASSES, "voc": VOC_CLASSES}
+
+#: The 48 val2017 images without any COCO instance annotation. The released evaluation's list of 4,952 val2017
+#: images (``coco_stuff_val_images.txt``) is val2017 without exactly these.
+VAL2017_WITHOUT_INSTANCES = frozenset(
+    (25593, 41488, 42888, 49091, 58636, 64574, 98497, 101022, 121153, 127135, 173183, 176701)
+    + (198915, 200152, 226111, 228771, 240767, 260657, 261796, 267946, 268996, 270386, 278006, 308391)
+    + (310622, 312549, 320706, 330554, 344611, 370999, 374727, 382734, 402096, 404601, 447789, 458790)
+    + (461275, 476491, 477118, 481404, 502910, 514540, 528977, 536343, 542073, 550939, 556498, 560371)
+)
+
 _STUFF_RAW = range(91, 182)  # COCO-Stuff stuff categories 92..182, stored as id - 1
 _BACKGROUNDS = ("ignore", "class")
+#: Label folder per layout: the released data code's and the COCO-Stuff README's.
+_LAYOUTS = {"released": "labels", "cocostuff": "annotations"}
+_IMAGE_SETS = ("released", "all")
 
 
 class COCOOpenSet(BenchmarkDataset):
@@ -141,41 +161,50 @@ class COCOOpenSet(BenchmarkDataset):
     (``"ignore"``) or 0 (``"class"``).
 
     Args:
-        root: the COCO-Stuff ``dataset`` folder holding ``images/{train2017,val2017}`` and
-            ``annotations/{train2017,val2017}`` (as set up by the COCO-Stuff README).
-        split: ``"val2017"`` (5000, the default) or ``"train2017"`` (118287).
-        known_classes: COCO thing names treated as known, or one comma-separated string; default the 20 VOC
-            categories (:data:`VOC_CLASSES`).
+        root: the folder holding ``images/{train2017,val2017}`` and ``labels/{train2017,val2017}`` (the released
+            layout) or ``annotations/{train2017,val2017}`` (``layout="cocostuff"``).
+        split: ``"val2017"`` (the default) or ``"train2017"``.
+        known_classes: ``"coco20"`` (default: the 20 VOC categories in COCO id order, as released), ``"voc"`` (the
+            same in VOC order), or COCO thing names (a sequence or one comma-separated string), numbered in the given order.
         background: ``"ignore"`` or ``"class"`` (see above).
+        layout: ``"released"`` (``labels/``) or ``"cocostuff"`` (``annotations/``).
+        images: ``"released"``: val2017 without :data:`VAL2017_WITHOUT_INSTANCES` (the released 4,952-image list;
+            train2017: every image, the released list's filter being unknown); ``"all"``: every image; or the path
+            of a text file with one label file name (``000000000139.png``) or image id per line.
         transform, strict: see :class:`~densehybrid.data.datasets.BenchmarkDataset`.
     """
 
     target_kind = "semantic"
-    num_classes = len(VOC_CLASSES)
-    class_names = VOC_CLASSES
+    num_classes = len(COCO20_CLASSES)
+    class_names = COCO20_CLASSES
     splits = ("val2017", "train2017")
     default_split = "val2017"
     raw_label_values = frozenset(range(182)) | {IGNORE_INDEX}
     benchmark_name = "coco20"
     expected_tree = (
         "  images/{train2017,val2017}/{image_id:012d}.jpg\n"
-        "  annotations/{train2017,val2017}/{image_id:012d}.png    (COCO-Stuff stuffthingmaps: category_id - 1, 255)"
+        "  labels/{train2017,val2017}/{image_id:012d}.png    (COCO-Stuff stuffthingmaps: category_id - 1, 255; "
+        "annotations/ with --option layout=cocostuff)"
     )
     download = (
         "http://images.cocodataset.org/zips/val2017.zip (and train2017.zip) into ROOT/images/, and "
         "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip into "
-        "ROOT/annotations/ (see https://github.com/nightrome/cocostuff#setup)"
+        "ROOT/labels/ (see https://github.com/nightrome/cocostuff#setup)"
     )
 
     def __init__(
         self,
         root: str | Path,
         split: str | None = None,
-        known_classes: str | Sequence[str] = VOC_CLASSES,
+        known_classes: str | Sequence[str] = "coco20",
         background: str = "ignore",
+        layout: str = "released",
+        images: str | Path = "released",
         transform=None,
         strict: bool = True,
     ) -> None:
+        if isinstance(known_classes, str) and known_classes.strip() in CLASS_ORDERS:
+            known_classes = CLASS_ORDERS[known_classes.strip()]
         if isinstance(known_classes, str):
             known_classes = [name.strip() for name in known_classes.split(",") if name.strip()]
         known = tuple(known_classes)
@@ -188,6 +217,10 @@ class COCOOpenSet(BenchmarkDataset):
             )
         if background not in _BACKGROUNDS:
             raise ValueError(f"Expected `background` to be one of {', '.join(_BACKGROUNDS)}, but got {background!r}.")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"Expected `layout` to be one of {', '.join(_LAYOUTS)}, but got {layout!r}.")
+        self.layout = layout
+        self.images = images
         self.known_classes = known
         self.background = background
         offset = 1 if background == "class" else 0
@@ -204,10 +237,35 @@ class COCOOpenSet(BenchmarkDataset):
     def discover(self) -> Discovery:
         fix = self.how_to_fix()
         image_dir = require_dir(self.root / "images" / self.split, "the image directory", fix)
-        label_dir = require_dir(self.root / "annotations" / self.split, "the annotation directory", fix)
-        return pair_by_stem(
-            image_dir, ".jpg", label_dir, ".png", "Extract stuffthingmaps_trainval2017.zip into ROOT/annotations/."
+        folder = _LAYOUTS[self.layout]
+        label_dir = require_dir(self.root / folder / self.split, "the label directory", fix)
+        found = pair_by_stem(
+            image_dir, ".jpg", label_dir, ".png", f"Extract stuffthingmaps_trainval2017.zip into ROOT/{folder}/."
         )
+        wanted = self._image_ids()
+        if wanted is not None:
+            found.frames = [frame for frame in found.frames if _image_id(frame.name) in wanted]
+        elif self.images == "released" and self.split == "val2017":
+            found.frames = [f for f in found.frames if _image_id(f.name) not in VAL2017_WITHOUT_INSTANCES]
+        return found
+
+    def _image_ids(self) -> set[int | str] | None:
+        """The ids of an ``images`` list file; None for ``"released"`` and ``"all"``."""
+        if str(self.images) in _IMAGE_SETS:
+            return None
+        path = Path(self.images)
+        if not path.is_file():
+            raise ValueError(
+                f"Expected `images` to be one of {', '.join(_IMAGE_SETS)} or an image list file, but {str(path)!r} "
+                "is not a file."
+            )
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return {_image_id(Path(name).stem) for name in names}
 
     def label_hint(self, unexpected: Sequence[int], raw: np.ndarray) -> str:
         return "Use the COCO-Stuff stuffthingmaps PNGs (ids 0..181 and 255), not panoptic or colour PNGs."
+
+
+def _image_id(stem: str) -> int | str:
+    """``000000000139`` -> 139; other names stay as they are."""
+    return int(stem) if stem.isdigit() else stem
