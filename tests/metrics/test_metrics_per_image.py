@@ -141,3 +141,22 @@ def test_invalid_arguments_raise():
         PerImageAnomalyMetrics().update(torch.rand(1, 2, 2), torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="same configuration"):
         PerImageAnomalyMetrics().merge(PerImageAnomalyMetrics(variant="streethazards"))
+
+
+def test_dicnet_variant_counts_void_pixels_as_inliers_as_released():
+    # The released DiCNet evaluation has no ignore label; ids voided by --void-unknown-ids are inliers there too.
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 16, 16, generator=g)
+    target = (torch.rand(2, 16, 16, generator=g) < 0.2).long()
+    target[:, :4] = 255
+    scores[:, :4] += 3.0  # void pixels score high: dropping them or counting them as inliers differs
+    released = PerImageAnomalyMetrics(variant="dicnet")
+    released.update(scores, target)
+    inliers = PerImageAnomalyMetrics(variant="dicnet")
+    inliers.update(scores, target.masked_fill(target == 255, 0))
+    dropped = PerImageAnomalyMetrics(variant="streethazards")
+    dropped.update(scores, target)
+    result, expected = released.compute(), inliers.compute()
+    assert result["num_ignored"] == 0
+    assert all(result[key] == expected[key] for key in ("ap", "auroc", "fpr95"))
+    assert result["ap"] != dropped.compute()["ap"]

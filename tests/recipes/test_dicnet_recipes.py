@@ -193,13 +193,37 @@ def test_the_released_teacher_loads_from_its_folder_or_a_packed_checkpoint(tmp_p
     torch.save(released.teacher.decoder.state_dict(), folder / "decoder.pth")
     recipe = load_recipe("dicnet-streethazards")
     expected = released.teacher.state_dict()
-    model = build_distillation_model(MethodContext(recipe, None, 13, torch.device("cpu"), init=str(folder)))
+    # Without the ImageNet ResNet-34 the student starts from random weights: said loudly at start.
+    with pytest.warns(UserWarning, match="RANDOM weights.*pretrained_backbone"):
+        model = build_distillation_model(MethodContext(recipe, None, 13, torch.device("cpu"), init=str(folder)))
     assert all(torch.equal(v, expected[k]) for k, v in model.teacher.state_dict().items())
     assert model.model_kwargs["pretrained"] == (str(folder / "encoder.pth"), str(folder / "decoder.pth"))
+    import warnings
+
+    import torchvision
+
+    backbone = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), backbone)
+    with_backbone = load_recipe("dicnet-streethazards", [f"model.kwargs.pretrained_backbone={backbone}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_distillation_model(MethodContext(with_backbone, None, 13, torch.device("cpu"), init=str(folder)))
     # the same weights packed in one file (the PSPNet's encoder.* and decoder.*)
     (folder / "encoder.pth").unlink()
     torch.save({"model": expected}, tmp_path / "teacher.pt")
-    model = build_distillation_model(
-        MethodContext(recipe, None, 13, torch.device("cpu"), init=str(tmp_path / "teacher.pt"))
-    )
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        model = build_distillation_model(
+            MethodContext(recipe, None, 13, torch.device("cpu"), init=str(tmp_path / "teacher.pt"))
+        )
     assert all(torch.equal(v, expected[k]) for k, v in model.teacher.state_dict().items())
+
+
+def test_distillation_step_skips_the_teachers_classifier_head():
+    # The loss reads only the features: the released step never runs the teacher's classifier.
+    from densehybrid.recipes.distillation import DistillationObjective
+
+    torch.manual_seed(0)
+    model = create_model("dicnet", num_classes=3, teacher="ladder_mobilenetv3", student_backbone="resnet18")
+    model.teacher.forward_head = lambda features: pytest.fail("the teacher's head ran")
+    loss, logs = DistillationObjective()(model, torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32), torch.Generator())
+    assert loss.requires_grad and logs["loss"] > 0

@@ -23,7 +23,8 @@ TPR is closest to 0.95; plain means over the remaining images.
 ``"dicnet"`` — the released DiCNet evaluation (zhouhuan-hust/DiCNet ``evaluation_with_seg.py`` + ``anom_utils.py``):
 the same per-image rule as ``"streethazards"`` (scikit-learn AP and AUROC, the Hendrycks FPR95 at the TPR closest to
 0.95, plain means). DiCNet has no ignore label: "unlabeled" and "other" count as inliers, which on StreetHazards means
-the ``hendrycks`` encoding (13 classes, nothing ignored). Its code fails on an image without anomaly pixels; here such
+the ``hendrycks`` encoding (13 classes, nothing ignored); every void pixel (``ignore_index``, e.g. an id voided by
+``--void-unknown-ids``) counts as an inlier too. Its code fails on an image without anomaly pixels; here such
 images are skipped, as in ``"streethazards"``.
 
 Every variant skips images without any evaluated pixel (the reference code would fail on them).
@@ -146,6 +147,10 @@ class PerImageAnomalyMetrics(SumStateMetric):
         sums = [0.0, 0.0, 0.0]
         counts = [0, 0, 0]
         tally = [0] * 6
+        if self.variant == "dicnet" and self.ignore_index is not None and target.dtype != torch.bool:
+            # The released DiCNet evaluation has no ignore label: void pixels (also ids voided by
+            # --void-unknown-ids) count as inliers.
+            target = target.masked_fill(target == self.ignore_index, 0)
         for image_scores, image_target in zip(scores, target):
             flat_scores, flat_target, num_ignored = valid_pixels(image_scores, image_target, self.ignore_index)
             curve = exact_curve(flat_scores, flat_target)

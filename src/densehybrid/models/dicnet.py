@@ -452,23 +452,29 @@ class DiCNet(nn.Module):
             features = upsample(features, tuple(grid))
         return features
 
-    def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> DistillationOutput:
+    def forward(
+        self, images: torch.Tensor, output_size: tuple[int, int] | None = None, teacher_logits: bool = True
+    ) -> DistillationOutput:
         """Teacher logits and both feature maps.
 
         Args:
             images: (N, 3, H, W) float in [0, 1].
             output_size: (H_out, W_out) of the logits; defaults to (H, W). The features keep their own grid.
+            teacher_logits: run the teacher's classifier head; False (distillation, which never reads the logits)
+                skips it and returns ``logits=None``.
 
         Returns:
-            :class:`DistillationOutput`: ``logits`` (N, K, H_out, W_out), ``teacher_features`` and
+            :class:`DistillationOutput`: ``logits`` (N, K, H_out, W_out) or None, ``teacher_features`` and
             ``student_features`` (N, C, h, w).
         """
         size = resolve_output_size(images, output_size)
         teacher_features = self.forward_teacher(images)
-        with torch.no_grad():
-            logits = self.teacher.forward_head(teacher_features)
+        logits = None
+        if teacher_logits:
+            with torch.no_grad():
+                logits = upsample(self.teacher.forward_head(teacher_features), size, self.align_corners)
         student_features = self.forward_student(images, teacher_features.shape[-2:])
-        return DistillationOutput(upsample(logits, size, self.align_corners), teacher_features, student_features)
+        return DistillationOutput(logits, teacher_features, student_features)
 
 
 def distillation_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

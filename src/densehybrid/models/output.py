@@ -26,7 +26,7 @@ class DistillationOutput(NamedTuple):
     """Outputs of a DiCNet model (a frozen teacher and its distilled student).
 
     Attributes:
-        logits: (N, K, H, W) the teacher's closed-set logits at the requested output size.
+        logits: (N, K, H, W) the teacher's closed-set logits at the requested output size (None when skipped).
         teacher_features: (N, C, h, w) the teacher's pre-logit features, on the model's own grid (e.g. H/8).
         student_features: (N, C, h, w) the student's features on the same grid.
     """

@@ -21,6 +21,7 @@ The teacher comes from ``--init`` (or ``model.init``):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,7 @@ class DistillationObjective:
     """``F.mse_loss(S(x), T(x))`` on a batch; the targets are ignored (distillation needs no labels).
 
     The model is called as a whole (so that ``DistributedDataParallel`` sees the forward pass); the teacher's
-    logits, which the loss does not read, are asked for at one pixel.
+    classifier head, whose logits the loss does not read, is skipped.
     """
 
     name = "dicnet"
@@ -71,7 +72,7 @@ class DistillationObjective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         from densehybrid.models.dicnet import distillation_loss
 
-        out = model(images, output_size=(1, 1))
+        out = model(images, teacher_logits=False)
         loss = distillation_loss(out.student_features, out.teacher_features)
         return loss, {"loss": float(loss.detach())}
 
@@ -178,6 +179,7 @@ def build_distillation_model(context: MethodContext) -> nn.Module:
     kwargs = dict(model_cfg["kwargs"])
     pair = _teacher_file_pair(init, distill)
     state: dict[str, torch.Tensor] = {}
+    student_started = bool(kwargs.get("pretrained_backbone")) or bool(distill["student"])
     recorded: str | None = None
     recorded_kwargs: dict[str, Any] = {}
     if pair is None:
@@ -209,6 +211,7 @@ def build_distillation_model(context: MethodContext) -> nn.Module:
         model = create_model(name, num_classes=k, **kwargs)
         _load_strict(model.teacher, _sub_state(state, "teacher."), f"the teacher in `--init` {init!r}")
         student = _sub_state(state, "student.")
+        student_started = bool(student)
         if student:
             _check_student_width(model, student, f"`--init` {init!r}")
             _load_strict(model.student, student, f"the student in `--init` {init!r}")
@@ -245,6 +248,14 @@ def build_distillation_model(context: MethodContext) -> nn.Module:
                 "but it is missing."
             )
         load_student(model, path)
+    if name == "dicnet_pspnet" and not student_started:
+        warnings.warn(
+            "The DiCNet student (ResNet-34) starts from RANDOM weights: the released train_student.py starts it from "
+            "ImageNet (resnet34-imagenet.pth). Pass --set model.kwargs.pretrained_backbone=FILE (a torchvision "
+            "ResNet-34 state dict, e.g. resnet34-b627a593.pth) to train as released.",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
