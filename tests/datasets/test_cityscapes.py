@@ -107,3 +107,21 @@ def test_bad_arguments_raise_value_errors(tmp_path):
         Cityscapes(root, label_type="trainIds")
     with pytest.raises(IndexError):
         Cityscapes(root)[99]
+
+
+def test_instance_ids_join_the_sample_for_the_official_iiou(tmp_path):
+    root = make_fake_cityscapes(tmp_path, cities=("frankfurt",), n_per_city=1)
+    ds = Cityscapes(root, instances=True)
+    frame = ds.frames[0]
+    instances = np.full((16, 32), 7, dtype=np.uint16)
+    instances[2:6, 3:9] = 26001  # a car instance, 16-bit as in gtFine
+    Image.fromarray(instances).save(ds.instance_path(frame))
+    assert ds.instance_path(frame).name == "frankfurt_000000_000019_gtFine_instanceIds.png"
+    sample = ds[0]
+    assert torch.equal(sample["instances"], torch.from_numpy(instances.astype(np.int64)))
+    assert "instances" not in Cityscapes(root)[0]
+    with pytest.raises(ValueError, match="`instances` to be a bool"):
+        Cityscapes(root, instances="false")
+    ds.instance_path(frame).unlink()
+    with pytest.raises(DatasetError, match="instanceIds"):
+        ds[0]

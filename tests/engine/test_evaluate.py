@@ -79,3 +79,35 @@ def test_evaluate_argument_errors():
         evaluate(tiny_model(), WithAnomalies(n=2), ["msp"], target_kind="x", device="cpu", progress=False)
     with pytest.raises(ValueError, match="Unknown score"):
         evaluate(tiny_model(), WithAnomalies(n=2), ["nope"], num_classes=NUM_CLASSES, device="cpu", progress=False)
+
+
+def test_cityscapes_metrics_join_the_closed_set_results():
+    from densehybrid.metrics import ConfusionMatrix
+    from densehybrid.metrics.cityscapes import CityscapesInstanceMetrics
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(3):
+        target = torch.randint(0, 19, (32, 48), generator=g)
+        instances = torch.full((32, 48), 7, dtype=torch.int64)
+        instances[4:12, 5:20] = 26001  # car
+        instances[14:30, 30:40] = 24002  # person
+        target[4:12, 5:20], target[14:30, 30:40] = 13, 11
+        samples.append({"image": torch.rand(3, 32, 48, generator=g), "target": target, "instances": instances})
+    torch.manual_seed(0)
+    model = tiny_model(num_classes=19).eval()
+    result = evaluate(
+        model, samples, ["msp"], num_classes=19, batch_size=2, progress=False, amp=False, cityscapes_metrics=True
+    )
+    matrix, official = ConfusionMatrix(19), CityscapesInstanceMetrics()
+    with torch.no_grad():
+        for sample in samples:
+            pred = model(sample["image"][None], output_size=(32, 48)).logits.argmax(1)
+            matrix.update(pred, sample["target"][None])
+            official.update(pred, sample["instances"][None])
+    expected = official.compute(matrix.confusion())
+    assert result.closed_set["iiou"] == pytest.approx(expected["iiou"], nan_ok=True)
+    assert result.closed_set["category_iou"] == pytest.approx(expected["category_iou"])
+    assert set(result.closed_set["category_iious"]) == {"human", "vehicle"}
+    plain = evaluate(model, samples, ["msp"], num_classes=19, batch_size=2, progress=False, amp=False)
+    assert "iiou" not in plain.closed_set

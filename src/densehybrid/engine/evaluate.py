@@ -21,6 +21,7 @@ from densehybrid.engine.batches import collate
 from densehybrid.engine.runtime import select_device
 from densehybrid.labels import ANOMALY, INLIER, anomaly_target
 from densehybrid.metrics import ConfusionMatrix, anomaly_metrics
+from densehybrid.metrics.cityscapes import CityscapesInstanceMetrics
 from densehybrid.models.output import check_finite_outputs, output_as_float32, output_fields
 from densehybrid.models.window import SlidingWindow, resolve_window, sliding_window_outputs
 from densehybrid.openset import predict_open_set
@@ -105,6 +106,7 @@ def evaluate(
     progress: bool = True,
     amp: bool = False,
     window: SlidingWindow | str | None = "auto",
+    cityscapes_metrics: bool = False,
 ) -> EvaluationResult:
     """Anomaly metrics for every score (and segmentation metrics for semantic targets) in one pass.
 
@@ -128,6 +130,8 @@ def evaluate(
         amp: run the model under bfloat16 autocast on CUDA (see :func:`model_outputs`); False keeps float32, as
             the released evaluation code does.
         window: sliding-window inference (see :func:`model_outputs`).
+        cityscapes_metrics: add the official Cityscapes iIoU and category IoU / iIoU to ``closed_set``
+            (:mod:`densehybrid.metrics.cityscapes`); the samples must carry ``instances``.
 
     Returns:
         :class:`EvaluationResult`.
@@ -145,6 +149,7 @@ def evaluate(
     metrics: dict[str, dict[str, Any]] = {name: {} for name in scores}
     closed = ConfusionMatrix(num_classes) if target_kind == "semantic" else None
     opened = ConfusionMatrix(num_classes) if target_kind == "semantic" and threshold is not None else None
+    instance_metrics = CityscapesInstanceMetrics() if closed is not None and cityscapes_metrics else None
     sampler = _PixelSampler(sample_pixels, len(dataset), seed) if sample_pixels else None
     num_images = 0
     for batch, out in model_outputs(
@@ -161,6 +166,8 @@ def evaluate(
                 metrics[name][group].update(computed[name], group_target)
         if closed is not None:
             closed.update(out.logits.argmax(1), target)
+        if instance_metrics is not None:
+            instance_metrics.update(out.logits.argmax(1), batch["instances"])
         if opened is not None:
             opened.update(predict_open_set(out.logits, computed[open_set_score], threshold), target)
         if sampler is not None:
@@ -169,7 +176,7 @@ def evaluate(
         num_images += target.shape[0]
     return EvaluationResult(
         anomaly={name: {g: m.compute() for g, m in by_group.items()} for name, by_group in metrics.items()},
-        closed_set=closed.compute() if closed is not None else None,
+        closed_set=_closed_set(closed, instance_metrics),
         open_set=opened.compute() if opened is not None else None,
         samples=sampler.result() if sampler is not None else {},
         num_images=num_images,
@@ -210,3 +217,13 @@ class _PixelSampler:
             return {}
         labels, groups = np.concatenate(self.labels), np.concatenate(self.groups)
         return {name: (np.concatenate(parts), labels, groups) for name, parts in self.scores.items()}
+
+
+def _closed_set(closed: ConfusionMatrix | None, official: CityscapesInstanceMetrics | None) -> dict[str, Any] | None:
+    """``closed.compute()``, with the official Cityscapes metrics when they were accumulated."""
+    if closed is None:
+        return None
+    result = closed.compute()
+    if official is not None:
+        result.update(official.compute(closed.confusion()))
+    return result

@@ -334,6 +334,12 @@ def evaluate_benchmark(
     loader, dataset = open_benchmark(spec, root, split, dataset_options, limit, input_scale)
     k = model_num_classes(model, loader, num_classes, spec.name)
     semantic = loader.target_kind == "semantic"
+    # Cityscapes with its instance files: the official iIoU and category metrics join the closed-set ones.
+    official_cityscapes = (
+        hasattr(loader, "instance_path") and len(loader.frames) > 0 and loader.instance_path(loader.frames[0]).is_file()
+    )
+    if official_cityscapes:
+        loader.instances = True
     with dataset_worker_errors(), same_size_batches(batch_size, spec.name):
         result = evaluate(
             model,
@@ -350,6 +356,7 @@ def evaluate_benchmark(
             progress=progress,
             amp=amp,
             window=window,
+            cityscapes_metrics=official_cityscapes,
         )
         anomaly = {name: result.anomaly[name]["all"] for name in names}
         component_results = None

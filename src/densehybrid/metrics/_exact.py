@@ -142,7 +142,7 @@ class ExactCurve:
 
 
 def tensor_chunks(
-    scores: torch.Tensor, target: torch.Tensor, ignore_index: int | None, chunk: int = 1 << 22
+    scores: torch.Tensor, target: torch.Tensor, ignore_index: int | None, chunk: int = 1 << 20
 ) -> PixelChunks:
     """Chunks of in-memory ``scores`` / ``target`` (any shape), ignored pixels dropped, keys computed per chunk."""
     from densehybrid.metrics._keys import order_keys

@@ -298,9 +298,14 @@ class BenchmarkDataset(Dataset, ABC):
             self.check_label_ids(raw, frame.label)
             target = self.encode_target(raw, frame)
         sample = {"image": image, "target": torch.from_numpy(target), "name": frame.name, "path": str(frame.image)}
+        sample.update(self.extra_maps(frame, (height, width)))
         if self.transform is not None:
             sample = self.transform(sample)
         return sample
+
+    def extra_maps(self, frame: Frame, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Further per-pixel maps of a frame added to its sample (e.g. Cityscapes instance ids); none by default."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, frames={len(self.frames)})"

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, pair_by_suffix, require_dir
-from densehybrid.data.datasets._io import lookup_table
+from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, pair_by_suffix, require_dir
+from densehybrid.data.datasets._io import check_same_size, lookup_table, read_label
 
 CITYSCAPES_CLASSES = (
     "road",
@@ -62,6 +63,7 @@ LABEL_ID_TO_TRAIN_ID: dict[int, int] = {
 
 _LABEL_SUFFIX = {"labelIds": "_gtFine_labelIds.png", "labelTrainIds": "_gtFine_labelTrainIds.png"}
 _IMAGE_SUFFIX = "_leftImg8bit.png"
+_INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
 
 
 def cityscapes_image(root: Path, split: str, frame_id: str) -> Path:
@@ -80,6 +82,8 @@ class Cityscapes(BenchmarkDataset):
         split: ``"train"`` (2975), ``"val"`` (500) or ``"test"`` (1525, whose public labels are all void).
         label_type: ``"labelIds"`` (in the archive, remapped here) or ``"labelTrainIds"`` (written by
             cityscapesscripts' ``csCreateTrainIdLabelImgs``, used as is).
+        instances: also give each sample ``instances``: the (H, W) int64 ids of ``*_gtFine_instanceIds.png``
+            (``labelId * 1000 + k`` inside instances), for the official iIoU.
         transform, strict: see :class:`~densehybrid.data.datasets.BenchmarkDataset`.
 
     Example:
@@ -108,9 +112,13 @@ class Cityscapes(BenchmarkDataset):
         root: str | Path,
         split: str | None = None,
         label_type: str = "labelIds",
+        instances: bool = False,
         transform=None,
         strict: bool = True,
     ) -> None:
+        if not isinstance(instances, bool):
+            raise ValueError(f"Expected `instances` to be a bool, but got {instances!r}.")
+        self.instances = instances
         if label_type not in _LABEL_SUFFIX:
             raise ValueError(f"Expected `label_type` to be one of {', '.join(_LABEL_SUFFIX)}, but got {label_type!r}.")
         self.label_type = label_type
@@ -129,6 +137,18 @@ class Cityscapes(BenchmarkDataset):
         return pair_by_suffix(
             image_dir, _IMAGE_SUFFIX, label_dir, _LABEL_SUFFIX[self.label_type], label_fix=self._label_fix()
         )
+
+    def instance_path(self, frame: Frame) -> Path:
+        """The frame's ``*_gtFine_instanceIds.png`` beside its label file."""
+        return frame.label.with_name(frame.label.name.replace(_LABEL_SUFFIX[self.label_type], _INSTANCE_SUFFIX))
+
+    def extra_maps(self, frame: Frame, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        if not self.instances:
+            return {}
+        path = self.instance_path(frame)
+        instances = read_label(path)
+        check_same_size(frame.image, size, path, instances.shape)
+        return {"instances": torch.from_numpy(instances)}
 
     def _label_fix(self) -> str:
         if self.label_type == "labelTrainIds":
