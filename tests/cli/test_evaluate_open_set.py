@@ -162,7 +162,7 @@ def test_coco_halves_of_val_calibrate_each_other(tmp_path, checkpoints):
     weights = [3, 2] if result["folds"][0]["evaluation"] == "val2017[0:3]" else [2, 3]
     expected = np.average([f["open_miou"] for f in result["folds"]], weights=weights)
     assert result["open_miou"] == pytest.approx(expected) and result["num_images"] == 5
-    assert result["class_names"][0] == "airplane" and len(result["closed_iou"]) == 20
+    assert result["class_names"][0] == "person" and len(result["closed_iou"]) == 20
 
 
 def test_f1_calibration_limit_and_scale_options(tmp_path, checkpoints):
