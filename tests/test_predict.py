@@ -15,8 +15,14 @@ from densehybrid.cli import main
 from densehybrid.data.datasets._io import read_rgb
 from densehybrid.models import HybridOutput, create_model
 from densehybrid.predict import (
+    OUT_OF_DOMAIN_FRACTION,
+    PredictionResult,
     Predictor,
     _atomic_write,
+    class_labels,
+    colour_bar_panel,
+    legend_panel,
+    out_of_domain,
     predict_files,
     render_heatmap,
     render_segmentation,
@@ -160,9 +166,15 @@ def test_predict_folder_with_good_and_bad_files(tmp_path, checkpoint, capsys):
         heatmap = np.asarray(Image.open(f"{stem}_heatmap.png"))
         segmentation = np.asarray(Image.open(f"{stem}_segmentation.png"))
         assert scores.dtype == np.float32 and scores.shape == (record["height"], record["width"])
+        height, width = scores.shape
         assert ((labels == 4) == (scores > -2.5)).all()  # unknown = K in the raw label map
-        assert (segmentation[labels == 4] == UNKNOWN_COLOUR).all()
-        np.testing.assert_array_equal(heatmap, render_heatmap(scores, (-4.0, -1.0)))  # one fixed scale
+        assert (segmentation[:height][labels == 4] == UNKNOWN_COLOUR).all()
+        np.testing.assert_array_equal(heatmap[:height], render_heatmap(scores, (-4.0, -1.0)))  # one fixed scale
+        # the colour bar under the heatmap, the legend (no class names in the checkpoint: "class i") under the map
+        np.testing.assert_array_equal(heatmap[height:], colour_bar_panel(width, (-4.0, -1.0), -2.5, "densehybrid"))
+        palette = Predictor.from_checkpoint(path, device="cpu").palette
+        np.testing.assert_array_equal(segmentation[height:], legend_panel(width, [], palette))
+        assert record["out_of_domain"] == (record["anomalous_fraction"] > 0.5)
         assert record["anomalous_fraction"] == pytest.approx(float((labels == 4).mean()))
         assert record["max_score"] == pytest.approx(float(scores.max()))
         assert Image.open(f"{stem}_overlay.png").size == (record["width"], record["height"])
@@ -211,7 +223,7 @@ def test_heatmaps_share_one_scale_without_calibration(tmp_path, checkpoint):
     for i in range(3):
         scores = np.load(tmp_path / "out" / f"{i}_scores.npy")
         heatmap = np.asarray(Image.open(tmp_path / "out" / f"{i}_heatmap.png"))
-        np.testing.assert_array_equal(heatmap, render_heatmap(scores, summary.display_range))
+        np.testing.assert_array_equal(heatmap[: scores.shape[0]], render_heatmap(scores, summary.display_range))
         labels = np.asarray(Image.open(tmp_path / "out" / f"{i}_labels.png"))
         assert labels.max() < 4  # no threshold: closed-set labels only
         single = predictor.predict(read_rgb(tmp_path / f"{i}.png"))
@@ -238,6 +250,106 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         _atomic_write(target, failing)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_no_legend_keeps_the_input_size(tmp_path, checkpoint):
+    path, _ = checkpoint
+    Image.fromarray(_rgb(32, 40, 1)).save(tmp_path / "a.png")
+    predictor = Predictor.from_checkpoint(path, device="cpu", threshold=-2.5)
+    predict_files(predictor, [tmp_path / "a.png"], tmp_path / "out", save_raw=True, progress=False, legend=False)
+    scores = np.load(tmp_path / "out" / "a_scores.npy")
+    heatmap = np.asarray(Image.open(tmp_path / "out" / "a_heatmap.png"))
+    np.testing.assert_array_equal(heatmap, render_heatmap(scores, predictor.display_range or heatmap_range(scores)))
+    assert Image.open(tmp_path / "out" / "a_segmentation.png").size == (40, 32)
+
+
+def heatmap_range(scores):
+    return tuple(float(v) for v in np.percentile(scores, (1, 99)))
+
+
+def test_legend_shows_the_class_names_of_the_metadata(tmp_path):
+    """The names drawn come from the checkpoint's metadata (else "class i"); other names draw other pixels."""
+    torch.manual_seed(0)
+    model = create_model("ladder_mobilenetv3", num_classes=3, decoder_channels=16).eval()
+    names = ["road", "wall", "sky"]
+    path = tmp_path / "named.pt"
+    kwargs = {"model": model.state_dict(), "model_name": "ladder_mobilenetv3", "model_kwargs": model.model_kwargs}
+    torch.save({**kwargs, "class_names": names}, path)
+    predictor = Predictor.from_checkpoint(path, device="cpu", threshold=0.0)
+    assert predictor.class_names == names
+    Image.fromarray(_rgb(40, 160, 1)).save(tmp_path / "a.png")
+    predict_files(predictor, [tmp_path / "a.png"], tmp_path / "out", progress=False)
+    segmentation = np.asarray(Image.open(tmp_path / "out" / "a_segmentation.png"))
+    assert segmentation.shape[0] > 40  # the legend is drawn below the map
+    np.testing.assert_array_equal(segmentation[40:], legend_panel(160, names, predictor.palette))
+    unnamed = legend_panel(160, [], predictor.palette)
+    assert class_labels([], 3) == ["class 0", "class 1", "class 2"]
+    assert class_labels(names, 3) == names and class_labels(names[:2], 3) == ["class 0", "class 1", "class 2"]
+    other = legend_panel(160, ["lane", "pole", "tree"], predictor.palette)
+    assert not np.array_equal(segmentation[40:], unnamed) and not np.array_equal(segmentation[40:], other)
+    # every class colour and the unknown colour appear as swatches
+    panel = segmentation[40:].reshape(-1, 3)
+    for colour in [*predictor.palette, UNKNOWN_COLOUR]:
+        assert (panel == colour).all(axis=1).any()
+
+
+def test_colour_bar_shows_the_scale_and_marks_the_threshold():
+    width = 300
+    bar = colour_bar_panel(width, (-5.0, 0.0), -2.5, "densehybrid")
+    assert bar.shape[1] == width and bar.shape[0] > 10 and bar.dtype == np.uint8
+    lut = render_heatmap(np.linspace(-5.0, 0.0, 256)[None], (-5.0, 0.0))[0]
+    for end in (lut[0], lut[-1]):  # both ends of the colour scale are drawn
+        assert (bar.reshape(-1, 3) == end).all(axis=1).any()
+    marker = (bar == UNKNOWN_COLOUR).all(axis=2)  # the threshold marker, in the unknown colour
+    columns = np.flatnonzero(marker.any(axis=0))
+    assert columns.size and abs(columns.mean() - width / 2) < width * 0.05  # -2.5 is mid-scale
+    low = np.flatnonzero((colour_bar_panel(width, (-5.0, 0.0), -4.0, "densehybrid") == UNKNOWN_COLOUR).all(2).any(0))
+    assert low.mean() < columns.mean() - width * 0.2  # a lower threshold sits further left
+    assert not (colour_bar_panel(width, (-5.0, 0.0), None, "densehybrid") == UNKNOWN_COLOUR).all(axis=2).any()
+    assert not np.array_equal(bar, colour_bar_panel(width, (-5.0, 1.0), -2.5, "densehybrid"))  # labels follow range
+
+
+def _result_with_unknown(fraction_pixels: int, total: int = 100) -> PredictionResult:
+    labels = np.zeros((1, total), dtype=np.int64)
+    labels[0, :fraction_pixels] = 3
+    scores = np.zeros((1, total), dtype=np.float32)
+    return PredictionResult(scores, labels, labels.clip(max=2), threshold=0.5, num_classes=3)
+
+
+def test_out_of_domain_note_above_half_unknown(tmp_path, checkpoint, capsys):
+    assert OUT_OF_DOMAIN_FRACTION == 0.5
+    assert not out_of_domain(_result_with_unknown(50))  # exactly half: no note
+    assert out_of_domain(_result_with_unknown(51))
+    assert not out_of_domain(PredictionResult(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), None, 3))
+    path, _ = checkpoint
+    Image.fromarray(_rgb(32, 40, 1)).save(tmp_path / "a.png")
+    Image.fromarray(_rgb(32, 40, 2)).save(tmp_path / "b.png")
+    scores = Predictor.from_checkpoint(path, device="cpu").predict(read_rgb(tmp_path / "a.png")).scores
+    median = float(np.median(scores))
+    # a threshold just below the median marks slightly more than half of a.png unknown
+    threshold = float(np.sort(scores.ravel())[scores.size // 2 - 2])
+    code = main(
+        ["predict", "--checkpoint", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+        + ["--threshold", repr(threshold), "--num-workers", "0", "--no-progress"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and median > threshold
+    record = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())
+    assert record["anomalous_fraction"] > 0.5 and record["out_of_domain"] and "training domain" in record["note"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["out_of_domain"] == [str(tmp_path / "a.png")]
+    assert "a.png" in captured.err and "outside the model's training domain" in captured.err
+    assert "may be outside the model's training domain" in captured.out
+    # a threshold above the median: less than half unknown, no note anywhere
+    code = main(
+        ["predict", "--checkpoint", str(path), str(tmp_path / "b.png"), "--out", str(tmp_path / "out2")]
+        + ["--threshold", repr(float(scores.max())), "--num-workers", "0", "--no-progress"]
+    )
+    captured = capsys.readouterr()
+    record = json.loads((tmp_path / "out2" / "predictions.jsonl").read_text())
+    assert not record["out_of_domain"] and record["note"] is None
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["out_of_domain"] == []
+    assert "training domain" not in captured.out + captured.err
 
 
 def test_render_segmentation_marks_unknown_in_cyan():
@@ -267,8 +379,10 @@ def test_predict_on_the_demo_checkpoint(tmp_path):
         + ["--num-workers", "0", "--no-progress"]
     )
     assert code == 0
-    for kind in ("heatmap", "segmentation", "overlay"):
-        assert Image.open(out / f"photo_{kind}.png").size == (128, 64)
+    assert Image.open(out / "photo_overlay.png").size == (128, 64)
+    for kind in ("heatmap", "segmentation"):  # the colour bar and the legend lie below the map
+        width, height = Image.open(out / f"photo_{kind}.png").size
+        assert width == 128 and height > 64
 
 
 @pytest.mark.parametrize("command", ["predict", "calibrate", "export"])

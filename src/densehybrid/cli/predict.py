@@ -22,10 +22,12 @@ DESCRIPTION = (
     "TorchScript model.pt runs TorchScript, with the score, threshold, classes and palette the file records), on "
     "image files, folders (recursive) or glob patterns. For each image it writes, under OUT and "
     "the input's relative path, NAME_heatmap.png (the anomaly score on one colour scale for the whole run: the "
-    "checkpoint's calibrated range, else --display-range, else the 1st-99th percentiles of the first image), "
-    "NAME_segmentation.png (known classes in colour, unknown pixels in cyan) and NAME_overlay.png; with --save-raw "
+    "checkpoint's calibrated range, else --display-range, else the 1st-99th percentiles of the first image), with a "
+    "colour bar below it showing that scale and the threshold, NAME_segmentation.png (known classes in colour, "
+    "unknown pixels in cyan) with a legend of the class names below it, and NAME_overlay.png; with --save-raw "
     "also NAME_scores.npy (float32 scores) and NAME_labels.png (ids 0..K-1, unknown = K). One predictions.jsonl line "
-    "per image and summary.json. Unreadable inputs are reported in one line each, skipped and counted; the exit "
+    "per image and summary.json; an image with more than half of its pixels marked unknown is reported as possibly "
+    "outside the model's training domain. Unreadable inputs are reported in one line each, skipped and counted; the exit "
     "status is then 1 (--strict stops at the first). The threshold is the checkpoint's (densehybrid calibrate) "
     "unless --threshold is given. OUT may not hold the results of an earlier run (predictions.jsonl, summary.json, an "
     "image's outputs) unless --overwrite, which replaces them and removes the earlier run's outputs this run does "
@@ -56,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score range of the heatmap colour scale (default: the checkpoint's calibration)",
     )
     parser.add_argument("--save-raw", action="store_true", help="also write the float32 score map and the label map")
+    parser.add_argument(
+        "--no-legend",
+        action="store_true",
+        help="no colour bar under the heatmap and no legend of class names under the segmentation (both images then "
+        "have the input's size)",
+    )
     parser.add_argument(
         "--max-pixels",
         type=positive_int,
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             report=lambda line: print(line, file=sys.stderr),
             overwrite=args.overwrite,
             read_files=read_files,
+            legend=not args.no_legend,
         )
     print("\n".join(summary.lines()))
     return 1 if summary.failures else 0

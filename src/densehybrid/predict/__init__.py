@@ -5,7 +5,7 @@ One job per module, each usable alone:
 * :mod:`~densehybrid.predict.predictor`: the :class:`Predictor` (tiling, input scaling, NumPy results) around
   :class:`~densehybrid.openset.OpenSetModel` or an exported ONNX / TorchScript graph;
 * :mod:`~densehybrid.predict.calibration`: the calibration a checkpoint carries (:class:`Calibration`);
-* :mod:`~densehybrid.predict.rendering`: heatmap, segmentation and overlay colours;
+* :mod:`~densehybrid.predict.rendering`: heatmap, segmentation and overlay colours, the legend and colour bar;
 * :mod:`~densehybrid.predict.files`: inputs from files, folders and globs, output names, the output-path checks;
 * :mod:`~densehybrid.predict.writing`: atomic PNG/NumPy writing of one image's outputs;
 * :mod:`~densehybrid.predict.run`: :func:`predict_files`, the pipelined run behind ``densehybrid predict``.
@@ -27,13 +27,24 @@ from densehybrid.predict.predictor import DEFAULT_TILE_OVERLAP, PredictionResult
 from densehybrid.predict.rendering import (
     HEATMAP_COLORMAP,
     OVERLAY_ALPHA,
+    class_labels,
+    colour_bar_panel,
     default_palette,
+    legend_panel,
     render_heatmap,
     render_overlay,
     render_segmentation,
+    with_panel,
 )
 from densehybrid.predict.run import FALLBACK_PERCENTILES, PredictionSummary, predict_files
-from densehybrid.predict.writing import PNG_COMPRESS_LEVEL, _atomic_write, label_png_array, write_png
+from densehybrid.predict.writing import (
+    OUT_OF_DOMAIN_FRACTION,
+    PNG_COMPRESS_LEVEL,
+    _atomic_write,
+    label_png_array,
+    out_of_domain,
+    write_png,
+)
 
 __all__ = [
     "CALIBRATION_KEY",
@@ -59,6 +70,12 @@ __all__ = [
     "output_paths",
     "predict_files",
     "read_calibration",
+    "OUT_OF_DOMAIN_FRACTION",
+    "class_labels",
+    "colour_bar_panel",
+    "legend_panel",
+    "out_of_domain",
+    "with_panel",
     "render_heatmap",
     "render_overlay",
     "render_segmentation",

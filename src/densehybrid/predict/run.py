@@ -32,8 +32,11 @@ import torch
 from densehybrid.predict.files import ImageJob, check_output_plan, discover_images
 from densehybrid.predict.predictor import Predictor
 from densehybrid.predict.writing import (
+    OUT_OF_DOMAIN_NOTE,
+    Legend,
     earlier_outputs,
     image_record,
+    out_of_domain,
     remove_outputs,
     write_image_outputs,
     write_json_lines,
@@ -113,6 +116,7 @@ class PredictionSummary:
     seconds: float = 0.0
     out_dir: str = ""
     stopped: bool = False
+    out_of_domain: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -133,6 +137,7 @@ class PredictionSummary:
             "images_per_second": self.images_per_second if self.num_images else None,
             "out_dir": self.out_dir,
             "stopped_at_first_failure": self.stopped,
+            "out_of_domain": list(self.out_of_domain),
         }
 
     def lines(self) -> list[str]:
@@ -151,6 +156,11 @@ class PredictionSummary:
             f"heatmap scale: [{low:.6g}, {high:.6g}] ({self.display_range_source}), the same for every image",
             f"outputs: {self.out_dir}",
         ]
+        if self.out_of_domain:
+            lines.append(
+                f"{len(self.out_of_domain)} image(s) with more than half of their pixels marked unknown may be outside "
+                "the model's training domain: " + ", ".join(self.out_of_domain)
+            )
         if self.stopped:
             lines.append("stopped at the first failure (--strict)")
         return lines
@@ -208,9 +218,10 @@ def _write_one(
     out: Path,
     save_raw: bool,
     display_range: tuple[float, float],
+    legend: Legend | None,
     seconds: float,
 ) -> dict[str, Any]:
-    write_image_outputs(job, rgb, result, palette, out, save_raw, display_range)
+    write_image_outputs(job, rgb, result, palette, out, save_raw, display_range, legend)
     return image_record(job, result, out, save_raw, seconds)
 
 
@@ -227,6 +238,7 @@ def predict_files(
     report: Callable[[str], None] = print,
     overwrite: bool = False,
     read_files: Iterable[str | os.PathLike[str] | None] = (),
+    legend: bool = True,
 ) -> PredictionSummary:
     """Predict every image of ``inputs`` and write the outputs under ``out_dir`` (see the module docstring).
 
@@ -239,11 +251,15 @@ def predict_files(
         num_workers: DataLoader processes decoding images (0: one reader thread).
         strict: stop at the first unreadable input.
         progress: show a progress bar.
-        report: receives one line per skipped input.
+        report: receives one line per skipped input and per image that may be outside the model's training domain
+            (more than half of it marked unknown; also in ``predictions.jsonl`` and the summary).
         overwrite: replace the results of an earlier run in ``out_dir``; the outputs that earlier run recorded in
             its ``predictions.jsonl`` and this run does not write again are removed at the end, so the folder holds
             this run's results only. Without it, an earlier result is refused before any work.
         read_files: files the run reads besides the images (checkpoint, statistics); never written.
+        legend: draw a colour bar (score scale, threshold) under each heatmap and a legend of the class names
+            (``predictor.class_names``, else ``"class i"``) under each segmentation; without it both images have
+            exactly the input's size.
 
     Returns:
         :class:`PredictionSummary`; ``summary.json`` and ``predictions.jsonl`` are written as well.
@@ -281,6 +297,7 @@ def predict_files(
         if fail(path, reason):
             break
     writes: list[Future] = []
+    panels = Legend(predictor.score, tuple(predictor.class_names)) if legend else None
     loader: Iterable[list[dict[str, Any]]] = torch.utils.data.DataLoader(
         _ImageFiles(jobs), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
     )
@@ -313,7 +330,11 @@ def predict_files(
                             f"percentiles {FALLBACK_PERCENTILES[0]:g}-{FALLBACK_PERCENTILES[1]:g} of the first image"
                         )
                     for item, result in zip(group, results):
-                        args = (predictor.palette, out, save_raw, summary.display_range, item["read_time"] + forward)
+                        if out_of_domain(result):
+                            summary.out_of_domain.append(str(jobs[item["index"]].path))
+                            report(f"{jobs[item['index']].path}: {OUT_OF_DOMAIN_NOTE}")
+                        seconds = item["read_time"] + forward
+                        args = (predictor.palette, out, save_raw, summary.display_range, panels, seconds)
                         writes.append(writer.submit(_write_one, jobs[item["index"]], item["rgb"], result, *args))
                         summary.num_images += 1
                     # bounded memory, and a write error surfaces early instead of at the end of a long run

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,20 @@ from densehybrid.engine.outputs import atomic_path
 from densehybrid.errors import DenseHybridError
 from densehybrid.predict.files import RESULT_FILES, ImageJob, output_paths
 from densehybrid.predict.predictor import PredictionResult
-from densehybrid.predict.rendering import render_heatmap, render_overlay, render_segmentation
+from densehybrid.predict.rendering import (
+    colour_bar_panel,
+    legend_panel,
+    render_heatmap,
+    render_overlay,
+    render_segmentation,
+    with_panel,
+)
 
-__all__ = ["PNG_COMPRESS_LEVEL", "label_png_array", "write_png"]
+__all__ = ["OUT_OF_DOMAIN_FRACTION", "PNG_COMPRESS_LEVEL", "label_png_array", "out_of_domain", "write_png"]
+
+#: An image with more than this fraction of its pixels marked unknown may be outside the model's training domain.
+OUT_OF_DOMAIN_FRACTION = 0.5
+OUT_OF_DOMAIN_NOTE = "more than half of the image is marked unknown: it may be outside the model's training domain"
 
 #: zlib settings of every PNG written, chosen for speed: level 1 with the run-length strategy (``Z_RLE``). At
 #: 1024x2048 it encodes the three PNGs of an image in about two thirds of the time of level 1 with the default
@@ -41,6 +53,15 @@ def write_png(path: Path, array: np.ndarray) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Legend:
+    """What the panels under the maps name: the score (colour bar) and the class names (legend; ``"class i"`` when
+    they are not known)."""
+
+    score: str
+    class_names: tuple[str, ...] = ()
+
+
 def label_png_array(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """The raw label map as stored: uint8 when ids ``0..K`` fit, else uint16."""
     return labels.astype(np.uint8 if num_classes <= 255 else np.uint16)
@@ -52,6 +73,12 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def out_of_domain(result: PredictionResult) -> bool:
+    """Whether more than :data:`OUT_OF_DOMAIN_FRACTION` of the image is marked unknown (False without a threshold)."""
+    fraction = result.anomalous_fraction
+    return fraction is not None and fraction > OUT_OF_DOMAIN_FRACTION
+
+
 def image_record(job: ImageJob, result: PredictionResult, out: Path, save_raw: bool, seconds: float) -> dict[str, Any]:
     """The ``predictions.jsonl`` line of one image."""
     return {
@@ -61,6 +88,8 @@ def image_record(job: ImageJob, result: PredictionResult, out: Path, save_raw: b
         "anomalous_fraction": result.anomalous_fraction,
         "max_score": _json_value(float(np.max(result.scores))),
         "num_components": result.num_components() if result.threshold is not None else None,
+        "out_of_domain": out_of_domain(result),
+        "note": OUT_OF_DOMAIN_NOTE if out_of_domain(result) else None,
         "seconds": seconds,
         "outputs": [path.relative_to(out).as_posix() for path in output_paths(out, job.relative, save_raw).values()],
     }
@@ -74,17 +103,25 @@ def write_image_outputs(
     out: Path,
     save_raw: bool,
     display_range: tuple[float, float],
+    legend: Legend | None = None,
 ) -> None:
-    """Render and write the heatmap, segmentation, overlay (and raw maps) of one image, each file atomically.
+    """Render and write the heatmap, segmentation, overlay (and raw maps) of one image, each file atomically. With
+    ``legend``, the heatmap gets its colour bar and the segmentation its legend of class names, below the map.
 
     Raises:
         DenseHybridError: a file cannot be written.
     """
     paths = output_paths(out, job.relative, save_raw)
     colours = render_segmentation(result.labels, palette)
+    heatmap, segmentation = render_heatmap(result.scores, display_range), colours
+    if legend is not None:
+        width = heatmap.shape[1]
+        bar = colour_bar_panel(width, display_range, result.threshold, legend.score)
+        heatmap = with_panel(heatmap, bar)
+        segmentation = with_panel(colours, legend_panel(width, legend.class_names, palette))
     try:
-        write_png(paths["heatmap"], render_heatmap(result.scores, display_range))
-        write_png(paths["segmentation"], colours)
+        write_png(paths["heatmap"], heatmap)
+        write_png(paths["segmentation"], segmentation)
         write_png(paths["overlay"], render_overlay(rgb, colours))
         if save_raw:
             _atomic_write(paths["scores"], lambda f: np.save(f, result.scores.astype(np.float32)))
