@@ -1,0 +1,175 @@
+"""Every fenced code block of README.md and docs/ is run by a test or says why not.
+
+The line right before each block is ``<!-- run: tests/FILE.py -->`` (a test runs it) or ``<!-- not run: REASON -->``.
+The Python blocks marked ``run: tests/test_doc_blocks.py`` run here, as written, on tiny CPU data: the blocks of one
+page in order in one namespace (a page's later block may continue an earlier one), after the page's setup has made
+the files and names the text says are the reader's (``photo.jpg``, ``model-calibrated.pt``, ``loader``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_docs import DOCUMENTS, ROOT
+
+_BLOCK = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_MARK = re.compile(r"^<!-- (run|not run): (.+?) -->$")
+THIS = "tests/test_doc_blocks.py"
+
+
+def marked_blocks(path: Path) -> list[tuple[str, str, str | None, str | None]]:
+    """``(language, body, mark, detail)`` per fenced block of ``path``: mark ``"run"`` (detail: the test file),
+    ``"not run"`` (detail: the reason) or None (no mark on the line before the block)."""
+    text = path.read_text(encoding="utf-8")
+    blocks = []
+    for match in _BLOCK.finditer(text):
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        mark = _MARK.match(before)
+        blocks.append((match.group(1), match.group(2), *(mark.groups() if mark else (None, None))))
+    return blocks
+
+
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def test_every_block_is_run_by_a_test_or_says_why_not():
+    unmarked, wrong = [], []
+    for path in DOCUMENTS:
+        for i, (language, _, mark, detail) in enumerate(marked_blocks(path)):
+            where = f"{_name(path)} block {i} ({language or 'no language'})"
+            if mark is None:
+                unmarked.append(where)
+            elif mark == "not run" and not detail.strip():
+                wrong.append(f"{where}: no reason")
+            elif mark == "run":
+                # each runner collects exactly the blocks it claims: TOML blocks (test_docs), the bash blocks of
+                # own-data.md (test_own_data_doc), the Python blocks run below
+                runs = {
+                    "tests/test_docs.py": language == "toml",
+                    "tests/test_own_data_doc.py": path.name == "own-data.md" and language == "bash",
+                    THIS: language == "python",
+                }
+                if not runs.get(detail, False) or not (ROOT / detail).is_file():
+                    wrong.append(f"{where}: marked run by {detail}, which does not run it")
+    assert not unmarked, "blocks with neither <!-- run: ... --> nor <!-- not run: REASON --> before them: " + ", ".join(
+        unmarked
+    )
+    assert not wrong, "; ".join(wrong)
+
+
+def test_the_toml_blocks_are_marked_run():
+    """test_docs.py runs every TOML block, so none may claim it is not run."""
+    for path in DOCUMENTS:
+        for language, _, mark, _ in marked_blocks(path):
+            if language == "toml":
+                assert mark == "run"
+
+
+def _tiny_model(num_classes: int = 4) -> torch.nn.Module:
+    from densehybrid.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("ladder_mobilenetv3", num_classes=num_classes, decoder_channels=16).eval()
+
+
+def _save_calibrated(path: Path) -> None:
+    from densehybrid.predict import CALIBRATION_KEY, Calibration
+
+    model = _tiny_model()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    calibration = Calibration(score="densehybrid", threshold=-2.0, display_range=(-4.0, 0.0))
+    state = {"model": model.state_dict(), "model_name": "ladder_mobilenetv3", "model_kwargs": model.model_kwargs}
+    torch.save({**state, CALIBRATION_KEY: calibration.to_dict()}, path)
+
+
+def _photo(path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+
+
+def _score_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        target = torch.zeros(2, 64, 64, dtype=torch.long)
+        target[:, 16:40, 20:44] = 1  # one anomalous object per image
+        target[:, 0] = 255  # a void row
+        batches.append((torch.rand(2, 64, 64, generator=generator) + target.clamp(max=1) * 0.5, target))
+    return batches
+
+
+def _setup_metrics(step: int, names: dict[str, Any]) -> None:
+    names["loader"] = _score_batches()
+
+
+def _setup_predict(step: int, names: dict[str, Any]) -> None:
+    if step == 0:
+        from densehybrid.export import export_model
+
+        export_model(_tiny_model(), Path("model.onnx"), "onnx", threshold=-2.0)
+        names["images"] = np.random.default_rng(0).random((1, 3, 32, 48), dtype=np.float32)
+    else:
+        _save_calibrated(Path("model-calibrated.pt"))
+        _photo(Path("photo.jpg"))
+        names["images"] = torch.rand(2, 3, 32, 48)
+
+
+def _setup_usage(step: int, names: dict[str, Any]) -> None:
+    if step == 2:  # the calibration example continues the model of the first block
+        generator = torch.Generator().manual_seed(0)
+        names["calibration_set"] = [
+            {"image": torch.rand(3, 32, 32, generator=generator), "target": torch.tensor([[0, 19]]).repeat(32, 16)}
+            for _ in range(2)
+        ]
+        names["images"] = torch.rand(1, 3, 32, 32)
+    elif step == 3:
+        _save_calibrated(Path("demo_out/densehybrid-calibrated.pt"))
+        _photo(Path("photo.jpg"))
+
+
+#: What each page's blocks leave behind, checked after they ran.
+EXPECTED: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "README.md": lambda names: names["score"].shape == (1, 256, 512),
+    "docs/metrics.md": lambda names: 0.0 <= names["pixels"]["ap"] <= 1.0,
+    "docs/predict.md": lambda names: names["result"].scores.shape == (40, 56) and names["result"].threshold == -2.0,
+    "docs/usage.md": lambda names: names["result"].scores.shape == (40, 56) and names["open_set"].threshold is not None,
+}
+SETUPS: dict[str, Callable[[int, dict[str, Any]], None]] = {
+    "docs/metrics.md": _setup_metrics,
+    "docs/predict.md": _setup_predict,
+    "docs/usage.md": _setup_usage,
+}
+PAGES = [
+    pytest.param(path, id=_name(path))
+    for path in DOCUMENTS
+    if any(mark == "run" and detail == THIS for _, _, mark, detail in marked_blocks(path))
+]
+
+
+def test_pages_with_python_blocks_to_run():
+    assert {_name(p.values[0]) for p in PAGES} >= {"README.md", "docs/usage.md", "docs/predict.md", "docs/metrics.md"}
+
+
+@pytest.mark.parametrize("path", PAGES)
+@pytest.mark.filterwarnings("ignore:The binned pooled metrics")
+def test_the_python_blocks_run_as_written(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names: dict[str, Any] = {"__name__": "__doc_example__"}
+    setup = SETUPS.get(_name(path), lambda step, names: None)
+    blocks = [body for _, body, mark, detail in marked_blocks(path) if mark == "run" and detail == THIS]
+    assert blocks
+    for step, body in enumerate(blocks):
+        setup(step, names)
+        try:
+            exec(compile(body, f"{_name(path)} python block {step}", "exec"), names)
+        except Exception as exc:
+            raise AssertionError(f"{_name(path)} python block {step} failed:\n{body}") from exc
+    assert EXPECTED[_name(path)](names)
