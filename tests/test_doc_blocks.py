@@ -3,12 +3,14 @@
 The line right before each block is ``<!-- run: tests/FILE.py -->`` (a test runs it) or ``<!-- not run: REASON -->``.
 The Python blocks marked ``run: tests/test_doc_blocks.py`` run here, as written, on tiny CPU data: the blocks of one
 page in order in one namespace (a page's later block may continue an earlier one), after the page's setup has made
-the files and names the text says are the reader's (``photo.jpg``, ``model-calibrated.pt``, ``loader``, ...).
+the files and names the text says are the reader's (``photo.jpg``, ``model-calibrated.pt``, ``loader``, ...). The
+bash blocks marked so run their ``densehybrid`` lines, split as a shell would, on the files their setup makes.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ def test_every_block_is_run_by_a_test_or_says_why_not():
                 runs = {
                     "tests/test_docs.py": language == "toml",
                     "tests/test_own_data_doc.py": path.name == "own-data.md" and language == "bash",
-                    THIS: language == "python",
+                    THIS: language in ("python", "bash"),
                 }
                 if not runs.get(detail, False) or not (ROOT / detail).is_file():
                     wrong.append(f"{where}: marked run by {detail}, which does not run it")
@@ -150,8 +152,56 @@ SETUPS: dict[str, Callable[[int, dict[str, Any]], None]] = {
 PAGES = [
     pytest.param(path, id=_name(path))
     for path in DOCUMENTS
-    if any(mark == "run" and detail == THIS for _, _, mark, detail in marked_blocks(path))
+    if any(lang == "python" and mark == "run" and detail == THIS for lang, _, mark, detail in marked_blocks(path))
 ]
+
+
+def _setup_predict_command() -> None:
+    from densehybrid.predict import CALIBRATION_KEY
+
+    _save_calibrated(Path("model.pt"))
+    state = torch.load("model.pt", weights_only=True)
+    del state[CALIBRATION_KEY]  # an uncalibrated checkpoint, as the synopsis's model.pt
+    torch.save(state, "model.pt")
+    for name in ("photos/a.png", "photos/sub/b.jpg", "extra/c.jpg", "frame_0001.png"):
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        _photo(Path(name))
+
+
+#: The files each bash block run here needs, made in an empty folder; and what its run leaves behind.
+BASH_BLOCKS: dict[str, tuple[Callable[[], None], Callable[[], bool]]] = {
+    "docs/predict.md": (
+        _setup_predict_command,
+        lambda: len(list(Path("predictions").rglob("*_heatmap.png"))) == 4,
+    ),
+}
+
+
+def test_bash_blocks_to_run_have_a_setup():
+    pages = {
+        _name(path)
+        for path in DOCUMENTS
+        for language, _, mark, detail in marked_blocks(path)
+        if language == "bash" and mark == "run" and detail == THIS
+    }
+    assert pages == set(BASH_BLOCKS)
+
+
+@pytest.mark.parametrize("page", sorted(BASH_BLOCKS))
+def test_the_bash_blocks_run_as_written(page, tmp_path, monkeypatch, capsys):
+    from densehybrid.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    setup, check = BASH_BLOCKS[page]
+    setup()
+    blocks = [b for lang, b, mark, detail in marked_blocks(ROOT / page) if lang == "bash" and detail == THIS]
+    commands = [shlex.split(line, comments=True) for block in blocks for line in block.splitlines()]
+    commands = [words for words in commands if words]
+    assert commands and all(words[0] == "densehybrid" for words in commands)
+    for words in commands:
+        status = main([*words[1:], "--device", "cpu", "--no-progress"])
+        assert status == 0, f"`{shlex.join(words)}` failed: {capsys.readouterr().err[-2000:]}"
+    assert check()
 
 
 def test_pages_with_python_blocks_to_run():
@@ -164,7 +214,7 @@ def test_the_python_blocks_run_as_written(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     names: dict[str, Any] = {"__name__": "__doc_example__"}
     setup = SETUPS.get(_name(path), lambda step, names: None)
-    blocks = [body for _, body, mark, detail in marked_blocks(path) if mark == "run" and detail == THIS]
+    blocks = [body for lang, body, mark, detail in marked_blocks(path) if lang == "python" and detail == THIS]
     assert blocks
     for step, body in enumerate(blocks):
         setup(step, names)
