@@ -77,20 +77,21 @@ def test_the_toml_blocks_are_marked_run():
 
 
 def _tiny_model(num_classes: int = 4) -> torch.nn.Module:
+    """A small model with random weights (timings and file formats do not depend on them)."""
     from densehybrid.models import create_model
 
     torch.manual_seed(0)
     return create_model("ladder_mobilenetv3", num_classes=num_classes, decoder_channels=16).eval()
 
 
-def _save_calibrated(path: Path) -> None:
+def _save_calibrated(path: Path, num_classes: int = 4, calibrated: bool = True) -> None:
     from densehybrid.predict import CALIBRATION_KEY, Calibration
 
-    model = _tiny_model()
+    model = _tiny_model(num_classes)
     path.parent.mkdir(parents=True, exist_ok=True)
     calibration = Calibration(score="densehybrid", threshold=-2.0, display_range=(-4.0, 0.0))
     state = {"model": model.state_dict(), "model_name": "ladder_mobilenetv3", "model_kwargs": model.model_kwargs}
-    torch.save({**state, CALIBRATION_KEY: calibration.to_dict()}, path)
+    torch.save({**state, CALIBRATION_KEY: calibration.to_dict()} if calibrated else state, path)
 
 
 def _photo(path: Path) -> None:
@@ -156,13 +157,31 @@ PAGES = [
 ]
 
 
-def _setup_predict_command() -> None:
+def _setup_readme_commands() -> None:
+    """What `densehybrid demo` leaves in demo_out/, small: an uncalibrated checkpoint and a tiny road-scene cache."""
+    from densehybrid.data import RoadSceneBenchmark
+    from densehybrid.data.roadscene import ROADSCENE_NUM_CLASSES
+
+    _save_calibrated(Path("demo_out/densehybrid.pt"), ROADSCENE_NUM_CLASSES, calibrated=False)
+    RoadSceneBenchmark("demo_out/data", image_size=(48, 64), sizes={"train": 1, "val": 2, "test": 1}).prepare()
+    for name in ("my_photos/a.png", "my_photos/b.jpg"):
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        _photo(Path(name))
+
+
+def _readme_outputs() -> bool:
     from densehybrid.predict import CALIBRATION_KEY
 
-    _save_calibrated(Path("model.pt"))
-    state = torch.load("model.pt", weights_only=True)
-    del state[CALIBRATION_KEY]  # an uncalibrated checkpoint, as the synopsis's model.pt
-    torch.save(state, "model.pt")
+    calibrated = torch.load("demo_out/densehybrid-calibrated.pt", weights_only=True)
+    return (
+        CALIBRATION_KEY in calibrated
+        and len(list(Path("predictions").glob("*_heatmap.png"))) == 2
+        and len(list(Path("predictions-onnx").glob("*_heatmap.png"))) == 2
+    )
+
+
+def _setup_predict_command() -> None:
+    _save_calibrated(Path("model.pt"), calibrated=False)  # an uncalibrated checkpoint, as the synopsis's model.pt
     for name in ("photos/a.png", "photos/sub/b.jpg", "extra/c.jpg", "frame_0001.png"):
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         _photo(Path(name))
@@ -170,6 +189,7 @@ def _setup_predict_command() -> None:
 
 #: The files each bash block run here needs, made in an empty folder; and what its run leaves behind.
 BASH_BLOCKS: dict[str, tuple[Callable[[], None], Callable[[], bool]]] = {
+    "README.md": (_setup_readme_commands, _readme_outputs),
     "docs/predict.md": (
         _setup_predict_command,
         lambda: len(list(Path("predictions").rglob("*_heatmap.png"))) == 4,
@@ -199,7 +219,8 @@ def test_the_bash_blocks_run_as_written(page, tmp_path, monkeypatch, capsys):
     commands = [words for words in commands if words]
     assert commands and all(words[0] == "densehybrid" for words in commands)
     for words in commands:
-        status = main([*words[1:], "--device", "cpu", "--no-progress"])
+        tiny = ["--num-workers", "0"] if words[1] in ("calibrate", "predict") else []
+        status = main([*words[1:], *(["--device", "cpu", "--no-progress", *tiny] if words[1] != "export" else [])])
         assert status == 0, f"`{shlex.join(words)}` failed: {capsys.readouterr().err[-2000:]}"
     assert check()
 
