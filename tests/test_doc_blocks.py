@@ -207,7 +207,10 @@ def test_bash_blocks_to_run_have_a_setup():
     assert pages == set(BASH_BLOCKS)
 
 
-@pytest.mark.parametrize("page", sorted(BASH_BLOCKS))
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(page, marks=[pytest.mark.slow] if page == "README.md" else []) for page in sorted(BASH_BLOCKS)],
+)
 def test_the_bash_blocks_run_as_written(page, tmp_path, monkeypatch, capsys):
     from densehybrid.cli import main
 
