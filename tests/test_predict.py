@@ -285,6 +285,12 @@ def test_legend_shows_the_class_names_of_the_metadata(tmp_path):
     unnamed = legend_panel(160, [], predictor.palette)
     assert class_labels([], 3) == ["class 0", "class 1", "class 2"]
     assert class_labels(names, 3) == names and class_labels(names[:2], 3) == ["class 0", "class 1", "class 2"]
+    # a calibration without names (e.g. from data without classes.txt) keeps the checkpoint's names
+    from densehybrid.predict import CALIBRATION_KEY, Calibration
+
+    calibration = Calibration(score="densehybrid", threshold=0.0, display_range=(-1.0, 1.0))
+    torch.save({**kwargs, "class_names": names, CALIBRATION_KEY: calibration.to_dict()}, tmp_path / "calibrated.pt")
+    assert Predictor.from_checkpoint(tmp_path / "calibrated.pt", device="cpu").class_names == names
     other = legend_panel(160, ["lane", "pole", "tree"], predictor.palette)
     assert not np.array_equal(segmentation[40:], unnamed) and not np.array_equal(segmentation[40:], other)
     # every class colour and the unknown colour appear as swatches
