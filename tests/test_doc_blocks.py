@@ -85,13 +85,13 @@ def _tiny_model(num_classes: int = 4) -> torch.nn.Module:
 
 
 def _save_calibrated(path: Path, num_classes: int = 4, calibrated: bool = True) -> None:
-    from densehybrid.predict import CALIBRATION_KEY, Calibration
+    from densehybrid.models.checkpoint import checkpoint_dict, write_checkpoint
+    from densehybrid.predict import Calibration
 
     model = _tiny_model(num_classes)
     path.parent.mkdir(parents=True, exist_ok=True)
     calibration = Calibration(score="densehybrid", threshold=-2.0, display_range=(-4.0, 0.0))
-    state = {"model": model.state_dict(), "model_name": "ladder_mobilenetv3", "model_kwargs": model.model_kwargs}
-    torch.save({**state, CALIBRATION_KEY: calibration.to_dict()} if calibrated else state, path)
+    write_checkpoint(checkpoint_dict(model, calibration=calibration.to_dict() if calibrated else None), path)
 
 
 def _photo(path: Path) -> None:
@@ -170,9 +170,10 @@ def _setup_readme_commands() -> None:
 
 
 def _readme_outputs() -> bool:
+    from densehybrid.models.checkpoint import read_checkpoint_file
     from densehybrid.predict import CALIBRATION_KEY
 
-    calibrated = torch.load("demo_out/densehybrid-calibrated.pt", weights_only=True)
+    calibrated = read_checkpoint_file(Path("demo_out/densehybrid-calibrated.pt"))
     return (
         CALIBRATION_KEY in calibrated
         and len(list(Path("predictions").glob("*_heatmap.png"))) == 2

@@ -269,12 +269,13 @@ def heatmap_range(scores):
 
 def test_legend_shows_the_class_names_of_the_metadata(tmp_path):
     """The names drawn come from the checkpoint's metadata (else "class i"); other names draw other pixels."""
+    from densehybrid.models.checkpoint import checkpoint_dict, write_checkpoint
+
     torch.manual_seed(0)
     model = create_model("ladder_mobilenetv3", num_classes=3, decoder_channels=16).eval()
     names = ["road", "wall", "sky"]
     path = tmp_path / "named.pt"
-    kwargs = {"model": model.state_dict(), "model_name": "ladder_mobilenetv3", "model_kwargs": model.model_kwargs}
-    torch.save({**kwargs, "class_names": names}, path)
+    write_checkpoint(checkpoint_dict(model, class_names=names), path)
     predictor = Predictor.from_checkpoint(path, device="cpu", threshold=0.0)
     assert predictor.class_names == names
     Image.fromarray(_rgb(40, 160, 1)).save(tmp_path / "a.png")
@@ -286,10 +287,11 @@ def test_legend_shows_the_class_names_of_the_metadata(tmp_path):
     assert class_labels([], 3) == ["class 0", "class 1", "class 2"]
     assert class_labels(names, 3) == names and class_labels(names[:2], 3) == ["class 0", "class 1", "class 2"]
     # a calibration without names (e.g. from data without classes.txt) keeps the checkpoint's names
-    from densehybrid.predict import CALIBRATION_KEY, Calibration
+    from densehybrid.predict import Calibration
 
     calibration = Calibration(score="densehybrid", threshold=0.0, display_range=(-1.0, 1.0))
-    torch.save({**kwargs, "class_names": names, CALIBRATION_KEY: calibration.to_dict()}, tmp_path / "calibrated.pt")
+    calibrated = checkpoint_dict(model, class_names=names, calibration=calibration.to_dict())
+    write_checkpoint(calibrated, tmp_path / "calibrated.pt")
     assert Predictor.from_checkpoint(tmp_path / "calibrated.pt", device="cpu").class_names == names
     other = legend_panel(160, ["lane", "pole", "tree"], predictor.palette)
     assert not np.array_equal(segmentation[40:], unnamed) and not np.array_equal(segmentation[40:], other)
