@@ -314,6 +314,8 @@ def test_colour_bar_shows_the_scale_and_marks_the_threshold():
     low = np.flatnonzero((colour_bar_panel(width, (-5.0, 0.0), -4.0, "densehybrid") == UNKNOWN_COLOUR).all(2).any(0))
     assert low.mean() < columns.mean() - width * 0.2  # a lower threshold sits further left
     assert not (colour_bar_panel(width, (-5.0, 0.0), None, "densehybrid") == UNKNOWN_COLOUR).all(axis=2).any()
+    off = (colour_bar_panel(width, (-5.0, 0.0), -9.0, "densehybrid") == UNKNOWN_COLOUR).all(axis=2).any(axis=0)
+    assert np.flatnonzero(off).mean() < width * 0.1  # off the scale: marked at its end
     assert not np.array_equal(bar, colour_bar_panel(width, (-5.0, 1.0), -2.5, "densehybrid"))  # labels follow range
 
 

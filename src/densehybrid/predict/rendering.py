@@ -179,7 +179,8 @@ def _colour_bar_panel(
     if threshold is None:
         title += "; no threshold (nothing marked unknown)"
     else:
-        title += f"; threshold {_format_value(threshold)}: higher scores are marked unknown"
+        side = " (below the scale)" if threshold < low else " (above the scale)" if threshold > high else ""
+        title += f"; threshold {_format_value(threshold)}{side}: higher scores are marked unknown"
     draw.text((pad, title_y), title, fill=_PANEL_TEXT, font=font)
     for fraction, anchor in ((0.0, "lt"), (0.5, "mt"), (1.0, "rt")):
         x = x0 + fraction * (x1 - x0)
