@@ -162,7 +162,7 @@ def _setup_readme_commands() -> None:
     from densehybrid.data import RoadSceneBenchmark
     from densehybrid.data.roadscene import ROADSCENE_NUM_CLASSES
 
-    _save_calibrated(Path("demo_out/densehybrid.pt"), ROADSCENE_NUM_CLASSES, calibrated=False)
+    _save_calibrated(Path("demo_out/finetune/last.pt"), ROADSCENE_NUM_CLASSES, calibrated=False)
     RoadSceneBenchmark("demo_out/data", image_size=(48, 64), sizes={"train": 1, "val": 2, "test": 1}).prepare()
     for name in ("my_photos/a.png", "my_photos/b.jpg"):
         Path(name).parent.mkdir(parents=True, exist_ok=True)
