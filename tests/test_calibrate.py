@@ -212,3 +212,22 @@ def test_calibrate_on_a_registered_benchmark_with_binary_labels(tmp_path):
     ]
     assert stored["threshold"] == pytest.approx(calibrate_threshold(pairs, target_tpr=0.95), rel=1e-6)
     assert stored["benchmark"] == "fs-laf" and stored["split"] == "val" and stored["num_images"] == 3
+
+
+def test_a_score_the_model_cannot_give_is_named_not_blamed_on_missing_anomalies(setup, capsys, monkeypatch):
+    import densehybrid.calibrate
+
+    real = densehybrid.calibrate.compute_score
+
+    def no_such_output(score, output, **options):  # a model without the posterior head (a DiCNet)
+        return real(score, output._replace(ood_logits=None), **options)
+
+    monkeypatch.setattr(densehybrid.calibrate, "compute_score", no_such_output)
+    folder, _ = setup
+    code = main(
+        ["calibrate", "--checkpoint", str(folder / "bare.pt"), "--model", "ladder_mobilenetv3", "--benchmark"]
+        + ["roadscene", "--root", str(folder / "data"), "--out", str(folder / "y.pt"), "--num-workers", "0"]
+        + ["--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "for score 'densehybrid'" in err and "have none: a threshold" not in err

@@ -216,7 +216,7 @@ def calibrate_checkpoint(
     try:
         threshold = calibrate_threshold(pairs, method=method, target_tpr=target_tpr, strict=True)
     except ValueError as exc:
-        if pairs.anomalies:
+        if pairs.anomalies or not pairs.images:  # no image reached the count: the error is not about anomalies
             raise
         remedy = "Use a split with anomalies."
         if benchmark == "folder":

@@ -111,3 +111,17 @@ def test_cityscapes_metrics_join_the_closed_set_results():
     assert set(result.closed_set["category_iious"]) == {"human", "vehicle"}
     plain = evaluate(model, samples, ["msp"], num_classes=19, batch_size=2, progress=False, amp=False)
     assert "iiou" not in plain.closed_set
+
+
+def test_nan_input_images_are_blamed_on_the_images_not_the_weights():
+    from densehybrid.engine.evaluate import check_finite_outputs
+    from densehybrid.errors import NonFiniteError
+
+    model = tiny_model().eval()
+    images = torch.rand(1, 3, 32, 32)
+    images[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        out = model(images)
+    with pytest.raises(NonFiniteError, match="input images") as info:
+        check_finite_outputs(out, {"image": images, "name": ["frame7"]})
+    assert "weights" not in str(info.value).split(":")[0] and "frame7" in str(info.value)

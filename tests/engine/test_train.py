@@ -103,3 +103,53 @@ def test_negative_stream_crops_to_size_and_upscales_small_images(tiny_negatives)
     assert images.shape == (3, 3, 16, 16) and segments.shape == (3, 16, 16)
     big_images, big_segments = NegativeStream(tiny_negatives, crop_size=40).draw(2, g)
     assert big_images.shape == (2, 3, 40, 40) and set(big_segments.unique().tolist()) <= {0, 1}
+
+
+# -- valid data that used to stop training ---------------------------------------------------------------------------
+def test_a_crop_without_labelled_pixels_gives_zero_loss_not_nan():
+    model = tiny_model()
+    images = torch.rand(2, 3, 32, 32)
+    void = torch.full((2, 32, 32), 255, dtype=torch.long)
+    loss, logs = ClosedSetObjective()(model, images, void, torch.Generator())
+    assert loss.item() == 0.0 and logs["loss"] == 0.0
+    loss.backward()  # a step on it is a no-op, not an error
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_closed_set_training_survives_a_batch_of_void_labels(tiny_set):
+    class VoidFirst(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(tiny_set)
+
+        def __getitem__(self, i):
+            sample = dict(tiny_set[i])
+            sample["target"] = torch.full_like(sample["target"], 255)
+            return sample
+
+    result = fit(tiny_model(), VoidFirst(), ClosedSetObjective(), TrainConfig(epochs=1, **FAST))
+    assert result.finished and result.history[-1]["loss"] == 0.0
+
+
+# -- failures that used to be internal errors ------------------------------------------------------------------------
+def test_a_full_disk_while_saving_last_pt_is_an_output_error_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    from densehybrid.errors import OutputError
+
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"step": 1}, path)
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputError, match="is the disk full"):
+        atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_whole_images_of_different_sizes_in_one_batch_are_named_not_a_stack_error():
+    from densehybrid.engine.batches import collate
+
+    samples = [{"image": torch.zeros(3, 8, 8)}, {"image": torch.zeros(3, 8, 6)}]
+    with pytest.raises(ValueError, match=r"share one size.*\(3, 8, 6\) and \(3, 8, 8\).*augment.crop"):
+        collate(samples)

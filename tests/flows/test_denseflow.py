@@ -248,3 +248,11 @@ def test_small_configuration_and_gradient_checkpointing_give_the_same_function()
         f.bits_per_dim(x, generator=torch.Generator().manual_seed(0)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in f.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_log_prob_of_an_empty_batch_is_empty_not_an_index_error():
+    flow = small_flow()
+    empty = torch.zeros(0, 3, 16, 16, dtype=torch.uint8)
+    assert flow.log_prob(empty).shape == (0,)
+    z, log_prob = flow.forward_latent(empty, noise="mean")
+    assert z.shape == (0, *flow.latent_shapes(16, 16)[0]) and log_prob.shape == (0,)

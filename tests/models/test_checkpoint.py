@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from densehybrid.models import create_model
 from densehybrid.models.checkpoint import (
     extract_state_dict,
     load_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint_file,
     split_checkpoint,
     strip_prefix,
     suggest_model,
@@ -150,10 +154,54 @@ class _Opaque:
 
 def test_weights_only_refusal_explains_the_remedy(ldn, ldn_state, tmp_path):
     torch.save({"state_dict": ldn_state, "args": _Opaque()}, tmp_path / "pickled.pt")
-    with pytest.raises(CheckpointError, match="weights_only=False"):
+    with pytest.raises(CheckpointError, match="weights-only") as info:
         load_checkpoint(ldn, tmp_path / "pickled.pt")
-    metadata = load_checkpoint(ldn, tmp_path / "pickled.pt", weights_only=False)
-    assert isinstance(metadata["args"], _Opaque)
+    assert "_Opaque" in str(info.value) and "weights_only=False" not in str(info.value)
+    assert "\n" not in str(info.value)  # one line, not torch's multi-line advice
+
+
+class _RunsCode:
+    """Unpickling this object creates a marker file (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+# -- one rule for reading weight files: weights-only everywhere, not configurable --------------------------------------
+def test_weight_files_run_no_code_whatever_the_caller_asks(ldn_state, tmp_path):
+    marker = tmp_path / "executed"
+    torch.save({"state_dict": ldn_state, "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(TypeError):
+        read_checkpoint_file(tmp_path / "evil.pt", weights_only=False)  # the reader has no such switch
+    with pytest.raises(CheckpointError, match="weights-only"):
+        read_checkpoint_file(tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights_only"):  # no model entry point can be asked to unpickle
+        create_model("deeplabv3plus_wrn38", num_classes=2, pretrained=tmp_path / "evil.pt", weights_only=False)
+    assert not marker.exists()
+
+
+def test_numpy_scalars_in_released_metadata_load_weights_only(ldn, ldn_state, tmp_path):
+    import numpy as np
+
+    torch.save({"state_dict": ldn_state, "epoch": np.int64(3), "miou": np.float64(0.5)}, tmp_path / "nvidia.pt")
+    metadata = load_checkpoint(ldn, tmp_path / "nvidia.pt")
+    assert int(metadata["epoch"]) == 3 and float(metadata["miou"]) == 0.5
+
+
+def test_metadata_cannot_choose_how_a_file_is_read(tmp_path):
+    model = create_model("ladder_mobilenetv3", num_classes=3, decoder_channels=16)
+    kwargs = {"num_classes": 3, "decoder_channels": 16, "weights_only": False}
+    torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": kwargs}, tmp_path / "m.pt")
+    rebuilt, metadata = model_from_checkpoint(read_checkpoint_file(tmp_path / "m.pt"), tmp_path / "m.pt")
+    assert "weights_only" not in metadata["model_kwargs"] and rebuilt.model_kwargs["decoder_channels"] == 16
+
+
+def test_unknown_model_arguments_are_a_clear_value_error():
+    with pytest.raises(ValueError, match="Expected arguments of model 'ladder_mobilenetv3'.*'colour'"):
+        create_model("ladder_mobilenetv3", num_classes=3, colour=2)
 
 
 def test_unreadable_files(ldn, tmp_path):

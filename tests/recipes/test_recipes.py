@@ -7,6 +7,7 @@ import json
 import pytest
 
 from densehybrid.cli import main
+from densehybrid.errors import OutputError
 from densehybrid.recipes import list_recipes, load_recipe, parse_override, register_method
 from densehybrid.recipes.methods import METHODS
 from densehybrid.recipes.schema import Key
@@ -216,3 +217,52 @@ def test_print_config_prints_what_recipes_json_resolves(name, capsys):
     assert listed.pop("param_groups")  # shown by `recipes --json` only: --print-config is a recipe file
     assert main(["train", "--recipe", name, "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out) == listed
+
+
+# -- recipe values that would reach a weight reader, the file system or a silent no-op -------------------------------
+def test_a_recipe_cannot_turn_off_weights_only_loading(tmp_path, capsys):
+    recipe = tmp_path / "evil.toml"
+    recipe.write_text(
+        'method = "closed-set"\n[model]\nname = "deeplabv3plus_wrn38"\ninit_as = "pretrained"\n'
+        "kwargs = {weights_only = false}\n"
+    )
+    with pytest.raises(ValueError, match=r"model.kwargs.*\['weights_only'\].*weights-only"):
+        load_recipe(recipe)
+    with pytest.raises(ValueError, match="weights-only"):
+        load_recipe("generic", ["model.kwargs.weights_only=false"])
+    assert main(["train", "--recipe", "generic", "--set", "model.kwargs.map_location=cpu", "--print-config"]) == 1
+    assert "weights-only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../victim", "/tmp/victim", "a/b", "..", ".hidden", "~user"])
+def test_a_recipe_name_that_is_a_path_is_refused(name, capsys):
+    with pytest.raises(OutputError, match="plain name"):
+        load_recipe("generic", [f'name="{name}"'])
+
+
+def test_a_typo_in_best_metric_is_refused_not_a_missing_best_pt():
+    with pytest.raises(ValueError, match="`run.best_metric` to be one of 'val_miou', 'val_ap'"):
+        load_recipe("generic", ["run.best_metric=val_mIoU"])
+
+
+# -- recipe values that used to end in an internal error ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("optim.betas=[1.5, 2]", "`optim.betas` to be < 1"),
+        (f"run.seed={2**70}", "`run.seed` to be < 4294967296"),
+        ("model.name=dicnet", "DiCNet model .* only with method 'dicnet'"),
+        ("augment.crop=0", r"`augment.scale` = \[1, 1\] with augment.crop = 0"),
+        ("model.kwargs.colour=1", r"Expected arguments of model 'ladder_resnet18' among .*\['colour'\]"),
+    ],
+)
+def test_bad_recipe_values_are_refused_when_the_recipe_is_read(item, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_recipe("generic", [item])
+
+
+def test_a_recipe_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('method = "closed-set"\ndescription = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path}' to be UTF-8 text"):
+        load_recipe(path)

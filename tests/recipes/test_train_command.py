@@ -175,3 +175,196 @@ def test_an_out_folder_of_another_configuration_is_refused_unless_no_resume(tmp_
     assert (out / "last.pt").read_bytes() == before
     assert main([*base, "--set", "optim.lr=1e-3", "--no-resume"]) == 0
     assert not json.loads((out / "train-summary.json").read_text())["resumed"]
+
+
+# -- every file a run reads is an input --out may not hold; --no-resume deletes nothing; one run per --out ----------
+def _base(root, out):
+    args = ["train", "--recipe", "generic", "--data-root", str(root), "--out", str(out), "--device", "cpu"]
+    return args + ["--no-progress", "--max-steps", "1", *sets(*TINY, *LIGHT_LADDER)]
+
+
+def _ladder_checkpoint(path: Path) -> Path:
+    from densehybrid.models import create_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(create_model("ladder_mobilenetv3", num_classes=3, decoder_channels=16).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("no_resume", [False, True])
+def test_init_inside_out_is_refused_and_its_best_pt_survives(no_resume, tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    own = tmp_path / "own"
+    best = _ladder_checkpoint(own / "best.pt")
+    before = best.read_bytes()
+    extra = ["--no-resume"] if no_resume else []
+    assert main([*_base(root, own), "--init", str(best), *extra]) == 1
+    assert "not to hold the input" in capsys.readouterr().err
+    # the recipe's model.init and the model's pretrained_backbone are inputs too
+    assert main([*_base(root, own), "--set", f"model.init={best}", *extra]) == 1
+    assert "not to hold the input" in capsys.readouterr().err
+    assert main([*_base(root, own), "--set", f"model.kwargs.pretrained_backbone={best}", *extra]) == 1
+    assert "not to hold the input" in capsys.readouterr().err
+    assert best.read_bytes() == before and sorted(p.name for p in own.iterdir()) == ["best.pt"]
+
+
+def test_flow_init_inside_out_is_refused_with_no_resume(tmp_path, capsys):
+    flow_out = tmp_path / "runs" / "flow"
+    flow_out.mkdir(parents=True)
+    last = flow_out / "last.pt"
+    last.write_bytes(b"the flow run's checkpoint")
+    args = ["train", "--recipe", "ldn121-streethazards-finetune-flow", "--data-root", str(tmp_path / "sh")]
+    args += ["--flow-init", str(last), "--out", str(flow_out), "--no-resume"]
+    assert main(args) == 1
+    assert "not to hold the input" in capsys.readouterr().err
+    assert last.read_bytes() == b"the flow run's checkpoint"
+
+
+def test_no_resume_moves_the_earlier_run_aside_and_keeps_other_files(tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    out = tmp_path / "run"
+    assert main(_base(root, out)) == 0
+    before = (out / "last.pt").read_bytes()
+    (out / "notes.txt").write_text("mine")
+    assert main([*_base(root, out), "--set", "optim.lr=1e-3", "--no-resume"]) == 0
+    assert "moved to" in capsys.readouterr().out
+    earlier = [p for p in out.iterdir() if p.name.startswith("earlier-run-")]
+    assert len(earlier) == 1 and (earlier[0] / "last.pt").read_bytes() == before
+    assert {"log.jsonl", "train-summary.json"} <= {p.name for p in earlier[0].iterdir()}
+    assert (out / "notes.txt").read_text() == "mine" and (out / "last.pt").is_file()
+
+
+def test_two_runs_into_one_out_collide_no_more(tmp_path, capsys):
+    import os
+    import socket
+
+    from densehybrid.engine.outputs import LOCK_NAME
+
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process holds it
+    assert main(_base(root, out)) == 1
+    assert f"process {os.getppid()}" in capsys.readouterr().err and not (out / "last.pt").exists()
+    (out / LOCK_NAME).write_text(f"{2**22 + 12345} {socket.gethostname()}\n")  # a killed run's stale lock
+    assert main(_base(root, out)) == 0
+    assert (out / "last.pt").is_file() and not (out / LOCK_NAME).exists()
+
+
+# -- the whole dataset is checked before the first step, with the file named ----------------------------------------
+def test_a_bad_validation_label_fails_before_the_first_step_not_after_an_epoch(tmp_path, capsys):
+    from PIL import Image
+
+    root = make_folder_tree(tmp_path / "mine", n_train=4, n_val=2)
+    label = root / "val" / "labels" / "f1.png"
+    pixels = torch.zeros(40, 56, dtype=torch.uint8).numpy()
+    pixels[5, 5] = 9
+    Image.fromarray(pixels).save(label)
+    out = tmp_path / "run"
+    assert main(_base(root, out)) == 1
+    err = capsys.readouterr().err
+    assert str(label) in err and "holds 9" in err
+    assert not (out / "last.pt").exists() and not (out / "log.jsonl").exists()
+
+
+def test_a_corrupt_negative_fails_before_the_first_step_with_its_name(tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    negatives = make_image_folder(tmp_path / "neg", n=3)
+    broken = negatives / "n1.jpg"
+    broken.write_bytes(broken.read_bytes()[:40])
+    out = tmp_path / "run"
+    assert main([*_base(root, out), "--neg-root", str(negatives), *sets(*TINY_NEGATIVES)]) == 1
+    err = capsys.readouterr().err
+    assert str(broken) in err and not (out / "last.pt").exists()
+
+
+def test_train_has_the_void_unknown_ids_switch_its_message_advises(tmp_path, capsys):
+    from PIL import Image
+
+    root = _streethazards(tmp_path)
+    label = next((root / "train" / "annotations" / "validation").rglob("*.png"))
+    pixels = Image.open(label).copy()
+    pixels.putpixel((0, 0), 99)
+    pixels.save(label)
+    args = ["train", "--recipe", "ldn121-streethazards", "--data-root", str(root), "--out", str(tmp_path / "run")]
+    args += ["--device", "cpu", "--no-progress", "--max-steps", "1", *sets(*TINY, *LIGHT_LADDER)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert str(label) in err and "--void-unknown-ids" in err
+    assert main([*args, "--void-unknown-ids"]) == 0, capsys.readouterr().err
+    folder = ["train", "--recipe", "generic", "--void-unknown-ids", "--print-config"]
+    assert main(folder) == 1 and "classes.txt" in capsys.readouterr().err
+
+
+# -- values that used to end in an internal error, refused before the run with one message --------------------------
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["optim.batch_size=1"], "at least 2 images per process"),
+        (["model.kwargs.decoder_channels=-1"], "Cannot build model 'ladder_mobilenetv3' with the arguments"),
+    ],
+)
+def test_values_torch_would_refuse_mid_run_are_one_message(items, expected, tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    out = tmp_path / "run"
+    assert main([*_base(root, out), *sets(*items)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and expected in err and not (out / "last.pt").exists()
+
+
+def test_a_text_file_as_pretrained_backbone_is_a_checkpoint_error(tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights\n")
+    assert main([*_base(root, tmp_path / "run"), *sets(f"model.kwargs.pretrained_backbone={text}")]) == 1
+    err = capsys.readouterr().err
+    assert "Cannot read checkpoint" in err and "weights_only" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_device_typo_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--recipe", "generic", "--device", "gpu"])
+    assert info.value.code == 2 and "--device" in capsys.readouterr().err
+
+
+# -- messages that pointed at the wrong cause ------------------------------------------------------------------------
+def test_a_nan_init_is_named_a_damaged_checkpoint_not_a_learning_rate(tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    init = _ladder_checkpoint(tmp_path / "nan.pt")
+    state = torch.load(init, weights_only=True)
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, init)
+    assert main([*_base(root, tmp_path / "run"), "--init", str(init)]) == 1
+    err = capsys.readouterr().err
+    assert "finite weights in `--init`" in err and "learning rate" not in err
+
+
+# -- every recipe option is bounded by the machine or the data before the work ---------------------------------------
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["run.num_workers=999"], "`run.num_workers` at most"),
+        (["augment.crop=60000"], "crops of 60000x60000 px to fit in memory"),
+        (["negatives.crop=100000"], "negative(s) of up to 100000 px per image to fit in memory"),
+        (["negatives.pastes=100000"], "`negatives.pastes` at most 16"),
+    ],
+)
+def test_absurd_sizes_and_counts_are_refused_before_the_work(items, expected, tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    negatives = make_image_folder(tmp_path / "neg")
+    out = tmp_path / "run"
+    args = [*_base(root, out), "--neg-root", str(negatives), *sets(*TINY_NEGATIVES, "negatives.min_side=8", *items)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and expected in err and not (out / "last.pt").exists()
+
+
+def test_the_default_worker_count_is_lowered_to_the_cores_with_a_note(tmp_path, capsys, monkeypatch):
+    import densehybrid.engine.resources as resources
+
+    monkeypatch.setattr(resources, "usable_cpu_count", lambda: 1)
+    root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
+    args = ["train", "--recipe", "generic", "--data-root", str(root), "--out", str(tmp_path / "run"), "--device"]
+    args += ["cpu", "--no-progress", "--max-steps", "1", *sets("augment.crop=32", "optim.batch_size=2", *LIGHT_LADDER)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "run.num_workers lowered from 4 to 1" in capsys.readouterr().out

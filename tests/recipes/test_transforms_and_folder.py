@@ -128,3 +128,44 @@ def test_doctor_folder_reports_unpaired_files_and_bad_values(tmp_path, capsys):
     problems = " ".join(f.problem for f in report.errors)
     assert not report.ok and "extra.jpg' has no label" in problems and "but got 9" in problems
     assert main(["doctor", "folder", str(tmp_path / "missing")]) == 1
+
+
+# -- training data that used to be silently wrong -----------------------------------------------------------------
+def test_a_labels_pixels_stay_under_their_image_pixels_whatever_the_exif_orientation(tmp_path):
+    root = make_folder_tree(tmp_path / "mine", n_train=1, n_val=0, size=(20, 20))  # square: no size mismatch
+    stored = np.zeros((20, 20, 3), dtype=np.uint8)
+    stored[:5, :8] = 255  # a white block at the stored top-left ...
+    label = np.zeros((20, 20), dtype=np.uint8)
+    label[:5, :8] = 1  # ... labelled 1 in the same stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(root / "images" / "f0.png", exif=exif)
+    Image.fromarray(label).save(root / "labels" / "f0.png")
+    sample = FolderDataset(root, "train")[0]
+    white = sample["image"].min(dim=0).values > 0.9
+    assert not white[:5, :8].all()  # the image is shown upright (turned) ...
+    assert torch.equal(white, sample["target"] == 1)  # ... and its label turned with it
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_class_name(tmp_path):
+    root = make_folder_tree(tmp_path / "mine", n_train=1, n_val=0)
+    (root / "classes.txt").write_bytes("\ufeffroad\ncar\nsky\n".encode())
+    assert FolderDataset(root, "train").class_names == ("road", "car", "sky")
+
+
+def test_duplicate_and_non_utf8_class_names_are_refused_with_the_file(tmp_path):
+    root = make_folder_tree(tmp_path / "mine", n_train=1, n_val=0)
+    (root / "classes.txt").write_text("road\ncar\nroad\n")
+    with pytest.raises(DatasetError, match="more than once: 'road'"):
+        FolderDataset(root, "train")
+    (root / "classes.txt").write_bytes(b"road\ncar\xe9\nsky\n")
+    with pytest.raises(DatasetError, match="classes.txt' to be UTF-8 text"):
+        FolderDataset(root, "train")
+
+
+def test_a_damaged_file_of_a_users_own_tree_is_not_sent_to_an_archive(tmp_path):
+    root = make_folder_tree(tmp_path / "mine", n_train=1, n_val=0)
+    (root / "images" / "f0.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match="f0.png") as info:
+        FolderDataset(root, "train")[0]
+    assert "Replace this file" in str(info.value) and not str(info.value).endswith("benchmark's archive.")

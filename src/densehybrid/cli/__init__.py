@@ -174,7 +174,7 @@ def _expected_failure(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, FloatingPointError):
         return str(exc)
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or _allocation_failure(exc):
         return (
             f"Out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): lower --batch-size, "
             "--input-scale or the image sizes, or use a device with more memory."
@@ -183,6 +183,13 @@ def _expected_failure(exc: BaseException) -> str | None:
         where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
         return f"Cannot access{where}: {exc.strerror or exc}."
     return None
+
+
+def _allocation_failure(exc: BaseException) -> bool:
+    """True for torch's allocator errors, which are ``RuntimeError`` s ("DefaultCPUAllocator: can't allocate
+    memory", "CUDA out of memory")."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    parser = build_parser([name for name in (_command_in(words),) if name is not None])
+    try:  # building the parser imports torch and the models: a Ctrl-C there is an interruption, not a traceback
+        parser = build_parser([name for name in (_command_in(words),) if name is not None])
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     args = parser.parse_args(argv)
     if args.command is None:
         # a bare `densehybrid` asks what the tool does: help on stdout, success (like `git` or `pip`)

@@ -285,7 +285,7 @@ def check_sml_arguments(scores: Sequence[str], sml_statistics: str | os.PathLike
     if sml_statistics is None and "sml" in wanted:
         raise ValueError(
             "Expected `--sml-statistics FILE` for score 'sml' (per-class max-logit statistics fitted on training "
-            "data: torch.save(fit_sml_statistics(...).to_dict(), FILE)), but got none."
+            "data, see SML in docs/method.md), but got none."
         )
     if sml_statistics is not None and "sml" not in wanted:
         raise ValueError("Expected `--sml-statistics` only together with `--score sml`.")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 
 from densehybrid.cli._common import (
+    add_label_check_argument,
     add_loop_arguments,
     add_model_arguments,
     add_overwrite_argument,
     check_sml_arguments,
+    dataset_options,
+    input_scale,
     load_model,
     load_score_options,
     naming_checkpoint,
@@ -54,15 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="loader option, repeatable")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N frames (a quick look)")
-    parser.add_argument("--input-scale", type=positive_float, default=1.0, help="resize the model input")
+    parser.add_argument("--input-scale", type=input_scale, default=1.0, help="resize the model input")
     parser.add_argument("--out", default=None, help="calibrated checkpoint to write (default: NAME-calibrated.pt)")
     add_overwrite_argument(parser, "an existing --out checkpoint")
+    add_label_check_argument(parser)
     add_loop_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from densehybrid.calibrate import calibrate_checkpoint, calibrated_path
-    from densehybrid.data.datasets import parse_dataset_options
     from densehybrid.engine.outputs import check_output_file
     from densehybrid.scores import get_score
 
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             method="f1" if args.best_f1 else "tpr",
             target_tpr=args.tpr,
             calibration_scale=args.calibration_scale,
-            dataset_options=parse_dataset_options(args.option),
+            dataset_options=dataset_options(args),
             limit=args.limit,
             input_scale=args.input_scale,
             device=args.device,

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from densehybrid.cli._common import json_ready, positive_int, write_json
+from densehybrid.cli._common import add_label_check_argument, device_option, json_ready, positive_int, write_json
 
 HELP = "train or fine-tune a model with a recipe (the released ones: `densehybrid recipes`)"
 DESCRIPTION = (
@@ -43,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a recipe key, repeatable (e.g. optim.lr=1e-5, augment.crop=256, model.kwargs.image_size=256)",
     )
     parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in total (smoke runs)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=device_option, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds an unfinished run")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
+    add_label_check_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -68,7 +69,7 @@ class _StopFlag:
 def run(args: argparse.Namespace) -> int:
     from densehybrid.engine import distributed
     from densehybrid.recipes import load_recipe
-    from densehybrid.recipes.run import SUMMARY_NAME, RunInputs, check_output_dir, train_recipe
+    from densehybrid.recipes.run import SUMMARY_NAME, RunInputs, check_output_dir, input_paths, train_recipe
 
     recipe = load_recipe(args.recipe, args.overrides or [])
     if args.flow_init:
@@ -78,11 +79,18 @@ def run(args: argparse.Namespace) -> int:
                 f"{recipe['method']!r}) trains no flow."
             )
         recipe["flow"]["init"] = args.flow_init
+    if args.void_unknown_ids:
+        if recipe["data"]["dataset"] == "folder":
+            raise ValueError(
+                "Expected `--void-unknown-ids` with a benchmark dataset, but the recipe trains on a folder tree, whose "
+                "label values are checked against its classes.txt (255 marks pixels to ignore)."
+            )
+        recipe["data"]["options"]["void_unknown_ids"] = True
     if args.print_config:
         print(json.dumps(json_ready(recipe), indent=2))
         return 0
     out = Path(args.out) if args.out else Path("runs") / recipe["name"]
-    check_output_dir(out, [args.data_root, args.neg_root, args.init or None])
+    check_output_dir(out, input_paths(recipe, args.data_root, args.neg_root, args.init))
     inputs = RunInputs(
         data_root=Path(args.data_root).expanduser() if args.data_root else None,
         neg_root=Path(args.neg_root).expanduser() if args.neg_root else None,

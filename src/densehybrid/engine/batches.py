@@ -33,6 +33,12 @@ def collate(samples: Sequence[Any]) -> dict[str, Any]:
     for key in first:
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
+            shapes = sorted({tuple(v.shape) for v in values})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"Expected the samples of a batch to share one size, but their `{key}` tensors have shapes "
+                    f"{shapes[0]} and {shapes[1]}: crop them (recipes: augment.crop) or use batches of one image."
+                )
             batch[key] = torch.stack(values)
         else:
             batch[key] = values

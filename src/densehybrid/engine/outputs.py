@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -86,6 +88,27 @@ def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike[str] | None]
             )
 
 
+def check_name(name: str, option: str) -> str:
+    """Check that ``name`` is a plain name (a file or folder name it becomes part of cannot leave its parent folder).
+
+    Raises:
+        OutputError: ``name`` is empty, holds a path separator, starts with ``.`` or ``~``, or is absolute.
+    """
+    bad = (
+        not name
+        or any(sep in name for sep in ("/", "\\", "\0"))
+        or name.startswith((".", "~"))
+        or Path(name).is_absolute()
+        or name.strip() != name
+    )
+    if bad:
+        raise OutputError(
+            f"Expected {option} to be a plain name (letters, digits, '-', '_', '.'; no folder), but got {name!r}: "
+            "a name becomes part of output paths (runs/NAME), so it may not lead out of their folder."
+        )
+    return name
+
+
 def check_output_file(
     path: str | os.PathLike[str],
     *,
@@ -125,6 +148,7 @@ def check_output_dir(
     outputs: Iterable[str] = (),
     overwrite: bool = False,
     option: str = "--out",
+    owns_folder: bool = False,
 ) -> Path:
     """Check, before the work, that results may be written into folder ``path``; return it as a :class:`Path`.
 
@@ -135,13 +159,24 @@ def check_output_dir(
             unless ``overwrite``. A command that resumes its own folder (the demo) passes none.
         overwrite: allow replacing existing ``outputs``.
         option: the option name shown in messages.
+        owns_folder: the command writes, resumes and moves aside files anywhere in ``path`` (a training run), so no
+            input may lie inside it either.
 
     Raises:
-        OutputError: ``path`` is a file, an input, or cannot be written, or an output exists without ``overwrite``.
+        OutputError: ``path`` is a file, an input, or cannot be written, or an output exists without ``overwrite``;
+            with ``owns_folder``, an input lies inside ``path``.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputError(f"Expected `{option}` {str(path)!r} to be a folder, but it is a file.")
+    if owns_folder:
+        for item in inputs:
+            if item is not None and str(item) and _inside(Path(item).expanduser(), path):
+                raise OutputError(
+                    f"Expected `{option}` {str(path)!r} not to hold the input {str(item)!r}: a run owns its output "
+                    f"folder (it replaces last.pt and best.pt there). Copy the input elsewhere or choose another "
+                    f"`{option}`."
+                )
     targets = [path / name for name in outputs]
     for target in [path, *targets]:
         for item in inputs:
@@ -158,6 +193,103 @@ def check_output_dir(
             )
     _probe_folder(path, option)
     return path
+
+
+def move_aside(folder: str | os.PathLike[str], names: Iterable[str], label: str = "earlier-run") -> Path | None:
+    """Move the existing ``names`` of ``folder`` into a new subfolder ``LABEL-YYYYmmdd-HHMMSS`` (nothing is deleted).
+
+    Returns:
+        the new subfolder, or None when none of ``names`` exists.
+    """
+    folder = Path(folder)
+    present = [folder / name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder / f"{label}-{stamp}"
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = folder / f"{label}-{stamp}-{suffix}"
+    aside.mkdir()
+    for item in present:
+        os.replace(item, aside / item.name)
+    return aside
+
+
+#: The lock file of a folder one process writes at a time (holds the owner's pid and host).
+LOCK_NAME = ".densehybrid.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], option: str = "--out") -> Iterator[Path]:
+    """Hold ``folder/.densehybrid.lock`` while the block runs, so that one run writes into ``folder`` at a time.
+
+    The lock file holds the owner's pid and host name; a lock whose process no longer exists on this host (a killed
+    run) is stale and taken over. The file is removed when the block ends.
+
+    Raises:
+        OutputError: another live process holds the lock.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(50):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is None and _age(lock) < 2.0:  # being written by the process that just created it
+                time.sleep(0.05)
+                continue
+            if owner is None or (owner[1] == socket.gethostname() and not _alive(owner[0])):
+                lock.unlink(missing_ok=True)  # stale: its run was killed
+                continue
+            pid, host = owner
+            raise OutputError(
+                f"Expected no other run writing into `{option}` {str(folder)!r}, but process {pid} on {host} holds "
+                f"{str(lock)!r}. Wait for it, choose another `{option}`, or delete the lock file if that process is "
+                "gone."
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(me)
+        break
+    else:
+        raise OutputError(f"Cannot take the lock {str(lock)!r} of `{option}`: other runs keep creating it.")
+    try:
+        yield lock
+    finally:
+        if _lock_owner(lock) == (os.getpid(), socket.gethostname()):
+            lock.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _lock_owner(lock: Path) -> tuple[int, str] | None:
+    """``(pid, host)`` of a lock file, or None when it is unreadable or malformed (a half-written lock)."""
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str], pattern: str = ".*.tmp") -> list[Path]:
@@ -250,8 +382,11 @@ def swap_in(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> Pa
 __all__ = [
     "atomic_path",
     "atomic_write_text",
+    "check_name",
     "check_output_dir",
     "check_output_file",
+    "folder_lock",
+    "move_aside",
     "remove_stale_temporaries",
     "staging_dir",
     "swap_in",

@@ -84,4 +84,41 @@ def check_memory(required: float, what: str, remedy: str) -> None:
         )
 
 
-__all__ = ["MEMORY_SHARE", "available_memory", "check_memory", "check_num_workers", "format_bytes", "usable_cpu_count"]
+def worker_bound(requested: int, default: int, option: str, processes: int = 1) -> tuple[int, str | None]:
+    """The DataLoader workers of each of ``processes`` local processes: ``requested``, bounded by the usable cores.
+
+    A value above the bound is refused, unless it is the untouched ``default`` (a recipe's default of 4 on a 2-core
+    machine), which is lowered to the bound with a note.
+
+    Returns:
+        ``(workers, note)``; ``note`` says what was lowered (None when nothing was).
+
+    Raises:
+        ResourceError: an explicit ``requested`` above the bound.
+    """
+    bound = max(1, usable_cpu_count() // max(1, processes))
+    if requested <= bound:
+        return requested, None
+    if requested == default:
+        return bound, f"{option} lowered from {requested} to {bound} (the CPU cores available per process)"
+    raise ResourceError(
+        f"Expected `{option}` at most {bound} (the CPU cores available here, over {processes} process(es)), but got "
+        f"{requested}: every worker is a separate process with its own memory. Set {option}={bound} or fewer."
+    )
+
+
+def check_pixels(count: float, bytes_per_pixel: float, what: str, remedy: str) -> None:
+    """Refuse ``count`` pixels of ``bytes_per_pixel`` each when they do not fit (see :func:`check_memory`)."""
+    check_memory(float(count) * float(bytes_per_pixel), what, remedy)
+
+
+__all__ = [
+    "check_pixels",
+    "worker_bound",
+    "MEMORY_SHARE",
+    "available_memory",
+    "check_memory",
+    "check_num_workers",
+    "format_bytes",
+    "usable_cpu_count",
+]

@@ -33,6 +33,7 @@ from densehybrid.engine.outputs import atomic_path, remove_stale_temporaries
 from densehybrid.engine.runtime import rng_state, select_device, set_rng_state
 from densehybrid.errors import CheckpointError
 from densehybrid.labels import IGNORE_INDEX
+from densehybrid.losses import segmentation_loss
 from densehybrid.models.checkpoint import checkpoint_dict, write_checkpoint
 from densehybrid.models.output import HybridOutput
 from densehybrid.recipes.schema import COMMON
@@ -152,7 +153,10 @@ class TrainResult:
 
 
 class ClosedSetObjective:
-    """Plain cross-entropy on the closed-set logits (void = ``ignore_index``). The OOD head gets no gradient."""
+    """Plain cross-entropy on the closed-set logits (void = ``ignore_index``). The OOD head gets no gradient.
+
+    A crop without a labelled pixel gives a loss of 0 (with gradients), not NaN (:func:`~densehybrid.losses.segmentation_loss`).
+    """
 
     name = "closed_set"
 
@@ -163,7 +167,7 @@ class ClosedSetObjective:
         self, model: nn.Module, images: torch.Tensor, target: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out: HybridOutput = model(images, output_size=tuple(target.shape[-2:]))
-        loss = F.cross_entropy(out.logits.float(), target, ignore_index=self.ignore_index)
+        loss = segmentation_loss(out.logits.float(), target, ignore_index=self.ignore_index)
         return loss, {"loss": float(loss.detach())}
 
 

@@ -73,7 +73,6 @@ def load_flow_state(
     *,
     strict: bool = True,
     map_location: str | torch.device = "cpu",
-    weights_only: bool = True,
 ) -> dict[str, Any]:
     """Load a flow checkpoint (a file or an already loaded object) into ``flow``.
 
@@ -88,7 +87,6 @@ def load_flow_state(
         strict: require the names to match exactly; with ``strict=False`` the shared names are loaded and the rest is
             reported in a ``UserWarning``. Shape mismatches raise either way.
         map_location: device to map tensors to while reading a file.
-        weights_only: refuse pickled Python objects other than tensors when reading a file.
 
     Returns:
         the checkpoint's metadata (every entry besides the state dict).
@@ -100,7 +98,7 @@ def load_flow_state(
     if isinstance(source, Mapping):
         name, obj = "the flow checkpoint", source
     else:
-        name, obj = f"flow checkpoint {str(source)!r}", read_checkpoint_file(source, map_location, weights_only)
+        name, obj = f"flow checkpoint {str(source)!r}", read_checkpoint_file(source, map_location)
     state, metadata = _flow_state(obj)
     state = strip_prefix(state, FLOW_PREFIXES)
     names_differ, shapes_differ, message = describe_mismatch(flow, state, name)

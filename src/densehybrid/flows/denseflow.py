@@ -581,6 +581,9 @@ class DenseFlow(nn.Module):
         self._check_size(x.shape[2], x.shape[3], "x")
         dtype = self.base_dist.loc.dtype
         x = x.to(self.base_dist.loc.device)
+        if x.shape[0] == 0:  # an empty batch: empty results (the data-dependent layers have nothing to run on)
+            base, _ = self.latent_shapes(x.shape[2], x.shape[3])
+            return torch.zeros((0, *base), dtype=dtype, device=x.device), torch.zeros(0, dtype=dtype, device=x.device)
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 2**self.num_bits):
             raise ValueError(
                 f"Expected `x` values in [0, {2**self.num_bits - 1}], but got [{int(x.min())}, {int(x.max())}]."

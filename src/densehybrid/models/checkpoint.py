@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from densehybrid.errors import CheckpointError
+from densehybrid.errors import CheckpointError, OutputError
 from densehybrid.labels import IGNORE_INDEX
 
 #: Keys under which checkpoints commonly nest their state dict, tried in this order.
@@ -41,22 +41,33 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LISTED = 10
 
 
-def read_checkpoint_file(
-    path: str | PathLike[str], map_location: str | torch.device = "cpu", weights_only: bool = True
-) -> Any:
+def _numpy_scalar_globals() -> list[Any]:
+    """NumPy scalars and dtypes (metadata of released files, e.g. NVIDIA's): plain values, safe to rebuild."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import scalar
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def read_checkpoint_file(path: str | PathLike[str], map_location: str | torch.device = "cpu") -> Any:
     """Read a checkpoint file (``torch.save`` output or ``.safetensors``) without interpreting it.
+
+    The one reader of weight files: always weights-only (tensors, containers, plain and NumPy scalars), so a file
+    cannot run code when it is read. No recipe, option or checkpoint metadata can change that.
 
     Args:
         path: local file.
         map_location: device to map tensors to.
-        weights_only: refuse pickled Python objects other than tensors and containers. Keep it on for files from
-            the internet; turn it off only for files whose source you trust.
 
     Returns:
         whatever the file holds (usually a dict).
 
     Raises:
-        CheckpointError: when the file is missing, unreadable, or holds objects ``weights_only`` refuses.
+        CheckpointError: when the file is missing, unreadable, or holds Python objects besides weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,23 +83,26 @@ def read_checkpoint_file(
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"Cannot read safetensors file {str(path)!r}: {err}") from err
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         # A refused object says "Unsupported global/class/..."; bytes that are no pickle at all say "operand".
-        if weights_only and "Weights only load failed" in text and "Unsupported operand" not in text:
-            detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+        if "Weights only load failed" in text and "Unsupported operand" not in text:
+            detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+            detail = detail.split(" which is not allowed")[0] if detail else ""
             raise CheckpointError(
-                f"Checkpoint {str(path)!r} holds Python objects besides tensors (e.g. NumPy scalars or argument "
-                "objects in its metadata), which are not loaded by default because unpickling can run code. If you "
-                f"trust the file's source, pass `weights_only=False`.{' Detail: ' + detail if detail else ''}"
+                f"Checkpoint {str(path)!r} holds Python objects besides weights ({detail or 'pickled objects'}); "
+                "densehybrid reads weight files weights-only because unpickling can run code. Use a file that holds "
+                "only the weights (a state dict), saved from a source you trust."
             ) from err
         raise CheckpointError(
-            f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {err}"
+            f"Cannot read checkpoint {str(path)!r}: it is truncated or not a PyTorch or safetensors file."
         ) from err
     except Exception as err:  # a damaged file makes torch's reader raise almost any type (KeyError, IndexError, ...)
         raise CheckpointError(
-            f"Cannot read checkpoint {str(path)!r} (truncated or not a PyTorch file?): {type(err).__name__}: {err}"
+            f"Cannot read checkpoint {str(path)!r}: it is truncated or not a PyTorch or safetensors file "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})."
         ) from err
 
 
@@ -352,8 +366,6 @@ def load_checkpoint(
     path: str | PathLike[str],
     strict: bool = True,
     map_location: str | torch.device = "cpu",
-    *,
-    weights_only: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint file into ``model``, accepting the released file layouts as they are.
 
@@ -367,7 +379,6 @@ def load_checkpoint(
         strict: require the names to match exactly. With ``strict=False`` the shared names are loaded and the rest
             is reported in a ``UserWarning``; shape mismatches raise either way.
         map_location: device to map tensors to while reading.
-        weights_only: refuse pickled Python objects other than tensors (see :func:`read_checkpoint_file`).
 
     Returns:
         the checkpoint's metadata: every entry besides the state dict (epoch, metrics, ``model_name``, ...); empty
@@ -383,7 +394,7 @@ def load_checkpoint(
         >>> model = create_model("ldn121", num_classes=12)
         >>> metadata = load_checkpoint(model, "ldn121_streethazards.pt")  # doctest: +SKIP
     """
-    state, metadata = split_checkpoint(read_checkpoint_file(path, map_location, weights_only=weights_only))
+    state, metadata = split_checkpoint(read_checkpoint_file(path, map_location))
     state = strip_prefix(state)
     missing, unexpected, mismatched, message = check_state_dict(model, state, source=f"checkpoint {str(path)!r}")
     if mismatched or (strict and (missing or unexpected)):
@@ -433,7 +444,7 @@ def model_from_checkpoint(
         CheckpointError: no state dict, arguments the model does not take, or weights that do not fit.
         ValueError: no model name or no K can be determined, or an unknown model name.
     """
-    from densehybrid.models.registry import create_model, list_models
+    from densehybrid.models.registry import LOADER_KWARGS, create_model, list_models
 
     info = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, path=str(path))
     state = info.state_dict
@@ -446,7 +457,8 @@ def model_from_checkpoint(
             f"file?). Pass --model NAME, one of: {', '.join(list_models())}."
         )
     recorded_kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), Mapping) else {}
-    kwargs = {k: v for k, v in recorded_kwargs.items() if k not in INIT_ONLY_KWARGS} if name == recorded else {}
+    dropped = (*INIT_ONLY_KWARGS, *LOADER_KWARGS)  # metadata never chooses how a file is read
+    kwargs = {k: v for k, v in recorded_kwargs.items() if k not in dropped} if name == recorded else {}
     recorded_k = kwargs.pop("num_classes", None) or recorded_kwargs.get("num_classes") or metadata.get("num_classes")
     recorded_k = recorded_k if isinstance(recorded_k, int) and not isinstance(recorded_k, bool) else None
     if num_classes is not None:
@@ -604,7 +616,15 @@ def atomic_save(obj: Any, path: str | PathLike[str]) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:  # torch's writer reports a failed write (a full disk) as a RuntimeError
+                if "write" not in str(exc).lower():
+                    raise
+                raise OutputError(
+                    f"Cannot write {str(path)!r} (is the disk full?): {str(exc).splitlines()[0]}. The previous file "
+                    "is unchanged."
+                ) from exc
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -163,9 +163,7 @@ class DeepLabV3PlusWRN38(HybridModel):
         return self.logits_ood(features)
 
 
-def load_closed_set_weights(
-    model: DeepLabV3PlusWRN38, path: str | PathLike[str], weights_only: bool = True
-) -> dict[str, list[str] | int]:
+def load_closed_set_weights(model: DeepLabV3PlusWRN38, path: str | PathLike[str]) -> dict[str, list[str] | int]:
     """Load a closed-set DeepLabV3+ WRN38 checkpoint (NVIDIA's Cityscapes format); the head is left as it is.
 
     NVIDIA's files nest the state dict under ``"state_dict"`` with DataParallel's ``module.`` prefix; both are
@@ -175,8 +173,6 @@ def load_closed_set_weights(
     Args:
         model: the model to fill.
         path: local checkpoint file.
-        weights_only: refuse pickled Python objects other than tensors; NVIDIA's files keep NumPy scalars in their
-            metadata, so loading them needs ``weights_only=False`` (only for files from a source you trust).
 
     Returns:
         ``{"loaded": n, "missing": [...], "unexpected": []}``; ``missing`` lists the head's entries left fresh.
@@ -186,7 +182,7 @@ def load_closed_set_weights(
     """
     from densehybrid.models.checkpoint import check_state_dict, read_checkpoint_file, split_checkpoint, strip_prefix
 
-    state, _ = split_checkpoint(read_checkpoint_file(path, weights_only=weights_only))
+    state, _ = split_checkpoint(read_checkpoint_file(path))
     state = strip_prefix(state)
     missing, unexpected, mismatched, message = check_state_dict(model, state, source=f"checkpoint {str(path)!r}")
     if unexpected or mismatched or any(not k.startswith(HEAD_PREFIX) for k in missing):
@@ -200,7 +196,6 @@ def load_closed_set_weights(
 def deeplabv3plus_wrn38(
     num_classes: int,
     pretrained: str | PathLike[str] | None = None,
-    weights_only: bool = True,
     **kwargs,
 ) -> DeepLabV3PlusWRN38:
     """DeepLabV3+ WRN38 with the dataset-posterior head; loads the released DenseHybrid checkpoint unchanged.
@@ -209,7 +204,6 @@ def deeplabv3plus_wrn38(
         num_classes: K (19 for the released Cityscapes models).
         pretrained: local closed-set checkpoint (NVIDIA's ``cityscapes_cv0_wideresnet38_nosdcaug.pth``, CC BY-NC-SA
             4.0) to start from; the head starts fresh. The load report is kept in ``model.pretrained_report``.
-        weights_only: see :func:`load_closed_set_weights`.
         **kwargs: forwarded to :class:`DeepLabV3PlusWRN38` (``mean``, ``std``).
 
     Returns:
@@ -217,5 +211,5 @@ def deeplabv3plus_wrn38(
     """
     model = DeepLabV3PlusWRN38(num_classes, **kwargs)
     if pretrained is not None:
-        model.pretrained_report = load_closed_set_weights(model, pretrained, weights_only=weights_only)
+        model.pretrained_report = load_closed_set_weights(model, pretrained)
     return model

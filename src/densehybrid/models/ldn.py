@@ -391,7 +391,7 @@ _OLD_TORCHVISION_NAME = re.compile(
 )
 
 
-def load_densenet_weights(encoder: DenseNetEncoder, path: str | PathLike[str], weights_only: bool = True) -> dict:
+def load_densenet_weights(encoder: DenseNetEncoder, path: str | PathLike[str]) -> dict:
     """Load ImageNet DenseNet weights (torchvision or timm files) into the encoder.
 
     Accepted: torchvision's ``densenet121-*.pth`` (old or new parameter names), timm's ``densenet121`` weights
@@ -402,7 +402,6 @@ def load_densenet_weights(encoder: DenseNetEncoder, path: str | PathLike[str], w
     Args:
         encoder: the encoder to fill.
         path: local file (weights are never downloaded).
-        weights_only: refuse pickled Python objects other than tensors (safe for untrusted files).
 
     Returns:
         ``{"loaded": n, "ignored": [names]}``.
@@ -412,7 +411,7 @@ def load_densenet_weights(encoder: DenseNetEncoder, path: str | PathLike[str], w
     """
     from densehybrid.models.checkpoint import extract_state_dict, read_checkpoint_file, strip_prefix
 
-    state = strip_prefix(extract_state_dict(read_checkpoint_file(path, weights_only=weights_only)))
+    state = strip_prefix(extract_state_dict(read_checkpoint_file(path)))
     renamed = {}
     for name, tensor in state.items():
         match = _OLD_TORCHVISION_NAME.match(name)

@@ -59,12 +59,18 @@ def check_finite_outputs(out: Any, batch: Mapping[str, Any] | None = None) -> No
         out: a model output (``HybridOutput``, ``DistillationOutput``, ...); every tensor field is checked.
         batch: the batch, whose ``name`` entries identify the frames in the message.
     """
+    names = list((batch or {}).get("name") or [])
+    frames = f" on frame(s) {', '.join(map(str, names[:3]))}" if names else ""
+    images = (batch or {}).get("image")
     for name, tensor in out._asdict().items():
         if not isinstance(tensor, torch.Tensor) or bool(torch.isfinite(tensor).all()):
             continue
         bad = int((~torch.isfinite(tensor)).sum())
-        names = list((batch or {}).get("name") or [])
-        frames = f" on frame(s) {', '.join(map(str, names[:3]))}" if names else ""
+        if isinstance(images, torch.Tensor) and images.is_floating_point() and not bool(torch.isfinite(images).all()):
+            raise NonFiniteError(
+                f"Expected finite input images, but {int((~torch.isfinite(images)).sum())} input values are NaN or "
+                f"infinite{frames}: the images, not the weights, make the outputs non-finite."
+            )
         raise NonFiniteError(
             f"Expected finite model outputs, but {bad} of {tensor.numel()} `{name}` values are NaN or infinite"
             f"{frames}: the weights are probably damaged (e.g. saved from a diverged training run)."

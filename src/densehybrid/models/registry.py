@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
+
+from densehybrid.errors import DenseHybridError
 
 # name -> "module:function"
 MODELS: dict[str, str] = {
@@ -80,11 +84,58 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
-    model = get_model_entry(name)(num_classes=num_classes, **kwargs)
+    check_model_kwargs(name, kwargs)
+    try:
+        model = get_model_entry(name)(num_classes=num_classes, **kwargs)
+    except TypeError as exc:  # an argument the entry point (or the class it forwards **kwargs to) does not take
+        if "unexpected keyword argument" not in str(exc) and "multiple values" not in str(exc):
+            raise
+        raise ValueError(
+            f"Expected arguments of model {name!r} (see its entry point {MODELS.get(name, name)}), but got "
+            f"{sorted(kwargs)}: {exc}."
+        ) from None
+    except (RuntimeError, ValueError) as exc:  # torch refusing a layer size the arguments asked for (-1 channels)
+        if not kwargs or isinstance(exc, DenseHybridError):
+            raise
+        raise ValueError(
+            f"Cannot build model {name!r} with the arguments {kwargs}: {str(exc).splitlines()[0]}. Check the values "
+            "(recipes: model.kwargs)."
+        ) from exc
     model.model_name = name
     recorded = getattr(model, "recorded_kwargs", {})  # what the entry point resolved, e.g. a folder's configuration
     model.model_kwargs = {"num_classes": num_classes, **{k: v for k, v in kwargs.items() if _is_plain(v)}, **recorded}
     return model
+
+
+#: Arguments of the file readers; weight files are always read weights-only (unpickling a file can run code), so no
+#: recipe, ``--set`` or checkpoint metadata may pass them to a model.
+LOADER_KWARGS = ("weights_only", "pickle_module", "mmap", "map_location")
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str = "model arguments") -> None:
+    """Refuse file-reader arguments (:data:`LOADER_KWARGS`) among the keyword arguments of model ``name``, and
+    arguments its entry point does not take (when it takes no ``**kwargs``).
+
+    Raises:
+        ValueError: a reader argument such as ``weights_only``, or an unknown argument, is given.
+    """
+    loader = sorted(set(kwargs) & set(LOADER_KWARGS))
+    if loader:
+        raise ValueError(
+            f"Expected no file-reader argument among the {where} of {name!r}, but got {loader}: densehybrid reads "
+            "every weight file weights-only (unpickling a file can run code), and that is not configurable."
+        )
+    if is_family_name(name) or name not in MODELS:  # a family member's arguments are checked when it is built
+        return
+    parameters = inspect.signature(get_model_entry(name)).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(kwargs) - set(parameters) - {"num_classes"})
+        if unknown:
+            known = ", ".join(p for p in parameters if p != "num_classes")
+            raise ValueError(
+                f"Expected arguments of model {name!r} among {known}, but the {where} hold {unknown} "
+                f"(see its entry point {MODELS[name]})."
+            )
 
 
 def _is_plain(value) -> bool:

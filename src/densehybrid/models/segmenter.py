@@ -337,7 +337,7 @@ class Segmenter(nn.Module):
         return HybridOutput(*outputs)
 
 
-def load_vit_weights(encoder: nn.Module, path: str | PathLike[str], weights_only: bool = True) -> dict:
+def load_vit_weights(encoder: nn.Module, path: str | PathLike[str]) -> dict:
     """Load ImageNet ViT weights from a local file into a timm ViT encoder.
 
     Accepted: timm checkpoints (``.pth``, ``.bin``, ``.safetensors``), the original JAX ``.npz`` files, and a
@@ -348,7 +348,6 @@ def load_vit_weights(encoder: nn.Module, path: str | PathLike[str], weights_only
     Args:
         encoder: timm ``VisionTransformer``.
         path: local file (weights are never downloaded).
-        weights_only: refuse pickled Python objects other than tensors.
 
     Returns:
         ``{"loaded": n, "ignored": [names]}``.
@@ -364,7 +363,7 @@ def load_vit_weights(encoder: nn.Module, path: str | PathLike[str], weights_only
         except Exception as err:  # timm's JAX loader raises KeyError/ValueError on foreign files
             raise CheckpointError(f"Cannot load ViT weights from {str(path)!r}: {err}") from err
         return {"loaded": len(encoder.state_dict()), "ignored": []}
-    state = strip_prefix(extract_state_dict(read_checkpoint_file(path, weights_only=weights_only)))
+    state = strip_prefix(extract_state_dict(read_checkpoint_file(path)))
     if any(k.startswith("encoder.") for k in state):
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     state = checkpoint_filter_fn(state, encoder)

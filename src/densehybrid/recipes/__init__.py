@@ -122,7 +122,14 @@ def read_recipe_file(path: Any) -> dict[str, Any]:
     Raises:
         ValueError: the file does not parse; the message names it and the parser's complaint.
     """
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"Expected recipe file {str(path)!r} to be UTF-8 text (TOML or JSON), but byte {exc.start} is not UTF-8."
+        ) from None
+    except OSError as exc:
+        raise ValueError(f"Cannot read recipe file {str(path)!r}: {exc.strerror or exc}.") from None
     try:
         if str(path).endswith(".json"):
             data = json.loads(text)
@@ -241,11 +248,30 @@ def resolve_recipe(raw: Mapping[str, Any], overrides: Sequence[str] = (), source
 
 def _check_model_and_data(recipe: dict[str, Any]) -> None:
     from densehybrid.data.datasets import list_benchmarks
+    from densehybrid.engine.outputs import check_name
     from densehybrid.models import list_models
-    from densehybrid.models.registry import is_family_name
+    from densehybrid.models.registry import check_model_kwargs, is_family_name
 
+    check_name(recipe["name"], "recipe key `name`")
     if not is_family_name(str(recipe["model"]["name"])):  # family members (smp:..., hf:...) are checked when built
         Key("str", "", "", choices=tuple(list_models())).check("model.name", recipe["model"]["name"])
+    check_model_kwargs(recipe["model"]["name"], recipe["model"]["kwargs"], "recipe keys `model.kwargs`")
+    from densehybrid.recipes.distillation import DICNET_MODELS
+
+    if recipe["model"]["name"] in DICNET_MODELS and recipe["method"] != "dicnet":
+        raise ValueError(
+            f"Expected a DiCNet model ({', '.join(DICNET_MODELS)}) only with method 'dicnet' (it is trained by "
+            f"distillation), but the recipe has model.name={recipe['model']['name']!r} and method {recipe['method']!r}."
+        )
+    if (
+        recipe["augment"]["crop"] == 0
+        and recipe["augment"]["scale"] != [1.0, 1.0]
+        and recipe["optim"]["batch_size"] > 1
+    ):
+        raise ValueError(
+            f"Expected `augment.scale` = [1, 1] with augment.crop = 0 (whole images are batched, so they need one "
+            f"size), but got {recipe['augment']['scale']}. Set augment.crop (e.g. 512) or augment.scale=[1, 1]."
+        )
     Key("str", "", "", choices=tuple(list_benchmarks())).check("data.dataset", recipe["data"]["dataset"])
     low, high = recipe["augment"]["scale"]
     if low > high:

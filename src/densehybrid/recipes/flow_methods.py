@@ -198,7 +198,7 @@ def build_flow_finetuning(context: MethodContext) -> Any:
             num_classes_in_mask=neg["classes_in_mask"],
             max_class_pixels=neg["max_class_pixels"] or None,
         )
-        real = build_negative_stream(recipe, neg_root)
+        real = build_negative_stream(recipe, neg_root, context.progress)
     optimizer = build_flow_optimizer(flow, lr=lr, betas=tuple(section["betas"]), eps=section["eps"])
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=section["lr_decay"])
     criterion = DenseHybridLoss(

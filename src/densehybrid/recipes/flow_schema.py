@@ -48,7 +48,7 @@ FLOW_FINETUNE_KEYS: dict[str, Key] = {
         minimum=1e-12,
     ),
     "lr_decay": Key("float", 0.99, "the flow's learning rate is multiplied by this after every epoch", minimum=0.0),
-    "betas": Key("floats", [0.9, 0.999], "Adamax betas", minimum=0.0, length=2),
+    "betas": Key("floats", [0.9, 0.999], "Adamax betas", minimum=0.0, length=2, below=1.0),
     "eps": Key("float", 1e-7, "Adamax epsilon", minimum=0.0),
     "min_side": Key("int", 16, "smallest side of a flow patch, a multiple of 8", minimum=8),
     "max_side": Key("int", 216, "largest side of a flow patch, a multiple of 8 (at most augment.crop)", minimum=8),

@@ -44,6 +44,7 @@ class MethodContext:
         data_root: ``--data-root``.
         out_dir: ``--out`` (None when the run writes nothing).
         init: ``--init`` (else the recipe's ``model.init``; empty: none), for a method's ``build_model``.
+        progress: show progress bars (the check of the negatives' files).
     """
 
     recipe: dict[str, Any]
@@ -54,6 +55,7 @@ class MethodContext:
     data_root: Path | None = None
     out_dir: Path | None = None
     init: str = ""
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -188,13 +190,17 @@ def negative_root(context: MethodContext) -> Path | None:
     return context.neg_root
 
 
-def build_negative_stream(recipe: Mapping[str, Any], neg_root: Path) -> Any:
-    """The :class:`~densehybrid.engine.NegativeStream` of a recipe's ``[negatives]`` section on ``neg_root``.
+def build_negative_stream(recipe: Mapping[str, Any], neg_root: Path, progress: bool = True) -> Any:
+    """The :class:`~densehybrid.engine.NegativeStream` of a recipe's ``[negatives]`` section on ``neg_root``; every
+    negative file is checked first (:func:`~densehybrid.data.datasets.check_dataset_files`).
 
     ``roadscene`` negatives are generated from the seed of the RoadScene benchmark at ``neg_root``, at the crop size,
     and drawn as they are (``resize``, ``scale`` and ``fill`` are not used).
+
+    Raises:
+        DatasetFileError: a damaged negative image or class mask, named.
     """
-    from densehybrid.data.datasets import ADE20K, ImageFolder
+    from densehybrid.data.datasets import ADE20K, ImageFolder, check_dataset_files
     from densehybrid.data.transforms import NegativeCrop
     from densehybrid.engine.train import NegativeStream
 
@@ -209,6 +215,7 @@ def build_negative_stream(recipe: Mapping[str, Any], neg_root: Path) -> Any:
         dataset = ADE20K(neg_root, split=section["split"])
     else:
         dataset = ImageFolder(neg_root)
+    check_dataset_files(dataset, "negatives", progress)
     crop = NegativeCrop(section["crop"], section["resize"], section["scale"], section["fill"])
     return NegativeStream(dataset, section["crop"], transform=crop)
 
@@ -243,7 +250,9 @@ def _build_densehybrid(context: MethodContext) -> Callable:
     criterion = DenseHybridLoss(
         beta=loss["beta"], lambda_=loss["lambda"], posterior_ignore_void=loss["posterior_ignore_void"]
     )
-    return DenseHybridObjective(criterion, build_negative_stream(recipe, neg_root), paster, pastes=neg["pastes"])
+    return DenseHybridObjective(
+        criterion, build_negative_stream(recipe, neg_root, context.progress), paster, pastes=neg["pastes"]
+    )
 
 
 # -- the table --------------------------------------------------------------------------------------------------------

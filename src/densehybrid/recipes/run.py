@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -34,15 +35,48 @@ TENSORBOARD_DIR = "tensorboard"
 _POSTERIOR_HEAD = "logits_ood."
 
 
+#: What a run writes into its folder; ``--no-resume`` moves an earlier run's of these aside (nothing is deleted).
+RUN_OUTPUTS = ("last.pt", "best.pt", LOG_NAME, SUMMARY_NAME, TENSORBOARD_DIR)
+#: Recipe keys (in any section) and ``model.kwargs`` entries that name files or folders a run reads.
+_INPUT_KEYS = ("init", "pretrained", "pretrained_backbone", "teacher_encoder", "teacher_decoder", "student")
+
+
 # -- outputs (one place: where a run writes and how it checks that it can) ------------------------------------------
+def input_paths(recipe: Mapping[str, Any], *paths: str | Path | None) -> list[str]:
+    """Every file or folder a run of ``recipe`` reads: ``paths`` (data and negative roots, ``--init``) and the
+    existing files and folders the recipe names (``model.init``, ``flow.init``, ``model.kwargs.pretrained_backbone``,
+    ``distill.student``, the data roots of ``data.options``, ...)."""
+    found = [str(p) for p in paths if p]
+    for name, section in recipe.items():
+        if not isinstance(section, Mapping):
+            continue
+        tables = [section, section.get("kwargs", {})] if name == "model" else [section]
+        for table in tables:
+            for key, value in table.items():
+                if key in _INPUT_KEYS or (name == "data" and key == "options"):
+                    found += [text for text in _strings(value) if Path(text).expanduser().exists()]
+    return found
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
 def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Apply the library's output-path policy to a run folder (a run resumes its own folder, so nothing in it is
-    refused), then create it.
+    """Apply the library's output-path policy to a run folder, then create it: a run resumes and owns its folder, so
+    nothing in it is refused, but no input (data, ``--init``, ``--flow-init``, the recipe's weight files) may be the
+    folder or lie inside it.
 
     Raises:
-        OutputError: ``out`` is a file, one of ``inputs``, or not writable.
+        OutputError: ``out`` is a file, holds or is one of ``inputs``, or is not writable.
     """
-    out = outputs.check_output_dir(out, inputs=inputs)
+    out = outputs.check_output_dir(out, inputs=inputs, owns_folder=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -187,7 +221,93 @@ def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Mo
                 f"posterior head may be missing), but it does not fit.\n{message}"
             )
         model.load_state_dict(state, strict=False)
+        damaged = [key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
+        if damaged:
+            raise CheckpointError(
+                f"Expected finite weights in `--init` {init!r}, but {len(damaged)} tensor(s) hold NaN or infinite "
+                f"values (e.g. {damaged[0]!r}): it was probably saved from a diverged run. Use an earlier checkpoint."
+            )
     return model
+
+
+# -- bounds -----------------------------------------------------------------------------------------------------------
+#: Bytes per pixel of a training crop: the image (3 float32), its label (int64) and, per class, the logits with their
+#: gradient and softmax; on the CPU also the decoder's activations (about 64 float32 channels).
+_INPUT_BYTES, _CLASS_BYTES, _CPU_ACTIVATION_BYTES = 3 * 4 + 8, 3 * 4, 64 * 4
+
+
+def check_run_bounds(recipe: dict[str, Any], num_classes: int, device: torch.device, notes: list[str]) -> int:
+    """Refuse sizes the machine cannot hold and counts the data cannot use, before any file is read in full.
+
+    Bounds: ``run.num_workers`` by the CPU cores (per local process; the untouched default is lowered instead), the
+    crop (``augment.crop``) and the negatives (``negatives.crop``/``resize`` times the batch and ``pastes``) by half
+    the available memory, ``negatives.pastes`` by the crop area over the smallest pasted rectangle.
+
+    Returns:
+        the DataLoader workers per process (the recipe itself is not changed, so a run resumes on another machine).
+
+    Raises:
+        ResourceError: a bound is exceeded (the message says what was asked and what the machine has).
+        ValueError: more pastes than the crop can take.
+    """
+    from densehybrid.engine.resources import check_pixels, worker_bound
+    from densehybrid.recipes.schema import COMMON
+
+    run, optim, augment = recipe["run"], recipe["optim"], recipe["augment"]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers, note = worker_bound(run["num_workers"], COMMON["run"]["num_workers"].default, "run.num_workers", local)
+    if note:
+        notes.append(note)
+    per_rank = max(1, optim["batch_size"] // max(1, distributed.world_size()))
+    per_pixel = _INPUT_BYTES + _CLASS_BYTES * num_classes + (_CPU_ACTIVATION_BYTES if device.type == "cpu" else 0)
+    crop = augment["crop"]
+    if crop:
+        check_pixels(
+            per_rank * crop**2 * max(1, local),
+            per_pixel,
+            f"training batches of {per_rank} crops of {crop}x{crop} px",
+            "Lower augment.crop or optim.batch_size.",
+        )
+    negatives = recipe.get("negatives")
+    if negatives is not None and "pastes" in negatives:
+        side = max(negatives["crop"], negatives["resize"])
+        check_pixels(
+            per_rank * negatives["pastes"] * 2 * side**2 * max(1, local),  # a resized negative: up to 2:1 aspect
+            _INPUT_BYTES,
+            f"{negatives['pastes']} negative(s) of up to {side} px per image",
+            "Lower negatives.crop, negatives.resize or negatives.pastes.",
+        )
+        if crop:
+            most = max(1, (crop // max(1, negatives["min_side"])) ** 2)
+            if negatives["pastes"] > most:
+                raise ValueError(
+                    f"Expected recipe key `negatives.pastes` at most {most} (a {crop} px crop holds no more "
+                    f"rectangles of negatives.min_side={negatives['min_side']} px), but got {negatives['pastes']}."
+                )
+    return workers
+
+
+def check_batch_norm_batch(model: nn.Module, batch_size: int) -> None:
+    """Refuse batches of one image per process for a model that trains batch normalisation (its statistics need more
+    than one value per channel; a pooled branch has exactly one per image).
+
+    Raises:
+        ValueError: ``optim.batch_size`` gives one image per process and the model trains a BatchNorm layer.
+    """
+    per_rank = batch_size // max(1, distributed.world_size())
+    if per_rank >= 2:
+        return
+    trained = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in module.parameters())
+    ]
+    if trained:
+        raise ValueError(
+            f"Expected recipe key `optim.batch_size` to give at least 2 images per process, but it gives {per_rank} "
+            f"(batch {batch_size} over {distributed.world_size()} process(es)), and the model trains batch "
+            f"normalisation ({trained[0]}, ...), which needs more than one value per channel."
+        )
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
@@ -279,13 +399,19 @@ def _trim_log(path: Path, global_step: int) -> None:
     tmp.replace(path)
 
 
-def _open_training_data(recipe: Mapping[str, Any], data_root: Path) -> tuple[Any, Any, int]:
-    """(augmented training set, validation set or None, K): the trees are opened and one sample is decoded, so a
-    broken file or a bad label fails before anything is written."""
+def _open_training_data(
+    recipe: dict[str, Any], inputs: RunInputs, device: Any, notes: list[str]
+) -> tuple[Any, Any, int, int]:
+    """(augmented training set, validation set or None, K, DataLoader workers per process): the trees are opened,
+    the run's bounds checked (:func:`check_run_bounds`), every file checked and one sample decoded, so a broken file,
+    a bad label or an oversized value fails, named, before anything is written."""
+    from densehybrid.data.datasets import check_dataset_files
     from densehybrid.data.transforms import AugmentedDataset, SegmentationAugment
 
+    data_root = inputs.data_root
     train_set = open_dataset(recipe, data_root, recipe["data"]["train_split"])
     num_classes = _num_classes(recipe, train_set)
+    workers = check_run_bounds(recipe, num_classes, device, notes)
     val_set = None
     if recipe["run"]["validate"] and recipe["data"]["val_split"]:
         optional = recipe["data"]["dataset"] == "folder" and not (data_root / "val").is_dir()
@@ -297,33 +423,44 @@ def _open_training_data(recipe: Mapping[str, Any], data_root: Path) -> tuple[Any
         SegmentationAugment(augment["crop"], augment["scale"], augment["fill"], augment["flip"]),
     )
     train_data = AugmentedDataset(train_set, pipeline, seed=recipe["run"]["seed"])
-    train_data[0]
-    return train_data, val_set, num_classes
+    # every label, image and class list is checked now: a damaged file fails with its name before the first step
+    check_dataset_files(train_set, "training files", inputs.progress)
+    if val_set is not None:
+        check_dataset_files(val_set, "validation files", inputs.progress)
+    train_data[0]  # decode one sample now: the augmentation and the label range fail before the run starts
+    return train_data, val_set, num_classes, workers
 
 
-def train_config(recipe: Mapping[str, Any], device: Any, inputs: RunInputs, validated: bool) -> TrainConfig:
+def train_config(
+    recipe: Mapping[str, Any], device: Any, inputs: RunInputs, validated: bool, workers: int | None = None
+) -> TrainConfig:
     """The :class:`~densehybrid.engine.TrainConfig` of a run of a resolved recipe: the recipe's keys through
     :meth:`TrainConfig.from_recipe <densehybrid.engine.TrainConfig.from_recipe>`, the run's device, step limit and
-    progress bar from ``inputs`` (``validated``: a best checkpoint is kept)."""
+    progress bar from ``inputs`` (``validated``: a best checkpoint is kept; ``workers``: the DataLoader workers
+    bounded by :func:`check_run_bounds`, None: the recipe's ``run.num_workers``)."""
+    bounded = {} if workers is None else {"num_workers": workers}  # the recipe itself is unchanged
     return TrainConfig.from_recipe(
         recipe,
         device=str(device),
+        **bounded,
         max_steps=inputs.max_steps,
         progress=inputs.progress,
         best_metric=recipe["run"]["best_metric"] if validated else None,
     )
 
 
-def _prepare_out(out: Path | None, recipe: Mapping[str, Any], resume: bool) -> int | None:
-    """The global step the run resumes from ``out/last.pt`` at (the one resume rule), or None for a fresh run, which
-    clears what a run writes."""
+def _prepare_out(out: Path | None, recipe: Mapping[str, Any], resume: bool, notes: list[str]) -> int | None:
+    """The global step the run resumes from ``out/last.pt`` at (the one resume rule), or None for a fresh run. With
+    ``resume`` off (``--no-resume``) an earlier run's files are moved aside (:func:`densehybrid.engine.outputs.move_aside`,
+    noted in ``notes``), never deleted."""
     resumed_step = _check_resumable(out, recipe) if out is not None and resume else None
     if out is not None and distributed.is_main():
         if resumed_step is not None:
             _trim_log(out / LOG_NAME, resumed_step)
         elif not resume:
-            for name in ("last.pt", "best.pt", LOG_NAME, SUMMARY_NAME):
-                (out / name).unlink(missing_ok=True)
+            aside = outputs.move_aside(out, [*RUN_OUTPUTS, *(p.name for p in sorted(out.glob("samples_epoch*.png")))])
+            if aside is not None:
+                notes.append(f"--no-resume: the earlier run's files were moved to {str(aside)!r}")
     distributed.barrier()
     return resumed_step
 
@@ -333,14 +470,28 @@ def _build_model(recipe: dict[str, Any], inputs: RunInputs, num_classes: int, de
     init = inputs.init or recipe["model"]["init"]
     if method.build_model is not None:
         context = MethodContext(
-            recipe, None, num_classes, device, inputs.neg_root, inputs.data_root, out_dir=out, init=init
+            recipe,
+            None,
+            num_classes,
+            device,
+            inputs.neg_root,
+            inputs.data_root,
+            out_dir=out,
+            init=init,
+            progress=inputs.progress,
         )
-        return method.build_model(context).to(device)
-    return build_model(recipe, num_classes, init).to(device)
+        model = method.build_model(context)
+    else:
+        model = build_model(recipe, num_classes, init)
+    check_batch_norm_batch(model, recipe["optim"]["batch_size"])
+    return model.to(device)
 
 
 def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train as ``recipe`` says; return the run summary (also what ``train-summary.json`` holds).
+
+    One run writes into an output folder at a time: the main process holds its lock file
+    (:func:`densehybrid.engine.outputs.folder_lock`) for the whole run.
 
     Args:
         recipe: a resolved recipe (:func:`densehybrid.recipes.load_recipe`).
@@ -349,11 +500,20 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
 
     Raises:
         ValueError, DenseHybridError: bad inputs, before anything is written.
+        OutputError: another run holds the output folder.
     """
+    if inputs.out is None or int(os.environ.get("RANK", "0")) != 0:
+        return _train_recipe(recipe, inputs, stop)
+    check_output_dir(inputs.out, input_paths(recipe, inputs.data_root, inputs.neg_root, inputs.init))
+    with outputs.folder_lock(inputs.out):
+        return _train_recipe(recipe, inputs, stop)
+
+
+def _train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], bool] | None) -> dict[str, Any]:
     started = time.perf_counter()
     method = get_method(recipe["method"])
     out = (
-        check_output_dir(inputs.out, [inputs.data_root, inputs.neg_root, inputs.init or None])
+        check_output_dir(inputs.out, input_paths(recipe, inputs.data_root, inputs.neg_root, inputs.init))
         if inputs.out is not None
         else None
     )
@@ -362,18 +522,20 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
     device = select_device(inputs.device)
     distributed.init_from_env(device)
     device = distributed.local_device(device)
-    train_data, val_set, num_classes = _open_training_data(recipe, inputs.data_root)
+    notes: list[str] = []
+    train_data, val_set, num_classes, workers = _open_training_data(recipe, inputs, device, notes)
     model = _build_model(recipe, inputs, num_classes, device, out)
     effective = method
-    notes: list[str] = []
     real_only = recipe.get("negatives", {}).get("source", "real") == "real"
     if method.uses_negatives and inputs.neg_root is None and not recipe["negatives"]["required"] and real_only:
         effective = get_method("closed-set")
         notes.append("no --neg-root: closed-set training (pass --neg-root DIR for DenseHybrid training)")
-    context = MethodContext(recipe, model, num_classes, device, inputs.neg_root, inputs.data_root, out)
+    context = MethodContext(
+        recipe, model, num_classes, device, inputs.neg_root, inputs.data_root, out, progress=inputs.progress
+    )
     objective = effective.build(context)
-    config = train_config(recipe, device, inputs, val_set is not None)
-    resumed_step = _prepare_out(out, recipe, inputs.resume)
+    config = train_config(recipe, device, inputs, val_set is not None, workers)
+    resumed_step = _prepare_out(out, recipe, inputs.resume, notes)
     resume = resumed_step is not None
     log = RunLog(out)
     run = recipe["run"]

@@ -27,6 +27,7 @@ class Key:
         choices: the allowed values (for ``str``/``int``), or None.
         minimum: the smallest allowed number (``int``/``float``/each of ``floats``), or None.
         length: the required list length for ``floats``, or None.
+        below: every number must be smaller than this (``int``/``float``/each of ``floats``), or None.
     """
 
     kind: str
@@ -35,6 +36,7 @@ class Key:
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None
     length: int | None = None
+    below: float | None = None
 
     def check(self, dotted: str, value: Any, choices: tuple[Any, ...] | None = None) -> Any:
         """``value`` converted to this key's kind (ints accepted as floats), or a ValueError naming ``dotted``."""
@@ -77,6 +79,10 @@ class Key:
             numbers = value if isinstance(value, list) else [value]
             if any(v < self.minimum for v in numbers):
                 raise fail(f">= {self.minimum:g}")
+        if self.below is not None:
+            numbers = value if isinstance(value, list) else [value]
+            if any(v >= self.below for v in numbers):
+                raise fail(f"< {self.below:g}" if isinstance(self.below, float) else f"< {self.below}")
         return value
 
 
@@ -126,7 +132,7 @@ COMMON: dict[str, dict[str, Key]] = {
         "lr_min": Key("float", 1e-7, "end of the cosine schedule", minimum=0.0),
         "schedule": Key("str", "cosine", "per-epoch learning rate", choices=("cosine", "constant", "poly")),
         "poly_power": Key("float", 0.9, "exponent of the poly schedule", minimum=0.0),
-        "betas": Key("floats", [0.9, 0.999], "Adam (Adamax) betas", minimum=0.0, length=2),
+        "betas": Key("floats", [0.9, 0.999], "Adam (Adamax) betas", minimum=0.0, length=2, below=1.0),
         "eps": Key("float", 1e-7, "Adam (Adamax) epsilon", minimum=0.0),
         "momentum": Key("float", 0.0, "SGD momentum", minimum=0.0),
         "weight_decay": Key("float", 0.0, "weight decay", minimum=0.0),
@@ -136,12 +142,23 @@ COMMON: dict[str, dict[str, Key]] = {
     "run": {
         "amp": Key("bool", False, "mixed precision on CUDA (the released recipes train in float32)"),
         "checkpoint_every": Key("int", 500, "also write last.pt every this many steps (0: epoch ends only)", minimum=0),
-        "seed": Key("int", 0, "seeds batch order, augmentation, negatives and the model's initialisation", minimum=0),
+        "seed": Key(
+            "int",
+            0,
+            "seeds batch order, augmentation, negatives and the model's initialisation",
+            minimum=0,
+            below=2**32,
+        ),
         "num_workers": Key("int", 4, "DataLoader workers per process", minimum=0),
         "sync_bn": Key("bool", False, "SyncBatchNorm in multi-GPU runs (CUDA only)"),
         "validate": Key("bool", True, "validate at the end of each epoch (when the recipe has a validation split)"),
         "val_limit": Key("int", 0, "validate on the first N frames only (0: all)", minimum=0),
-        "best_metric": Key("str", "val_miou", "validation metric whose best epoch is kept as best.pt"),
+        "best_metric": Key(
+            "str",
+            "val_miou",
+            "validation metric whose best (highest) epoch is kept as best.pt",
+            choices=("val_miou", "val_ap"),  # the keys of densehybrid.engine.validation.validate where higher is better
+        ),
     },
 }
 

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from densehybrid.data.datasets._base import TARGET_KINDS, BenchmarkDataset, Discovery, Frame, PairingIssue
+from densehybrid.data.datasets._base import (
+    TARGET_KINDS,
+    BenchmarkDataset,
+    Discovery,
+    Frame,
+    PairingIssue,
+    check_dataset_files,
+)
 from densehybrid.data.datasets._io import DatasetFileError
 from densehybrid.data.datasets.ade20k import ADE20K, ADE20K_CLASSES
 from densehybrid.data.datasets.cityscapes import CITYSCAPES_CLASSES, LABEL_ID_TO_TRAIN_ID, Cityscapes
@@ -68,6 +75,7 @@ __all__ = [
     "RoadAnomaly21",
     "RoadObstacle21",
     "RoadScene",
+    "check_dataset_files",
     "StreetHazards",
     "get_benchmark",
     "list_benchmarks",

@@ -19,7 +19,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from densehybrid.data.datasets._io import DatasetFileError, apply_table, check_same_size, read_image, read_label
+from densehybrid.data.datasets._io import (
+    DatasetFileError,
+    apply_table,
+    check_same_size,
+    exif_orientation,
+    image_size,
+    orient_label,
+    read_image,
+    read_label,
+)
+from densehybrid.errors import DatasetError
 from densehybrid.labels import IGNORE_INDEX
 
 TARGET_KINDS = ("semantic", "anomaly")
@@ -289,16 +299,10 @@ class BenchmarkDataset(Dataset, ABC):
             raise IndexError(f"Expected `index` in [0, {len(self.frames)}), but got {index}.")
         frame = self.frames[index]
         image = self.load_image(frame)
-        height, width = image.shape[-2:]
-        raw = self.load_raw_label(frame)
-        if raw is None:
-            target = np.full((height, width), IGNORE_INDEX, dtype=np.int64)
-        else:
-            check_same_size(frame.image, (height, width), frame.label, raw.shape)
-            self.check_label_ids(raw, frame.label)
-            target = self.encode_target(raw, frame)
+        size = tuple(image.shape[-2:])
+        target = self.load_target(frame, size)
         sample = {"image": image, "target": torch.from_numpy(target), "name": frame.name, "path": str(frame.image)}
-        sample.update(self.extra_maps(frame, (height, width)))
+        sample.update(self.extra_maps(frame, size))
         if self.transform is not None:
             sample = self.transform(sample)
         return sample
@@ -306,6 +310,33 @@ class BenchmarkDataset(Dataset, ABC):
     def extra_maps(self, frame: Frame, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Further per-pixel maps of a frame added to its sample (e.g. Cityscapes instance ids); none by default."""
         return {}
+
+    def load_target(self, frame: Frame, image_hw: tuple[int, int]) -> np.ndarray:
+        """The (H, W) int64 target of ``frame`` in the library's encoding (void when it has no label).
+
+        The label map is turned by its image's EXIF orientation like the image (:func:`orient_label`), then its size
+        and ids are checked.
+
+        Raises:
+            DatasetFileError: the label is unreadable, of another size than the image, or holds unknown ids.
+        """
+        raw = self.load_raw_label(frame)
+        if raw is None:
+            return np.full(image_hw, IGNORE_INDEX, dtype=np.int64)
+        raw = orient_label(raw, exif_orientation(frame.image))
+        check_same_size(frame.image, image_hw, frame.label, raw.shape)
+        self.check_label_ids(raw, frame.label)
+        return self.encode_target(raw, frame)
+
+    def check_frame(self, index: int) -> None:
+        """Check frame ``index``'s files as :meth:`__getitem__` reads them, without decoding the image's pixels: the
+        image's structure and size, and the whole label map (size, ids, encoding).
+
+        Raises:
+            DatasetFileError: naming the damaged or mismatched file.
+        """
+        frame = self.frames[index]
+        self.load_target(frame, image_size(frame.image))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, frames={len(self.frames)})"
@@ -383,3 +414,43 @@ def pair_by_stem(image_dir: Path, image_suffix: str, label_dir: Path, label_suff
                 PairingIssue(label, f"label {str(label)!r} has no image in {str(image_dir)!r}", fix)
             )
     return discovery
+
+
+def check_dataset_files(dataset: Any, what: str, progress: bool = True) -> None:
+    """Check every file of ``dataset`` before a run starts (labels decoded and checked, images and negatives checked
+    for structure and size), so that a damaged file fails with its name before the first step, not an epoch later.
+
+    Args:
+        dataset: a :class:`BenchmarkDataset`, :class:`~densehybrid.data.datasets.ImageFolder` or any dataset with a
+            ``check_frame(index)`` method (others are not checked).
+        what: what the files are, for the progress bar (``"training labels"``).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        DatasetFileError: the first damaged or mismatched file in dataset order.
+    """
+    check = getattr(dataset, "check_frame", None)
+    if check is None or len(dataset) == 0:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from densehybrid.engine.resources import usable_cpu_count
+
+    pool = ThreadPoolExecutor(max_workers=min(8, usable_cpu_count()))  # decoding releases the GIL
+    try:
+        results = pool.map(_checked, [check] * len(dataset), range(len(dataset)))
+        for error in tqdm(results, total=len(dataset), desc=f"checking {what}", disable=not progress, leave=False):
+            if error is not None:
+                raise error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on the first error or Ctrl-C, the rest is not checked
+
+
+def _checked(check: Any, index: int) -> BaseException | None:
+    try:
+        check(index)
+    except DatasetError as error:
+        return error
+    return None

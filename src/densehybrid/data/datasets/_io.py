@@ -20,7 +20,8 @@ from densehybrid.errors import DatasetError
 #: tries them when a tree allows several.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
 
-_REDOWNLOAD = "Re-extract or re-download this file from the benchmark's archive."
+_REDOWNLOAD = "Replace this file with an intact copy (a benchmark's: from its archive)."
+_REPLACE = "Replace or remove this file (re-extract it if it came from an archive)."
 
 
 class DatasetFileError(DatasetError):
@@ -111,6 +112,66 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     return image_to_rgb(_open(path, "image"))
+
+
+#: EXIF orientation tag -> the PIL transpose that shows the stored pixels upright (what ``ImageOps.exif_transpose``
+#: applies to an image).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation tag of an image file (1: upright or no tag), read from its header only."""
+    try:
+        with Image.open(path) as image:
+            value = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return 1
+    return int(value) if isinstance(value, int) and value in _EXIF_TRANSPOSE else 1
+
+
+def orient_label(raw: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a label map (H, W) stored in its image's pixel grid the way the image's EXIF ``orientation`` turns the
+    image, so both stay aligned (:func:`read_rgb` shows images upright).
+
+    The rule: a label map is drawn on its image's stored pixels; the image's orientation applies to both.
+    """
+    method = _EXIF_TRANSPOSE.get(orientation)
+    if method is None:
+        return raw
+    # the same PIL transpose as the image; int32 holds every label id
+    turned = Image.fromarray(np.ascontiguousarray(raw, dtype=np.int32), mode="I").transpose(method)
+    return np.asarray(turned).astype(np.int64)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """The upright (H, W) of an image file from its header (EXIF orientation applied), checking the file's structure
+    (:meth:`PIL.Image.Image.verify`) without decoding its pixels.
+
+    Raises:
+        DatasetFileError: the file is missing or not a readable image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFileError(path, f"Expected image {str(path)!r} to exist, but it is missing.", "Check the tree.")
+    try:
+        with Image.open(path) as image:
+            image.verify()  # must come directly after open; the file is opened again for its size
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DatasetFileError(
+            path, f"Expected image {str(path)!r} to be a readable image, but it is damaged ({err}).", _REPLACE
+        ) from err
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -230,5 +291,6 @@ def check_same_size(image_path: Path, image_hw: tuple[int, int], label_path: Pat
             label_path,
             f"Expected label map {str(label_path)!r} to have the size of its image {str(image_path)!r} "
             f"(H, W) = {tuple(image_hw)}, but got {tuple(label_hw)}.",
-            "The image and the label come from different frames or versions; re-extract both from the archive.",
+            "The image and the label come from different frames or versions: pair them again (a benchmark's: "
+            "re-extract both from its archive).",
         )

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from densehybrid.data.datasets._base import BenchmarkDataset, Discovery, Frame, PairingIssue, require_dir
-from densehybrid.data.datasets._io import IMAGE_SUFFIXES, DatasetFileError, read_image, read_label
+from densehybrid.data.datasets._io import IMAGE_SUFFIXES, DatasetFileError, image_size, read_image, read_label
 from densehybrid.labels import IGNORE_INDEX
 
 if sys.version_info >= (3, 11):
@@ -49,15 +49,21 @@ _TREE = (
 
 
 def read_class_names(path: Path) -> tuple[str, ...]:
-    """Class names from ``classes.txt`` (blank lines at the end ignored).
+    """Class names from ``classes.txt`` (UTF-8, a byte-order mark is dropped; blank lines at the end ignored).
 
     Raises:
-        DatasetFileError: the file is missing, empty, holds blank names in the middle or more than 255 classes.
+        DatasetFileError: the file is missing, not UTF-8 text, empty, holds blank or repeated names or more than 255
+            classes.
     """
     fix = f"Write one class name per line into {str(path)!r}; label value = line index, 255 = ignore."
     if not path.is_file():
         raise DatasetFileError(path, f"Expected the class list {str(path)!r}, but it is missing.", fix)
-    names = path.read_text(encoding="utf-8").rstrip("\n\r ").splitlines()
+    try:
+        names = path.read_text(encoding="utf-8-sig").rstrip("\n\r ").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DatasetFileError(
+            path, f"Expected the class list {str(path)!r} to be UTF-8 text, but byte {exc.start} is not UTF-8.", fix
+        ) from None
     names = [name.strip() for name in names]
     if not names or not names[0]:
         raise DatasetFileError(path, f"Expected class names in {str(path)!r}, but it is empty.", fix)
@@ -65,6 +71,14 @@ def read_class_names(path: Path) -> tuple[str, ...]:
         raise DatasetFileError(
             path,
             f"Expected one non-empty class name per line in {str(path)!r}, but line {names.index('') + 1} is blank.",
+            fix,
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DatasetFileError(
+            path,
+            f"Expected each class name once in {str(path)!r}, but these occur more than once: "
+            f"{', '.join(repr(n) for n in repeated)} (the line index is the label value).",
             fix,
         )
     if len(names) >= IGNORE_INDEX:
@@ -272,6 +286,18 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def check_frame(self, index: int) -> None:
+        """Check negative ``index``'s image structure (without decoding its pixels) and its class mask, if any.
+
+        Raises:
+            DatasetFileError: naming the damaged file.
+        """
+        path = self.images[index]
+        image_size(path)
+        label = None if self.label_dir is None else self.label_dir / f"{path.stem}.png"
+        if label is not None and label.is_file():
+            read_label(label)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.images[index]
