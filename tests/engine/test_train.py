@@ -151,5 +151,5 @@ def test_whole_images_of_different_sizes_in_one_batch_are_named_not_a_stack_erro
     from densehybrid.engine.batches import collate
 
     samples = [{"image": torch.zeros(3, 8, 8)}, {"image": torch.zeros(3, 8, 6)}]
-    with pytest.raises(ValueError, match=r"share one size.*\(3, 8, 6\) and \(3, 8, 8\).*augment.crop"):
+    with pytest.raises(ValueError, match=r"share one size.*\(3, 8, 6\) and \(3, 8, 8\).*augment.crop.*batch size of 1"):
         collate(samples)

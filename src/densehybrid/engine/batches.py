@@ -37,7 +37,7 @@ def collate(samples: Sequence[Any]) -> dict[str, Any]:
             if len(shapes) > 1:
                 raise ValueError(
                     f"Expected the samples of a batch to share one size, but their `{key}` tensors have shapes "
-                    f"{shapes[0]} and {shapes[1]}: crop them (recipes: augment.crop) or use batches of one image."
+                    f"{shapes[0]} and {shapes[1]}: crop them to one size (recipes: augment.crop) or use a batch size of 1."
                 )
             batch[key] = torch.stack(values)
         else:

@@ -112,11 +112,12 @@ def dataset_worker_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def same_size_batches(batch_size: int, benchmark: str) -> Iterator[None]:
-    """Turn the collate error of frames of different sizes in one batch into a ``ValueError`` with the remedy."""
+    """Turn the collate error of frames of different sizes in one batch into a ``ValueError`` naming the benchmark."""
     try:
         yield
-    except RuntimeError as exc:
-        if batch_size > 1 and "stack expects each tensor to be equal size" in str(exc):
+    except (RuntimeError, ValueError) as exc:
+        text = str(exc)
+        if batch_size > 1 and ("stack expects each tensor to be equal size" in text or "share one size" in text):
             raise ValueError(
                 f"Expected the frames of a batch to share one size for `batch_size` {batch_size}, but benchmark "
                 f"{benchmark!r} has frames of different sizes. Use a batch size of 1."
