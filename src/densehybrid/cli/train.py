@@ -44,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in total (smoke runs)")
     parser.add_argument("--device", type=device_option, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds an unfinished run")
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over even if --out holds an unfinished run (its files are moved into --out/earlier-run-STAMP)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
     add_label_check_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -12,6 +12,10 @@
 5. **Stale temporaries are removed** at the start of a run that owns the folder (:func:`remove_stale_temporaries`):
    a killed save leaves its ``.*.tmp`` behind.
 
+6. **Run folders** (a training run owns its ``--out``): no input may lie inside it (``owns_folder=True`` of
+   :func:`check_output_dir`), an earlier run is moved aside, never deleted (:func:`move_aside`), a name that becomes
+   part of a path is a plain name (:func:`check_name`), and one process writes there at a time (:func:`folder_lock`).
+
 Commands print their results before writing files, so a failed write never loses a finished evaluation.
 
 Example (a command writing one JSON file and reading a checkpoint)::
