@@ -153,3 +153,31 @@ def test_whole_images_of_different_sizes_in_one_batch_are_named_not_a_stack_erro
     samples = [{"image": torch.zeros(3, 8, 8)}, {"image": torch.zeros(3, 8, 6)}]
     with pytest.raises(ValueError, match=r"share one size.*\(3, 8, 6\) and \(3, 8, 8\).*augment.crop.*batch size of 1"):
         collate(samples)
+
+
+def test_ctrl_c_during_a_long_negative_pasting_step_stops_at_once_with_the_state_before_it(
+    tiny_set, tiny_negatives, tmp_path
+):
+    from densehybrid.engine import DenseHybridObjective, NegativeStream
+    from densehybrid.engine.runtime import clear_stop, request_stop
+    from densehybrid.losses import DenseHybridLoss
+    from densehybrid.negatives import NegativePaster
+
+    class StopsAfterThreeDraws(NegativeStream):
+        draws = 0
+
+        def draw(self, count, generator):
+            StopsAfterThreeDraws.draws += 1
+            if StopsAfterThreeDraws.draws == 3:
+                request_stop()  # what the first SIGINT of `densehybrid train` does
+            return super().draw(count, generator)
+
+    stream = StopsAfterThreeDraws(tiny_negatives, crop_size=20)
+    objective = DenseHybridObjective(DenseHybridLoss(), stream, NegativePaster(), pastes=10_000)
+    try:
+        result = fit(tiny_model(), tiny_set, objective, TrainConfig(epochs=1, **FAST), out_dir=tmp_path)
+    finally:
+        clear_stop()
+    assert result.interrupted and result.global_step == 0 and StopsAfterThreeDraws.draws == 3
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["global_step"] == 0 and saved["step_in_epoch"] == 0

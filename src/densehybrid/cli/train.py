@@ -64,9 +64,12 @@ class _StopFlag:
         return self.requested
 
     def handle(self, signum, frame) -> None:
+        from densehybrid.engine.runtime import request_stop
+
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        request_stop()  # a long step (many negative pastes) stops too, dropping the unfinished step
         print("\nStopping after this step (Ctrl-C again to abort without a checkpoint)...", file=sys.stderr)
 
 
@@ -110,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train_recipe(recipe, inputs, stop=flag)
     finally:
+        from densehybrid.engine.runtime import clear_stop
+
         signal.signal(signal.SIGINT, previous)
+        clear_stop()
         distributed_run = distributed.is_distributed()
     if distributed.is_main():
         path = write_json(out / SUMMARY_NAME, summary)

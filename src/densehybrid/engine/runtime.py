@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,17 @@ import torch
 
 from densehybrid.models.checkpoint import atomic_save as atomic_torch_save  # the one atomic torch.save
 
-__all__ = ["atomic_torch_save", "rng_state", "seed_everything", "select_device", "set_rng_state"]
+__all__ = [
+    "StepInterrupted",
+    "atomic_torch_save",
+    "clear_stop",
+    "raise_if_stop_requested",
+    "request_stop",
+    "rng_state",
+    "seed_everything",
+    "select_device",
+    "set_rng_state",
+]
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -66,3 +77,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StepInterrupted(Exception):
+    """Raised inside a training step by a long inner loop when a stop was requested (:func:`request_stop`); the
+    training loop then drops the unfinished step and ends with a checkpoint of the state before it."""
+
+
+_STOP_REQUESTED = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the running training loop to stop (a SIGINT handler calls it); long inner loops poll it."""
+    _STOP_REQUESTED.set()
+
+
+def clear_stop() -> None:
+    """Forget a stop request (at the end of a run)."""
+    _STOP_REQUESTED.clear()
+
+
+def raise_if_stop_requested() -> None:
+    """Raise :class:`StepInterrupted` when a stop was requested in a single-process run (the ranks of a multi-process
+    run stop together after the step instead).
+
+    Raises:
+        StepInterrupted: a stop is pending.
+    """
+    from densehybrid.engine import distributed
+
+    if _STOP_REQUESTED.is_set() and not distributed.is_distributed():
+        raise StepInterrupted

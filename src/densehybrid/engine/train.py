@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 from densehybrid.engine import distributed
 from densehybrid.engine.batches import ResumableSampler, collate, unpack_sample
 from densehybrid.engine.outputs import atomic_path, remove_stale_temporaries
-from densehybrid.engine.runtime import rng_state, select_device, set_rng_state
+from densehybrid.engine.runtime import (
+    StepInterrupted,
+    raise_if_stop_requested,
+    rng_state,
+    select_device,
+    set_rng_state,
+)
 from densehybrid.errors import CheckpointError
 from densehybrid.labels import IGNORE_INDEX
 from densehybrid.losses import segmentation_loss
@@ -250,6 +256,7 @@ class DenseHybridObjective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         negative_mask = torch.zeros_like(target, dtype=torch.bool)
         for _ in range(self.pastes):
+            raise_if_stop_requested()  # many pastes make a long step: Ctrl-C must not wait for all of them
             neg_images, neg_segments = self.negatives.draw(images.shape[0], generator)
             pasted = self.paster(
                 images,
@@ -540,6 +547,8 @@ class _Loop:
         )
         for batch in bar:
             logs = self.step(batch)
+            if logs is None:  # a stop during a long step: the unfinished step was dropped
+                return True
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if on_step is not None:
                 on_step(self.global_step, logs)
@@ -550,16 +559,24 @@ class _Loop:
                 return stopping
         return None
 
-    def step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One optimiser step on ``batch``; returns its logs (averaged over the ranks)."""
+    def step(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        """One optimiser step on ``batch``; returns its logs (averaged over the ranks), or None when a stop was
+        requested during the step (:class:`~densehybrid.engine.runtime.StepInterrupted`): the step is dropped and the
+        random state restored to before it, so a resumed run repeats it exactly."""
         images = batch["image"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True).long()
         # one shared stream on every rank; each rank draws from its own generator derived from it
         step_generator = distributed.rank_generator(self.generator) if self.world > 1 else self.generator
         if self.config.hflip:
             images, target = _hflip(images, target, step_generator)
-        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            loss, logs = self.objective(self.train_model, images, target, step_generator)
+        before = (self.generator.get_state(), rng_state())
+        try:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                loss, logs = self.objective(self.train_model, images, target, step_generator)
+        except StepInterrupted:
+            self.generator.set_state(before[0])
+            set_rng_state(before[1])
+            return None
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"The training loss became {float(loss)} at step {self.global_step} (epoch {self.epoch + 1}); "
