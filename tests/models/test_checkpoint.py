@@ -210,3 +210,23 @@ def test_unreadable_files(ldn, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="Cannot read checkpoint"):
         load_checkpoint(ldn, tmp_path / "garbage.pt")
+
+
+def test_huge_recorded_model_arguments_are_refused_before_allocation(tmp_path, monkeypatch):
+    import densehybrid.models.registry as registry
+
+    model = create_model("ladder_mobilenetv3", num_classes=3, decoder_channels=16)
+    kwargs = {"num_classes": 3, "decoder_channels": 2048}
+    torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": kwargs}, tmp_path / "m.pt")
+    real, built = registry.create_model, []
+
+    def recording(*args, **kw):  # every real (non-meta) build is recorded
+        result = real(*args, **kw)
+        if next(result.parameters()).device.type != "meta":
+            built.append(kw)
+        return result
+
+    monkeypatch.setattr(registry, "create_model", recording)
+    with pytest.raises(CheckpointError, match=r"records \(\{'decoder_channels': 2048\}\): they do not fit its weights"):
+        model_from_checkpoint(read_checkpoint_file(tmp_path / "m.pt"), tmp_path / "m.pt")
+    assert built == []  # the check ran on the meta device: nothing of that size was allocated

@@ -405,6 +405,30 @@ def load_checkpoint(
     return metadata
 
 
+def _check_shapes_before_building(
+    name: str, k: int, kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Any, for_cli: bool
+) -> None:
+    """Refuse recorded model arguments whose parameter shapes do not fit the file's weights, without allocating them
+    (a huge ``decoder_channels`` in a checkpoint's metadata would otherwise allocate gigabytes before the check).
+
+    Raises:
+        CheckpointError: the shapes differ.
+    """
+    from densehybrid.models.registry import create_model
+
+    try:
+        with torch.device("meta"):
+            probe = create_model(name, num_classes=k, **kwargs)
+    except Exception:  # a constructor that copies weights cannot run on the meta device: the real build checks
+        return
+    *_, message = check_state_dict(probe, state, source=f"checkpoint {str(path)!r}", for_cli=for_cli)
+    if message:
+        raise CheckpointError(
+            f"Cannot rebuild model {name!r} with the arguments checkpoint {str(path)!r} records "
+            f"({dict(kwargs)}): they do not fit its weights.\n{message}"
+        )
+
+
 #: Model arguments that only initialise training (weight files); a checkpoint holds every weight, so they are dropped.
 INIT_ONLY_KWARGS = ("pretrained", "pretrained_backbone")
 
@@ -469,6 +493,8 @@ def model_from_checkpoint(
         k, source = default_num_classes, "default"
     if k is None:
         raise ValueError(f"Expected `--num-classes` for checkpoint {str(path)!r}, which does not record it.")
+    if kwargs:  # arguments from the file: check the shapes they give on the meta device, before any allocation
+        _check_shapes_before_building(name, k, kwargs, strip_prefix(state), path, for_cli)
     try:
         model = create_model(name, num_classes=k, **kwargs)
     except TypeError as exc:
