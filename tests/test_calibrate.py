@@ -231,3 +231,14 @@ def test_a_score_the_model_cannot_give_is_named_not_blamed_on_missing_anomalies(
     )
     err = capsys.readouterr().err
     assert code == 1 and "for score 'densehybrid'" in err and "have none: a threshold" not in err
+
+
+def test_a_calibration_scale_that_empties_the_maps_is_one_message(setup, capsys):
+    folder, _ = setup
+    code = main(
+        ["calibrate", "--checkpoint", str(folder / "bare.pt"), "--model", "ladder_mobilenetv3", "--benchmark"]
+        + ["roadscene", "--root", str(folder / "data"), "--out", str(folder / "z.pt"), "--num-workers", "0"]
+        + ["--no-progress", "--calibration-scale", "0.0001"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "at least 1 px per side" in err and not (folder / "z.pt").exists()

@@ -203,6 +203,12 @@ def calibrate_checkpoint(
             target = batch["target"].to(scores.device).long()
             binary = anomaly_target(target, k) if target_kind == "semantic" else target
             if calibration_scale != 1.0:
+                height, width = scores.shape[-2:]
+                if int(height * calibration_scale) < 1 or int(width * calibration_scale) < 1:
+                    raise ValueError(
+                        f"Expected `calibration_scale` to leave at least 1 px per side of the {height}x{width} score "
+                        f"maps, but {calibration_scale:g} leaves none. Use at least {1.0 / min(height, width):.3g}."
+                    )
                 scores = F.interpolate(
                     scores[:, None], scale_factor=calibration_scale, mode="bilinear", align_corners=False
                 )[:, 0]
