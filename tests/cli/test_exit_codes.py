@@ -27,7 +27,7 @@ def test_an_allocation_failure_shows_the_out_of_memory_message(monkeypatch, caps
 
 
 def test_ctrl_c_during_start_up_is_an_interruption(monkeypatch, capsys):
-    def interrupted():
+    def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
