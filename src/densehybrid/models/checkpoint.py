@@ -417,7 +417,8 @@ def _check_shapes_before_building(
     from densehybrid.models.registry import create_model
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a constructor loading weights into meta tensors warns that it is a no-op
             probe = create_model(name, num_classes=k, **kwargs)
     except Exception:  # a constructor that copies weights cannot run on the meta device: the real build checks
         return
