@@ -376,12 +376,19 @@ def test_unknown_device_is_a_clear_error(tmp_path, checkpoint, capsys):
 
 
 def test_predict_on_the_demo_checkpoint(tmp_path):
-    """The checkpoint `densehybrid demo` writes (densehybrid.pt through the demo's own save function) predicts as is."""
-    from densehybrid.demo import _mark_finished
+    """A demo stage's checkpoint (the training loop's file, e.g. OUT/finetune/last.pt) predicts as is."""
+    from densehybrid.data.roadscene import ROADSCENE_CLASSES
+    from densehybrid.engine.train import TrainConfig, training_checkpoint
+    from densehybrid.models.checkpoint import write_checkpoint
 
     torch.manual_seed(0)
     model = create_model("ladder_mobilenetv3", num_classes=10)
-    _mark_finished(tmp_path / "densehybrid.pt", model, {"stage": "densehybrid"}, [])
+    optimizer = torch.optim.Adam(model.parameters())
+    metadata = {"method": "densehybrid", "class_names": list(ROADSCENE_CLASSES)}
+    state = training_checkpoint(
+        model, optimizer, TrainConfig(), "densehybrid", 1, 0, 5, torch.Generator(), [], None, metadata
+    )
+    write_checkpoint(state, tmp_path / "densehybrid.pt")
     Image.fromarray(_rgb(64, 128)).save(tmp_path / "photo.jpg")
     out = tmp_path / "predictions"
     code = main(

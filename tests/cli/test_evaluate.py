@@ -27,7 +27,7 @@ def checkpoints(tmp_path_factory):
     """K -> (checkpoint path written like the training loop's, the model in eval mode)."""
     folder = tmp_path_factory.mktemp("checkpoints")
     out = {}
-    for k in (12, 19, 20):
+    for k in (10, 12, 19, 20):
         torch.manual_seed(k)
         model = create_model("ladder_mobilenetv3", num_classes=k, **MODEL_KWARGS).eval()
         path = folder / f"k{k}.pt"
@@ -39,7 +39,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _checkpoint_for(name, checkpoints):
-    return checkpoints[{"streethazards": 12, "folder": 12, "coco20": 20}.get(name, 19)]
+    return checkpoints[{"streethazards": 12, "folder": 12, "coco20": 20, "roadscene": 10}.get(name, 19)]
 
 
 def _run(benchmark, root, checkpoint, out, *extra):
