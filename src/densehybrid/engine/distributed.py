@@ -10,6 +10,10 @@ slices (:class:`ShardedBatchSampler`). ``DistributedDataParallel`` averages the 
 per-rank mean loss a step equals a single-process step on the whole global batch whenever every rank's loss averages
 over the same number of pixels (BatchNorm statistics are per rank unless SyncBatchNorm is used). Because the split
 depends only on the global batch, a checkpoint written by ``W`` processes resumes on any other number.
+
+How inference is split: :func:`shard_range` gives rank ``r`` one contiguous block of the ``n`` inputs (the blocks
+differ in length by at most one, an empty block is allowed), so concatenating what :func:`gather_to_main` returns, in
+rank order, restores the input order exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "ShardedBatchSampler",
     "any_rank",
     "barrier",
+    "gather_to_main",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -33,6 +38,7 @@ __all__ = [
     "mean_over_ranks",
     "rank",
     "rank_generator",
+    "shard_range",
     "shutdown",
     "sum_over_ranks",
     "world_size",
@@ -195,3 +201,27 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
+
+
+def shard_range(n: int, rank_: int | None = None, world: int | None = None) -> range:
+    """This rank's contiguous block of ``range(n)``: rank ``r`` of ``W`` gets ``[r*n//W, (r+1)*n//W)``.
+
+    The blocks cover ``range(n)`` once, in order, for any ``n`` (also ``n < W``: some blocks are empty).
+    """
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if n < 0 or not 0 <= r < w:
+        raise ValueError(f"Expected 0 <= rank < world and n >= 0, found rank {r}, world {w}, n {n}.")
+    return range(r * n // w, (r + 1) * n // w)
+
+
+def gather_to_main(obj: object) -> list[object] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; ``None`` on the other ranks.
+
+    In a single process: ``[obj]``. Concatenating per-rank lists of :func:`shard_range` blocks restores input order.
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
