@@ -63,10 +63,11 @@ from densehybrid.losses import DenseHybridLoss
 from densehybrid.report import format_table
 from densehybrid.scores import get_score
 
-__all__ = ["SCORE_NAMES", "FAMILIES", "ToyData", "ToyModel", "make_toy_data", "run_toy2d"]
+__all__ = ["SCORE_NAMES", "FAMILIES", "SPLITS", "ToyData", "ToyModel", "make_toy_data", "run_toy2d"]
 
 SCORE_NAMES = ("discriminative", "generative", "densehybrid")
 FAMILIES = ("unreached", "border", "all")
+SPLITS = ("test", "val")
 _TITLES = {
     "discriminative": "discriminative  s_D = ln P(d_out|x)",
     "generative": "generative  s_G = -ln p(x)",
@@ -120,18 +121,25 @@ def _inliers(rng: np.random.Generator, per_class: int) -> tuple[np.ndarray, np.n
     return points, labels
 
 
-def make_toy_data(seed: int = 0) -> ToyData:
+def make_toy_data(seed: int = 0, split: str = "test") -> ToyData:
     """Sample the toy point sets (see the module docstring for the construction).
 
     Args:
         seed: seed of the NumPy generator; the same seed gives the same points.
+        split: ``"test"`` or ``"val"``: which draw of the evaluation points (``test_x``, ``test_y``, ``unreached``,
+            ``border``). The training points are the same for both; the validation draw comes from its own
+            generator (seeded with ``(seed, 1)``), independent of the test draw, for choosing settings.
 
     Returns:
         A :class:`ToyData` dict of float32 (P, 2) point arrays and int64 labels.
     """
+    if split not in SPLITS:
+        raise ValueError(f"Expected `split` to be one of {', '.join(map(repr, SPLITS))}, but got {split!r}.")
     rng = np.random.default_rng(seed)
     train_x, train_y = _inliers(rng, TRAIN_PER_CLASS)
     negatives = _sectors(rng, NEGATIVES, NEGATIVE_RADII, NEGATIVE_SECTORS)
+    if split == "val":
+        rng = np.random.default_rng([seed, 1])
     test_x, test_y = _inliers(rng, TEST_PER_CLASS)
     unreached = _sectors(rng, UNREACHED_ANOMALIES, UNREACHED_RADII, UNREACHED_SECTORS)
     which = rng.integers(0, NUM_CLASSES, BORDER_ANOMALIES)
@@ -241,6 +249,23 @@ def _evaluate(test: dict[str, np.ndarray], inlier_count: int) -> tuple[list[dict
     return rows, metrics
 
 
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two score vectors (ties broken by order; the scores are continuous)."""
+    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+
+
+def _balance(test: dict[str, np.ndarray], inlier_count: int) -> dict[str, dict[str, float]]:
+    """How the hybrid's two terms weigh against each other on the test points.
+
+    ``inlier_spread[score]``: the 5th-to-95th percentile range of the score over the test inliers, in nats (what one
+    term's ranking noise among inliers is worth in the sum); ``hybrid_rank_correlation[component]``: Spearman
+    correlation of the hybrid with that component over all test points (1 = the hybrid ranks like it).
+    """
+    spread = {name: float(np.subtract(*np.percentile(test[name][:inlier_count], (95.0, 5.0)))) for name in SCORE_NAMES}
+    corr = {name: _rank_correlation(test["densehybrid"], test[name]) for name in ("discriminative", "generative")}
+    return {"inlier_spread": spread, "hybrid_rank_correlation": corr}
+
+
 def _plot(
     path: Path,
     data: ToyData,
@@ -249,6 +274,7 @@ def _plot(
     metrics: dict,
     resolution: int,
     seeds: int,
+    split: str = "test",
 ) -> Path:
     fig = Figure(figsize=(15.5, 5.6))
     axes = fig.subplots(1, 3)
@@ -269,12 +295,12 @@ def _plot(
             ax.contour(
                 coords, coords, values, levels=[thresholds[name]], colors="k", linewidths=1.0, linestyles="solid"
             )
-        ax.scatter(*inliers.T, s=7, c="tab:blue", edgecolors="white", linewidths=0.3, label="inliers (test)")
+        ax.scatter(*inliers.T, s=7, c="tab:blue", edgecolors="white", linewidths=0.3, label=f"inliers ({split})")
         ax.scatter(*negatives.T, s=7, c="limegreen", edgecolors="black", linewidths=0.3, label="train negatives")
         ax.scatter(*unreached.T, s=9, c="red", marker="^", edgecolors="black", linewidths=0.3,
-                   label="anomalies where no negative reached (test)")  # fmt: skip
+                   label=f"anomalies where no negative reached ({split})")  # fmt: skip
         ax.scatter(*border.T, s=9, c="magenta", marker="s", edgecolors="black", linewidths=0.3,
-                   label="anomalies along the inlier border (test)")  # fmt: skip
+                   label=f"anomalies along the inlier border ({split})")  # fmt: skip
         m = metrics[name]
         ax.set_title(
             f"{_TITLES[name]}\nAP all {100 * m['all']['ap']:.1f} | unreached {100 * m['unreached']['ap']:.1f} | "
@@ -292,8 +318,8 @@ def _plot(
         0.01,
         "Toy 2-D problem after TPAMI Figure 2 (our construction), first of "
         f"{seeds} seed(s); AP in the titles is this seed's. Heatmap: anomaly score, red = higher (colours scaled per "
-        "panel to the 1st-99th percentile over the window). Black line: the threshold that detects 95% of the test "
-        "anomalies.",
+        "panel to the 1st-99th percentile over the window). Black line: the threshold that detects 95% of the "
+        f"{split} anomalies.",
         ha="center",
         fontsize=9,
         wrap=True,
@@ -307,12 +333,12 @@ def _plot(
 
 def _run_seed(
     seed: int, steps: int, pretrain_steps: int, hidden: int, lr: float, pretrain_lr: float,
-    criterion: DenseHybridLoss, torch_device: torch.device, resolution: int | None,
+    criterion: DenseHybridLoss, torch_device: torch.device, resolution: int | None, split: str = "test",
 ) -> dict[str, Any]:  # fmt: skip
     """Train and evaluate the toy model for one seed; the grid scores only when ``resolution`` is given."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    data = make_toy_data(int(seed))
+    data = make_toy_data(int(seed), split)
     points = torch.from_numpy(np.r_[data["train_x"], data["negatives"]]).to(torch_device)
     negative_mask = torch.zeros(points.shape[0], dtype=torch.bool, device=torch_device)
     negative_mask[data["train_x"].shape[0] :] = True
@@ -353,6 +379,7 @@ def _run_seed(
         logits, _ = model(torch.from_numpy(inliers).to(torch_device))
         accuracy = float((logits.argmax(1).cpu().numpy() == data["test_y"]).mean())
     rows, metrics = _evaluate(test_scores, inliers.shape[0])
+    balance = _balance(test_scores, inliers.shape[0])
     test_labels = torch.from_numpy((np.arange(test_points.shape[0]) >= inliers.shape[0]).astype(np.int64))
     thresholds = {
         name: anomaly_metrics.threshold_at_tpr(torch.from_numpy(values), test_labels, 0.95)
@@ -369,6 +396,7 @@ def _run_seed(
         "rows": rows,
         "metrics": metrics,
         "accuracy": accuracy,
+        "balance": balance,
         "final_loss": final_loss,
         "thresholds": thresholds,
         "grid_scores": grid_scores,
@@ -392,6 +420,7 @@ def run_toy2d(
     pretrain_lr: float = 3e-3,
     likelihood: str = "paired",
     resolution: int = 200,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Train the toy model over several seeds, score a grid and the test points, write the figure and metrics JSON.
 
@@ -410,20 +439,24 @@ def run_toy2d(
             inlier likelihood is raised as the negatives' is lowered, which makes ``logsumexp`` a density) or
             ``"negatives"`` (the released code's term).
         resolution: heatmap grid points per axis.
+        split: ``"test"`` (the reported numbers) or ``"val"``: evaluate on the validation draw of every seed (same
+            training points, evaluation points drawn independently of the test draw), for choosing settings.
 
     Returns:
-        ``{"rows", "metrics", "metrics_std", "per_seed", "hybrid_beats_both", "hybrid_wins", "accuracy",
+        ``{"rows", "metrics", "metrics_std", "per_seed", "hybrid_beats_both", "hybrid_wins", "accuracy", "balance",
         "final_loss", "config", "timings", "figure", "json"}``: ``rows`` are report-table rows with the mean over
         seeds (``ap``, ``fpr95``, ``auroc``) and, with several seeds, the standard deviations ``ap_std``, ...;
         ``metrics[score][family]`` the means, ``metrics_std`` the standard deviations (ddof=1), ``per_seed`` the
         metrics of every seed; ``hybrid_beats_both[family][metric]`` says whether the hybrid's mean is strictly
         better than both components' means and ``hybrid_wins[family][metric]`` in how many seeds it was;
-        ``accuracy`` is the mean closed-set accuracy on test inliers; ``final_loss`` and the figure are the first
-        seed's.
+        ``accuracy`` is the mean closed-set accuracy on test inliers; ``balance`` (means over seeds) holds
+        ``inlier_spread[score]``, the 5th-95th percentile range of each score over the test inliers in nats, and
+        ``hybrid_rank_correlation[component]``, the Spearman correlation of the hybrid with each component over the
+        test points; ``final_loss`` and the figure are the first seed's.
 
     Raises:
         ValueError: for non-positive ``steps``/``pretrain_steps``/``hidden``/``resolution``/``seeds``/learning rates,
-            an unknown ``likelihood`` or an unavailable device.
+            an unknown ``likelihood`` or ``split``, or an unavailable device.
 
     Example:
         >>> result = run_toy2d(tmp_dir, steps=5, pretrain_steps=5, resolution=20, seeds=1)  # doctest: +SKIP
@@ -440,6 +473,8 @@ def run_toy2d(
     lr = _check_positive_float("lr", lr)
     pretrain_lr = _check_positive_float("pretrain_lr", pretrain_lr)
     criterion = DenseHybridLoss(likelihood=likelihood)  # validates `likelihood`
+    if split not in SPLITS:
+        raise ValueError(f"Expected `split` to be one of {', '.join(map(repr, SPLITS))}, but got {split!r}.")
     points = 2 * NUM_CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + NEGATIVES + BORDER_ANOMALIES + UNREACHED_ANOMALIES
     check_memory(  # float32: parameters with Adam's two moments and gradients; activations; the heatmap grid
         4 * (4 * hidden * (hidden + 8) + 6 * points * hidden + resolution**2 * (3 * hidden + 16)),
@@ -453,7 +488,7 @@ def run_toy2d(
     seed_list = [int(seed) + i for i in range(seeds)]
     runs = [
         _run_seed(s, steps, pretrain_steps, hidden, lr, pretrain_lr, criterion, torch_device,
-                  resolution if i == 0 else None)
+                  resolution if i == 0 else None, split)
         for i, s in enumerate(seed_list)
     ]  # fmt: skip
     timings = {key: sum(run["timings"][key] for run in runs) for key in runs[0]["timings"]}
@@ -486,13 +521,14 @@ def run_toy2d(
     first = runs[0]
     figure = _plot(
         out_dir / "toy2d.png", first["data"], first["grid_scores"], first["thresholds"], first["metrics"],
-        resolution, seeds,
+        resolution, seeds, split,
     )  # fmt: skip
     timings["figure"] = time.perf_counter() - start
 
     config = {
         "seed": int(seed),
         "seeds": seed_list,
+        "split": split,
         "pretrain_steps": pretrain_steps,
         "pretrain_lr": pretrain_lr,
         "steps": steps,
@@ -531,6 +567,10 @@ def run_toy2d(
         "hybrid_beats_both": hybrid_beats_both,
         "hybrid_wins": hybrid_wins,
         "accuracy": float(np.mean([run["accuracy"] for run in runs])),
+        "balance": {
+            part: {key: float(np.mean([run["balance"][part][key] for run in runs])) for key in runs[0]["balance"][part]}
+            for part in runs[0]["balance"]
+        },
         "final_loss": first["final_loss"],
         "thresholds_tpr95": first["thresholds"],
         "config": config,
