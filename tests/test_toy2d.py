@@ -30,6 +30,7 @@ from densehybrid.toy2d import (
     _scores,
     make_toy_data,
     run_toy2d,
+    true_inlier_log_density,
 )
 
 TINY = {"steps": 3, "pretrain_steps": 3, "resolution": 16, "seeds": 2, "device": "cpu"}
@@ -107,6 +108,19 @@ def test_balance_measures_the_spread_and_the_ranking_of_the_terms() -> None:
     assert _rank_correlation(np.arange(5.0), -np.arange(5.0)) == pytest.approx(-1.0)
 
 
+def test_true_inlier_log_density_is_the_generating_mixture() -> None:
+    # It integrates to 1 over the plane and peaks at the class centres.
+    coords = np.linspace(-6.0, 6.0, 601)
+    gx, gy = np.meshgrid(coords, coords)
+    density = np.exp(true_inlier_log_density(np.stack([gx.ravel(), gy.ravel()], axis=1)))
+    assert density.sum() * (coords[1] - coords[0]) ** 2 == pytest.approx(1.0, abs=1e-3)
+    centre = np.array([[0.0, CENTRE_RADIUS]])
+    expected = math.log(1 / (3 * 2 * math.pi * INLIER_STD**2))  # the other two components add ~e^-37 there
+    assert true_inlier_log_density(centre)[0] == pytest.approx(expected, abs=1e-6)
+    # Far away it stays finite (log-sum-exp, no underflow to -inf).
+    assert np.isfinite(true_inlier_log_density(np.array([[60.0, -60.0]]))).all()
+
+
 def test_toy_model_shapes() -> None:
     logits, ood_logits = ToyModel(hidden=8)(torch.zeros(5, 2))
     assert logits.shape == (5, 3) and ood_logits.shape == (5, 2)
@@ -154,6 +168,10 @@ def test_tiny_run_writes_figure_and_metrics(tiny_run: dict) -> None:
     assert set(saved["balance"]["inlier_spread"]) == {"discriminative", "generative", "densehybrid"}
     assert set(saved["balance"]["hybrid_rank_correlation"]) == {"discriminative", "generative"}
     assert all(v >= 0.0 for v in saved["balance"]["inlier_spread"].values())
+    assert -1.0 <= saved["balance"]["generative_vs_true_density"]["inlier_correlation"] <= 1.0
+    assert set(saved["reference"]) == {"true_density", "discriminative+true_density"}
+    # The generating density separates this toy's anomalies almost perfectly, whatever the (tiny) training did.
+    assert saved["reference"]["true_density"]["all"]["ap"] > 0.98
 
 
 def test_metrics_match_sklearn_on_the_model_scores() -> None:

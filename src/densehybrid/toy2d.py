@@ -63,7 +63,17 @@ from densehybrid.losses import DenseHybridLoss
 from densehybrid.report import format_table
 from densehybrid.scores import get_score
 
-__all__ = ["SCORE_NAMES", "FAMILIES", "SPLITS", "ToyData", "ToyModel", "make_toy_data", "run_toy2d"]
+__all__ = [
+    "SCORE_NAMES",
+    "FAMILIES",
+    "SPLITS",
+    "REFERENCE_NAMES",
+    "true_inlier_log_density",
+    "ToyData",
+    "ToyModel",
+    "make_toy_data",
+    "run_toy2d",
+]
 
 SCORE_NAMES = ("discriminative", "generative", "densehybrid")
 FAMILIES = ("unreached", "border", "all")
@@ -221,10 +231,12 @@ def _scores(model: ToyModel, points: np.ndarray, device: torch.device) -> dict[s
     return {name: get_score(name)(logits, ood_logits).double().cpu().numpy() for name in SCORE_NAMES}
 
 
-def _evaluate(test: dict[str, np.ndarray], inlier_count: int) -> tuple[list[dict], dict]:
+def _evaluate(
+    test: dict[str, np.ndarray], inlier_count: int, names: tuple[str, ...] = SCORE_NAMES
+) -> tuple[list[dict], dict]:
     """Metric rows and ``metrics[score][family]`` for test points ordered inliers, unreached, border anomalies."""
     rows, metrics = [], {}
-    for name in SCORE_NAMES:
+    for name in names:
         scores = torch.from_numpy(test[name])
         inlier = scores[:inlier_count]
         unreached = scores[inlier_count : inlier_count + UNREACHED_ANOMALIES]
@@ -249,6 +261,24 @@ def _evaluate(test: dict[str, np.ndarray], inlier_count: int) -> tuple[list[dict
     return rows, metrics
 
 
+def true_inlier_log_density(points: np.ndarray) -> np.ndarray:
+    """ln p(x) of the inlier distribution that generated the data (equal mixture of the K Gaussians), (P, 2) -> (P,)."""
+    points = np.asarray(points, dtype=np.float64)
+    squared = ((points[:, None, :] - _centres()[None]) ** 2).sum(axis=2) / (2 * INLIER_STD**2)
+    log_components = -squared - math.log(2 * math.pi * INLIER_STD**2)
+    top = log_components.max(axis=1)
+    return top + np.log(np.exp(log_components - top[:, None]).mean(axis=1))
+
+
+REFERENCE_NAMES = ("true_density", "discriminative+true_density")
+
+
+def _reference_scores(test: dict[str, np.ndarray], points: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores with the generating density in place of the learned one: what a perfect generative term would do."""
+    true_score = -true_inlier_log_density(points)
+    return {"true_density": true_score, "discriminative+true_density": test["discriminative"] + true_score}
+
+
 def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two score vectors (ties broken by order; the scores are continuous)."""
     return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
@@ -263,7 +293,11 @@ def _balance(test: dict[str, np.ndarray], inlier_count: int) -> dict[str, dict[s
     """
     spread = {name: float(np.subtract(*np.percentile(test[name][:inlier_count], (95.0, 5.0)))) for name in SCORE_NAMES}
     corr = {name: _rank_correlation(test["densehybrid"], test[name]) for name in ("discriminative", "generative")}
-    return {"inlier_spread": spread, "hybrid_rank_correlation": corr}
+    balance = {"inlier_spread": spread, "hybrid_rank_correlation": corr}
+    if "true_density" in test:  # how well -logsumexp follows the generating density among the inliers
+        inlier_corr = np.corrcoef(test["generative"][:inlier_count], test["true_density"][:inlier_count])[0, 1]
+        balance["generative_vs_true_density"] = {"inlier_correlation": float(inlier_corr)}
+    return balance
 
 
 def _plot(
@@ -379,7 +413,9 @@ def _run_seed(
         logits, _ = model(torch.from_numpy(inliers).to(torch_device))
         accuracy = float((logits.argmax(1).cpu().numpy() == data["test_y"]).mean())
     rows, metrics = _evaluate(test_scores, inliers.shape[0])
-    balance = _balance(test_scores, inliers.shape[0])
+    reference_scores = _reference_scores(test_scores, test_points)
+    _, reference = _evaluate(reference_scores, inliers.shape[0], REFERENCE_NAMES)
+    balance = _balance({**test_scores, **reference_scores}, inliers.shape[0])
     test_labels = torch.from_numpy((np.arange(test_points.shape[0]) >= inliers.shape[0]).astype(np.int64))
     thresholds = {
         name: anomaly_metrics.threshold_at_tpr(torch.from_numpy(values), test_labels, 0.95)
@@ -395,6 +431,7 @@ def _run_seed(
         "data": data,
         "rows": rows,
         "metrics": metrics,
+        "reference": reference,
         "accuracy": accuracy,
         "balance": balance,
         "final_loss": final_loss,
@@ -450,9 +487,13 @@ def run_toy2d(
         metrics of every seed; ``hybrid_beats_both[family][metric]`` says whether the hybrid's mean is strictly
         better than both components' means and ``hybrid_wins[family][metric]`` in how many seeds it was;
         ``accuracy`` is the mean closed-set accuracy on test inliers; ``balance`` (means over seeds) holds
-        ``inlier_spread[score]``, the 5th-95th percentile range of each score over the test inliers in nats, and
+        ``inlier_spread[score]``, the 5th-95th percentile range of each score over the test inliers in nats,
         ``hybrid_rank_correlation[component]``, the Spearman correlation of the hybrid with each component over the
-        test points; ``final_loss`` and the figure are the first seed's.
+        test points, and ``generative_vs_true_density["inlier_correlation"]``, the Pearson correlation of the
+        generative score with the generating density's ``-ln p(x)`` over the test inliers; ``reference[name][family]``
+        (means) are the metrics of two scores that use the generating density, which no model sees:
+        ``true_density`` = ``-ln p(x)`` and ``discriminative+true_density``; ``final_loss`` and the figure are the
+        first seed's.
 
     Raises:
         ValueError: for non-positive ``steps``/``pretrain_steps``/``hidden``/``resolution``/``seeds``/learning rates,
@@ -570,6 +611,13 @@ def run_toy2d(
         "balance": {
             part: {key: float(np.mean([run["balance"][part][key] for run in runs])) for key in runs[0]["balance"][part]}
             for part in runs[0]["balance"]
+        },
+        "reference": {
+            name: {
+                family: {m: float(np.mean([run["reference"][name][family][m] for run in runs])) for m in _BETTER}
+                for family in FAMILIES
+            }
+            for name in REFERENCE_NAMES
         },
         "final_loss": first["final_loss"],
         "thresholds_tpr95": first["thresholds"],

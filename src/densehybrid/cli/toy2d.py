@@ -101,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
         + "; hybrid's rank correlation with "
         + ", ".join(f"{name} {value:.3f}" for name, value in corr.items())
     )
+    reference = result["reference"]
+    print(
+        "reference, the generating density in place of the learned one (all AP): "
+        + ", ".join(f"{name} {100 * reference[name]['all']['ap']:.1f}" for name in reference)
+        + "; generative vs -ln p(x) over the inliers: correlation "
+        + f"{result['balance']['generative_vs_true_density']['inlier_correlation']:.2f}"
+    )
     print(
         f"closed-set accuracy on {split} inliers: {100 * result['accuracy']:.1f}%  (scores: {', '.join(SCORE_NAMES)})"
     )
