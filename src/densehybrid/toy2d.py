@@ -34,7 +34,10 @@ below were fixed before the first run and are not tuned to any outcome:
   figure's generative cue is; ``likelihood="negatives"`` runs the released term.
 
 Each run repeats this over several seeds (data and initialisation) and reports the mean and standard deviation of
-AP, AUROC and FPR95 of every score on every anomaly kind; the figure shows the first seed. Metrics come from
+AP, AUROC and FPR95 of every score on every anomaly kind; the figure shows the first seed. ``split="val"`` evaluates
+on a second draw of the evaluation points, independent of the test draw, for choosing settings. Two diagnostics
+explain the result (docs/toy2d.md): the spread of each score over the inliers with the hybrid's rank correlation
+to each component, and reference scores computed from the generating density, which no model sees. Metrics come from
 :func:`densehybrid.scores.get_score` and the exact metrics of :mod:`densehybrid.metrics` (FPR95: first operating point
 with TPR >= 95%).
 """

@@ -12,7 +12,8 @@ DESCRIPTION = (
     "loss. Compare the discriminative, generative and hybrid anomaly scores on test anomalies where no negative "
     "reached and along the inlier border, over --seeds seeds (mean ± std). Writes toy2d.png (three heatmaps of the "
     "first seed with the points) and metrics.json to --out and prints the AP/FPR95/AUROC table. The construction "
-    "follows the paper's description; its appendix was not available (see docs/toy2d.md)."
+    "follows the paper's description; its appendix was not available (see docs/toy2d.md). Choose settings with "
+    "--split val (an evaluation draw independent of the test draw), never on the test numbers."
 )
 
 
