@@ -12,7 +12,13 @@ from densehybrid.recipes import load_recipe
 from densehybrid.recipes.schema import COMMON
 
 #: TrainConfig fields that say where and how long a run goes (no recipe key).
-RUN_INPUTS = {"device", "hflip", "max_steps", "progress"}
+RUN_INPUTS = {
+    "device",
+    "hflip",
+    "max_steps",
+    "progress",
+    "accumulate",
+}  # accumulate: how the batch is spread, like the processes
 
 
 def _keyed() -> dict[str, str]:

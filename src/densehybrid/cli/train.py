@@ -43,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a recipe key, repeatable (e.g. optim.lr=1e-5, augment.crop=256, model.kwargs.image_size=256)",
     )
     parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in total (smoke runs)")
+    parser.add_argument(
+        "--accumulate",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="split each process's share of optim.batch_size into N slices whose gradients are accumulated (less "
+        "memory; 1 process with --accumulate 2 trains as 2 processes; a run may resume with another N)",
+    )
     parser.add_argument("--device", type=device_option, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--no-resume",
@@ -104,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         init=args.init or "",
         out=out,
         max_steps=args.max_steps,
+        accumulate=args.accumulate,
         device=args.device,
         progress=not args.no_progress,
         resume=not args.no_resume,

@@ -11,6 +11,11 @@ per-rank mean loss a step equals a single-process step on the whole global batch
 over the same number of pixels (BatchNorm statistics are per rank unless SyncBatchNorm is used). Because the split
 depends only on the global batch, a checkpoint written by ``W`` processes resumes on any other number.
 
+Random draws (flips, negatives, flow samples) come from one generator per *slice* of the global batch
+(:func:`slice_generators`): ``W`` processes, each accumulating ``A`` slices, draw exactly what one process accumulating
+``W * A`` slices draws, and compute the same per-slice BatchNorm statistics, so the two runs follow each other up to
+float rounding (``TrainConfig.accumulate``).
+
 How inference is split: :func:`shard_range` gives rank ``r`` one contiguous block of the ``n`` inputs (the blocks
 differ in length by at most one, an empty block is allowed), so concatenating what :func:`gather_to_main` returns, in
 rank order, restores the input order exactly.
@@ -29,6 +34,7 @@ from torch.utils.data import Sampler
 __all__ = [
     "ShardedBatchSampler",
     "any_rank",
+    "average_gradients",
     "barrier",
     "gather_to_main",
     "init_from_env",
@@ -40,6 +46,7 @@ __all__ = [
     "rank_generator",
     "shard_range",
     "shutdown",
+    "slice_generators",
     "sum_over_ranks",
     "world_size",
     "wrap",
@@ -155,10 +162,22 @@ def rank_generator(shared: torch.Generator) -> torch.Generator:
     """A generator for this rank's step, seeded by one draw from the ``shared`` stream (identical on every rank).
 
     Every rank advances ``shared`` the same way, so its state in a checkpoint is valid at any world size, while the
-    ranks draw different flips and negatives.
+    ranks draw different flips and negatives. Equals ``slice_generators(shared, 1)[0]``.
+    """
+    return slice_generators(shared, 1)[0]
+
+
+def slice_generators(shared: torch.Generator, count: int) -> list[torch.Generator]:
+    """Generators for this rank's ``count`` consecutive slices of a step's global batch (gradient accumulation).
+
+    One draw ``s`` from ``shared`` (the same on every rank) seeds slice ``k`` of the global batch with
+    ``s + 1_000_003 * k``, where rank ``r`` holds slices ``k = r * count ... r * count + count - 1``. A slice's random
+    draws therefore depend only on its place in the global batch: ``W`` processes with ``A`` slices each draw exactly
+    what one process with ``W * A`` slices draws.
     """
     seed = int(torch.randint(2**62, (1,), generator=shared))
-    return torch.Generator().manual_seed(seed + 1_000_003 * rank())
+    first = rank() * count
+    return [torch.Generator().manual_seed(seed + 1_000_003 * (first + k)) for k in range(count)]
 
 
 def _collective_device() -> torch.device:
@@ -177,6 +196,43 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(tensor)
     tensor /= world_size()
     return dict(zip(keys, tensor.cpu().tolist()))
+
+
+def average_gradients(gradients: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The mean of each gradient over the ranks, for a network trained outside ``DistributedDataParallel`` (the flow
+    of the joint iteration, whose gradients come from ``torch.autograd.grad``); ``gradients`` unchanged in one process.
+
+    A gradient that is ``None`` (its parameter unreached by the loss) must be ``None`` on every rank; it stays ``None``
+    and the optimiser skips its parameter, as in one process. The others go through one flat all-reduce.
+
+    Raises:
+        RuntimeError: the ranks' gradients are ``None`` for different parameters (checked on every rank alike).
+    """
+    if not is_distributed() or world_size() == 1:
+        return gradients
+    device = _collective_device()
+    present = torch.tensor([g is not None for g in gradients], dtype=torch.int64, device=device)
+    dist.all_reduce(present)
+    if any(0 < int(count) < world_size() for count in present.tolist()):
+        raise RuntimeError(
+            "Expected every rank to have gradients for the same flow parameters, but they differ; the flow's copies "
+            "would diverge."
+        )
+    pieces = [g.detach().reshape(-1).to(device, torch.float32) for g in gradients if g is not None]
+    if not pieces:
+        return gradients
+    flat = torch.cat(pieces)
+    dist.all_reduce(flat)
+    flat /= world_size()
+    averaged: list[torch.Tensor | None] = []
+    offset = 0
+    for g in gradients:
+        if g is None:
+            averaged.append(None)
+            continue
+        averaged.append(flat[offset : offset + g.numel()].view_as(g).to(g.device, g.dtype))
+        offset += g.numel()
+    return averaged
 
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ Joint fine-tuning (TPAMI DenseHybrid, ``*_finetune_flow``), one iteration on a b
    Only the flow's parameters receive gradients; the segmenter's are not computed (the released code computes and
    discards them). BatchNorm statistics of the segmenter see this batch too, as released.
 
+Under ``torchrun`` the segmenter is wrapped in ``DistributedDataParallel`` by :func:`~densehybrid.engine.fit`, and the
+flow's gradients are averaged over the ranks before every flow step (:func:`apply_flow_gradients`), so the flow, its
+optimiser and its schedule stay identical on every rank.
+
 Released hyper-parameters: ``jsd_weight`` 0.03; flow optimiser Adamax lr 1e-5, betas (0.9, 0.999), eps 1e-7 (1e-3 for
 a randomly initialised flow), lr × 0.99 per epoch for traffic scenes and × 0.975 for COCO20
 (:data:`FLOW_LR_DECAY`; use ``torch.optim.lr_scheduler.ExponentialLR`` stepped once per epoch).
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from densehybrid.engine import distributed
 from densehybrid.engine.batches import unpack_sample
 from densehybrid.engine.outputs import atomic_path
 from densehybrid.flows.negatives import FlowNegatives, MixedNegatives, to_8bit
@@ -40,8 +45,10 @@ from densehybrid.losses import densehybrid_loss
 
 __all__ = [
     "FLOW_LR_DECAY",
+    "apply_flow_gradients",
     "build_flow_optimizer",
     "flow_bits_per_dim",
+    "flow_gradients",
     "flow_joint_step",
     "flow_step",
     "random_crops",
@@ -147,6 +154,54 @@ def segmenter_step(
     return logs
 
 
+def flow_gradients(
+    model: nn.Module,
+    flow: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    negatives: FlowNegatives,
+    jsd_weight: float = 0.03,
+    mle_weight: float = 1.0,
+    patches_per_image: int = 1,
+    generator: torch.Generator | None = None,
+    regions: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor | None], dict[str, float]]:
+    """The flow half's loss and its gradients, without a step (arguments as :func:`flow_step`).
+
+    Returns:
+        ``(gradients, logs)``: one gradient per trainable flow parameter (None where the loss does not reach it) and
+        the logs ``flow_jsd`` (unweighted), ``flow_bpd``.
+    """
+    pasted = negatives.paste(
+        images, target, generator=generator, differentiable=True, patches_per_image=patches_per_image, regions=regions
+    )
+    out = model(pasted.images, output_size=tuple(target.shape[-2:]))
+    jsd = densehybrid_loss(
+        out.logits.float(), None, pasted.target, pasted.negative_mask, beta=1.0, lambda_=0.0, negative_loss="jsd"
+    ).likelihood
+    replaced = to_8bit(pasted.replaced.flatten(0, 1)).to(next(flow.parameters()).device)
+    bpd = -flow.log_prob(replaced, generator=generator).sum() / (math.log(2.0) * replaced.numel())
+    total = jsd_weight * jsd + mle_weight * bpd
+    _check_finite("flow loss", total.detach())
+    params = [p for p in flow.parameters() if p.requires_grad]
+    grads = list(torch.autograd.grad(total, params, allow_unused=True))
+    return grads, {"flow_jsd": float(jsd.detach()), "flow_bpd": float(bpd.detach())}
+
+
+def apply_flow_gradients(
+    flow: nn.Module, gradients: Sequence[torch.Tensor | None], optimizer: torch.optim.Optimizer
+) -> None:
+    """Average ``gradients`` (of :func:`flow_gradients`, in parameter order) over the ranks of a distributed run and
+    step the flow's optimiser with them (a no-op average in one process)."""
+    params = [p for p in flow.parameters() if p.requires_grad]
+    gradients = distributed.average_gradients(list(gradients))
+    optimizer.zero_grad(set_to_none=True)
+    for p, g in zip(params, gradients):
+        p.grad = g  # None where the loss does not reach p: the optimiser skips it, as after the released backward()
+    optimizer.step()
+
+
 def flow_step(
     model: nn.Module,
     flow: nn.Module,
@@ -167,7 +222,8 @@ def flow_step(
         L_{flow} = w_{jsd} \\frac{1}{|O|} \\sum_{i \\in O} \\mathrm{JSD}(P(y \\mid x_i) \\,\\|\\, U)
             + w_{mle} \\cdot \\frac{-\\ln p(x_{rep})}{\\ln 2 \\cdot |x_{rep}|}
 
-    with :math:`O` the pasted pixels and :math:`x_{rep}` the inlier content the patches replaced (8-bit).
+    with :math:`O` the pasted pixels and :math:`x_{rep}` the inlier content the patches replaced (8-bit). In a
+    distributed run the gradients are averaged over the ranks before the step (:func:`apply_flow_gradients`).
 
     Args:
         model: the segmenter (left in its current mode; the released code keeps it in train mode).
@@ -184,24 +240,20 @@ def flow_step(
     Returns:
         logs: ``flow_jsd`` (unweighted) and ``flow_bpd``.
     """
-    optimizer.zero_grad(set_to_none=True)
-    pasted = negatives.paste(
-        images, target, generator=generator, differentiable=True, patches_per_image=patches_per_image, regions=regions
+    grads, logs = flow_gradients(
+        model,
+        flow,
+        images,
+        target,
+        negatives=negatives,
+        jsd_weight=jsd_weight,
+        mle_weight=mle_weight,
+        patches_per_image=patches_per_image,
+        generator=generator,
+        regions=regions,
     )
-    out = model(pasted.images, output_size=tuple(target.shape[-2:]))
-    jsd = densehybrid_loss(
-        out.logits.float(), None, pasted.target, pasted.negative_mask, beta=1.0, lambda_=0.0, negative_loss="jsd"
-    ).likelihood
-    replaced = to_8bit(pasted.replaced.flatten(0, 1)).to(next(flow.parameters()).device)
-    bpd = -flow.log_prob(replaced, generator=generator).sum() / (math.log(2.0) * replaced.numel())
-    total = jsd_weight * jsd + mle_weight * bpd
-    _check_finite("flow loss", total.detach())
-    params = [p for p in flow.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(total, params, allow_unused=True)
-    for p, g in zip(params, grads):
-        p.grad = g  # None where the loss does not reach p: the optimiser skips it, as after the released backward()
-    optimizer.step()
-    return {"flow_jsd": float(jsd.detach()), "flow_bpd": float(bpd.detach())}
+    apply_flow_gradients(flow, grads, optimizer)
+    return logs
 
 
 def flow_joint_step(

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from densehybrid.engine.flow_joint import flow_step, save_sample_grid, segmenter_loss
+from densehybrid.engine import distributed
+from densehybrid.engine.flow_joint import apply_flow_gradients, flow_gradients, save_sample_grid, segmenter_loss
 from densehybrid.flows.checkpoint import load_flow_state
 from densehybrid.flows.negatives import FlowNegatives, MixedNegatives, to_8bit
 
@@ -25,14 +26,18 @@ __all__ = ["FlowLikelihoodObjective", "JointFlowObjective"]
 
 
 def _bits_per_dim(flow: nn.Module, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Negative log-likelihood of images in [0, 1] (as 8-bit) in bits per dimension, differentiable."""
+    """Negative log-likelihood of images in [0, 1] (as 8-bit) in bits per dimension, differentiable.
+
+    The flow is called (its ``forward`` is ``log_prob``), so that a ``DistributedDataParallel`` wrapper sees the pass.
+    """
     x = to_8bit(images)
-    return -flow.log_prob(x, generator=generator).sum() / (math.log(2.0) * x.numel())
+    return -flow(x, generator=generator).sum() / (math.log(2.0) * x.numel())
 
 
 class FlowLikelihoodObjective:
     """Flow pre-training: bits/dim of the (augmented, random-crop) inlier batch; the model :func:`fit` trains is the
-    flow itself. At each epoch end a grid of samples from fixed latents is written to ``out_dir``.
+    flow itself (under ``torchrun`` wrapped in ``DistributedDataParallel`` by :func:`fit`). At each epoch end a grid of
+    samples from fixed latents is written to ``out_dir`` (by rank 0).
 
     Args:
         out_dir: where ``samples_epochNNN.png`` go (None: no grids).
@@ -57,7 +62,7 @@ class FlowLikelihoodObjective:
 
     def on_epoch_end(self, epoch: int, flow: nn.Module) -> dict[str, float]:
         """Write ``samples_epoch{epoch + 1:03d}.png``; returns no metrics."""
-        if self.out_dir is None or not self.grid_samples:
+        if self.out_dir is None or not self.grid_samples or not distributed.is_main():
             return {}
         was_training = flow.training
         flow.eval()
@@ -78,6 +83,10 @@ class JointFlowObjective:
     step (:func:`~densehybrid.engine.flow_joint.flow_step`) on the same un-pasted batch, which steps the flow's own
     optimiser. Together they are :func:`~densehybrid.engine.flow_joint.flow_joint_step`. ``on_epoch_end`` decays the
     flow's learning rate (the released ``× 0.99`` or ``× 0.975`` per epoch).
+
+    With :func:`fit` accumulating several slices per step (``TrainConfig.accumulate``), ``__call__`` runs once per
+    slice and ``after_step`` computes the flow's gradients on every slice, each with that slice's generator, and steps
+    the flow once with their mean (also averaged over the ranks of a distributed run), as the segmenter is stepped.
 
     Args:
         loss: a :class:`~densehybrid.losses.DenseHybridLoss`.
@@ -108,7 +117,7 @@ class JointFlowObjective:
         self.loss, self.flow, self.negatives, self.real_negatives = loss, flow, negatives, real_negatives
         self.flow_optimizer, self.flow_scheduler = flow_optimizer, flow_scheduler
         self.jsd_weight, self.mle_weight = float(jsd_weight), float(mle_weight)
-        self._pending: tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, dict[str, float], torch.Generator]] = []
 
     @property
     def synthetic(self) -> FlowNegatives:
@@ -134,29 +143,33 @@ class JointFlowObjective:
             real_segments=real_segments,
             generator=generator,
         )
-        self._pending = (images, target, logs)
+        self._pending.append((images, target, logs, generator))
         return total, logs
 
     def after_step(self, model: nn.Module, generator: torch.Generator) -> None:
-        """The flow step on the batch of the last call; its logs (``flow_jsd``, ``flow_bpd``) join that call's."""
-        if self._pending is None:
+        """The flow step on the slices of the last calls, each with its own generator; its logs (``flow_jsd``,
+        ``flow_bpd``) join each slice's."""
+        if not self._pending:
             raise RuntimeError("Expected the segmenter step's batch before the flow step, but there is none.")
-        images, target, logs = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, []
         segmenter = getattr(model, "module", model)  # never through a DistributedDataParallel wrapper
-        logs.update(
-            flow_step(
+        total: list[torch.Tensor | None] | None = None
+        for images, target, logs, slice_generator in pending:
+            grads, flow_logs = flow_gradients(
                 segmenter,
                 self.flow,
                 images,
                 target,
-                optimizer=self.flow_optimizer,
                 negatives=self.synthetic,
                 jsd_weight=self.jsd_weight,
                 mle_weight=self.mle_weight,
-                generator=generator,
+                generator=slice_generator,
             )
-        )
+            logs.update(flow_logs)
+            total = grads if total is None else [_add(a, b) for a, b in zip(total, grads)]
+        if len(pending) > 1:
+            total = [None if g is None else g / len(pending) for g in total]
+        apply_flow_gradients(self.flow, total, self.flow_optimizer)
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
         """Decay the flow's learning rate; returns the rate of the next epoch as ``flow_lr``."""
@@ -175,3 +188,10 @@ class JointFlowObjective:
         load_flow_state(self.flow, state["flow"])
         self.flow_optimizer.load_state_dict(state["flow_optimizer"])
         self.flow_scheduler.load_state_dict(state["flow_scheduler"])
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of two gradients, either of which may be None (a parameter the loss did not reach)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b

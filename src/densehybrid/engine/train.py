@@ -8,11 +8,14 @@ ends with exactly the parameters of an uninterrupted run (on deterministic kerne
 Under ``torchrun`` (an initialised ``torch.distributed`` process group) the same loop runs data-parallel: the model is
 wrapped in ``DistributedDataParallel``, every step's global batch of ``batch_size`` samples is split across the ranks
 (so a run gives the same batches at any world size), the logged losses are averaged over the ranks, and only rank 0
-writes checkpoints (see :mod:`densehybrid.engine.distributed`).
+writes checkpoints (see :mod:`densehybrid.engine.distributed`). ``TrainConfig.accumulate`` splits each process's share
+into slices whose gradients are accumulated before the step; random draws come from one generator per slice of the
+global batch, so ``W`` processes with ``A`` slices each train exactly as one process with ``W * A`` slices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -62,7 +65,8 @@ class TrainConfig:
     Every field that a recipe sets takes its default from :data:`densehybrid.recipes.schema.COMMON` (the field's
     ``metadata["recipe_key"]`` names the key) and :meth:`from_recipe` builds the config of a resolved recipe, so the
     two cannot disagree. The fields without a recipe key (``device``, ``hflip``, ``max_steps``, ``progress``) say
-    where and how long a run goes, not what it trains.
+    where and how long a run goes, not what it trains; nor does ``accumulate``, which says how the global batch is
+    spread (like the number of processes, it may change when a run resumes).
 
     Attributes:
         epochs: passes over the training set.
@@ -90,6 +94,12 @@ class TrainConfig:
         poly_power: exponent of the poly schedule.
         best_metric: a key of the ``on_epoch_end`` metrics; the checkpoint of the epoch where it is highest is
             also written to ``best.pt`` (None, or a metric no epoch reports: no best checkpoint).
+        accumulate: slices of each process's share of the batch, run one after the other with their gradients
+            accumulated before the optimiser step (``batch_size`` must be divisible by processes × ``accumulate``).
+            Each slice of the global batch draws from its own generator
+            (:func:`~densehybrid.engine.distributed.slice_generators`) and normalises its own BatchNorm statistics, so
+            1 process with ``accumulate=2`` equals 2 processes with ``accumulate=1`` up to float rounding. With one
+            slice in all (1 process, ``accumulate=1``) the run's generator is used directly.
     """
 
     epochs: int = _recipe_key("optim.epochs")
@@ -113,6 +123,7 @@ class TrainConfig:
     schedule: str = _recipe_key("optim.schedule")
     poly_power: float = _recipe_key("optim.poly_power")
     best_metric: str | None = _recipe_key("run.best_metric")
+    accumulate: int = 1
 
     @classmethod
     def from_recipe(cls, recipe: Mapping[str, Any], **run: Any) -> TrainConfig:
@@ -134,7 +145,7 @@ class TrainConfig:
         return cls(**{**values, **run})
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "accumulate"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {getattr(self, name)}.")
         if not (math.isfinite(self.lr) and math.isfinite(self.lr_min)) or self.lr <= 0 or self.lr_min < 0:
@@ -444,10 +455,10 @@ class _Loop:
         self.device = distributed.local_device(select_device(config.device))
         model.to(self.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        if config.batch_size % self.world:
+        if config.batch_size % (self.world * config.accumulate):
             raise ValueError(
                 f"Expected `batch_size` ({config.batch_size}, the global batch) to be divisible by the {self.world} "
-                "processes."
+                f"process(es) x {config.accumulate} accumulated slice(s)."
             )
         self.model, self.train_set, self.objective, self.config, self.metadata = (
             model,
@@ -560,40 +571,48 @@ class _Loop:
         return None
 
     def step(self, batch: dict[str, Any]) -> dict[str, float] | None:
-        """One optimiser step on ``batch``; returns its logs (averaged over the ranks), or None when a stop was
-        requested during the step (:class:`~densehybrid.engine.runtime.StepInterrupted`): the step is dropped and the
-        random state restored to before it, so a resumed run repeats it exactly."""
+        """One optimiser step on ``batch``; returns its logs (averaged over the slices and ranks), or None when a stop
+        was requested during the step (:class:`~densehybrid.engine.runtime.StepInterrupted`): the step is dropped and
+        the random state restored to before it, so a resumed run repeats it exactly."""
         images = batch["image"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True).long()
-        # one shared stream on every rank; each rank draws from its own generator derived from it
-        step_generator = distributed.rank_generator(self.generator) if self.world > 1 else self.generator
-        if self.config.hflip:
-            images, target = _hflip(images, target, step_generator)
         before = (self.generator.get_state(), rng_state())
-        try:
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                loss, logs = self.objective(self.train_model, images, target, step_generator)
-        except StepInterrupted:
-            self.generator.set_state(before[0])
-            set_rng_state(before[1])
-            return None
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"The training loss became {float(loss)} at step {self.global_step} (epoch {self.epoch + 1}); "
-                "lower the learning rate or check the inputs."
-            )
+        count = self.config.accumulate
+        # one shared stream on every rank; each slice of the global batch draws from its own generator derived from it
+        generators = distributed.slice_generators(self.generator, count) if self.world * count > 1 else [self.generator]
         self.optimizer.zero_grad(set_to_none=True)
+        parts: list[dict[str, float]] = []
+        for index, (part, part_target) in enumerate(zip(images.chunk(count), target.chunk(count))):
+            if self.config.hflip:
+                part, part_target = _hflip(part, part_target, generators[index])
+            last = index == count - 1  # DistributedDataParallel averages the accumulated gradients once, at the last
+            with contextlib.nullcontext() if last or self.world == 1 else self.train_model.no_sync():
+                try:
+                    with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                        loss, logs = self.objective(self.train_model, part, part_target, generators[index])
+                except StepInterrupted:
+                    self.generator.set_state(before[0])
+                    set_rng_state(before[1])
+                    return None
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"The training loss became {float(loss)} at step {self.global_step} (epoch {self.epoch + 1}); "
+                        "lower the learning rate or check the inputs."
+                    )
+                loss = loss / count if count > 1 else loss
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            parts.append(logs)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         if hasattr(self.objective, "after_step"):
-            self.objective.after_step(self.train_model, step_generator)
+            self.objective.after_step(self.train_model, generators[-1])
         self.step_in_epoch += 1
         self.global_step += 1
+        # after after_step, which may add to the slices' logs (the flow step's)
+        logs = {k: sum(part[k] for part in parts) / count for k in parts[0]}
         logs = distributed.mean_over_ranks(logs) if self.world > 1 else logs
         for k, v in logs.items():
             self.sums[k] = self.sums.get(k, 0.0) + v

@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -112,6 +113,11 @@ class ActNorm(nn.Module):
     def _data_init(self, x: torch.Tensor) -> None:
         self.shift.copy_(x.mean(dim=(0, 2, 3), keepdim=True))
         self.log_scale.copy_(torch.log(x.std(dim=(0, 2, 3), keepdim=True) + self.eps))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # data-parallel training: every process keeps the first process's initialisation (from its first slice of
+            # the global batch, the slice one process initialises from when it accumulates), so the copies stay equal
+            dist.broadcast(self.shift.data, src=0)
+            dist.broadcast(self.log_scale.data, src=0)
         self.initialized += 1.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,6 +607,10 @@ class DenseFlow(nn.Module):
                 z, ldj = t(z)
             log_prob = log_prob + ldj
         return z, log_prob + self.base_dist.log_prob(z)
+
+    def forward(self, x: torch.Tensor, noise: str = "sample", generator: torch.Generator | None = None) -> torch.Tensor:
+        """:meth:`log_prob` (the flow's forward pass, e.g. through ``DistributedDataParallel`` in pre-training)."""
+        return self.log_prob(x, noise, generator)
 
     def log_prob(
         self, x: torch.Tensor, noise: str = "sample", generator: torch.Generator | None = None

@@ -10,6 +10,10 @@ negatives of the ``densehybrid`` method (:func:`build_flow_finetuning`, used whe
   (:class:`~densehybrid.engine.flow_objectives.JointFlowObjective`): the segmenter trains with ``[optim]``, the flow
   with its own Adamax (``[flow]``), and the flow with its optimiser and schedule is saved in ``last.pt`` and restored
   on resume.
+
+Both run under ``torchrun`` like any recipe: pre-training wraps the flow in ``DistributedDataParallel``; joint
+fine-tuning wraps the segmenter and averages the flow's gradients over the ranks before each flow step, so the flow,
+its optimiser and its schedule are identical on every rank and rank 0's ``last.pt`` resumes at any world size.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from densehybrid.engine import distributed
 from densehybrid.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -35,14 +38,6 @@ __all__ = [
     "build_pretrain_objective",
     "load_flow_init",
 ]
-
-
-def _refuse_several_processes(recipe: Mapping[str, Any]) -> None:
-    if distributed.world_size() > 1:
-        raise ValueError(
-            f"Expected recipe {recipe['name']!r} (it trains a flow) to run in one process, but it was started in "
-            f"{distributed.world_size()}. Run it without torchrun; the flow's updates are not averaged across processes."
-        )
 
 
 def load_flow_init(flow: nn.Module, path: str) -> dict[str, Any]:
@@ -92,7 +87,6 @@ def build_flow(section: Mapping[str, Any]) -> tuple[nn.Module, bool]:
 def build_pretrain_flow(context: MethodContext) -> nn.Module:
     """The flow a ``denseflow-pretrain`` recipe trains (its ``build_model``)."""
     recipe = context.recipe
-    _refuse_several_processes(recipe)
     crop = recipe["augment"]["crop"]
     grid = recipe["flow"]["grid_size"]
     for name, value in (("augment.crop", crop), ("flow.grid_size", grid)):
@@ -134,7 +128,7 @@ def build_flow_finetuning(context: MethodContext) -> Any:
 
     Raises:
         ValueError: a largest flow patch that does not fit the crop, patch sides that are not multiples of 8, a
-            ``synthetic_fraction`` outside [0, 1], mixed negatives without ``--neg-root``, several processes.
+            ``synthetic_fraction`` outside [0, 1], mixed negatives without ``--neg-root``.
         CheckpointError: a ``flow.init`` that is missing or does not fit the flow.
     """
     from densehybrid.engine.flow_joint import build_flow_optimizer
@@ -144,7 +138,6 @@ def build_flow_finetuning(context: MethodContext) -> Any:
     from densehybrid.recipes.methods import build_negative_stream, negative_root
 
     recipe = context.recipe
-    _refuse_several_processes(recipe)
     neg, section, loss = recipe["negatives"], recipe["flow"], recipe["loss"]
     height, width, where = _training_size(context)
     if section["max_side"] > min(height, width):

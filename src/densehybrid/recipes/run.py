@@ -287,14 +287,14 @@ def check_run_bounds(recipe: dict[str, Any], num_classes: int, device: torch.dev
     return workers
 
 
-def check_batch_norm_batch(model: nn.Module, batch_size: int) -> None:
-    """Refuse batches of one image per process for a model that trains batch normalisation (its statistics need more
-    than one value per channel; a pooled branch has exactly one per image).
+def check_batch_norm_batch(model: nn.Module, batch_size: int, accumulate: int = 1) -> None:
+    """Refuse batches of one image per process (per accumulated slice) for a model that trains batch normalisation
+    (its statistics need more than one value per channel; a pooled branch has exactly one per image).
 
     Raises:
-        ValueError: ``optim.batch_size`` gives one image per process and the model trains a BatchNorm layer.
+        ValueError: ``optim.batch_size`` gives one image per slice and the model trains a BatchNorm layer.
     """
-    per_rank = batch_size // max(1, distributed.world_size())
+    per_rank = batch_size // max(1, distributed.world_size() * accumulate)
     if per_rank >= 2:
         return
     trained = [
@@ -304,8 +304,9 @@ def check_batch_norm_batch(model: nn.Module, batch_size: int) -> None:
     ]
     if trained:
         raise ValueError(
-            f"Expected recipe key `optim.batch_size` to give at least 2 images per process, but it gives {per_rank} "
-            f"(batch {batch_size} over {distributed.world_size()} process(es)), and the model trains batch "
+            f"Expected recipe key `optim.batch_size` to give at least 2 images per process and slice, but it gives "
+            f"{per_rank} (batch {batch_size} over {distributed.world_size()} process(es) x {accumulate} accumulated "
+            "slice(s)), and the model trains batch "
             f"normalisation ({trained[0]}, ...), which needs more than one value per channel."
         )
 
@@ -320,6 +321,7 @@ class RunInputs:
     init: str = ""
     out: Path | None = None
     max_steps: int | None = None
+    accumulate: int = 1
     device: str = "auto"
     progress: bool = True
     resume: bool = True
@@ -436,7 +438,7 @@ def train_config(
 ) -> TrainConfig:
     """The :class:`~densehybrid.engine.TrainConfig` of a run of a resolved recipe: the recipe's keys through
     :meth:`TrainConfig.from_recipe <densehybrid.engine.TrainConfig.from_recipe>`, the run's device, step limit and
-    progress bar from ``inputs`` (``validated``: a best checkpoint is kept; ``workers``: the DataLoader workers
+    progress bar and gradient accumulation from ``inputs`` (``validated``: a best checkpoint is kept; ``workers``: the DataLoader workers
     bounded by :func:`check_run_bounds`, None: the recipe's ``run.num_workers``)."""
     bounded = {} if workers is None else {"num_workers": workers}  # the recipe itself is unchanged
     return TrainConfig.from_recipe(
@@ -444,6 +446,7 @@ def train_config(
         device=str(device),
         **bounded,
         max_steps=inputs.max_steps,
+        accumulate=inputs.accumulate,
         progress=inputs.progress,
         best_metric=recipe["run"]["best_metric"] if validated else None,
     )
@@ -483,7 +486,7 @@ def _build_model(recipe: dict[str, Any], inputs: RunInputs, num_classes: int, de
         model = method.build_model(context)
     else:
         model = build_model(recipe, num_classes, init)
-    check_batch_norm_batch(model, recipe["optim"]["batch_size"])
+    check_batch_norm_batch(model, recipe["optim"]["batch_size"], inputs.accumulate)
     return model.to(device)
 
 
@@ -609,6 +612,7 @@ def _summary(
         "global_step": result.global_step,
         "steps_per_epoch": samples // config.batch_size,
         "world_size": distributed.world_size(),
+        "accumulate": config.accumulate,
         "device": str(device),
         "num_classes": num_classes,
         "checkpoint": None if out is None else str(out / "last.pt"),
