@@ -188,6 +188,7 @@ class JointFlowObjective:
         load_flow_state(self.flow, state["flow"])
         self.flow_optimizer.load_state_dict(state["flow_optimizer"])
         self.flow_scheduler.load_state_dict(state["flow_scheduler"])
+        self._pending = []  # slices of a step that a stop interrupted before its flow step: dropped with that step
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
