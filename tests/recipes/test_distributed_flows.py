@@ -24,7 +24,7 @@ import torch
 from densehybrid.cli import main
 from densehybrid.models import create_model
 from tests.datasets.fake_trees import make_fake_cityscapes, make_fake_streethazards
-from tests.recipes.conftest import LIGHT_LADDER, sets
+from tests.recipes.conftest import LIGHT_LADDER, TINY_NEGATIVES, make_image_folder, sets
 
 REPO = Path(__file__).resolve().parents[2]
 #: |logged value(2 processes) - logged value(1 process, 2 slices)| allowed per step: float32 sums in another order
@@ -36,6 +36,13 @@ JOINT = [*RUN, *FLOW, *LIGHT_LADDER, "augment.crop=32", "flow.max_side=24", "opt
 #: pre-training keeps the released gradient checkpointing (recomputed coupling networks inside DDP's backward)
 PRETRAIN = [*RUN, "flow.config=small", "augment.crop=16", "flow.grid_samples=2", "flow.grid_size=16", "optim.epochs=1"]
 DISTILL = [*RUN, "model.name=dicnet", "model.kwargs.student_backbone=mobilenetv3_large_100"]
+MIXED = [
+    *TINY_NEGATIVES,
+    "negatives.dataset=folder",
+    "negatives.source=mixed",
+    "negatives.synthetic_fraction=0.5",
+    "negatives.pastes=2",
+]
 JOINT_KEYS = ("loss", "seg", "likelihood", "posterior", "flow_jsd", "flow_bpd")
 
 
@@ -82,6 +89,7 @@ def _assert_same_parameters(got: Path, expected: Path) -> None:
 def test_two_gloo_processes_train_flows_and_distil_as_one_process_with_two_slices(tmp_path):
     cityscapes = make_fake_cityscapes(tmp_path / "cs", splits=("train", "val"), n_per_city=4)  # 8 frames: 2 steps
     streethazards = make_fake_streethazards(tmp_path / "sh", splits=("train",))
+    negatives = make_image_folder(tmp_path / "neg")
     torch.manual_seed(3)
     teacher = create_model("ladder_mobilenetv3", num_classes=13, decoder_channels=8)
     teacher_file = tmp_path / "teacher.pt"
@@ -93,10 +101,13 @@ def test_two_gloo_processes_train_flows_and_distil_as_one_process_with_two_slice
         command = ["train", "--recipe", "denseflow-pretrain", "--data-root", str(cityscapes)]
         return [*command, "--out", str(tmp_path / out), "--device", "cpu", "--no-progress", *sets(*PRETRAIN)]
 
-    def joint(out: str, *extra: str) -> list[str]:
+    def joint(out: str, *extra: str, items: tuple[str, ...] = ()) -> list[str]:
         command = ["train", "--recipe", "dlv3p-cityscapes-finetune-flow", "--data-root", str(cityscapes)]
         command += ["--flow-init", str(flow_file), "--out", str(tmp_path / out), "--device", "cpu", "--no-progress"]
-        return [*command, *extra, *sets(*JOINT)]
+        return [*command, *extra, *sets(*JOINT, *items)]
+
+    def mixed(out: str) -> list[str]:  # real negatives and flow patches, 2 per image
+        return joint(out, "--neg-root", str(negatives), "--max-steps", "2", items=tuple(MIXED))
 
     def distil(out: str) -> list[str]:
         command = ["train", "--recipe", "dicnet-streethazards", "--data-root", str(streethazards)]
@@ -104,13 +115,20 @@ def test_two_gloo_processes_train_flows_and_distil_as_one_process_with_two_slice
         return [*command, "--no-progress", *sets(*DISTILL)]
 
     one = ["--accumulate", "2"]  # 1 process, 2 slices of 2 images: the references
-    for args in (pretrain("pre1"), joint("joint1"), joint("part1", "--max-steps", "2"), distil("dist1")):
+    for args in (
+        pretrain("pre1"),
+        joint("joint1"),
+        joint("part1", "--max-steps", "2"),
+        mixed("mixed1"),
+        distil("dist1"),
+    ):
         assert main([*args, *one]) == 0, args
 
     commands = [
         pretrain("pre2"),
         joint("joint2", "--max-steps", "2"),
         joint("part1"),  # the 1-process checkpoint (step 2) resumes in 2 processes
+        mixed("mixed2"),
         distil("dist2"),
     ]
     (tmp_path / "commands.json").write_text(json.dumps(commands))
@@ -128,6 +146,7 @@ def test_two_gloo_processes_train_flows_and_distil_as_one_process_with_two_slice
     # joint fine-tuning: both steps of every iteration, the segmenter and the flow's terms
     _assert_same_steps(tmp_path / "joint2", tmp_path / "joint1", [1, 2], JOINT_KEYS)
     assert torch.load(tmp_path / "joint2" / "last.pt", weights_only=True)["world_size"] == 2
+    _assert_same_steps(tmp_path / "mixed2", tmp_path / "mixed1", [1, 2], JOINT_KEYS)  # real crops drawn per slice too
     # distillation
     _assert_same_steps(tmp_path / "dist2", tmp_path / "dist1", [1, 2], ("loss",))
 
