@@ -72,14 +72,14 @@ def model_outputs(
 
     ``window``: a :class:`~densehybrid.models.window.SlidingWindow`, ``"auto"`` (default: the model's released one,
     ``model.inference_window``; none for most models) or None (one whole-image pass). ``shard``: in a process group,
-    only this rank's contiguous block of ``dataset`` (:func:`~densehybrid.engine.distributed.shard_range`; the
-    caller merges the ranks' results); progress bars are shown by rank 0 only.
+    only this rank's contiguous block of the batches a single process would run (the caller merges the ranks'
+    results); progress bars are shown by rank 0 only.
     """
     window = resolve_window(model, window)
     device = select_device(device)
     model.to(device).eval()
     use_amp = amp and device.type == "cuda"
-    block = distributed.shard_range(len(dataset)) if shard else range(len(dataset))
+    block = batch_aligned_block(len(dataset), batch_size) if shard else range(len(dataset))
     if len(block) != len(dataset):
         dataset = Subset(dataset, block)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -99,6 +99,14 @@ def model_outputs(
                 out = sliding_window_outputs(model, images, window, size)
         check_finite_outputs(out, batch)
         yield batch, output_as_float32(out)
+
+
+def batch_aligned_block(count: int, batch_size: int, rank: int | None = None, world: int | None = None) -> range:
+    """This rank's samples: its :func:`~densehybrid.engine.distributed.shard_range` block of the ``batch_size``
+    batches of one process, so every batch holds the same samples as in one process (kernels may round an image's
+    outputs differently in batches of another size) and the ranks' results equal a single process's bit for bit."""
+    batches = distributed.shard_range(-(-count // batch_size), rank, world)
+    return range(min(batches.start * batch_size, count), min(batches.stop * batch_size, count))
 
 
 def evaluate(
