@@ -6,7 +6,8 @@ the table "2 processes vs 1" (``ratio`` = time with 2 processes / time with 1; b
 * ``evaluate``: ``torchrun --standalone --nproc-per-node W -m densehybrid evaluate --benchmark folder`` on a
   generated folder tree (random images and labels, anomaly id K), W = 1 and 2, the same checkpoint and settings.
   Wall time per image is the slope between a run over ``--frames`` frames and one over half of them (``--limit``),
-  so the start-up (torchrun, imports, reading the checkpoint) cancels out; each process gets ``threads / W`` intra-op
+  so the start-up (torchrun, imports, reading the checkpoint) cancels out; the median over ``--repeats``
+  repetitions, the order of 1 and 2 processes alternating; each process gets ``threads / W`` intra-op
   threads (``OMP_NUM_THREADS``). On a machine with fewer free cores than processes the 2-process number mostly
   measures contention. ``identical_json`` says whether both wrote the same JSON: they do when every process has the
   same number of threads (``--threads 2`` gives 2 and 1 + 1, and float32 kernels round differently with 2 threads).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,19 +75,21 @@ def evaluate_part(args: argparse.Namespace) -> list[dict]:
         torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": model.model_kwargs},
                    checkpoint)  # fmt: skip
         half = args.frames // 2
-        per_image = {}
-        for world in (1, 2):
-            walls = {}
-            for limit in (half, args.frames):
-                command = ["evaluate", "--benchmark", "folder", "--root", str(tree), "--checkpoint", str(checkpoint),
-                           "--limit", str(limit), "--out", str(Path(tmp) / f"w{world}-{limit}.json"),
-                           "--device", "cpu", "--num-workers", "0", "--no-progress"]  # fmt: skip
-                walls[limit] = _torchrun(world, command, args.threads)
-            per_image[world] = (walls[args.frames] - walls[half]) / (args.frames - half)
+        slopes: dict[int, list[float]] = {1: [], 2: []}
+        for repeat in range(args.repeats):  # the order of 1 and 2 processes alternates between repetitions
+            for world in (1, 2) if repeat % 2 == 0 else (2, 1):
+                walls = {}
+                for limit in (half, args.frames):
+                    command = ["evaluate", "--benchmark", "folder", "--root", str(tree), "--checkpoint",
+                               str(checkpoint), "--limit", str(limit), "--out", str(Path(tmp) / f"w{world}-{limit}.json"),
+                               "--device", "cpu", "--num-workers", "0", "--no-progress", "--overwrite"]  # fmt: skip
+                    walls[limit] = _torchrun(world, command, args.threads)
+                slopes[world].append((walls[args.frames] - walls[half]) / (args.frames - half))
+        per_image = {world: statistics.median(values) for world, values in slopes.items()}
         one, two = (json.loads((Path(tmp) / f"w{w}-{args.frames}.json").read_text()) for w in (1, 2))
     row = {
         "part": "evaluate",
-        "what": f"wall s / image, {args.model}, {args.size[0]}x{args.size[1]}, {args.frames} frames",
+        "what": f"wall s / image, {args.model}, {args.size[0]}x{args.size[1]}, {args.frames} frames, median of {args.repeats}",
         "one_process": per_image[1],
         "two_processes": per_image[2],
         "ratio": per_image[2] / per_image[1],
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("--model", default="ladder_mobilenetv3")
     parser.add_argument("--frames", type=int, default=16, help="evaluate: frames of the larger run (half: smaller)")
     parser.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions, alternating the order; medians")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads in total")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
