@@ -11,7 +11,8 @@ for the ``-flow`` recipes and ``denseflow-pretrain``, the DenseFlow of ``flow.co
 * **step**: the rise of the resident memory (``VmHWM`` after a reset through ``/proc/self/clear_refs``, minus
   ``VmRSS`` before) over one ``train()`` forward, backward and optimiser step on one random image at the released
   crop (the full frame where the recipe does not crop: 720x1280 for StreetHazards), each network in its own
-  process. It counts the activations kept for the backward pass (with the recipe's gradient checkpointing) and the
+  process, BatchNorm on its running statistics (a batch of 1 has none at a 1x1 pooling grid; the tensors kept for the
+  backward pass are the same). It counts the activations kept for the backward pass (with the recipe's gradient checkpointing) and the
   optimiser state created by the first step; a GPU adds its own workspaces (cuDNN, the caching allocator), so take it
   as an estimate of the per-image part, to be multiplied by the batch per rank. "of which activations" is the step's
   rise minus the gradients and the optimiser state; the last column estimates a rank's memory as the fixed part plus
@@ -116,6 +117,9 @@ def measure(recipe_name: str, which: str, height: int, width: int) -> dict:
     torch.manual_seed(0)
     recipe = _recipe(recipe_name)
     network = _network(recipe, which).train()
+    for module in network.modules():  # a batch of 1 has no statistics at a 1x1 pooling grid; same saved tensors
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
     optimizer_name = _optimizer(recipe, which)
     parameters = [p for p in network.parameters() if p.requires_grad]
     optimizer = {"sgd": torch.optim.SGD, "adamax": torch.optim.Adamax}.get(optimizer_name, torch.optim.Adam)
