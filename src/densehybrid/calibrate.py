@@ -243,6 +243,8 @@ def calibrate_checkpoint(
             pairs, method=method, target_tpr=target_tpr, strict=True, distributed=distributed.is_distributed()
         )
     except ValueError as exc:
+        if "anomaly pixels" in str(exc):  # raised on every rank alike: the counts of all ranks explain it
+            pairs.merge()
         if pairs.anomalies or not pairs.images:  # no image reached the count: the error is not about anomalies
             raise
         remedy = "Use a split with anomalies."
