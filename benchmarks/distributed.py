@@ -7,10 +7,11 @@ the table "2 processes vs 1" (``ratio`` = time with 2 processes / time with 1; b
   generated folder tree (random images and labels, anomaly id K), W = 1 and 2, the same checkpoint and settings.
   Wall time per image is the slope between a run over ``--frames`` frames and one over half of them (``--limit``),
   so the start-up (torchrun, imports, reading the checkpoint) cancels out; the median over ``--repeats``
-  repetitions, the order of 1 and 2 processes alternating; each process gets ``threads / W`` intra-op
-  threads (``OMP_NUM_THREADS``). On a machine with fewer free cores than processes the 2-process number mostly
-  measures contention. ``identical_json`` says whether both wrote the same JSON: they do when every process has the
-  same number of threads (``--threads 2`` gives 2 and 1 + 1, and float32 kernels round differently with 2 threads).
+  repetitions, the order of 1 and 2 processes alternating. Every process gets ``--threads-per-process`` intra-op
+  threads (``OMP_NUM_THREADS``; 1 by default, as ``torchrun`` sets it), so 2 processes use twice the cores of 1, as
+  2 GPUs are twice the hardware of 1; on a machine with fewer free cores than processes the 2-process number mostly
+  measures contention. ``identical_json`` says whether both wrote the same JSON (they must: same threads per
+  process, the same batches).
 
 Usage::
 
@@ -39,9 +40,9 @@ NUM_CLASSES = 5
 
 
 def _torchrun(world: int, command: list[str], threads: int) -> float:
-    """Wall seconds of ``torchrun --nproc-per-node world -m densehybrid COMMAND``."""
+    """Wall seconds of ``torchrun --nproc-per-node world -m densehybrid COMMAND``, ``threads`` per process."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // world)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
     subprocess.run([*launch, "-m", "densehybrid", *command], check=True, env=env, capture_output=True)
     return time.perf_counter() - start
@@ -83,7 +84,7 @@ def evaluate_part(args: argparse.Namespace) -> list[dict]:
                     command = ["evaluate", "--benchmark", "folder", "--root", str(tree), "--checkpoint",
                                str(checkpoint), "--limit", str(limit), "--out", str(Path(tmp) / f"w{world}-{limit}.json"),
                                "--device", "cpu", "--num-workers", "0", "--no-progress", "--overwrite"]  # fmt: skip
-                    walls[limit] = _torchrun(world, command, args.threads)
+                    walls[limit] = _torchrun(world, command, args.threads_per_process)
                 slopes[world].append((walls[args.frames] - walls[half]) / (args.frames - half))
         per_image = {world: statistics.median(values) for world, values in slopes.items()}
         one, two = (json.loads((Path(tmp) / f"w{w}-{args.frames}.json").read_text()) for w in (1, 2))
@@ -113,7 +114,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16, help="evaluate: frames of the larger run (half: smaller)")
     parser.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
     parser.add_argument("--repeats", type=int, default=3, help="repetitions, alternating the order; medians")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads in total")
+    parser.add_argument(
+        "--threads-per-process", type=int, default=1, help="intra-op threads of every process (torchrun's default: 1)"
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
