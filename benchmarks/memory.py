@@ -1,5 +1,5 @@
-"""Memory per process of the released training recipes: the fixed part computed from the models, and the peak of
-one training step at the released crop with a batch of 1, measured on the CPU.
+"""Memory per process of the released training recipes: the fixed part computed from the models, and the activations
+of one training pass at the released crop with a batch of 1, measured on the CPU.
 
 For each released recipe (``densehybrid recipes``) this builds its model (``model.name`` with ``model.kwargs``) and,
 for the ``-flow`` recipes and ``denseflow-pretrain``, the DenseFlow of ``flow.config``, then reports
@@ -8,17 +8,17 @@ for the ``-flow`` recipes and ``denseflow-pretrain``, the DenseFlow of ``flow.co
   optimiser's state (Adam/Adamax: 2 tensors per trainable parameter, SGD with momentum: 1) and of the gradient
   buckets of ``DistributedDataParallel`` (one more copy of the trainable parameters' gradients): every rank holds all
   of them, whatever the number of ranks;
-* **step**: the rise of the resident memory (``VmHWM`` after a reset through ``/proc/self/clear_refs``, minus
-  ``VmRSS`` before) over one ``train()`` forward, backward and optimiser step on one random image at the released
-  crop (the full frame where the recipe does not crop: 720x1280 for StreetHazards), each network in its own
-  process, BatchNorm on its running statistics (a batch of 1 has none at a 1x1 pooling grid; the tensors kept for the
-  backward pass are the same). It counts the activations kept for the backward pass (with the recipe's gradient checkpointing) and the
-  optimiser state created by the first step; a GPU adds its own workspaces (cuDNN, the caching allocator), so take it
-  as an estimate of the per-image part, to be multiplied by the batch per rank. "of which activations" is the step's
-  rise minus the gradients and the optimiser state; the last column estimates a rank's memory as the fixed part plus
+* **one pass**: the rise of the resident memory (``VmHWM`` after a reset through ``/proc/self/clear_refs``, minus
+  ``VmRSS`` before) over one ``train()`` forward and backward pass on one random image at the released crop (the
+  full frame where the recipe does not crop: 720x1280 for StreetHazards), each network in its own process, with a
+  fixed glibc mmap threshold so that freed tensors leave the resident memory, and BatchNorm on its running statistics
+  (a batch of 1 has none at a 1x1 pooling grid; the tensors kept for the backward pass are the same). The rise minus
+  the gradients is the memory of the activations kept for the backward pass (with the recipe's gradient
+  checkpointing) and the pass's temporaries, per image. A GPU adds its own workspaces (cuDNN, the caching
+  allocator's rounding), so take it as an estimate; the last column estimates a rank as the fixed part plus
   ``--batch-per-rank`` times the activations.
 
-The segmentation step uses the cross-entropy of the logits plus the mean of the dataset-posterior logits (the
+The segmentation pass uses the cross-entropy of the logits plus the mean of the dataset-posterior logits (the
 DenseHybrid objective's tensors, without the pasted negatives); DiCNet the distillation loss of the student; the
 flow its bits per dimension on one patch.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,7 @@ def _loss(network: torch.nn.Module, which: str, height: int, width: int) -> torc
 
 
 def measure(recipe_name: str, which: str, height: int, width: int) -> dict:
-    """One network of one recipe, in this process."""
+    """One network of one recipe, in this process: the fixed part and the rise of one forward and backward pass."""
     torch.manual_seed(0)
     recipe = _recipe(recipe_name)
     network = _network(recipe, which).train()
@@ -121,25 +122,19 @@ def measure(recipe_name: str, which: str, height: int, width: int) -> dict:
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
     optimizer_name = _optimizer(recipe, which)
-    parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer = {"sgd": torch.optim.SGD, "adamax": torch.optim.Adamax}.get(optimizer_name, torch.optim.Adam)
-    step = optimizer(parameters, lr=1e-6, **({"momentum": 0.9} if optimizer_name == "sgd" else {}))
+    fixed = _fixed(network, optimizer_name)
     before = _memory_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     _loss(network, which, height, width).backward()
-    step.step()
-    peak = _memory_kib("VmHWM")
+    rise = (_memory_kib("VmHWM") - before) / 1024
     return {
         "recipe": recipe_name,
         "network": f"{which} ({type(network).__name__})",
         "input": f"{height}x{width}",
         "optimizer": optimizer_name,
-        **_fixed(network, optimizer_name),
-        "step_peak_mib": (peak - before) / 1024,
-        # what the step added beyond the gradients and the optimiser state: activations and temporaries
-        "activations_mib": (peak - before) / 1024
-        - _fixed(network, optimizer_name)["gradients_mib"]
-        - _fixed(network, optimizer_name)["optimizer_mib"],
+        **fixed,
+        "forward_backward_rise_mib": rise,
+        "activations_mib": rise - fixed["gradients_mib"],  # what the pass kept beyond the gradients
         "rss_before_mib": before / 1024,
         "threads": torch.get_num_threads(),
     }
@@ -157,19 +152,23 @@ def main() -> None:
         print(json.dumps(measure(name, which, int(height), int(width))))
         return
     rows = []
-    print("| recipe | network | input | parameters (M) | weights + grads + optimiser + DDP buckets (MiB) | "
-          f"one step, batch 1: peak rise (MiB) | of which activations (MiB) | estimate per rank, {args.batch_per_rank} "
-          "images per rank (MiB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | network | input | parameters (M) | optimiser | weights + grads + optimiser state + DDP buckets "
+          f"(MiB) | forward + backward, 1 image: rise (MiB) | activations per image (MiB) | estimate per rank, "
+          f"{args.batch_per_rank} images per rank (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.recipe or list(RELEASED):
         for which, height, width in RELEASED[name]:
             command = [sys.executable, __file__, "--one", name, which, str(height), str(width)]
-            row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            # A fixed mmap threshold returns every freed tensor to the system, so the resident memory follows the
+            # live tensors (glibc's adaptive threshold would keep freed ones resident).
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
             rows.append(row)
             fixed = row["weights_mib"] + row["gradients_mib"] + row["optimizer_mib"] + row["ddp_buckets_mib"]
             per_gpu = fixed + args.batch_per_rank * row["activations_mib"]
-            print(f"| {name} | {row['network']} | {row['input']} | {row['parameters'] / 1e6:.1f} | {fixed:.0f} | "
-                  f"{row['step_peak_mib']:.0f} | {row['activations_mib']:.0f} | {per_gpu:.0f} |", flush=True)  # fmt: skip
+            print(f"| {name} | {row['network']} | {row['input']} | {row['parameters'] / 1e6:.1f} | {row['optimizer']} | "
+                  f"{fixed:.0f} | {row['forward_backward_rise_mib']:.0f} | {row['activations_mib']:.0f} | "
+                  f"{per_gpu:.0f} |", flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
 
