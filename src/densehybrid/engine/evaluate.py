@@ -5,7 +5,7 @@ targets, the closed-set and open-set confusion matrices. Metric state has fixed 
 benchmarks of 10^9 pixels in bounded memory; optional pixel subsamples feed plots.
 
 Under ``torchrun`` (an initialised process group) every rank runs the model over its contiguous block of the
-dataset (:func:`~densehybrid.engine.distributed.shard_range`) and the metrics are merged over the ranks: integer
+dataset's batches (:func:`batch_aligned_block`) and the metrics are merged over the ranks: integer
 states are summed, float sums are exact (:mod:`densehybrid.metrics._base`) and the SMIYC frame lists are gathered in
 rank order, so every rank gets exactly the numbers of one process. Every rank must call these functions.
 """
@@ -227,7 +227,7 @@ def _merge_over_ranks(
     for name, by_group in metrics.items():
         merged = {}
         for group in order:
-            metric = by_group.get(group) or anomaly_metrics(protocol, **dict(protocol_options or {}))
+            metric = by_group[group] if group in by_group else anomaly_metrics(protocol, **dict(protocol_options or {}))
             merged[group] = metric.sync()
         metrics[name] = merged
     return int(distributed.sum_over_ranks(torch.tensor(num_images)))
