@@ -13,7 +13,6 @@ Benchmarks are read with the registered loaders (``densehybrid doctor`` lists th
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from densehybrid.engine.evaluate import model_outputs
+from densehybrid.engine import distributed
+from densehybrid.engine.evaluate import model_outputs, sample_pixels_of_image
 from densehybrid.engine.outputs import check_output_file
 from densehybrid.labels import ANOMALY, IGNORE_INDEX, anomaly_target
 from densehybrid.models.checkpoint import (
@@ -79,25 +79,42 @@ def _open_data(
 
 
 class _Pairs:
-    """``(scores, binary target)`` per batch for ``calibrate_threshold``, keeping a pixel sample and counts."""
+    """``(scores, binary target)`` per batch for ``calibrate_threshold``, keeping a pixel sample and counts.
 
-    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], sample_per_batch: int, seed: int):
+    The sample takes ``sample_per_image`` pixels of each image, seeded by the image's position in the dataset, so
+    it does not depend on the batch size or the number of processes; :meth:`merge` combines the ranks' samples.
+    """
+
+    def __init__(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], sample_per_image: int, seed: int
+    ):
         self.batches = batches
-        self.sample_per_batch = sample_per_batch
-        self.generator = torch.Generator().manual_seed(seed)
+        self.sample_per_image = sample_per_image
+        self.seed = seed
         self.sample: list[np.ndarray] = []
         self.anomalies = 0
         self.images = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for scores, binary in self.batches:
+        for scores, binary, indices in self.batches:
             self.images += scores.shape[0]
             self.anomalies += int((binary == ANOMALY).sum())
-            valid = (binary != IGNORE_INDEX).flatten().nonzero().squeeze(1).cpu()
-            if valid.numel():
-                pick = valid[torch.randperm(valid.numel(), generator=self.generator)[: self.sample_per_batch]]
-                self.sample.append(scores.flatten().cpu()[pick].double().numpy())
+            for image_scores, image_binary, index in zip(scores, binary, indices.tolist()):
+                pick = sample_pixels_of_image(
+                    (image_binary != IGNORE_INDEX).flatten(), self.sample_per_image, self.seed, index
+                )
+                if pick.numel():
+                    self.sample.append(image_scores.flatten().cpu()[pick].double().numpy())
             yield scores, binary
+
+    def merge(self) -> None:
+        """In a process group: the counts and samples of every rank (samples in image order), on every rank."""
+        if not distributed.is_distributed():
+            return
+        ranks = distributed.gather_to_all((self.images, self.anomalies, self.sample))
+        self.images = sum(images for images, _, _ in ranks)
+        self.anomalies = sum(anomalies for _, anomalies, _ in ranks)
+        self.sample = [part for _, _, sample in ranks for part in sample]
 
 
 def calibrate_checkpoint(
@@ -146,12 +163,15 @@ def calibrate_checkpoint(
         calibration_scale: resize factor of the score and label maps before calibration (released StreetHazards
             code: 0.5; bilinear scores, nearest labels).
         dataset_options, limit, input_scale: as for ``densehybrid evaluate``.
-        sample_pixels: pixels sampled for the display range (spread over the batches).
+        sample_pixels: pixels sampled for the display range (the same number from each image).
         seed: seeds that sample.
         device, batch_size, num_workers, amp, progress: loop settings.
         window: sliding-window inference of :class:`~densehybrid.openset.OpenSetModel` (``"auto"``: the model's).
         overwrite: replace an existing ``out``.
         report: called with the result before the checkpoint is written (a failed write then loses nothing).
+
+    Under ``torchrun`` every rank calls this and runs the model over its block of the split; the threshold comes
+    from the pixels of all ranks (exactly the single-process one), and rank 0 alone reports and writes.
 
     Returns:
         a JSON-ready dict: ``out``, the :class:`~densehybrid.predict.Calibration` fields, ``anomaly_pixels``.
@@ -215,13 +235,16 @@ def calibrate_checkpoint(
                 binary = F.interpolate(binary[:, None].float(), scale_factor=calibration_scale, mode="nearest")[
                     :, 0
                 ].long()
-            yield scores, binary
+            yield scores, binary, batch["index"]
 
-    per_batch = max(1, sample_pixels // max(1, math.ceil(len(dataset) / batch_size)))
-    pairs = _Pairs(batches(), per_batch, seed)
+    pairs = _Pairs(batches(), max(1, sample_pixels // max(1, len(dataset))), seed)
     try:
-        threshold = calibrate_threshold(pairs, method=method, target_tpr=target_tpr, strict=True)
+        threshold = calibrate_threshold(
+            pairs, method=method, target_tpr=target_tpr, strict=True, distributed=distributed.is_distributed()
+        )
     except ValueError as exc:
+        if "anomaly pixels" in str(exc):  # raised on every rank alike: the counts of all ranks explain it
+            pairs.merge()
         if pairs.anomalies or not pairs.images:  # no image reached the count: the error is not about anomalies
             raise
         remedy = "Use a split with anomalies."
@@ -234,6 +257,7 @@ def calibrate_checkpoint(
             f"Expected anomaly pixels in split {split!r} of {benchmark!r}, but its {pairs.images} labelled images "
             f"have none: a threshold cannot be calibrated there. {remedy}"
         ) from exc
+    pairs.merge()
     sample = np.concatenate(pairs.sample)
     low, high = (float(v) for v in np.percentile(sample[np.isfinite(sample)], DISPLAY_PERCENTILES))
     low, high = min(low, threshold), max(high, threshold)
@@ -261,9 +285,10 @@ def calibrate_checkpoint(
         "window": describe_window(open_set.window),
         "anomaly_pixels": pairs.anomalies,
     }
-    if report is not None:
-        report(result)
-    write_checkpoint(calibrated_checkpoint(info, metadata, calibration), out_path)
+    if distributed.is_main():  # one writer; every rank computed the same calibration
+        if report is not None:
+            report(result)
+        write_checkpoint(calibrated_checkpoint(info, metadata, calibration), out_path)
     return result
 
 

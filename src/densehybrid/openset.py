@@ -197,6 +197,7 @@ def calibrate_threshold(
     ignore_index: int = 255,
     drop_intermediate: bool | None = None,
     memory_pixels: int = 1 << 24,
+    distributed: bool = False,
 ) -> float:
     """Choose the open-set threshold on labelled calibration data, exactly, in bounded memory.
 
@@ -216,6 +217,9 @@ def calibrate_threshold(
             that walks it does; default: as ``strict`` (the released COCO20 code uses ``>=`` on ``roc_curve``:
             ``strict=False, drop_intermediate=True``).
         memory_pixels: calibration pixels held in memory before they move to a temporary file.
+        distributed: the calibration pixels are spread over the ranks of the default process group (each rank
+            passes its own ``batches``): every rank must call this and gets the threshold of all the pixels, exactly
+            the single-process one (counts are summed and the pixels near the crossing gathered over the ranks).
 
     Returns:
         the threshold (one of the scores); apply it as ``scores > threshold``, as the released code does.
@@ -235,7 +239,7 @@ def calibrate_threshold(
             flat_scores, flat_target = scores.detach().reshape(-1), target.reshape(-1)
             keep = flat_target != ignore_index
             store.add(order_keys(flat_scores[keep]).cpu(), flat_target[keep].cpu())
-        curve = _exact.ExactCurve(store.chunks)
+        curve = _exact.ExactCurve(store.chunks, distributed=distributed)
         if curve.num_pos == 0:
             raise ValueError("Expected anomaly pixels in the calibration data, but found none: cannot set a threshold.")
         if method == "f1":

@@ -435,6 +435,21 @@ class SmiycWriter:
         self.counts[dataset] = self.counts.get(dataset, 0) + 1
         return path
 
+    def merge_ranks(self) -> None:
+        """In a process group: the frames written and float16 problems of every rank, on every rank (datasets in
+        frame order, as one process would list them); nothing otherwise."""
+        from densehybrid.engine import distributed
+
+        if not distributed.is_distributed():
+            return
+        counts: dict[str, int] = {}
+        problems = 0
+        for rank_counts, rank_problems in distributed.gather_to_all((self.counts, self.float16_problems)):
+            for dataset, count in rank_counts.items():
+                counts[dataset] = counts.get(dataset, 0) + count
+            problems += rank_problems
+        self.counts, self.float16_problems = counts, problems
+
     def summary(self) -> dict[str, object]:
         """What was written: the output root, frames per dataset, the squash parameters, float16 problems."""
         return {
@@ -461,6 +476,10 @@ def write_smiyc_maps(
     """Run the inference object on every frame and write its score map with ``writer`` (the loop of
     ``densehybrid export-smiyc``).
 
+    Under ``torchrun`` every rank calls this with the same arguments and writes the maps of its contiguous block of
+    ``frames`` (each file is written by exactly one rank, into the same ``writer`` folder); a squash to be fitted is
+    fitted by rank 0 on the first frame and shared, and the writer's counts are merged over the ranks.
+
     Args:
         open_set: the :class:`~densehybrid.openset.OpenSetModel` (its score; no threshold is needed).
         dataset: a benchmark loader (``load_image(frame) -> (3, H, W)`` in [0, 1]).
@@ -478,13 +497,29 @@ def write_smiyc_maps(
 
     from tqdm import tqdm
 
+    from densehybrid.engine import distributed
+
+    def frame_scores(index: int) -> torch.Tensor:
+        frame = frames[index]
+        image = dataset.load_image(frame).unsqueeze(0).to(device)
+        try:
+            return open_set(image).scores[0]
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{exc} (frame {frame.name})") from exc
+
     open_set.to(device).eval()
+    block = distributed.shard_range(len(frames))
+    first = None
     with torch.inference_mode():
-        for index in tqdm(range(len(frames)), desc=desc, unit="frame", file=sys.stderr, disable=not progress):
-            frame = frames[index]
-            image = dataset.load_image(frame).unsqueeze(0).to(device)
-            try:
-                scores = open_set(image).scores[0]
-            except NonFiniteError as exc:
-                raise NonFiniteError(f"{exc} (frame {frame.name})") from exc
-            writer.write(frame.name, scores, dataset=targets[index])
+        if writer.squash is not None and not writer.squash.fitted and distributed.is_distributed():
+            # One squash for all frames, fitted on the first frame as in one process: rank 0 fits it, all use it.
+            if distributed.is_main() and len(frames):
+                first = frame_scores(0)
+                writer.squash.fit(_as_scores(first))
+            writer.squash = distributed.broadcast_from_main(writer.squash)
+        for index in tqdm(
+            block, desc=desc, unit="frame", file=sys.stderr, disable=not progress or not distributed.is_main()
+        ):
+            scores = first if index == 0 and first is not None else frame_scores(index)
+            writer.write(frames[index].name, scores, dataset=targets[index])
+    writer.merge_ranks()

@@ -273,6 +273,25 @@ def naming_checkpoint(checkpoint: str | os.PathLike[str]) -> Iterator[None]:
         raise NonFiniteError(f"Checkpoint {str(checkpoint)!r} gives unusable outputs. {exc}") from exc
 
 
+@contextlib.contextmanager
+def command_ranks(device: str) -> Iterator[Any]:
+    """Run a command's work in the process group when ``torchrun`` launched it; yield this process's device.
+
+    Every rank runs the command (each over its block of the data, see :mod:`densehybrid.engine.distributed`);
+    only rank 0 prints and writes (the command asks :func:`densehybrid.engine.distributed.is_main`), and the other
+    ranks, which compute the same merged results, keep their warnings to themselves.
+    """
+    import warnings
+
+    from densehybrid.engine import distributed
+    from densehybrid.engine.runtime import select_device
+
+    with distributed.process_group(select_device(device)) as local, warnings.catch_warnings():
+        if not distributed.is_main():
+            warnings.simplefilter("ignore")
+        yield local
+
+
 def check_sml_arguments(scores: Sequence[str], sml_statistics: str | os.PathLike[str] | None) -> None:
     """Check that ``--sml-statistics`` is given exactly when ``sml`` is among the scores (before loading weights).
 

@@ -10,6 +10,7 @@ from densehybrid.cli._common import (
     add_model_arguments,
     add_overwrite_argument,
     check_sml_arguments,
+    command_ranks,
     dataset_options,
     input_scale,
     load_model,
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from densehybrid.calibrate import calibrate_checkpoint, calibrated_path
+    from densehybrid.engine.distributed import is_main
     from densehybrid.engine.outputs import check_output_file
     from densehybrid.scores import get_score
 
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    with naming_checkpoint(args.checkpoint):
+    with command_ranks(args.device) as device, naming_checkpoint(args.checkpoint):
         result = calibrate_checkpoint(
             args.checkpoint,
             args.benchmark,
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             dataset_options=dataset_options(args),
             limit=args.limit,
             input_scale=args.input_scale,
-            device=args.device,
+            device=device,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             amp=args.amp,
@@ -122,5 +124,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             report=announce,
         )
+        if not is_main():  # rank 0 announced the calibration and wrote the checkpoint
+            return 0
     print(f"calibrated checkpoint: {result['out']} (the original {result['checkpoint']} is unchanged)")
     return 0

@@ -11,6 +11,7 @@ from densehybrid.cli._common import (
     add_model_arguments,
     add_overwrite_argument,
     check_sml_arguments,
+    command_ranks,
     dataset_options,
     format_table,
     load_model,
@@ -87,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from densehybrid.data.datasets import get_benchmark
+    from densehybrid.engine.distributed import is_main
     from densehybrid.engine.outputs import check_output_file
     from densehybrid.evaluation import evaluate_benchmark, resolve_request
     from densehybrid.models.output import output_fields
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.score is None and scores:  # the default score follows the model's outputs (dicnet for DiCNet)
         scores = [default_score(output_fields(model))]
     score_options = load_score_options(scores, args.sml_statistics, info["num_classes"])
-    with naming_checkpoint(args.checkpoint):
+    with command_ranks(args.device) as device, naming_checkpoint(args.checkpoint):
         result = evaluate_benchmark(
             spec,
             args.root,
@@ -123,12 +125,14 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             input_scale=args.input_scale,
             amp=args.amp,
-            device=args.device,
+            device=device,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             progress=not args.no_progress,
             window=args.window,
         )
+        if not is_main():  # every rank holds the merged result; rank 0 reports and writes it
+            return 0
     document = result_document("evaluate", info, result, args, options)
     print(format_results(document), flush=True)  # printed first: a failed write must not lose the results
     path = write_json(out, document)

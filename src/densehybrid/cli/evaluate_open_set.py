@@ -11,6 +11,7 @@ from densehybrid.cli._common import (
     add_model_arguments,
     add_overwrite_argument,
     check_sml_arguments,
+    command_ranks,
     dataset_options,
     format_table,
     load_model,
@@ -96,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from densehybrid.data.datasets import get_benchmark
+    from densehybrid.engine.distributed import is_main
     from densehybrid.engine.outputs import check_output_file
     from densehybrid.evaluation import coco_open_set, folder_open_set, roadscene_open_set, streethazards_open_set
     from densehybrid.scores import get_score
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs["calibration_rule"] = args.calibration_rule
     if spec.name == "coco20":
         kwargs["coco_protocol"] = args.coco_protocol
-    with naming_checkpoint(args.checkpoint):
+    with command_ranks(args.device) as device, naming_checkpoint(args.checkpoint):
         result = protocol(
             args.root,
             model,
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             target_tpr=args.tpr,
             method=args.calibration,
             score_options=score_options,
-            device=args.device,
+            device=device,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             amp=args.amp,
@@ -148,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
             window=args.window,
             **kwargs,
         )
+        if not is_main():  # every rank holds the merged result; rank 0 reports and writes it
+            return 0
     document = result_document("evaluate-open-set", info, result, args, options)
     print(format_results(document), flush=True)  # printed first: a failed write must not lose the results
     path = write_json(out, document)

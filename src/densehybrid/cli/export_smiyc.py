@@ -81,10 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid.cli._common import load_model, naming_checkpoint
+    from densehybrid.cli._common import command_ranks, load_model, naming_checkpoint
     from densehybrid.data.datasets import get_benchmark, parse_dataset_options
+    from densehybrid.engine.distributed import barrier, broadcast_from_main, is_main
     from densehybrid.engine.outputs import check_output_dir, remove_stale_temporaries, staging_dir, swap_in
-    from densehybrid.engine.runtime import select_device
     from densehybrid.models.window import describe_window
     from densehybrid.openset import OpenSetModel
     from densehybrid.scores import score_info
@@ -122,28 +122,35 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     method_dir = out / "anomaly_p" / args.method
-    remove_stale_temporaries(method_dir.parent, f".{glob.escape(args.method)}.*.tmp")
-
-    device = select_device(args.device)
-    model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
-    try:
-        open_set = OpenSetModel(model, info.name, window=args.window)
-    except ValueError as exc:
-        raise ValueError(f"Checkpoint {str(args.checkpoint)!r}: {exc}") from exc
-    print(f"inference: {describe_window(open_set.window)}", file=sys.stderr)
-    squash = None if args.squash == "none" else Squash(args.squash, args.squash_center, args.squash_scale)
-    staged = staging_dir(method_dir)
-    try:
-        writer = SmiycWriter(
-            staged, args.method, squash=squash, compression_level=args.compression_level, check_float16=True
-        )
-        with naming_checkpoint(args.checkpoint):
-            write_smiyc_maps(open_set, dataset, frames, targets, writer, device=device, desc=f"export {spec.name}")
-        summary = writer.summary()
-        for folder in folders:
-            swap_in(staged / "anomaly_p" / args.method / folder.name, folder)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+    with command_ranks(args.device) as device:
+        main = is_main()  # under torchrun: every rank writes its block of frames; rank 0 alone stages and reports
+        if main:
+            remove_stale_temporaries(method_dir.parent, f".{glob.escape(args.method)}.*.tmp")
+        model, _ = load_model(args.checkpoint, args.model, args.num_classes, spec.num_known_classes)
+        try:
+            open_set = OpenSetModel(model, info.name, window=args.window)
+        except ValueError as exc:
+            raise ValueError(f"Checkpoint {str(args.checkpoint)!r}: {exc}") from exc
+        if main:
+            print(f"inference: {describe_window(open_set.window)}", file=sys.stderr)
+        squash = None if args.squash == "none" else Squash(args.squash, args.squash_center, args.squash_scale)
+        staged = broadcast_from_main(staging_dir(method_dir) if main else None)
+        try:
+            writer = SmiycWriter(
+                staged, args.method, squash=squash, compression_level=args.compression_level, check_float16=True
+            )
+            with naming_checkpoint(args.checkpoint):
+                write_smiyc_maps(open_set, dataset, frames, targets, writer, device=device, desc=f"export {spec.name}")
+            summary = writer.summary()
+            barrier()  # every rank's maps are in the staged folder
+            if main:
+                for folder in folders:
+                    swap_in(staged / "anomaly_p" / args.method / folder.name, folder)
+        finally:
+            if main:
+                shutil.rmtree(staged, ignore_errors=True)
+        if not main:
+            return 0
     summary["out"] = str(method_dir)
     print(json.dumps(summary, indent=2))
     if spec.name in _TOOLKIT_SPLITS:

@@ -18,11 +18,13 @@ float rounding (``TrainConfig.accumulate``).
 
 How inference is split: :func:`shard_range` gives rank ``r`` one contiguous block of the ``n`` inputs (the blocks
 differ in length by at most one, an empty block is allowed), so concatenating what :func:`gather_to_main` returns, in
-rank order, restores the input order exactly.
+rank order, restores the input order exactly. The commands that run a model over a dataset (``evaluate``,
+``evaluate-open-set``, ``calibrate``, ``export-smiyc``) join the group with :func:`process_group`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -36,12 +38,15 @@ __all__ = [
     "any_rank",
     "average_gradients",
     "barrier",
+    "broadcast_from_main",
+    "gather_to_all",
     "gather_to_main",
     "init_from_env",
     "is_distributed",
     "is_main",
     "local_device",
     "mean_over_ranks",
+    "process_group",
     "rank",
     "rank_generator",
     "shard_range",
@@ -281,3 +286,37 @@ def gather_to_main(obj: object) -> list[object] | None:
     gathered: list[object] | None = [None] * world_size() if is_main() else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
+
+
+def gather_to_all(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_from_main(obj: object) -> object:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself in a single process."""
+    if not is_distributed():
+        return obj
+    holder = [obj if is_main() else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """Run the block in the process group ``torchrun`` describes (if it launched this process); yield this process's
+    device (:func:`local_device`).
+
+    The group is joined here unless it already exists, and then left at the end of the block; a caller that joined
+    it first keeps it. Outside ``torchrun`` the block runs in a single process.
+    """
+    joined = not is_distributed() and init_from_env(device)
+    try:
+        yield local_device(device)
+    finally:
+        if joined:
+            shutdown()

@@ -3,6 +3,11 @@
 One forward pass per batch serves all scores, all anomaly groups (e.g. per anomaly family) and, for semantic
 targets, the closed-set and open-set confusion matrices. Metric state has fixed size, so the loop runs over
 benchmarks of 10^9 pixels in bounded memory; optional pixel subsamples feed plots.
+
+Under ``torchrun`` (an initialised process group) every rank runs the model over its contiguous block of the
+dataset's batches (:func:`batch_aligned_block`) and the metrics are merged over the ranks: integer
+states are summed, float sums are exact (:mod:`densehybrid.metrics._base`) and the SMIYC frame lists are gathered in
+rank order, so every rank gets exactly the numbers of one process. Every rank must call these functions.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from densehybrid.engine import distributed
 from densehybrid.engine.batches import collate
 from densehybrid.engine.runtime import select_device
 from densehybrid.labels import ANOMALY, INLIER, anomaly_target
@@ -59,19 +65,29 @@ def model_outputs(
     progress: bool = True,
     desc: str = "evaluate",
     window: SlidingWindow | str | None = "auto",
+    shard: bool = True,
 ):
     """Yield ``(batch, output)`` for every batch of ``dataset``: the model's output tuple (e.g. ``HybridOutput``) in
-    float32, dense outputs at the target's resolution.
+    float32, dense outputs at the target's resolution. ``batch["index"]`` holds the samples' positions in ``dataset``.
 
     ``window``: a :class:`~densehybrid.models.window.SlidingWindow`, ``"auto"`` (default: the model's released one,
-    ``model.inference_window``; none for most models) or None (one whole-image pass).
+    ``model.inference_window``; none for most models) or None (one whole-image pass). ``shard``: in a process group,
+    only this rank's contiguous block of the batches a single process would run (the caller merges the ranks'
+    results); progress bars are shown by rank 0 only.
     """
     window = resolve_window(model, window)
     device = select_device(device)
     model.to(device).eval()
     use_amp = amp and device.type == "cuda"
+    block = batch_aligned_block(len(dataset), batch_size) if shard else range(len(dataset))
+    if len(block) != len(dataset):
+        dataset = Subset(dataset, block)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    position = block.start
+    for batch in tqdm(loader, desc=desc, disable=not progress or not distributed.is_main(), leave=False):
+        count = batch["image"].shape[0]
+        batch["index"] = torch.arange(position, position + count)
+        position += count
         images = batch["image"].to(device, non_blocking=True)
         size = tuple(batch["target"].shape[-2:]) if "target" in batch else tuple(images.shape[-2:])
         # no_grad, not inference_mode: the mode must not leak into the caller's code while this generator is
@@ -83,6 +99,14 @@ def model_outputs(
                 out = sliding_window_outputs(model, images, window, size)
         check_finite_outputs(out, batch)
         yield batch, output_as_float32(out)
+
+
+def batch_aligned_block(count: int, batch_size: int, rank: int | None = None, world: int | None = None) -> range:
+    """This rank's samples: its :func:`~densehybrid.engine.distributed.shard_range` block of the ``batch_size``
+    batches of one process, so every batch holds the same samples as in one process (kernels may round an image's
+    outputs differently in batches of another size) and the ranks' results equal a single process's bit for bit."""
+    batches = distributed.shard_range(-(-count // batch_size), rank, world)
+    return range(min(batches.start * batch_size, count), min(batches.stop * batch_size, count))
 
 
 def evaluate(
@@ -151,6 +175,7 @@ def evaluate(
     opened = ConfusionMatrix(num_classes) if target_kind == "semantic" and threshold is not None else None
     instance_metrics = CityscapesInstanceMetrics() if closed is not None and cityscapes_metrics else None
     sampler = _PixelSampler(sample_pixels, len(dataset), seed) if sample_pixels else None
+    group_order: dict[str, None] = {}
     num_images = 0
     for batch, out in model_outputs(
         model, dataset, device, batch_size, num_workers, amp=amp, progress=progress, window=window
@@ -158,6 +183,7 @@ def evaluate(
         target = batch["target"].to(out.logits.device).long()
         binary = anomaly_target(target, num_classes) if target_kind == "semantic" else target
         group_targets = dict(groups(batch, binary)) if groups is not None else {"all": binary}
+        group_order.update(dict.fromkeys(group_targets))
         computed = {name: compute_score(name, out, **score_options.get(name, {})) for name in score_names}
         for name in scores:
             for group, group_target in group_targets.items():
@@ -172,8 +198,13 @@ def evaluate(
             opened.update(predict_open_set(out.logits, computed[open_set_score], threshold), target)
         if sampler is not None:
             group_ids = _group_ids(group_targets, binary)
-            sampler.add({name: computed[name] for name in scores}, binary, group_ids)
+            sampler.add({name: computed[name] for name in scores}, binary, group_ids, batch["index"])
         num_images += target.shape[0]
+    if distributed.is_distributed():
+        num_images = _merge_over_ranks(metrics, group_order, protocol, protocol_options, num_images)
+        for metric in (closed, opened, instance_metrics):
+            if metric is not None:
+                metric.sync()
     return EvaluationResult(
         anomaly={name: {g: m.compute() for g, m in by_group.items()} for name, by_group in metrics.items()},
         closed_set=_closed_set(closed, instance_metrics),
@@ -181,6 +212,25 @@ def evaluate(
         samples=sampler.result() if sampler is not None else {},
         num_images=num_images,
     )
+
+
+def _merge_over_ranks(
+    metrics: dict[str, dict[str, Any]],
+    group_order: dict[str, None],
+    protocol: str,
+    protocol_options: Mapping[str, Any] | None,
+    num_images: int,
+) -> int:
+    """Sync every anomaly metric over the ranks, its groups in the order one process would have met them (a rank may
+    have seen none of a group's images); return the images of all ranks."""
+    order = dict.fromkeys(group for part in distributed.gather_to_all(list(group_order)) for group in part)
+    for name, by_group in metrics.items():
+        merged = {}
+        for group in order:
+            metric = by_group[group] if group in by_group else anomaly_metrics(protocol, **dict(protocol_options or {}))
+            merged[group] = metric.sync()
+        metrics[name] = merged
+    return int(distributed.sum_over_ranks(torch.tensor(num_images)))
 
 
 def _group_ids(group_targets: Mapping[str, torch.Tensor], binary: torch.Tensor) -> torch.Tensor:
@@ -191,32 +241,60 @@ def _group_ids(group_targets: Mapping[str, torch.Tensor], binary: torch.Tensor) 
     return ids
 
 
+def sample_pixels_of_image(valid: torch.Tensor, count: int, seed: int, index: int) -> torch.Tensor:
+    """Up to ``count`` random positions among the True entries of ``valid`` (a flat bool mask of one image), drawn
+    from a generator seeded by ``seed`` and the image's ``index`` in its dataset: the same pixels whatever the batch
+    size or the number of processes.
+    """
+    positions = valid.nonzero().squeeze(1).cpu()
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % (1 << 63))
+    return positions[torch.randperm(positions.numel(), generator=generator)[:count]]
+
+
 class _PixelSampler:
-    """Keeps a seeded random subset of evaluated pixels (same pixels for every score) for curves and histograms."""
+    """Keeps a seeded random subset of evaluated pixels (same pixels for every score) for curves and histograms;
+    in a process group, :meth:`result` gathers the ranks' samples in image order."""
 
     def __init__(self, total: int, num_images: int, seed: int) -> None:
         self.per_image = max(1, total // max(num_images, 1))
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.scores: dict[str, list[np.ndarray]] = {}
         self.labels: list[np.ndarray] = []
         self.groups: list[np.ndarray] = []
 
-    def add(self, scores: Mapping[str, torch.Tensor], binary: torch.Tensor, group_ids: torch.Tensor) -> None:
+    def add(
+        self,
+        scores: Mapping[str, torch.Tensor],
+        binary: torch.Tensor,
+        group_ids: torch.Tensor,
+        indices: torch.Tensor,
+    ) -> None:
         for i in range(binary.shape[0]):
-            valid = ((binary[i] == INLIER) | (binary[i] == ANOMALY)).flatten().nonzero().squeeze(1).cpu()
-            if valid.numel() == 0:
+            valid = ((binary[i] == INLIER) | (binary[i] == ANOMALY)).flatten()
+            pick = sample_pixels_of_image(valid, self.per_image, self.seed, int(indices[i]))
+            if pick.numel() == 0:
                 continue
-            pick = valid[torch.randperm(valid.numel(), generator=self.generator)[: self.per_image]]
             self.labels.append(binary[i].flatten().cpu()[pick].numpy())
             self.groups.append(group_ids[i].flatten().cpu()[pick].numpy())
             for name, value in scores.items():
                 self.scores.setdefault(name, []).append(value[i].flatten().cpu()[pick].numpy())
 
     def result(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        if not self.labels:
+        ranks = distributed.gather_to_all((self.scores, self.labels, self.groups))
+        scores: dict[str, list[np.ndarray]] = {}
+        labels: list[np.ndarray] = []
+        groups: list[np.ndarray] = []
+        for rank_scores, rank_labels, rank_groups in ranks:
+            for name, parts in rank_scores.items():
+                scores.setdefault(name, []).extend(parts)
+            labels += rank_labels
+            groups += rank_groups
+        if not labels:
             return {}
-        labels, groups = np.concatenate(self.labels), np.concatenate(self.groups)
-        return {name: (np.concatenate(parts), labels, groups) for name, parts in self.scores.items()}
+        return {
+            name: (np.concatenate(parts), np.concatenate(labels), np.concatenate(groups))
+            for name, parts in scores.items()
+        }
 
 
 def _closed_set(closed: ConfusionMatrix | None, official: CityscapesInstanceMetrics | None) -> dict[str, Any] | None:

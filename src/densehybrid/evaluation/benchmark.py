@@ -11,6 +11,9 @@ returns the metrics as a JSON-ready dict:
   binarised at the best-F1 threshold of the pixel curve, as the toolkit's ``default_instancer`` does, which needs a
   second pass over the frames;
 * closed-set mIoU for semantic targets (StreetHazards, COCO20/80, Cityscapes).
+
+Under ``torchrun`` every rank evaluates its block of the frames and gets the merged result, equal to one process's
+(see :mod:`densehybrid.engine.evaluate`).
 """
 
 from __future__ import annotations
@@ -470,5 +473,5 @@ def _component_metrics(
             binary = target if semantic_classes is None else anomaly_target(target, semantic_classes)
             for name, metric in metrics.items():
                 metric.update(compute_score(name, out, **options.get(name, {})), binary)
-        results.update({name: metric.compute() for name, metric in metrics.items()})
+        results.update({name: metric.sync().compute() for name, metric in metrics.items()})
     return results

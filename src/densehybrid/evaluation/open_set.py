@@ -27,6 +27,10 @@ the TPAMI COCO20/80 table. ``coco_protocol="halves"`` is our stricter alternativ
 to the images it was fitted on: val2017, sorted by image id, is cut into two halves; the threshold calibrated on one
 half is applied to the other, both ways, and the open-mIoU is the image-weighted average. Numbers from the halves
 protocol are ours, not the paper's.
+
+Under ``torchrun`` every rank runs the model over its block of each part; thresholds are calibrated on the pixels of
+all ranks (exactly, :func:`~densehybrid.openset.calibrate_threshold` with ``distributed=True``) and the confusion
+matrices summed, so every rank gets the single-process result.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from densehybrid.data.datasets import BenchmarkDataset, get_benchmark
+from densehybrid.engine import distributed
 from densehybrid.engine.evaluate import model_outputs
 from densehybrid.evaluation.benchmark import (
     check_scores,
@@ -121,7 +126,7 @@ def open_set_confusion(
     **loop: Any,
 ) -> tuple[ConfusionMatrix, ConfusionMatrix, int]:
     """Closed-set and open-set confusion matrices of ``dataset`` at full (label) resolution, from
-    :class:`~densehybrid.openset.OpenSetModel`.
+    :class:`~densehybrid.openset.OpenSetModel` (in a process group: over every rank's block).
 
     Returns:
         ``(closed, open, num_images)``: the closed-set matrix holds the argmax over the K classes, the open-set one
@@ -135,6 +140,9 @@ def open_set_confusion(
         closed.update(out.closed_set, target)
         opened.update(out.labels, target)
         num_images += target.shape[0]
+    if distributed.is_distributed():
+        closed.sync(), opened.sync()
+        num_images = int(distributed.sum_over_ranks(torch.tensor(num_images)))
     return closed, opened, num_images
 
 
@@ -274,6 +282,7 @@ def open_set_folds(
                     target_tpr=target_tpr,
                     strict=calibration_rule == "above",
                     drop_intermediate=True,  # both released scripts walk scikit-learn's roc_curve
+                    distributed=distributed.is_distributed(),
                 )
             except ValueError as exc:
                 if counted.anomalies or "anomaly pixels" not in str(exc):

@@ -3,11 +3,19 @@
 A streaming metric keeps only tensors that combine by addition (histograms, confusion matrices, sums and counts)
 or by element-wise maximum, so two metrics fed disjoint data merge into the metric of the union, and processes
 reduce with one ``all_reduce`` (SUM or MAX) per tensor.
+
+Sums of floats (per-image means, component sIoU) are kept exactly (:func:`exact_sum_state`): every finite float64 is
+an integer multiple of 2**-1074, so a sum of them is an integer in those units, stored as int64 limbs of 32 bits.
+Integer addition is associative, so the sum does not depend on the order of the terms, the batch boundaries or how
+the images were split over processes, and :func:`exact_sum_value` rounds it to float64 once (correctly rounded, as
+``math.fsum``). A run over N processes therefore gives the single process's numbers bit for bit.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -37,6 +45,50 @@ def collective_device(group: Any = None) -> torch.device:
     if str(backend).lower() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+#: Limbs of an exact float64 sum: 32 value bits each, 68 * 32 = 2176 bits for the 2098 bits of the float64 range
+#: (2**-1074 to 2**1024) and 2**78 terms of headroom; the last limb is signed.
+EXACT_SUM_LIMBS = 68
+_LIMB_BITS = 32
+_LIMB_MASK = (1 << _LIMB_BITS) - 1
+_UNIT_EXPONENT = 1074  # 2**-1074: the smallest positive float64, the unit of the exact sums
+
+
+def exact_sum_state(rows: int, device: torch.device) -> torch.Tensor:
+    """A zero ``(rows, EXACT_SUM_LIMBS)`` int64 tensor: ``rows`` exact float64 sums."""
+    return torch.zeros(rows, EXACT_SUM_LIMBS, dtype=torch.int64, device=device)
+
+
+def _limbs_to_int(limbs: list[int]) -> int:
+    return sum(limb << (_LIMB_BITS * i) for i, limb in enumerate(limbs))
+
+
+def exact_sum_add(state: torch.Tensor, row: int, values: Iterable[float]) -> None:
+    """Add finite float64 ``values`` to the exact sum in ``state[row]``, in place (the limbs are left normalised, so
+    ``all_reduce`` over up to 2**31 processes cannot overflow them).
+
+    Raises:
+        ValueError: a NaN or infinite value.
+    """
+    total = 0
+    for value in values:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"Expected finite values in an exact sum, but got {value!r}.")
+        numerator, denominator = value.as_integer_ratio()  # denominator: a power of two, at most 2**1074
+        total += numerator << (_UNIT_EXPONENT - denominator.bit_length() + 1)
+    if total == 0 and not bool(state[row].abs().gt(_LIMB_MASK).any()):
+        return
+    total += _limbs_to_int(state[row].tolist())
+    limbs = [(total >> (_LIMB_BITS * i)) & _LIMB_MASK for i in range(EXACT_SUM_LIMBS - 1)]
+    limbs.append(total >> (_LIMB_BITS * (EXACT_SUM_LIMBS - 1)))  # signed top limb (floor shift)
+    state[row] = torch.tensor(limbs, dtype=torch.int64, device=state.device)
+
+
+def exact_sum_value(limbs: torch.Tensor) -> float:
+    """The float64 nearest to the exact sum held in ``limbs`` (one row of :func:`exact_sum_state`)."""
+    return _limbs_to_int(limbs.tolist()) / (1 << _UNIT_EXPONENT)  # int / int is correctly rounded
 
 
 class SumStateMetric(ABC):

@@ -11,14 +11,20 @@ pieces, each an exact :class:`~densehybrid.metrics._curve.Curve` of distinct sco
 
 Memory: O(budget) for the piece being built plus the two coarse histograms (1 MiB), whatever the pixel count.
 Time: one pass per piece (or per oversized bin), each a scan of the chunks.
+
+Over several processes (``distributed=True``, every rank of the default process group holding its own pixels):
+the coarse and per-key counts are summed with ``all_reduce`` and the pixels of a piece are gathered from every rank
+before the sort. Integer counts and a sort are exact, so every rank walks the same curve as one process holding all
+the pixels, in the same order of collectives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from densehybrid.metrics import _curve
 from densehybrid.metrics._keys import keys_to_float
@@ -45,23 +51,46 @@ def _coarse(keys: torch.Tensor) -> torch.Tensor:
     return (keys.to(torch.int64) >> _COARSE_SHIFT) + _COARSE_OFFSET
 
 
+def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` summed over the ranks of the default process group (exact for integers)."""
+    from densehybrid.metrics._base import collective_device
+
+    device = collective_device()
+    reduced = counts.to(device)
+    dist.all_reduce(reduced)
+    return reduced.cpu()
+
+
+def _gather_from_ranks(part: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``part`` (CPU tensors), in rank order."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, part)
+    return gathered
+
+
 class ExactCurve:
     """Exact grouped counts of the pixels that ``chunks`` yields, built piece by piece (see the module doc).
 
     Args:
         chunks: called once per pass; yields ``(keys, labels)`` on the CPU.
         budget: most pixels gathered and sorted at once.
+        distributed: the pixels are spread over the ranks of the default process group (each rank's ``chunks``
+            yields its own): counts are summed and pieces gathered over the ranks. Every rank must then build the
+            curve and walk the same pieces.
     """
 
-    def __init__(self, chunks: PixelChunks, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, chunks: PixelChunks, budget: int = DEFAULT_BUDGET, distributed: bool = False) -> None:
         if budget < 1:
             raise ValueError(f"Expected `budget` >= 1, but got {budget}.")
         self.chunks = chunks
         self.budget = int(budget)
+        self.distributed = distributed
         counts = torch.zeros(2 * _COARSE_BINS, dtype=torch.int64)
         for keys, labels in chunks():
             if keys.numel():
                 counts += torch.bincount(_coarse(keys) * 2 + labels.to(torch.int64), minlength=2 * _COARSE_BINS)
+        if distributed:
+            counts = _sum_over_ranks(counts)
         counts = counts.view(-1, 2)
         self.neg_per_bin, self.pos_per_bin = counts[:, 0].clone(), counts[:, 1].clone()
         self.num_pos, self.num_neg = int(self.pos_per_bin.sum()), int(self.neg_per_bin.sum())
@@ -114,8 +143,10 @@ class ExactCurve:
                 packed <<= 1
                 packed |= labels[inside]
                 parts.append(packed)
-        packed = torch.cat(parts)
+        packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
         del parts
+        if self.distributed:
+            packed = torch.cat(_gather_from_ranks(packed))
         packed.numpy().sort()
         labels = packed & 1
         packed >>= 1
@@ -136,6 +167,8 @@ class ExactCurve:
             if bool(inside.any()):
                 fine = keys[inside].to(torch.int64) - base
                 counts += torch.bincount(fine * 2 + labels[inside].to(torch.int64), minlength=2 << _COARSE_SHIFT)
+        if self.distributed:
+            counts = _sum_over_ranks(counts)
         counts = counts.view(-1, 2)
         occupied = ((counts[:, 0] + counts[:, 1]) > 0).nonzero().squeeze(1).flip(0)
         return _curve.Curve(counts[occupied, 1], counts[occupied, 0], keys_to_float(occupied + base))

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from densehybrid.metrics._base import SumStateMetric, zeros
+from densehybrid.metrics._base import SumStateMetric, exact_sum_add, exact_sum_state, exact_sum_value
 
 __all__ = [
     "CITYSCAPES_AVG_INSTANCE_SIZE",
@@ -84,7 +84,8 @@ def cityscapes_category_iou(confusion: torch.Tensor) -> dict[str, float]:
 class CityscapesInstanceMetrics(SumStateMetric):
     """Accumulates the instance-weighted TP and FN of the official iIoU; :meth:`compute` adds the confusion matrix.
 
-    State: per trainId and per instance category, the weighted TP and FN sums (float64), reduced by summation.
+    State: per trainId and per instance category, the weighted TP and FN sums, kept exactly (see
+    :mod:`densehybrid.metrics._base`), so the result does not depend on the batches or the number of processes.
     """
 
     def _config(self) -> tuple:
@@ -92,8 +93,8 @@ class CityscapesInstanceMetrics(SumStateMetric):
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {
-            "class_weighted": zeros(2 * 19, torch.float64, device),  # [tp_w (19), fn_w (19)]
-            "category_weighted": zeros(2 * len(_INSTANCE_CATEGORIES), torch.float64, device),
+            "class_weighted": exact_sum_state(2 * 19, device),  # [tp_w (19), fn_w (19)]
+            "category_weighted": exact_sum_state(2 * len(_INSTANCE_CATEGORIES), device),
         }
 
     @torch.no_grad()
@@ -110,7 +111,13 @@ class CityscapesInstanceMetrics(SumStateMetric):
                 f"{tuple(instances.shape)}."
             )
         state = self._ensure_state(pred.device)
-        device = state["class_weighted"].device
+        device = pred.device
+        terms: dict[tuple[str, int], list[float]] = {}
+
+        def add(name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+            for row, value in zip(rows.tolist(), values.tolist()):
+                terms.setdefault((name, row), []).append(value)
+
         label_to_train = torch.full((1 << 16,), -1, dtype=torch.int64, device=device)
         label_to_train[torch.tensor(_TRAIN_TO_LABEL, device=device)] = torch.arange(19, device=device)
         avg = torch.zeros(19, dtype=torch.float64, device=device)
@@ -133,16 +140,20 @@ class CityscapesInstanceMetrics(SumStateMetric):
             weight = avg[classes.clamp(min=0)] / sizes.double()
             tp_w, fn_w = (tp * weight)[evaluated], ((sizes.double() - tp) * weight)[evaluated]
             kept = classes[evaluated]
-            state["class_weighted"].index_add_(0, kept, tp_w)
-            state["class_weighted"].index_add_(0, kept + 19, fn_w)
+            add("class_weighted", kept, tp_w)
+            add("class_weighted", kept + 19, fn_w)
             in_category = category_of[predicted.clamp(0, 19)] == category_of[expected.clamp(min=0)]
             category_tp = torch.bincount(inverse, weights=in_category.double(), minlength=ids.numel())
             categories = category_of[classes.clamp(min=0)]
             has = evaluated & (categories >= 0)
-            state["category_weighted"].index_add_(0, categories[has], (category_tp * weight)[has])
-            state["category_weighted"].index_add_(
-                0, categories[has] + len(_INSTANCE_CATEGORIES), ((sizes.double() - category_tp) * weight)[has]
+            add("category_weighted", categories[has], (category_tp * weight)[has])
+            add(
+                "category_weighted",
+                categories[has] + len(_INSTANCE_CATEGORIES),
+                ((sizes.double() - category_tp) * weight)[has],
             )
+        for (name, row), values in terms.items():
+            exact_sum_add(state[name], row, values)
 
     def compute(self, confusion: torch.Tensor) -> dict[str, Any]:
         """The official metrics, with the false positives from ``confusion`` ((19, 19)+, rows = target).
@@ -152,7 +163,7 @@ class CityscapesInstanceMetrics(SumStateMetric):
             ``category_iou`` ({category: IoU}), ``category_iiou`` (mean) and ``category_iious`` ({human, vehicle}).
         """
         state = self._state or self._new_state(torch.device("cpu"))
-        weighted = state["class_weighted"].cpu().double()
+        weighted = [exact_sum_value(row) for row in state["class_weighted"].cpu()]
         matrix = confusion[:19, :19].to(torch.float64)
         false_positives = matrix.sum(0) - matrix.diagonal()
         class_iiou = [
@@ -162,7 +173,7 @@ class CityscapesInstanceMetrics(SumStateMetric):
             for c in range(19)
         ]
         category_iou = cityscapes_category_iou(confusion)
-        categories = state["category_weighted"].cpu().double()
+        categories = [exact_sum_value(row) for row in state["category_weighted"].cpu()]
         category_iious = {}
         for c, name in enumerate(_INSTANCE_CATEGORIES):
             index = torch.tensor(CITYSCAPES_CATEGORIES[name])

@@ -40,7 +40,7 @@ import torch
 from scipy import ndimage
 
 from densehybrid.labels import ANOMALY, IGNORE_INDEX
-from densehybrid.metrics._base import SumStateMetric
+from densehybrid.metrics._base import SumStateMetric, exact_sum_add, exact_sum_state, exact_sum_value
 from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index
 
 # (min_segment_size, min_instance_size) of the SMIYC tracks.
@@ -162,8 +162,10 @@ class ComponentMetrics(SumStateMetric):
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {
-            # sum sIoU(gt), #gt components, sum sIoU(pred), sum PPV, #pred components
-            "sums": torch.zeros(5, dtype=torch.float64, device=device),
+            # exact sums of sIoU(gt), sIoU(pred) and PPV (see densehybrid.metrics._base)
+            "sums": exact_sum_state(3, device),
+            # gt components, predicted components
+            "components": torch.zeros(2, dtype=torch.int64, device=device),
             # TP, FN, FP per sIoU threshold
             "counts": torch.zeros(3, len(SIOU_THRESHOLDS), dtype=torch.int64, device=device),
         }
@@ -187,18 +189,25 @@ class ComponentMetrics(SumStateMetric):
                 scores_np, threshold = scores_np.astype(np.float16), np.float16(self.threshold)
         else:
             threshold = self.threshold
-        sums = np.zeros(5)
+        siou_gt_values, siou_pred_values, ppv_values = [], [], []
+        components = [0, 0]
         counts = np.zeros((3, len(SIOU_THRESHOLDS)), dtype=np.int64)
         for frame_scores, frame_target in zip(scores_np, target_np):
             siou_gt, siou_pred, ppv = frame_components(
                 frame_scores > threshold, frame_target, self.ignore_index, self.min_segment_size, self.min_instance_size
             )
-            sums += [siou_gt.sum(), siou_gt.size, siou_pred.sum(), ppv.sum(), ppv.size]
+            siou_gt_values += siou_gt.tolist()
+            siou_pred_values += siou_pred.tolist()
+            ppv_values += ppv.tolist()
+            components[0] += siou_gt.size
+            components[1] += ppv.size
             counts[0] += (siou_gt[:, None] >= SIOU_THRESHOLDS).sum(0)
             counts[1] += (siou_gt[:, None] < SIOU_THRESHOLDS).sum(0)
             counts[2] += (ppv[:, None] < SIOU_THRESHOLDS).sum(0)
         state = self._ensure_state(torch.device("cpu"))
-        state["sums"] += torch.from_numpy(sums)
+        for row, values in enumerate((siou_gt_values, siou_pred_values, ppv_values)):
+            exact_sum_add(state["sums"], row, values)
+        state["components"] += torch.tensor(components, dtype=torch.int64)
         state["counts"] += torch.from_numpy(counts)
 
     def compute(self) -> dict[str, Any]:
@@ -212,7 +221,8 @@ class ComponentMetrics(SumStateMetric):
             components PPV is NaN.
         """
         state = self._ensure_state(torch.device("cpu"))
-        siou_sum, num_gt, siou_pred_sum, ppv_sum, num_pred = state["sums"].tolist()
+        siou_sum, siou_pred_sum, ppv_sum = (exact_sum_value(row) for row in state["sums"])
+        num_gt, num_pred = state["components"].tolist()
         tp, fn, fp = (row.to(torch.float64) for row in state["counts"])
         if num_gt == 0:
             warnings.warn(

@@ -1,7 +1,8 @@
 """Per-image anomaly metrics averaged over images (protocol ``per_image``, the StreetHazards convention).
 
 Each image is evaluated exactly on its own pixels (one sort per image) and only the per-image results are kept,
-so the state is a handful of sums whatever the dataset size. The variants differ in the FPR95 rule and in how
+so the state is a handful of sums whatever the dataset size (exact sums: the means do not depend on the batch size
+or the number of processes). The variants differ in the FPR95 rule and in how
 images without anomalies (or without inliers) are treated:
 
 ``"densehybrid"`` (default) — the released DenseHybrid evaluation, ``evaluations/base.py::
@@ -40,7 +41,7 @@ import torch
 
 from densehybrid.labels import IGNORE_INDEX
 from densehybrid.metrics import _curve
-from densehybrid.metrics._base import SumStateMetric
+from densehybrid.metrics._base import SumStateMetric, exact_sum_add, exact_sum_state, exact_sum_value
 from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index, valid_pixels
 from densehybrid.metrics.functional import exact_curve
 
@@ -106,8 +107,8 @@ class PerImageAnomalyMetrics(SumStateMetric):
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {
-            # Per metric: [sum of per-image values, number of images counted].
-            "sums": torch.zeros(len(_SUMS), dtype=torch.float64, device=device),
+            # Per metric: the exact sum of the per-image values (see densehybrid.metrics._base) and the images counted.
+            "sums": exact_sum_state(len(_SUMS), device),
             "counts": torch.zeros(len(_SUMS), dtype=torch.int64, device=device),
             # images seen, images skipped entirely, images without anomaly pixels, anomaly/inlier/ignored pixels.
             "tally": torch.zeros(6, dtype=torch.int64, device=device),
@@ -144,7 +145,7 @@ class PerImageAnomalyMetrics(SumStateMetric):
         """
         check_anomaly_inputs(scores, target, self.ignore_index, batched=True, validate_args=self.validate_args)
         state = self._ensure_state(scores.device)
-        sums = [0.0, 0.0, 0.0]
+        sums: list[list[float]] = [[], [], []]
         counts = [0, 0, 0]
         tally = [0] * 6
         if self.variant == "dicnet" and self.ignore_index is not None and target.dtype != torch.bool:
@@ -166,10 +167,11 @@ class PerImageAnomalyMetrics(SumStateMetric):
                 continue
             for slot, value in enumerate(values):
                 if not math.isnan(value):
-                    sums[slot] += value
+                    sums[slot].append(value)
                     counts[slot] += 1
         device = state["sums"].device
-        state["sums"] += torch.tensor(sums, dtype=torch.float64, device=device)
+        for slot, values in enumerate(sums):
+            exact_sum_add(state["sums"], slot, values)
         state["counts"] += torch.tensor(counts, dtype=torch.int64, device=device)
         state["tally"] += torch.tensor(tally, dtype=torch.int64, device=device)
 
@@ -184,7 +186,8 @@ class PerImageAnomalyMetrics(SumStateMetric):
             metric is NaN, with a ``UserWarning``.
         """
         state = self._state or self._new_state(torch.device("cpu"))
-        sums, counts, tally = state["sums"].tolist(), state["counts"].tolist(), state["tally"].tolist()
+        sums = [exact_sum_value(row) for row in state["sums"].cpu()]
+        counts, tally = state["counts"].tolist(), state["tally"].tolist()
         result: dict[str, Any] = {"protocol": self.protocol, "variant": self.variant}
         if self.variant == "densehybrid":
             result["no_anomaly_ap"] = self.no_anomaly_ap

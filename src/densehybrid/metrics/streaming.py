@@ -27,10 +27,11 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from densehybrid.labels import IGNORE_INDEX
 from densehybrid.metrics import _curve
-from densehybrid.metrics._base import SumStateMetric, zeros
+from densehybrid.metrics._base import SumStateMetric, distributed_ready, zeros
 from densehybrid.metrics._inputs import check_anomaly_inputs, check_ignore_index
 from densehybrid.metrics._keys import SPREAD_HIGH_KEY, SPREAD_INF_KEY, spread_keys, spread_keys_to_float
 from densehybrid.metrics.functional import warn_degenerate
@@ -192,9 +193,29 @@ class AnomalyMetrics(SumStateMetric):
         return super().merge(other)
 
     def sync(self, group: Any = None) -> AnomalyMetrics:
-        """Reduce the state over all processes (counts by SUM, key ranges by MAX); see :meth:`SumStateMetric.sync`."""
+        """Combine the states of all processes of ``group`` (counts by sum, key ranges by maximum), in place.
+
+        Only occupied bins travel (``all_gather_object`` of their ids, counts and key ranges), not the whole
+        ``2**bits`` histogram; integer sums and maxima are exact, so every process ends with the state one process
+        fed all the data would hold. Call it once, on every process, after the last :meth:`update`; a no-op without
+        a process group.
+        """
+        if not distributed_ready():
+            return self
         self._flush()
-        return super().sync(group)
+        state = self._ensure_state(torch.device("cpu"))
+        totals, bins = state["totals"].view(-1, 2), state["bins"].view(-1, 4)
+        occupied = (totals[:, 0] != 0).logical_or_(totals[:, 1] != 0).nonzero().squeeze(1)
+        mine = (occupied.cpu(), totals[occupied].cpu(), bins[occupied, 2:].cpu())
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        for index, (ids, counts, ranges) in enumerate(gathered):
+            if index == dist.get_rank(group) or ids.numel() == 0:
+                continue
+            ids = ids.to(totals.device)
+            totals[ids] += counts.to(totals.device)
+            bins[ids, 2:] = torch.maximum(bins[ids, 2:], ranges.to(bins.device))
+        return self
 
     def _curve(self) -> tuple[_curve.Curve, torch.Tensor, int]:
         """Grouped counts of the occupied bins (highest first), which of them held several scores, ignored count.
