@@ -583,3 +583,61 @@ def test_read_ahead_keeps_order_passes_errors_on_and_stops_early():
     reader = _read_ahead(iter(range(100)), depth=2)
     assert next(reader) == 0
     reader.close()  # the reader thread is blocked on a full buffer: closing must not hang
+
+
+# ---- input validation of Predictor.predict (dtype, value range, shape), one message per bad input ----------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "make", "found"),
+    [
+        ("float 0..255", lambda rgb: rgb.astype(np.float32), "[0, 255]"),
+        ("negative float", lambda rgb: rgb.astype(np.float32) / 255.0 - 0.5, "normalised"),
+        ("int32 tensor", lambda rgb: torch.from_numpy(rgb.astype(np.int32)).permute(2, 0, 1), "int32"),
+        ("int64 array", lambda rgb: rgb.astype(np.int64), "int64"),
+        ("NaN", lambda rgb: np.full(rgb.shape, np.nan, np.float32), "NaN"),
+        ("two channels", lambda rgb: rgb[:, :, :2], "(24, 32, 2)"),
+        ("no pixels", lambda rgb: rgb[:0], "32x0"),
+        ("(H, W, 3) tensor", lambda rgb: torch.from_numpy(rgb), "(24, 32, 3)"),
+    ],
+)
+def test_predict_refuses_images_it_would_misread_instead_of_a_silently_wrong_fraction(kind, make, found):
+    predictor = Predictor(Pointwise(), threshold=0.0, device="cpu")
+    with pytest.raises((ValueError, TypeError)) as info:
+        predictor.predict(make(_rgb(24, 32)))
+    message = str(info.value)
+    assert message.startswith("Expected `image`") and found in message and "\n" not in message
+
+
+def test_predict_gives_one_result_for_uint8_and_float_images_of_the_documented_range():
+    predictor = Predictor(Pointwise(), threshold=0.0, device="cpu")
+    rgb = _rgb(24, 32)
+    reference = predictor.predict(rgb)
+    for image in (rgb.astype(np.float64) / 255.0, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0):
+        np.testing.assert_allclose(predictor.predict(image).scores, reference.scores, atol=1e-5)
+    with pytest.raises(ValueError, match=r"`images` to hold float values in \[0, 1\]"):
+        predictor.predict_tensor(torch.full((1, 3, 8, 8), 2.0))
+
+
+def test_palette_value_of_300_is_a_clear_error(tmp_path, checkpoint, capsys):
+    with pytest.raises(ValueError, match=r"integer colour values in 0\.\.255, but row 1 \(class 1\) is \[0, 300, 0\]"):
+        Predictor(Pointwise(), device="cpu", palette=[[0, 0, 0], [0, 300, 0], [0, 0, 0]])
+    path, model = checkpoint
+    bad = tmp_path / "palette.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "palette": [[300, 0, 0]] + [[0, 0, 0]] * 3}, bad)
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    assert _predict(bad, tmp_path / "out", tmp_path / "a.png") == 1
+    err = capsys.readouterr().err
+    assert "palette of checkpoint" in err and "0..255" in err and "Internal error" not in err
+
+
+@pytest.mark.parametrize(
+    ("scale", "size", "found"), [(0.001, 32, "at least 1 px per side"), (1000.0, 320, "fit in memory")]
+)
+def test_input_scale_without_pixels_or_beyond_memory_is_refused_before_the_model_runs(scale, size, found):
+    model = Pointwise()
+    predictor = Predictor(model, threshold=0.0, device="cpu", input_scale=scale)
+    with pytest.raises(Exception, match=found):  # 1000 x a 320x240 image: about 2.5 TB of maps
+        predictor.predict(_rgb(size * 3 // 4, size))
+    assert model.seen == []
