@@ -641,3 +641,46 @@ def test_input_scale_without_pixels_or_beyond_memory_is_refused_before_the_model
     with pytest.raises(Exception, match=found):  # 1000 x a 320x240 image: about 2.5 TB of maps
         predictor.predict(_rgb(size * 3 // 4, size))
     assert model.seen == []
+
+
+# ---- bounds of the command's options, checked before any work ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "found"),
+    [("--num-workers", "24", "CPU cores available"), ("--input-scale", "1000", "(0, 4]")],
+)
+def test_num_workers_and_input_scale_beyond_the_machine_are_refused_before_work(
+    tmp_path, checkpoint, capsys, monkeypatch, option, value, found
+):
+    import densehybrid.engine.resources
+
+    monkeypatch.setattr(densehybrid.engine.resources, "usable_cpu_count", lambda: 2)
+    _no_model_work(monkeypatch)
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    argv = ["predict", "--checkpoint", str(checkpoint[0]), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, option, value])
+    assert info.value.code == 2 and found in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_scale_without_pixels_is_one_error_line(tmp_path, checkpoint, capsys):
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    assert _predict(checkpoint[0], tmp_path / "out", tmp_path / "a.png", extra=["--input-scale", "0.001"]) == 1
+    err = capsys.readouterr().err
+    assert "Expected `input_scale` 0.001 to leave at least 1 px per side" in err and "Internal error" not in err
+
+
+def test_a_symlink_loop_among_the_inputs_is_one_skipped_line_not_a_crash(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_rgb(24, 32)).save(folder / "good.png")
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    os.symlink("c.png", tmp_path / "c.png")
+    assert _predict(checkpoint[0], tmp_path / "out", folder, tmp_path / "c.png") == 1
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 3 and all("symbolic link loop" in line for line in skipped)
+    assert "predicted 1 image(s), skipped 3" in captured.out and (tmp_path / "out" / "good_overlay.png").is_file()

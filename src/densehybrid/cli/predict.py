@@ -6,14 +6,17 @@ import argparse
 import sys
 
 from densehybrid.cli._common import (
+    MAX_INPUT_SCALE,
+    _usable_cores,
     add_model_arguments,
     add_overwrite_argument,
     add_window_argument,
+    input_scale,
     load_score_options,
     naming_checkpoint,
     non_negative_int,
-    positive_float,
     positive_int,
+    worker_count,
 )
 
 HELP = "predict your own images: anomaly heatmap, open-set segmentation and overlay per image"
@@ -72,12 +75,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tile-overlap", type=non_negative_int, default=64, help="pixels shared by neighbouring tiles")
     parser.add_argument(
-        "--input-scale", type=positive_float, default=1.0, help="resize the model input; outputs keep the image size"
+        "--input-scale",
+        type=input_scale,
+        default=1.0,
+        help=f"resize the model input by this factor in (0, {MAX_INPUT_SCALE:g}] (at least 1 px per image side, within "
+        "half the available memory); outputs keep the image size",
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable input")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
-    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="processes decoding images")
+    parser.add_argument(
+        "--num-workers",
+        type=worker_count,
+        default=min(2, _usable_cores()),
+        help="processes decoding images (at most the CPU cores available; 0: a reader thread)",
+    )
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_window_argument(parser)

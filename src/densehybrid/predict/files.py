@@ -37,6 +37,19 @@ def _glob_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+#: The reason given for an input that is a symbolic link pointing (through others) back at itself.
+SYMLINK_LOOP = "a symbolic link loop (the link points, through others, back at itself)"
+
+
+def _is_loop(path: Path) -> bool:
+    """Whether resolving ``path`` runs into a symbolic link loop."""
+    try:
+        path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) afterwards
+        return True
+    return False
+
+
 def _inside(path: Path, folder: Path | None) -> bool:
     if folder is None:
         return False
@@ -71,19 +84,27 @@ def discover_images(
         if path.is_dir():
             # outputs written inside a scanned folder are not read back, unless they go into that folder itself
             skip = excluded if excluded is not None and not _inside(path, excluded) else None
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _inside(p, skip))
-            found = [p for p in found if p.is_file() or p.is_symlink()]
-            if not found:
+            candidates = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            loops = [p for p in candidates if _is_loop(p)]
+            problems.extend((str(p), SYMLINK_LOOP) for p in loops)
+            found = [
+                p for p in candidates if p not in loops and not _inside(p, skip) and (p.is_file() or p.is_symlink())
+            ]
+            if not found and not loops:
                 problems.append((text, "folder holds no image files (" + ", ".join(IMAGE_SUFFIXES[:4]) + ", ...)"))
             jobs.extend(ImageJob(p, p.relative_to(path)) for p in found)
         elif glob.has_magic(text):
             base = _glob_base(text)
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            candidates = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            loops = [p for p in candidates if _is_loop(p)]
+            problems.extend((str(p), SYMLINK_LOOP) for p in loops)
             skip = excluded if excluded is not None and not _inside(base, excluded) else None
-            found = [p for p in found if not p.is_dir() and not _inside(p, skip)]
-            if not found:
+            found = [p for p in candidates if p not in loops and not p.is_dir() and not _inside(p, skip)]
+            if not found and not loops:
                 problems.append((text, "pattern matches no file"))
             jobs.extend(ImageJob(p, p.relative_to(base) if _inside(p, base) else Path(p.name)) for p in found)
+        elif _is_loop(path):
+            problems.append((text, SYMLINK_LOOP))
         elif path.exists() or path.is_symlink():
             jobs.append(ImageJob(path, Path(path.name)))
         else:
