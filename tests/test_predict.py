@@ -684,3 +684,100 @@ def test_a_symlink_loop_among_the_inputs_is_one_skipped_line_not_a_crash(tmp_pat
     skipped = [line for line in captured.err.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 3 and all("symbolic link loop" in line for line in skipped)
     assert "predicted 1 image(s), skipped 3" in captured.out and (tmp_path / "out" / "good_overlay.png").is_file()
+
+
+# ---- one run per --out, a record that grows per image, --overwrite and --resume after an interrupted run ----------
+
+
+def test_a_second_predict_into_a_locked_out_is_refused_and_a_stale_lock_taken_over(tmp_path, checkpoint, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".densehybrid.lock").write_text(f"{owner.pid} {socket.gethostname()}\n")
+        assert _predict(checkpoint[0], out, tmp_path / "a.png") == 1
+        err = capsys.readouterr().err
+        assert f"process {owner.pid}" in err and "Internal error" not in err
+        assert not (out / "predictions.jsonl").exists() and not (out / "a_overlay.png").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _predict(checkpoint[0], out, tmp_path / "a.png") == 0  # the owner is gone: its lock is stale
+    assert not (out / ".densehybrid.lock").exists() and (out / "a_overlay.png").is_file()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs, no handler catches it."""
+
+
+def _interrupt_at(monkeypatch, image: str, kind: str):
+    """Stop the run while it writes ``image``'s ``kind`` file (the files written before it stay)."""
+    import densehybrid.predict.writing as writing
+
+    original = writing.write_png
+
+    def write_png(path, array):
+        if path.name == f"{image}_{kind}.png":
+            raise _Killed()
+        original(path, array)
+
+    monkeypatch.setattr(writing, "write_png", write_png)
+
+
+def _four_images(folder):
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(_rgb(24, 32, seed=i)).save(folder / f"im{i}.png")
+
+
+def test_a_killed_predict_leaves_a_record_of_every_finished_image_and_overwrite_leaves_no_unrecorded_output(
+    tmp_path, checkpoint, monkeypatch
+):
+    images, out = tmp_path / "in", tmp_path / "out"
+    _four_images(images)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "im2", "overlay")
+        with pytest.raises(_Killed):
+            _predict(checkpoint[0], out, images)
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {str(images / "im0.png"), str(images / "im1.png")} <= {r["input"] for r in records}
+    assert str(images / "im2.png") not in {r["input"] for r in records}
+    assert all((out / name).is_file() for r in records for name in r["outputs"])
+    assert (out / "im2_heatmap.png").is_file() and not (out / "summary.json").exists()  # written, not yet recorded
+
+    assert _predict(checkpoint[0], out, images / "im0.png", extra=["--overwrite"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["im0_heatmap.png", "im0_overlay.png", "im0_segmentation.png", "predictions.jsonl", "summary.json"]
+
+
+def test_resume_skips_the_finished_images_and_gives_the_outputs_of_an_uninterrupted_run(
+    tmp_path, checkpoint, monkeypatch, capsys
+):
+    images = tmp_path / "in"
+    _four_images(images)
+    assert _predict(checkpoint[0], tmp_path / "whole", images) == 0
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "im2", "segmentation")
+        with pytest.raises(_Killed):
+            _predict(checkpoint[0], tmp_path / "out", images)
+    assert _predict(checkpoint[0], tmp_path / "out", images) == 1  # neither --resume nor --overwrite: refused
+    assert "--resume" in capsys.readouterr().err
+    finished = len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines())
+    assert 2 <= finished < 4  # im0 and im1, and im3 when the writer reached it before the run stopped
+    seen = []
+    original = Predictor.predict_batch
+    monkeypatch.setattr(Predictor, "predict_batch", lambda self, batch: seen.append(1) or original(self, batch))
+    assert _predict(checkpoint[0], tmp_path / "out", images, extra=["--resume"]) == 0
+    assert len(seen) == 4 - finished and f"{finished} image(s) done by the resumed run kept" in capsys.readouterr().out
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir() if p.suffix == ".png"}
+    resumed = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.suffix == ".png"}
+    assert resumed == whole
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()]
+    assert [{**r, "seconds": 0} for r in lines] == [{**r, "seconds": 0} for r in reference]
+    assert sorted(p.name for p in (tmp_path / "out").glob(".*")) == []

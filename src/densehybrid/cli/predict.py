@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from densehybrid.cli._common import (
@@ -34,7 +35,11 @@ DESCRIPTION = (
     "status is then 1 (--strict stops at the first). The threshold is the checkpoint's (densehybrid calibrate) "
     "unless --threshold is given. OUT may not hold the results of an earlier run (predictions.jsonl, summary.json, an "
     "image's outputs) unless --overwrite, which replaces them and removes the earlier run's outputs this run does "
-    "not write again. Outputs are checked before the checkpoint is read and written atomically."
+    "not write again, or --resume, which continues an interrupted run. Outputs are checked before the checkpoint is "
+    "read and written atomically; each image's line is added to predictions.jsonl as soon as its files are written; "
+    "one run writes into OUT at a time. Under `torchrun --nproc-per-node N -m densehybrid predict ...` the inputs are "
+    "split into N contiguous blocks, each process writes its block's outputs and process 0 merges predictions.jsonl "
+    "and summary.json in input order (docs/scale.md)."
 )
 
 
@@ -42,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
     parser.add_argument("--out", required=True, help="output folder")
     add_overwrite_argument(parser, "the results of an earlier run in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out: images its predictions.jsonl (or the records it left) lists with "
+        "all their outputs are skipped, the others predicted (also with another number of torchrun processes)",
+    )
     add_model_arguments(parser)
     parser.add_argument(
         "--score",
@@ -87,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-workers",
         type=worker_count,
-        default=min(2, _usable_cores()),
+        default=_default_workers(),
         help="processes decoding images (at most the CPU cores available; 0: a reader thread)",
     )
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
@@ -96,19 +107,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densehybrid.predict import Predictor, check_prediction_out, predict_files
+    from densehybrid.engine import distributed
+    from densehybrid.engine.resources import worker_bound
+    from densehybrid.engine.runtime import select_device
+    from densehybrid.predict import check_prediction_out
     from densehybrid.scores import get_score
 
     if args.score is not None:
         get_score(args.score)  # an unknown name fails before the checkpoint is read
+    if args.overwrite and args.resume:
+        raise ValueError("Expected at most one of `--overwrite` and `--resume`, but got both.")
     read_files = [args.checkpoint, args.sml_statistics]
-    check_prediction_out(args.inputs, args.out, save_raw=args.save_raw, overwrite=args.overwrite, read_files=read_files)
+    check_prediction_out(
+        args.inputs,
+        args.out,
+        save_raw=args.save_raw,
+        overwrite=args.overwrite,
+        read_files=read_files,
+        resume=args.resume,
+    )
+    device = select_device(args.device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched_by_torchrun() else 1
+    num_workers, note = worker_bound(args.num_workers, _default_workers(), "--num-workers", local)
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
+    # a single process passes the name on (an exported ONNX file runs on the CPU for "auto"); a rank its own GPU
+    device = distributed.local_device(device) if distributed.init_from_env(device) else args.device
+    try:
+        return _predict(args, device, num_workers, read_files)
+    finally:
+        distributed.shutdown()
+
+
+def _default_workers() -> int:
+    return min(2, _usable_cores())
+
+
+def _predict(args: argparse.Namespace, device: object, num_workers: int, read_files: list) -> int:
+    from densehybrid.engine import distributed
+    from densehybrid.predict import Predictor, predict_files
+
     options = {}
     if args.display_range is not None:
         options["display_range"] = tuple(args.display_range)
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
-        device=args.device,
+        device=device,
         model=args.model,
         num_classes=args.num_classes,
         score=args.score,
@@ -130,13 +174,15 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             save_raw=args.save_raw,
             batch_size=args.batch_size,
-            num_workers=args.num_workers,
+            num_workers=num_workers,
             strict=args.strict,
             progress=not args.no_progress,
             report=lambda line: print(line, file=sys.stderr),
             overwrite=args.overwrite,
             read_files=read_files,
             legend=not args.no_legend,
+            resume=args.resume,
         )
-    print("\n".join(summary.lines()))
+    if distributed.is_main():
+        print("\n".join(summary.lines()))
     return 1 if summary.failures else 0

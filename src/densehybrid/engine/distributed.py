@@ -30,6 +30,7 @@ __all__ = [
     "ShardedBatchSampler",
     "any_rank",
     "barrier",
+    "broadcast_from_main",
     "gather_to_main",
     "init_from_env",
     "is_distributed",
@@ -225,3 +226,12 @@ def gather_to_main(obj: object) -> list[object] | None:
     gathered: list[object] | None = [None] * world_size() if is_main() else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
+
+
+def broadcast_from_main(obj: object) -> object:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
