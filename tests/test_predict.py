@@ -781,3 +781,63 @@ def test_resume_skips_the_finished_images_and_gives_the_outputs_of_an_uninterrup
     reference = [json.loads(line) for line in (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()]
     assert [{**r, "seconds": 0} for r in lines] == [{**r, "seconds": 0} for r in reference]
     assert sorted(p.name for p in (tmp_path / "out").glob(".*")) == []
+
+
+# ---- predict under torchrun: 2 processes on gloo give the outputs of 1 process ----------------------------------
+
+
+def _torchrun_predict(*args: str, status: int = 0) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)]), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "densehybrid", "predict", *args, "--num-workers", "0", "--no-progress"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == status, done.stderr.decode()[-3000:]
+
+
+def _folder(out) -> dict[str, bytes]:
+    """Every file of a prediction folder; ``predictions.jsonl`` without the timings."""
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("predictions.jsonl", "summary.json")}
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    files["predictions.jsonl"] = json.dumps([{**line, "seconds": None} for line in lines]).encode()
+    return files
+
+
+def test_two_processes_under_torchrun_write_the_outputs_of_one_and_resume_a_one_process_run(
+    tmp_path, checkpoint, monkeypatch
+):
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(5):  # not a multiple of 2 processes; one of them unreadable (skipped, the exit status is 1)
+        Image.fromarray(_rgb(24, 32, seed=i)).save(images / f"im{i}.png")
+    (images / "im3.png").write_bytes(b"not an image")
+    path = checkpoint[0]
+    assert _predict(path, tmp_path / "one", images, extra=["--save-raw"]) == 1  # 1: an input was skipped
+    _torchrun_predict("--checkpoint", str(path), str(images), "--out", str(tmp_path / "two"), "--save-raw", status=1)
+    assert _folder(tmp_path / "two") == _folder(tmp_path / "one")
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert two["num_images"] == one["num_images"] == 4 and two["failures"] == one["failures"]
+    assert [f["input"] for f in two["failures"]] == [str(images / "im3.png")] and two["num_resumed"] == 0
+
+    # a one-process run killed after im1 is resumed by two processes: the finished images are kept
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "im2", "heatmap")
+        with pytest.raises(_Killed):
+            _predict(path, tmp_path / "resumed", images, extra=["--save-raw"])
+    finished = len((tmp_path / "resumed" / "predictions.jsonl").read_text().splitlines())
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("im0_*")}
+    _torchrun_predict(
+        "--checkpoint", str(path), str(images), "--out", str(tmp_path / "resumed"), "--save-raw", "--resume", status=1
+    )  # fmt: skip
+    assert _folder(tmp_path / "resumed") == _folder(tmp_path / "one")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("im0_*")} == before
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["num_resumed"] == finished and summary["num_images"] == 4 - finished
