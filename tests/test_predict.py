@@ -479,6 +479,8 @@ def test_predict_files_refuses_an_earlier_result_and_an_input_as_output(tmp_path
     assert predict_files(predictor, [tmp_path / "a.png"], out, progress=False, overwrite=True).num_images == 1
     with pytest.raises(OutputError, match="destroy|input"):
         predict_files(predictor, [tmp_path / "a.png"], tmp_path, progress=False, read_files=[tmp_path], overwrite=True)
+    with pytest.raises(OutputError, match="is a file"):
+        predict_files(predictor, [tmp_path / "a.png"], tmp_path / "a.png", progress=False)
 
 
 @pytest.mark.parametrize("where", ["file", "below a file"])

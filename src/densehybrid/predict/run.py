@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from densehybrid.engine.outputs import folder_lock
+from densehybrid.engine.outputs import check_output_dir, folder_lock
 from densehybrid.errors import DenseHybridError
 from densehybrid.predict.files import (
     REPLACED,
@@ -458,6 +458,7 @@ def predict_files(
         error: BaseException | None = None
         if rank == 0:
             try:
+                check_output_dir(out)  # a file or an unwritable folder is refused before the lock creates `out`
                 stack.enter_context(folder_lock(out))
                 plan = _prepare(jobs, out, save_raw, overwrite, resume, read_files)
             except Exception as exc:  # every rank stops with rank 0's message
