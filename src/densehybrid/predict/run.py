@@ -315,10 +315,7 @@ def _prepare(
     gone = earlier
     if resume:
         index_of = {str(job.path): i for i, job in enumerate(jobs)}
-        planned = {
-            i: [path.relative_to(out).as_posix() for path in output_paths(out, job.relative, save_raw).values()]
-            for i, job in enumerate(jobs)
-        }
+        planned = {i: _names(out, job, save_raw) for i, job in enumerate(jobs)}
         this_run = {name for names in planned.values() for name in names}
         gone = []
         for record in earlier:
@@ -338,7 +335,10 @@ def _prepare(
         ranges = [r.get("display_range") for r in plan.kept.values() if r.get("display_range")]
         if ranges:
             plan.display_range = (float(ranges[0][0]), float(ranges[0][1]))
-    to_replace = _unique([*read_records(replaced_file), *gone, *pending])
+    # every record that names outputs to replace (one image may have several: an older run's and a pending write)
+    to_replace = list(
+        {json.dumps(r, sort_keys=True): r for r in [*read_records(replaced_file), *gone, *pending]}.values()
+    )
     kept_names = record_names([*plan.kept.values(), *plan.kept_other])
     plan.replaced = record_names(to_replace) - kept_names
     # the records the run continues from: the replaced ones first, so that a kill in between loses none
@@ -354,7 +354,8 @@ def _prepare(
             path.unlink(missing_ok=True)
     if overwrite or resume:
         (out / RESULT_FILES[1]).unlink(missing_ok=True)  # rewritten at the end; its absence marks an unfinished run
-    _remove_stale_temporaries(out, [*plan.replaced, *(n for job in jobs for n in _names(out, job, save_raw))])
+    names = [*RESULT_FILES, REPLACED, *plan.replaced, *(n for job in jobs for n in _names(out, job, save_raw))]
+    _remove_stale_temporaries(out, names)
     return plan
 
 
