@@ -501,9 +501,9 @@ def predict_files(
         todo = [i for i in range(len(jobs)) if i not in plan.kept]
         mine = [todo[k] for k in distributed.shard_range(len(todo))]
         first = None  # the first readable image of the run, read and predicted once on rank 0 for the heatmap range
-        if summary.display_range is None and todo and not summary.stopped:
+        if summary.display_range is None and todo:  # the same on every rank: each one takes part in the broadcast
             found = None
-            if rank == 0:
+            if rank == 0 and not summary.stopped:
                 reader = _ImageFiles(jobs)
                 for i in todo:
                     item = reader[i] if i not in plan.refused else {"error": "refused"}
@@ -514,9 +514,10 @@ def predict_files(
                         found, first = _first_image_range(result.scores), (item, result) if i in mine else None
                         break
             summary.display_range = distributed.broadcast_from_main(found)
-            summary.display_range_source = (
-                f"percentiles {FALLBACK_PERCENTILES[0]:g}-{FALLBACK_PERCENTILES[1]:g} of the first image"
-            )
+            if summary.display_range is not None:
+                summary.display_range_source = (
+                    f"percentiles {FALLBACK_PERCENTILES[0]:g}-{FALLBACK_PERCENTILES[1]:g} of the first image"
+                )
         skip_first = {first[0]["index"]} if first is not None else set()
         log = _Records(out, rank, world)
         stack.callback(log.close)
