@@ -667,11 +667,14 @@ def test_num_workers_and_input_scale_beyond_the_machine_are_refused_before_work(
     assert not (tmp_path / "out").exists()
 
 
-def test_input_scale_without_pixels_is_one_error_line(tmp_path, checkpoint, capsys):
+def test_an_image_the_input_scale_leaves_without_pixels_is_one_skipped_line(tmp_path, checkpoint, capsys):
     Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
-    assert _predict(checkpoint[0], tmp_path / "out", tmp_path / "a.png", extra=["--input-scale", "0.001"]) == 1
-    err = capsys.readouterr().err
-    assert "Expected `input_scale` 0.001 to leave at least 1 px per side" in err and "Internal error" not in err
+    Image.fromarray(_rgb(480, 640)).save(tmp_path / "b.png")
+    argv = (tmp_path / "a.png", tmp_path / "b.png")
+    assert _predict(checkpoint[0], tmp_path / "out", *argv, extra=["--input-scale", "0.01"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "Expected `input_scale` 0.01 to leave at least 1 px per side" in captured.err
+    assert "Internal error" not in captured.err and "predicted 1 image(s), skipped 1" in captured.out
 
 
 def test_a_symlink_loop_among_the_inputs_is_one_skipped_line_not_a_crash(tmp_path, checkpoint, capsys):

@@ -422,8 +422,13 @@ class Predictor:
     #: bytes per model-input pixel that tiling does not bound: the scaled float image and its three maps
     INPUT_BYTES_PER_PIXEL = 3 * 4 + 4 + 8 + 8
 
-    def _check_input_scale(self, height: int, width: int, count: int = 1) -> None:
-        """Refuse an ``input_scale`` that leaves an image without pixels or needs more memory than the machine has."""
+    def check_input_size(self, height: int, width: int, count: int = 1) -> None:
+        """Refuse ``count`` images of ``height`` x ``width`` that ``input_scale`` leaves without pixels or whose
+        resized input and maps need more memory than the machine has.
+
+        Raises:
+            ValueError: a side of less than 1 px. ResourceError: more than half the available memory.
+        """
         from densehybrid.engine.resources import check_pixels
 
         if self.input_scale == 1.0:
@@ -458,7 +463,7 @@ class Predictor:
         if images.shape[-1] == 0 or images.shape[-2] == 0:
             raise ValueError(f"Expected `images` to have pixels, but they are {images.shape[-1]}x{images.shape[-2]}.")
         check_pixel_values(images, "`images`")
-        self._check_input_scale(*images.shape[-2:], count=images.shape[0])
+        self.check_input_size(*images.shape[-2:], count=images.shape[0])
         images = images.to(self.device, non_blocking=True)
         images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         h, w = images.shape[-2:]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from densehybrid.engine.outputs import check_output_dir, folder_lock
-from densehybrid.errors import DenseHybridError
+from densehybrid.errors import DenseHybridError, ResourceError
 from densehybrid.predict.files import (
     REPLACED,
     RESULT_FILES,
@@ -376,6 +376,16 @@ def _remove_stale_temporaries(out: Path, names: Iterable[str]) -> None:
                     stale.unlink(missing_ok=True)
 
 
+def _size_problem(predictor: Predictor, rgb: np.ndarray) -> str | None:
+    """Why ``predictor`` cannot run on the (H, W, 3) image (its input scale leaves no pixel or needs too much
+    memory), or None."""
+    try:
+        predictor.check_input_size(rgb.shape[0], rgb.shape[1], count=1)
+    except (ValueError, ResourceError) as exc:
+        return str(exc)
+    return None
+
+
 def _shareable(error: BaseException) -> BaseException:
     """``error`` if it can be sent to the other ranks, else a :class:`DenseHybridError` with its message."""
     try:
@@ -507,7 +517,7 @@ def predict_files(
                 reader = _ImageFiles(jobs)
                 for i in todo:
                     item = reader[i] if i not in plan.refused else {"error": "refused"}
-                    if item["error"] is None:
+                    if item["error"] is None and _size_problem(predictor, item["rgb"]) is None:
                         t0 = time.perf_counter()
                         result = predictor.predict_batch(torch.from_numpy(item["rgb"][None]).permute(0, 3, 1, 2))[0]
                         item["forward"] = time.perf_counter() - t0
@@ -556,6 +566,7 @@ def predict_files(
                     good = []
                     for item in items:
                         reason = item["error"] or plan.refused.get(item["index"])
+                        reason = reason or _size_problem(predictor, item["rgb"])
                         if reason is not None:
                             if fail(item["index"], str(jobs[item["index"]].path), reason):
                                 break
