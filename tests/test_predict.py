@@ -846,3 +846,35 @@ def test_two_processes_under_torchrun_write_the_outputs_of_one_and_resume_a_one_
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("im0_*")} == before
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert summary["num_resumed"] == finished and summary["num_images"] == 4 - finished
+
+
+def test_resume_continues_what_a_killed_two_process_run_left_in_one_process(tmp_path, checkpoint):
+    import shutil
+
+    images = tmp_path / "in"
+    _four_images(images)
+    Image.fromarray(_rgb(24, 32, seed=4)).save(images / "im4.png")
+    whole = tmp_path / "whole"
+    assert _predict(checkpoint[0], whole, images) == 0
+    lines = {json.loads(line)["input"]: line for line in (whole / "predictions.jsonl").read_text().splitlines()}
+    # what 2 ranks leave when killed: rank 0 finished im0 and im1 (of im0-im2), rank 1 im3 (of im3-im4) and was
+    # writing im4 (its heatmap is written, its record is not)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("im0", "im1", "im3"):
+        for kind in ("heatmap", "segmentation", "overlay"):
+            shutil.copy(whole / f"{name}_{kind}.png", out)
+    shutil.copy(whole / "im4_heatmap.png", out)
+    (out / ".predictions.rank-0.jsonl").write_text(
+        lines[str(images / "im0.png")] + "\n" + lines[str(images / "im1.png")] + "\n"
+    )
+    (out / ".predictions.rank-1.jsonl").write_text(lines[str(images / "im3.png")] + "\n" + '{"input": "cut by the kil')
+    pending = {"input": str(images / "im4.png"), "outputs": json.loads(lines[str(images / "im4.png")])["outputs"]}
+    (out / ".predictions.pending.rank-1.jsonl").write_text(json.dumps(pending) + "\n")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("im[013]_*")}
+
+    assert _predict(checkpoint[0], out, images, extra=["--resume"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("im[013]_*")} == before  # kept, not predicted again
+    assert _folder(out) == _folder(whole) and sorted(p.name for p in out.glob(".*")) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_resumed"] == 3 and summary["num_images"] == 2
