@@ -8,8 +8,14 @@ forward pass runs in the calling thread, and rendering, PNG encoding and writing
 next forward pass runs. A file that cannot be read is reported in one line, skipped and counted; it never stops the
 run unless ``strict``. The output folder follows the output-path policy of :mod:`densehybrid.engine.outputs`
 (:func:`~densehybrid.predict.files.check_output_plan`): an earlier run's results are replaced only with
-``overwrite``, an output that would overwrite an input image is refused (that image is skipped and counted), and
-every file is written atomically.
+``overwrite`` (or continued with ``resume``), an output that would overwrite an input image is refused (that image
+is skipped and counted), every file is written atomically, and one run writes into the folder at a time (its lock).
+
+The record grows with the run: before an image's files are written their names are appended to a pending journal,
+after them the image's line to ``predictions.jsonl`` (under torchrun, to the rank's own file), both flushed; so a run
+killed at any point leaves no output that no record names, and ``overwrite`` or ``resume`` can account for all of
+them. Under torchrun each rank predicts one contiguous block of the inputs and rank 0 merges the lines in input
+order at the end.
 """
 
 from __future__ import annotations
