@@ -134,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     # a single process passes the name on (an exported ONNX file runs on the CPU for "auto"); a rank its own GPU
     device = distributed.local_device(device) if distributed.init_from_env(device) else args.device
     try:
-        return _predict(args, device, num_workers, read_files)
+        status = _predict(args, device, num_workers, read_files)
+        distributed.barrier()  # every rank is done with the group before any leaves it
+        return status
     finally:
         distributed.shutdown()
 
