@@ -12,6 +12,10 @@ the table "2 processes vs 1" (``ratio`` = time with 2 processes / time with 1; b
   2 GPUs are twice the hardware of 1; on a machine with fewer free cores than processes the 2-process number mostly
   measures contention. ``identical_json`` says whether both wrote the same JSON (they must: same threads per
   process, the same batches).
+* ``predict``: ``torchrun --standalone --nproc-per-node W -m densehybrid predict`` on ``--frames`` generated PNG files
+  (random pixels), W = 1 and 2, the same checkpoint (random weights) and settings; wall time per image as for
+  ``evaluate``. ``identical_json`` says whether both wrote the same files (every PNG byte for byte,
+  ``predictions.jsonl`` without its timings).
 * ``flow-train``: the step time of joint flow fine-tuning (``demo-finetune-flow``: the segmenter step with flow
   negatives, then the flow step, DenseFlow.small()) on a generated folder tree, the same global batch for both; the
   median interval between ``log.jsonl`` records, the first 2 steps excluded.
@@ -115,6 +119,60 @@ def evaluate_part(args: argparse.Namespace) -> list[dict]:
     return [row]
 
 
+def _checkpoint(folder: Path, model_name: str) -> Path:
+    """A random-weight checkpoint of ``model_name`` (seed 0)."""
+    from densehybrid.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=NUM_CLASSES)
+    path = folder / "model.pt"
+    torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": model.model_kwargs}, path)
+    return path
+
+
+def _prediction_files(out: Path) -> dict[str, object]:
+    """Every output file of a ``predict`` folder, ``predictions.jsonl`` without the per-image timings."""
+    files: dict[str, object] = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    files["predictions.jsonl"] = [{**line, "seconds": None} for line in lines]
+    return files
+
+
+def predict_part(args: argparse.Namespace) -> list[dict]:
+    """Seconds per image of ``densehybrid predict`` with 1 and 2 processes (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        half = args.frames // 2
+        folders = {n: Path(tmp) / f"images-{n}" for n in (half, args.frames)}
+        for n, folder in folders.items():
+            folder.mkdir()
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (*args.size, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+        checkpoint = _checkpoint(Path(tmp), args.model)
+        slopes: dict[int, list[float]] = {1: [], 2: []}
+        for repeat in range(args.repeats):  # 1 and 2 processes interleaved, the order alternating each repetition
+            for world in (1, 2) if repeat % 2 == 0 else (2, 1):
+                walls = {}
+                for n, folder in folders.items():
+                    out = Path(tmp) / f"w{world}-{n}"
+                    command = ["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out), "--overwrite",
+                               "--device", "cpu", "--num-workers", "0", "--no-progress", "--display-range", "-5", "0"]  # fmt: skip
+                    walls[n] = _torchrun(world, command, args.threads_per_process)
+                slopes[world].append((walls[args.frames] - walls[half]) / (args.frames - half))
+        per_image = {world: statistics.median(values) for world, values in slopes.items()}
+        one, two = (_prediction_files(Path(tmp) / f"w{w}-{args.frames}") for w in (1, 2))
+    row = {
+        "part": "predict",
+        "what": f"wall s / image, {args.model}, {args.size[0]}x{args.size[1]}, {args.frames} images, median of "
+        f"{args.repeats}",
+        "one_process": per_image[1],
+        "two_processes": per_image[2],
+        "ratio": per_image[2] / per_image[1],
+        "identical_json": one == two,
+    }
+    return [row]
+
+
 def flow_train_part(args: argparse.Namespace) -> list[dict]:
     """Step time of joint flow fine-tuning in 1 and 2 processes (the same global batch)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +204,7 @@ def flow_train_part(args: argparse.Namespace) -> list[dict]:
 #: ``two_processes``, ``ratio``).
 PARTS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "evaluate": evaluate_part,
+    "predict": predict_part,
     "flow-train": flow_train_part,
 }
 
@@ -154,7 +213,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=sorted(PARTS), action="append", default=None, help="repeatable; default all")
     parser.add_argument("--model", default="ladder_mobilenetv3")
-    parser.add_argument("--frames", type=int, default=16, help="evaluate: frames of the larger run (half: smaller)")
+    parser.add_argument(
+        "--frames", type=int, default=16, help="evaluate, predict: frames of the larger run (half: smaller)"
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
     parser.add_argument("--steps", type=int, default=10, help="flow-train: training steps per run")
     parser.add_argument("--crop", type=int, default=64, help="flow-train: crop side in px")

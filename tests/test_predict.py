@@ -479,6 +479,8 @@ def test_predict_files_refuses_an_earlier_result_and_an_input_as_output(tmp_path
     assert predict_files(predictor, [tmp_path / "a.png"], out, progress=False, overwrite=True).num_images == 1
     with pytest.raises(OutputError, match="destroy|input"):
         predict_files(predictor, [tmp_path / "a.png"], tmp_path, progress=False, read_files=[tmp_path], overwrite=True)
+    with pytest.raises(OutputError, match="is a file"):
+        predict_files(predictor, [tmp_path / "a.png"], tmp_path / "a.png", progress=False)
 
 
 @pytest.mark.parametrize("where", ["file", "below a file"])
@@ -583,3 +585,296 @@ def test_read_ahead_keeps_order_passes_errors_on_and_stops_early():
     reader = _read_ahead(iter(range(100)), depth=2)
     assert next(reader) == 0
     reader.close()  # the reader thread is blocked on a full buffer: closing must not hang
+
+
+# ---- input validation of Predictor.predict (dtype, value range, shape), one message per bad input ----------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "make", "found"),
+    [
+        ("float 0..255", lambda rgb: rgb.astype(np.float32), "[0, 255]"),
+        ("negative float", lambda rgb: rgb.astype(np.float32) / 255.0 - 0.5, "normalised"),
+        ("int32 tensor", lambda rgb: torch.from_numpy(rgb.astype(np.int32)).permute(2, 0, 1), "int32"),
+        ("int64 array", lambda rgb: rgb.astype(np.int64), "int64"),
+        ("NaN", lambda rgb: np.full(rgb.shape, np.nan, np.float32), "NaN"),
+        ("two channels", lambda rgb: rgb[:, :, :2], "(24, 32, 2)"),
+        ("no pixels", lambda rgb: rgb[:0], "32x0"),
+        ("(H, W, 3) tensor", lambda rgb: torch.from_numpy(rgb), "(24, 32, 3)"),
+    ],
+)
+def test_predict_refuses_images_it_would_misread_instead_of_a_silently_wrong_fraction(kind, make, found):
+    predictor = Predictor(Pointwise(), threshold=0.0, device="cpu")
+    with pytest.raises((ValueError, TypeError)) as info:
+        predictor.predict(make(_rgb(24, 32)))
+    message = str(info.value)
+    assert message.startswith("Expected `image`") and found in message and "\n" not in message
+
+
+def test_predict_gives_one_result_for_uint8_and_float_images_of_the_documented_range():
+    predictor = Predictor(Pointwise(), threshold=0.0, device="cpu")
+    rgb = _rgb(24, 32)
+    reference = predictor.predict(rgb)
+    for image in (rgb.astype(np.float64) / 255.0, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0):
+        np.testing.assert_allclose(predictor.predict(image).scores, reference.scores, atol=1e-5)
+    with pytest.raises(ValueError, match=r"`images` to hold float values in \[0, 1\]"):
+        predictor.predict_tensor(torch.full((1, 3, 8, 8), 2.0))
+
+
+def test_palette_value_of_300_is_a_clear_error(tmp_path, checkpoint, capsys):
+    with pytest.raises(ValueError, match=r"integer colour values in 0\.\.255, but row 1 \(class 1\) is \[0, 300, 0\]"):
+        Predictor(Pointwise(), device="cpu", palette=[[0, 0, 0], [0, 300, 0], [0, 0, 0]])
+    path, model = checkpoint
+    bad = tmp_path / "palette.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "palette": [[300, 0, 0]] + [[0, 0, 0]] * 3}, bad)
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    assert _predict(bad, tmp_path / "out", tmp_path / "a.png") == 1
+    err = capsys.readouterr().err
+    assert "palette of checkpoint" in err and "0..255" in err and "Internal error" not in err
+
+
+@pytest.mark.parametrize(
+    ("scale", "size", "found"), [(0.001, 32, "at least 1 px per side"), (1000.0, 320, "fit in memory")]
+)
+def test_input_scale_without_pixels_or_beyond_memory_is_refused_before_the_model_runs(scale, size, found):
+    model = Pointwise()
+    predictor = Predictor(model, threshold=0.0, device="cpu", input_scale=scale)
+    with pytest.raises(Exception, match=found):  # 1000 x a 320x240 image: about 2.5 TB of maps
+        predictor.predict(_rgb(size * 3 // 4, size))
+    assert model.seen == []
+
+
+# ---- bounds of the command's options, checked before any work ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "found"),
+    [("--num-workers", "24", "CPU cores available"), ("--input-scale", "1000", "(0, 4]")],
+)
+def test_num_workers_and_input_scale_beyond_the_machine_are_refused_before_work(
+    tmp_path, checkpoint, capsys, monkeypatch, option, value, found
+):
+    import densehybrid.engine.resources
+
+    monkeypatch.setattr(densehybrid.engine.resources, "usable_cpu_count", lambda: 2)
+    _no_model_work(monkeypatch)
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    argv = ["predict", "--checkpoint", str(checkpoint[0]), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, option, value])
+    assert info.value.code == 2 and found in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_the_input_scale_leaves_without_pixels_is_one_skipped_line(tmp_path, checkpoint, capsys):
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    Image.fromarray(_rgb(480, 640)).save(tmp_path / "b.png")
+    argv = (tmp_path / "a.png", tmp_path / "b.png")
+    assert _predict(checkpoint[0], tmp_path / "out", *argv, extra=["--input-scale", "0.01"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "Expected `input_scale` 0.01 to leave at least 1 px per side" in captured.err
+    assert "Internal error" not in captured.err and "predicted 1 image(s), skipped 1" in captured.out
+
+
+def test_a_symlink_loop_among_the_inputs_is_one_skipped_line_not_a_crash(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_rgb(24, 32)).save(folder / "good.png")
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    os.symlink("c.png", tmp_path / "c.png")
+    assert _predict(checkpoint[0], tmp_path / "out", folder, tmp_path / "c.png") == 1
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 3 and all("symbolic link loop" in line for line in skipped)
+    assert "predicted 1 image(s), skipped 3" in captured.out and (tmp_path / "out" / "good_overlay.png").is_file()
+
+
+# ---- one run per --out, a record that grows per image, --overwrite and --resume after an interrupted run ----------
+
+
+def test_a_second_predict_into_a_locked_out_is_refused_and_a_stale_lock_taken_over(tmp_path, checkpoint, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    Image.fromarray(_rgb(24, 32)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".densehybrid.lock").write_text(f"{owner.pid} {socket.gethostname()}\n")
+        assert _predict(checkpoint[0], out, tmp_path / "a.png") == 1
+        err = capsys.readouterr().err
+        assert f"process {owner.pid}" in err and "Internal error" not in err
+        assert not (out / "predictions.jsonl").exists() and not (out / "a_overlay.png").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _predict(checkpoint[0], out, tmp_path / "a.png") == 0  # the owner is gone: its lock is stale
+    assert not (out / ".densehybrid.lock").exists() and (out / "a_overlay.png").is_file()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs, no handler catches it."""
+
+
+def _interrupt_at(monkeypatch, image: str, kind: str):
+    """Stop the run while it writes ``image``'s ``kind`` file (the files written before it stay)."""
+    import densehybrid.predict.writing as writing
+
+    original = writing.write_png
+
+    def write_png(path, array):
+        if path.name == f"{image}_{kind}.png":
+            raise _Killed()
+        original(path, array)
+
+    monkeypatch.setattr(writing, "write_png", write_png)
+
+
+def _four_images(folder):
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(_rgb(24, 32, seed=i)).save(folder / f"im{i}.png")
+
+
+def test_a_killed_predict_leaves_a_record_of_every_finished_image_and_overwrite_leaves_no_unrecorded_output(
+    tmp_path, checkpoint, monkeypatch
+):
+    images, out = tmp_path / "in", tmp_path / "out"
+    _four_images(images)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "im2", "overlay")
+        with pytest.raises(_Killed):
+            _predict(checkpoint[0], out, images)
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {str(images / "im0.png"), str(images / "im1.png")} <= {r["input"] for r in records}
+    assert str(images / "im2.png") not in {r["input"] for r in records}
+    assert all((out / name).is_file() for r in records for name in r["outputs"])
+    assert (out / "im2_heatmap.png").is_file() and not (out / "summary.json").exists()  # written, not yet recorded
+
+    assert _predict(checkpoint[0], out, images / "im0.png", extra=["--overwrite"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["im0_heatmap.png", "im0_overlay.png", "im0_segmentation.png", "predictions.jsonl", "summary.json"]
+
+
+def test_resume_skips_the_finished_images_and_gives_the_outputs_of_an_uninterrupted_run(
+    tmp_path, checkpoint, monkeypatch, capsys
+):
+    images = tmp_path / "in"
+    _four_images(images)
+    assert _predict(checkpoint[0], tmp_path / "whole", images) == 0
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "im2", "segmentation")
+        with pytest.raises(_Killed):
+            _predict(checkpoint[0], tmp_path / "out", images)
+    assert _predict(checkpoint[0], tmp_path / "out", images) == 1  # neither --resume nor --overwrite: refused
+    assert "--resume" in capsys.readouterr().err
+    finished = len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines())
+    assert 2 <= finished < 4  # im0 and im1, and im3 when the writer reached it before the run stopped
+    seen = []
+    original = Predictor.predict_batch
+    monkeypatch.setattr(Predictor, "predict_batch", lambda self, batch: seen.append(1) or original(self, batch))
+    assert _predict(checkpoint[0], tmp_path / "out", images, extra=["--resume"]) == 0
+    assert len(seen) == 4 - finished and f"{finished} image(s) done by the resumed run kept" in capsys.readouterr().out
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir() if p.suffix == ".png"}
+    resumed = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.suffix == ".png"}
+    assert resumed == whole
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()]
+    assert [{**r, "seconds": 0} for r in lines] == [{**r, "seconds": 0} for r in reference]
+    assert sorted(p.name for p in (tmp_path / "out").glob(".*")) == []
+
+
+# ---- predict under torchrun: 2 processes on gloo give the outputs of 1 process ----------------------------------
+
+
+def _torchrun_predict(*args: str, status: int = 0) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)]), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "densehybrid", "predict", *args, "--num-workers", "0", "--no-progress"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == status, done.stderr.decode()[-3000:]
+
+
+def _folder(out) -> dict[str, bytes]:
+    """Every file of a prediction folder; ``predictions.jsonl`` without the timings."""
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("predictions.jsonl", "summary.json")}
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    files["predictions.jsonl"] = json.dumps([{**line, "seconds": None} for line in lines]).encode()
+    return files
+
+
+def test_two_processes_under_torchrun_write_the_outputs_of_one_and_resume_a_one_process_run(
+    tmp_path, checkpoint, monkeypatch
+):
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(5):  # not a multiple of 2 processes; one of them unreadable (skipped, the exit status is 1)
+        Image.fromarray(_rgb(24, 32, seed=i)).save(images / f"im{i}.png")
+    (images / "im3.png").write_bytes(b"not an image")
+    path = checkpoint[0]
+    assert _predict(path, tmp_path / "one", images, extra=["--save-raw"]) == 1  # 1: an input was skipped
+    _torchrun_predict("--checkpoint", str(path), str(images), "--out", str(tmp_path / "two"), "--save-raw", status=1)
+    assert _folder(tmp_path / "two") == _folder(tmp_path / "one")
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert two["num_images"] == one["num_images"] == 4 and two["failures"] == one["failures"]
+    assert [f["input"] for f in two["failures"]] == [str(images / "im3.png")] and two["num_resumed"] == 0
+
+    # a one-process run killed after im1 is resumed by two processes: the finished images are kept
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "im2", "heatmap")
+        with pytest.raises(_Killed):
+            _predict(path, tmp_path / "resumed", images, extra=["--save-raw"])
+    finished = len((tmp_path / "resumed" / "predictions.jsonl").read_text().splitlines())
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("im0_*")}
+    _torchrun_predict(
+        "--checkpoint", str(path), str(images), "--out", str(tmp_path / "resumed"), "--save-raw", "--resume", status=1
+    )  # fmt: skip
+    assert _folder(tmp_path / "resumed") == _folder(tmp_path / "one")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("im0_*")} == before
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["num_resumed"] == finished and summary["num_images"] == 4 - finished
+
+
+def test_resume_continues_what_a_killed_two_process_run_left_in_one_process(tmp_path, checkpoint):
+    import shutil
+
+    images = tmp_path / "in"
+    _four_images(images)
+    Image.fromarray(_rgb(24, 32, seed=4)).save(images / "im4.png")
+    whole = tmp_path / "whole"
+    assert _predict(checkpoint[0], whole, images) == 0
+    lines = {json.loads(line)["input"]: line for line in (whole / "predictions.jsonl").read_text().splitlines()}
+    # what 2 ranks leave when killed: rank 0 finished im0 and im1 (of im0-im2), rank 1 im3 (of im3-im4) and was
+    # writing im4 (its heatmap is written, its record is not)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("im0", "im1", "im3"):
+        for kind in ("heatmap", "segmentation", "overlay"):
+            shutil.copy(whole / f"{name}_{kind}.png", out)
+    shutil.copy(whole / "im4_heatmap.png", out)
+    (out / ".predictions.rank-0.jsonl").write_text(
+        lines[str(images / "im0.png")] + "\n" + lines[str(images / "im1.png")] + "\n"
+    )
+    (out / ".predictions.rank-1.jsonl").write_text(lines[str(images / "im3.png")] + "\n" + '{"input": "cut by the kil')
+    pending = {"input": str(images / "im4.png"), "outputs": json.loads(lines[str(images / "im4.png")])["outputs"]}
+    (out / ".predictions.pending.rank-1.jsonl").write_text(json.dumps(pending) + "\n")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("im[013]_*")}
+
+    assert _predict(checkpoint[0], out, images, extra=["--resume"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("im[013]_*")} == before  # kept, not predicted again
+    assert _folder(out) == _folder(whole) and sorted(p.name for p in out.glob(".*")) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_resumed"] == 3 and summary["num_images"] == 2

@@ -36,7 +36,15 @@ from densehybrid.predict.calibration import Calibration, read_calibration
 from densehybrid.predict.rendering import default_palette
 from densehybrid.scores import SCORES, default_score, get_score
 
-__all__ = ["DEFAULT_TILE_OVERLAP", "PredictionResult", "Predictor", "image_tensor", "tile_spans"]
+__all__ = [
+    "DEFAULT_TILE_OVERLAP",
+    "PredictionResult",
+    "Predictor",
+    "check_palette",
+    "check_pixel_values",
+    "image_tensor",
+    "tile_spans",
+]
 
 DEFAULT_TILE_OVERLAP = 64
 
@@ -89,6 +97,34 @@ def _check_range(display_range: object) -> tuple[float, float] | None:
     return float(values[0]), float(values[1])
 
 
+def check_palette(palette: Any, num_classes: int | None, source: str = "`palette`") -> np.ndarray:
+    """The (K, 3) uint8 class colours of ``palette``, whose values must be integers in 0..255 (any K when
+    ``num_classes`` is None).
+
+    Raises:
+        ValueError: another shape, or a value that is not an integer in 0..255 (named with its row).
+    """
+    try:
+        values = np.asarray(palette, dtype=object)
+    except (TypeError, ValueError):  # ragged rows
+        values = np.asarray([], dtype=object)
+    k = len(values) if num_classes is None and values.ndim == 2 else num_classes
+    if values.shape != (k, 3):
+        shape = values.shape if values.size else type(palette).__name__
+        raise ValueError(f"Expected {source} to be {k or 'K'} RGB colours, shape ({k or 'K'}, 3), but got {shape}.")
+    for row, colour in enumerate(values):
+        for value in colour:
+            integral = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            if not integral and isinstance(value, (float, np.floating)) and float(value).is_integer():
+                integral = True
+            if not integral or not 0 <= value <= 255:
+                raise ValueError(
+                    f"Expected {source} to hold integer colour values in 0..255, but row {row} (class {row}) is "
+                    f"{[v.item() if isinstance(v, np.generic) else v for v in colour]}."
+                )
+    return values.astype(np.int64).astype(np.uint8)
+
+
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
     """Overlapping tiles along one axis, each with the part of it that is kept.
 
@@ -112,6 +148,21 @@ def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int
         keep_stop = length if i == len(starts) - 1 else (start + tile + starts[i + 1]) // 2
         spans.append((start, keep_start, keep_stop))
     return spans
+
+
+def _recorded_palette(metadata: Mapping[str, Any], source: str) -> np.ndarray | None:
+    """The palette a checkpoint or exported file records (None when it records none).
+
+    Raises:
+        CheckpointError: a malformed palette (e.g. a value of 300), naming the file.
+    """
+    palette = metadata.get("palette")
+    if palette is None or (hasattr(palette, "__len__") and len(palette) == 0):
+        return None
+    try:
+        return check_palette(palette, None, f"the palette of {source}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 class Predictor:
@@ -187,10 +238,7 @@ class Predictor:
         self.amp = bool(amp) and self.device.type == "cuda"
         k = self.num_classes
         self.class_names = list(class_names)
-        palette = default_palette(k) if palette is None or len(palette) == 0 else np.asarray(palette, dtype=np.uint8)
-        if palette.shape != (k, 3):
-            raise ValueError(f"Expected `palette` to have shape ({k}, 3), but got {palette.shape}.")
-        self.palette = palette
+        self.palette = default_palette(k) if palette is None or len(palette) == 0 else check_palette(palette, k)
 
     @property
     def score(self) -> str:
@@ -281,7 +329,7 @@ class Predictor:
         options.setdefault("display_range", calibration.display_range if uses_calibration else None)
         # the checkpoint's classes (the reader falls back to those of the calibration data for older files)
         options.setdefault("class_names", metadata.get("class_names") or ())
-        options.setdefault("palette", metadata.get("palette") or None)
+        options.setdefault("palette", _recorded_palette(metadata, f"checkpoint {str(path)!r}"))
         predictor = cls(
             net,
             chosen,
@@ -321,7 +369,7 @@ class Predictor:
         if options.get("display_range") is None and meta.get("display_range") is not None:
             options["display_range"] = tuple(meta["display_range"])
         options.setdefault("class_names", meta.get("class_names") or ())
-        options.setdefault("palette", meta.get("palette") or None)
+        options.setdefault("palette", _recorded_palette(meta, f"exported file {str(path)!r}"))
         predictor = cls(
             exported,
             score if score is not None else exported.score,
@@ -371,6 +419,34 @@ class Predictor:
                     stitched[:, keep_top:keep_bottom, keep_left:keep_right] = part[:, rows, cols]
         return maps
 
+    #: bytes per model-input pixel that tiling does not bound: the scaled float image and its three maps
+    INPUT_BYTES_PER_PIXEL = 3 * 4 + 4 + 8 + 8
+
+    def check_input_size(self, height: int, width: int, count: int = 1) -> None:
+        """Refuse ``count`` images of ``height`` x ``width`` that ``input_scale`` leaves without pixels or whose
+        resized input and maps need more memory than the machine has.
+
+        Raises:
+            ValueError: a side of less than 1 px. ResourceError: more than half the available memory.
+        """
+        from densehybrid.engine.resources import check_pixels
+
+        if self.input_scale == 1.0:
+            return
+        scaled_h, scaled_w = math.floor(height * self.input_scale), math.floor(width * self.input_scale)
+        if min(scaled_h, scaled_w) < 1:
+            raise ValueError(
+                f"Expected `input_scale` {self.input_scale:g} to leave at least 1 px per side, but the {width}x{height} "
+                f"image would become {scaled_w}x{scaled_h}: use at least {1 / min(height, width):.3g}."
+            )
+        check_pixels(
+            count * scaled_h * scaled_w,
+            self.INPUT_BYTES_PER_PIXEL,
+            f"the model input of {count} {width}x{height} image(s) at `input_scale` {self.input_scale:g} "
+            f"({scaled_w}x{scaled_h} px each)",
+            "Use a smaller `input_scale`.",
+        )
+
     @torch.no_grad()
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, open-set labels and closed-set ids of a batch, on the predictor's device.
@@ -384,6 +460,10 @@ class Predictor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"Expected `images` to have shape (N, 3, H, W), but got {shape}.")
+        if images.shape[-1] == 0 or images.shape[-2] == 0:
+            raise ValueError(f"Expected `images` to have pixels, but they are {images.shape[-1]}x{images.shape[-2]}.")
+        check_pixel_values(images, "`images`")
+        self.check_input_size(*images.shape[-2:], count=images.shape[0])
         images = images.to(self.device, non_blocking=True)
         images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         h, w = images.shape[-2:]
@@ -411,17 +491,59 @@ class Predictor:
         """Predict one image.
 
         Args:
-            image: a file path, a PIL image (any mode; EXIF orientation applied), an (H, W, 3) or (H, W) uint8 array
-                or float array in [0, 1], or a (3, H, W) float tensor in [0, 1].
+            image: a file path, a PIL image (any mode; EXIF orientation applied), an (H, W, 3), (H, W, 4) or (H, W)
+                array, or a (3, H, W) tensor: uint8 (0..255), or float with values in [0, 1] (other dtypes, float
+                values outside [0, 1] such as 0..255 or normalised images, and NaN are refused).
 
         Returns:
             :class:`PredictionResult` with maps at the image's (H, W).
+
+        Raises:
+            ValueError, TypeError: an image of another kind, shape, dtype or value range (one line naming what was
+                expected and what was found).
         """
         return self.predict_batch(image_tensor(image)[None])[0]
 
 
+def check_pixel_values(images: torch.Tensor, name: str = "`image`") -> None:
+    """Refuse pixel values the model would misread: dtypes other than uint8 and float, float values outside [0, 1]
+    (0..255 floats, normalised images) and NaN.
+
+    Raises:
+        TypeError: another dtype. ValueError: float values outside [0, 1] or NaN.
+    """
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise TypeError(
+            f"Expected {name} to be uint8 (0..255) or float in [0, 1], but got dtype {str(images.dtype).split('.')[-1]}"
+            ": convert it, e.g. to uint8 when it holds 0..255."
+        )
+    if images.numel() == 0:
+        return
+    low, high = torch.aminmax(images.detach())
+    low, high = float(low), float(high)
+    if math.isnan(low) or math.isnan(high) or torch.isnan(images).any():
+        raise ValueError(f"Expected {name} to hold float values in [0, 1], but it holds NaN.")
+    if low < 0.0 or high > 1.0:
+        hint = (
+            " (0..255 values: divide by 255 or pass uint8)"
+            if high > 1.0 and low >= 0.0
+            else " (a normalised image: pass it before normalisation)"
+            if low < 0.0
+            else ""
+        )
+        raise ValueError(
+            f"Expected {name} to hold float values in [0, 1], but found values in [{low:.4g}, {high:.4g}]{hint}."
+        )
+
+
 def image_tensor(image: Any) -> torch.Tensor:
-    """(3, H, W) tensor (uint8, or float in [0, 1]) from a path, PIL image, NumPy array or tensor."""
+    """(3, H, W) tensor (uint8, or float in [0, 1]) from a path, PIL image, NumPy array or tensor.
+
+    Raises:
+        ValueError, TypeError: another kind, shape, dtype or value range (:func:`check_pixel_values`).
+    """
     from densehybrid.data.datasets._io import image_to_rgb, read_rgb
 
     if isinstance(image, (str, os.PathLike)):
@@ -430,15 +552,25 @@ def image_tensor(image: Any) -> torch.Tensor:
         image = image_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
+            image = image[:, :, None].repeat(3, axis=2)
         if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"Expected an image array of shape (H, W, 3) or (H, W), but got {image.shape}.")
-        image = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
-        if image.dtype != torch.uint8 and not image.is_floating_point():
-            raise TypeError(f"Expected a uint8 or float image array, but got dtype {image.dtype}.")
-        return image
-    if isinstance(image, torch.Tensor):
+            raise ValueError(
+                f"Expected `image` to be an array of shape (H, W, 3), (H, W, 4) or (H, W), but got {image.shape}."
+            )
+        if image.dtype != np.uint8 and image.dtype.kind != "f":
+            raise TypeError(
+                f"Expected `image` to be uint8 (0..255) or float in [0, 1], but got dtype {image.dtype}: convert it, "
+                "e.g. to uint8 when it holds 0..255."
+            )
+        image = torch.from_numpy(np.array(image[:, :, :3], copy=True, order="C")).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"Expected an image tensor of shape (3, H, W), but got {tuple(image.shape)}.")
-        return image
-    raise TypeError(f"Expected an image path, PIL image, NumPy array or tensor, but got {type(image).__name__}.")
+            raise ValueError(f"Expected `image` to be a tensor of shape (3, H, W), but got {tuple(image.shape)}.")
+    else:
+        raise TypeError(
+            f"Expected `image` to be a path, PIL image, NumPy array or tensor, but got {type(image).__name__}."
+        )
+    if image.shape[-1] == 0 or image.shape[-2] == 0:
+        raise ValueError(f"Expected `image` to have pixels, but it is {image.shape[-1]}x{image.shape[-2]}.")
+    check_pixel_values(image)
+    return image

@@ -15,7 +15,7 @@ from PIL import Image
 
 from densehybrid.engine.outputs import atomic_path
 from densehybrid.errors import DenseHybridError
-from densehybrid.predict.files import RESULT_FILES, ImageJob, output_paths
+from densehybrid.predict.files import ImageJob, output_paths
 from densehybrid.predict.predictor import PredictionResult
 from densehybrid.predict.rendering import (
     colour_bar_panel,
@@ -143,29 +143,34 @@ def write_json_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
 
 
-def earlier_outputs(out: Path) -> set[str]:
-    """The outputs (relative to ``out``) an earlier run recorded in its ``predictions.jsonl``; unreadable lines and
-    paths outside ``out`` are ignored."""
-    names: set[str] = set()
-    try:
-        lines = (out / RESULT_FILES[0]).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return names
-    for line in lines:
+class JsonLines:
+    """Appends one strict JSON line per :meth:`append` to ``path`` and flushes it, so that an interrupted run keeps
+    every line it wrote (the file is opened on the first line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, allow_nan=False) + "\n"
         try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        outputs = record.get("outputs") if isinstance(record, dict) else None
-        for name in outputs if isinstance(outputs, list) else []:
-            if isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts:
-                names.add(Path(name).as_posix())
-    return names
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:
+            raise DenseHybridError(f"Cannot write {str(self.path)!r}: {exc.strerror or exc}.") from exc
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def remove_outputs(out: Path, names: Iterable[str], jobs: Sequence[ImageJob]) -> None:
-    """Delete the earlier run's outputs ``names`` (relative to ``out``) that this run did not write again; never an
-    input image of this run."""
+    """Delete the earlier run's outputs ``names`` (relative to ``out``, as its records list them) that this run did not
+    write again; never an input image of this run, never a path outside ``out``."""
     inputs = {job.path.resolve() for job in jobs}
     root = out.resolve()
     for name in sorted(names):
