@@ -12,7 +12,9 @@ from densehybrid.recipes import expand_recipe, list_recipes, load_recipe, recipe
 
 #: `densehybrid recipes --json` of the shipped presets as they were before the -finetune and -flow presets became
 #: short overrides of their parents (captured from that tree, then Adam eps 1e-8 in the two COCO20 fine-tunings as
-#: released); the resolved values must not move.
+#: released); the resolved values must not move. The `generic` entry follows that recipe's own changes (its "auto"
+#: values and the EfficientNet-Lite0 ladder): an entry is regenerated as `densehybrid recipes --json NAME` without its
+#: "param_groups", written with json.dumps(..., indent=1, sort_keys=True).
 RESOLVED_BEFORE = Path(__file__).parent / "data" / "presets-resolved.json"
 CHILDREN = {
     "ldn121-streethazards-finetune": "ldn121-streethazards",

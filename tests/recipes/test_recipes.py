@@ -253,7 +253,7 @@ def test_a_typo_in_best_metric_is_refused_not_a_missing_best_pt():
         (f"run.seed={2**70}", "`run.seed` to be < 4294967296"),
         ("model.name=dicnet", "DiCNet model .* only with method 'dicnet'"),
         ("augment.crop=0", r"`augment.scale` = \[1, 1\] with augment.crop = 0"),
-        ("model.kwargs.colour=1", r"Expected arguments of model 'ladder_resnet18' among .*\['colour'\]"),
+        ("model.kwargs.colour=1", r"Expected arguments of model 'ladder_efficientnet_lite0' among .*\['colour'\]"),
     ],
 )
 def test_bad_recipe_values_are_refused_when_the_recipe_is_read(item, expected):

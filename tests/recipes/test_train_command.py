@@ -364,7 +364,9 @@ def test_the_default_worker_count_is_lowered_to_the_cores_with_a_note(tmp_path, 
 
     monkeypatch.setattr(resources, "usable_cpu_count", lambda: 1)
     root = make_folder_tree(tmp_path / "mine", n_train=2, n_val=0)
-    args = ["train", "--recipe", "generic", "--data-root", str(root), "--out", str(tmp_path / "run"), "--device"]
+    recipe = tmp_path / "mine.toml"  # the schema's default of 4 workers (generic derives its own: "auto")
+    recipe.write_text('base = "generic"\n[run]\nnum_workers = 4\n', encoding="utf-8")
+    args = ["train", "--recipe", str(recipe), "--data-root", str(root), "--out", str(tmp_path / "run"), "--device"]
     args += ["cpu", "--no-progress", "--max-steps", "1", *sets("augment.crop=32", "optim.batch_size=2", *LIGHT_LADDER)]
     assert main(args) == 0, capsys.readouterr().err
     assert "run.num_workers lowered from 4 to 1" in capsys.readouterr().out

@@ -81,10 +81,24 @@ class _StopFlag:
         print("\nStopping after this step (Ctrl-C again to abort without a checkpoint)...", file=sys.stderr)
 
 
+def _console(line: str) -> None:
+    """A line of the run's console on stdout, clear of the progress bars on stderr."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+
+
 def run(args: argparse.Namespace) -> int:
     from densehybrid.engine import distributed
     from densehybrid.recipes import load_recipe
-    from densehybrid.recipes.run import SUMMARY_NAME, RunInputs, check_output_dir, input_paths, train_recipe
+    from densehybrid.recipes.run import (
+        SUMMARY_NAME,
+        RunInputs,
+        check_output_dir,
+        closing_lines,
+        input_paths,
+        train_recipe,
+    )
 
     recipe = load_recipe(args.recipe, args.overrides or [])
     if args.flow_init:
@@ -116,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         resume=not args.no_resume,
+        console=_console,
     )
     flag = _StopFlag()
     previous = signal.signal(signal.SIGINT, flag.handle)
@@ -138,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         )
         for note in summary["notes"]:
             print(f"note: {note}")
+        for line in closing_lines(summary, inputs):
+            print(line)
     if distributed_run:
         distributed.shutdown()
     return 130 if summary["interrupted"] else 0

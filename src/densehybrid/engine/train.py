@@ -396,6 +396,7 @@ def fit(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     stop: Callable[[], bool] | None = None,
     sync_bn: bool = False,
+    echo: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_set`` with ``objective``; checkpoint to ``out_dir/last.pt``.
 
@@ -421,11 +422,14 @@ def fit(
         stop: optional callable polled after every step; when it returns True (on any rank) the run writes a
             checkpoint and returns with ``interrupted=True`` (e.g. on SIGINT).
         sync_bn: convert BatchNorm layers to SyncBatchNorm in a distributed run (CUDA only).
+        echo: optional callable given the run's console lines (on the main process only): ``"resuming from step N of
+            M ..."`` and one line per epoch (:func:`epoch_line`: loss, validation metrics, time, ETA).
 
     Returns:
         :class:`TrainResult`; ``finished`` is False when ``config.max_steps`` or ``stop`` ended the run early.
     """
     loop = _Loop(model, train_set, objective, config, out_dir, metadata, sync_bn)
+    loop.echo = echo if distributed.is_main() else None
     if resume:
         loop.resume()
     while loop.epoch < config.epochs:
@@ -476,6 +480,7 @@ class _Loop:
         self.objective_name = getattr(objective, "name", type(objective).__name__)
         self.checkpoint_path = Path(out_dir) / "last.pt" if out_dir is not None else None
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.echo: Callable[[str], None] | None = None
         self.history: list[dict[str, float]] = []
         self.sums: dict[str, float] = {}
         self.summed_steps = 0  # steps whose logs are in `sums` (fewer than step_in_epoch after resuming an older file)
@@ -507,6 +512,17 @@ class _Loop:
             self.sums, self.summed_steps = dict(state["epoch_sums"]), self.step_in_epoch
         if state.get("objective_state") is not None and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state["objective_state"])
+        if self.echo is not None:
+            self.echo(
+                f"resuming from step {self.global_step} of {self.total_steps} (epoch {self.epoch + 1}/"
+                f"{self.config.epochs}, step {self.step_in_epoch}/{self.steps_per_epoch}) in {self.checkpoint_path}"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        """The steps of the whole run (``config.max_steps`` when it ends the run earlier)."""
+        total = self.config.epochs * self.steps_per_epoch
+        return total if self.config.max_steps is None else min(total, self.config.max_steps)
 
     def save(self) -> Path | None:
         """Write ``last.pt`` atomically (rank 0 only); returns its path, or None when nothing is written."""
@@ -548,7 +564,7 @@ class _Loop:
             num_workers=config.num_workers,
             collate_fn=collate,
         )
-        self.epoch_start = time.perf_counter()
+        self.epoch_start, self.epoch_first_step = time.perf_counter(), self.global_step
         bar = tqdm(
             loader,
             total=self.steps_per_epoch - self.step_in_epoch,
@@ -631,12 +647,47 @@ class _Loop:
             record.update(on_epoch_end(self.epoch, self.model) or {})
             self.train_model.train()
         self.history.append(record)
+        if self.echo is not None:  # time per step of this epoch, validation included, times the steps left
+            wall, steps = time.perf_counter() - self.epoch_start, max(1, self.global_step - self.epoch_first_step)
+            self.echo(
+                epoch_line(record, self.config.epochs, wall, wall / steps * (self.total_steps - self.global_step))
+            )
         self.epoch += 1
         self.step_in_epoch = 0
         self.sums, self.summed_steps = {}, 0
         path = self.save()
         if path is not None and _is_best(self.history, self.config.best_metric):
             _atomic_copy(path, path.with_name("best.pt"))
+
+
+def _duration(seconds: float) -> str:
+    """``"45s"``, ``"3m 05s"``, ``"2h 07m"``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+#: The validation metrics of an epoch line, in order, with their names (fractions, shown in %).
+EPOCH_METRICS = (("val_miou", "val mIoU"), ("val_ap", "AP"), ("val_fpr95", "FPR95"))
+
+
+def epoch_line(record: Mapping[str, Any], epochs: int, seconds: float, eta_seconds: float) -> str:
+    """One console line per epoch: ``"epoch 3/10  loss 0.4123  val mIoU 61.2%  AP 43.1%  FPR95 12.3%  1m 02s
+    ETA 7m 14s"`` (the validation metrics a record has, NaN shown as ``n/a``; ``seconds``: the epoch with its
+    validation; ``eta_seconds``: the rest of the run, ``done`` when nothing is left)."""
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    if isinstance(record.get("loss"), float):
+        parts.append(f"loss {record['loss']:.4f}")
+    for key, name in EPOCH_METRICS:
+        value = record.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{name} {100 * value:.1f}%" if math.isfinite(value) else f"{name} n/a")
+    parts.append(_duration(seconds))
+    parts.append(f"ETA {_duration(eta_seconds)}" if eta_seconds > 0 else "done")
+    return "  ".join(parts)
 
 
 def _is_best(history: list[dict[str, float]], metric: str | None) -> bool:

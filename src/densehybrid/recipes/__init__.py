@@ -356,16 +356,20 @@ def optimizer_groups(recipe: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     The run's optimiser has one group for the backbone (parameters whose name contains ``backbone``, at
     ``optim.lr * optim.backbone_lr_ratio``) and one for everything else (``optim.lr``); a recipe that also trains a
-    flow beside the segmenter (``negatives.source`` synthetic or mixed) adds the flow's own Adamax group.
+    flow beside the segmenter (``negatives.source`` synthetic or mixed) adds the flow's own Adamax group. A rate
+    left ``"auto"`` (the run derives it, :mod:`densehybrid.recipes.derived`) is shown as ``"auto"``.
     """
+    from densehybrid.recipes.schema import AUTO
+
     optim = recipe["optim"]
     schedule = optim["schedule"] + (f" to {optim['lr_min']:g}" if optim["schedule"] == "cosine" else "")
+    auto = AUTO in (optim["lr"], optim["backbone_lr_ratio"])
     groups = [
         {"group": "decoder and heads", "optimizer": optim["optimizer"], "lr": optim["lr"], "schedule": schedule},
         {
             "group": "backbone",
             "optimizer": optim["optimizer"],
-            "lr": optim["lr"] * optim["backbone_lr_ratio"],
+            "lr": AUTO if auto else optim["lr"] * optim["backbone_lr_ratio"],
             "schedule": schedule,
         },
     ]

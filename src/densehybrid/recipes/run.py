@@ -8,9 +8,11 @@ same recipe resumes from it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import shlex
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -192,8 +194,9 @@ def class_fields(dataset: Any, num_classes: int) -> dict[str, Any]:
 
 
 # -- model ------------------------------------------------------------------------------------------------------------
-def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Module:
-    """The recipe's model, initialised from ``init`` as ``model.init_as`` says.
+def build_model(recipe: Mapping[str, Any], num_classes: int, init: str, loaded: list[str] | None = None) -> nn.Module:
+    """The recipe's model, initialised from ``init`` as ``model.init_as`` says (``loaded``: a line saying what the
+    checkpoint held and what was loaded is appended to it).
 
     Raises:
         CheckpointError: ``init`` is missing or holds weights of another architecture (only the dataset-posterior
@@ -214,6 +217,7 @@ def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Mo
     if init and how == "checkpoint":
         state = read_checkpoint(init).state_dict
         missing, unexpected, mismatched, message = check_state_dict(model, state, source=f"`--init` {init!r}")
+        missing_head = [k for k in missing if k.startswith(_POSTERIOR_HEAD)]
         missing = [k for k in missing if not k.startswith(_POSTERIOR_HEAD)]
         if missing or unexpected or mismatched:
             raise CheckpointError(
@@ -221,6 +225,8 @@ def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Mo
                 f"posterior head may be missing), but it does not fit.\n{message}"
             )
         model.load_state_dict(state, strict=False)
+        if loaded is not None:
+            loaded.append(_init_description(init, read_checkpoint(init), len(state), len(missing_head)))
         damaged = [key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
         if damaged:
             raise CheckpointError(
@@ -228,6 +234,44 @@ def build_model(recipe: Mapping[str, Any], num_classes: int, init: str) -> nn.Mo
                 f"values (e.g. {damaged[0]!r}): it was probably saved from a diverged run. Use an earlier checkpoint."
             )
     return model
+
+
+def _init_description(init: str, info: Any, tensors: int, new_head: int) -> str:
+    """``"loaded runs/closed/best.pt: 312 tensors (closed-set ladder_efficientnet_lite0, recipe generic, epoch 3 of
+    5); the posterior head starts new"``."""
+    what = [info.method or "", info.model_name or ""]
+    recipe = info.recipe.get("name") if isinstance(info.recipe, Mapping) else None
+    if recipe:
+        what.append(f"recipe {recipe}")
+    epoch = info.training.get("epoch") if info.training else None
+    if epoch is not None:
+        epochs = info.training.get("config", {}).get("epochs")
+        what.append(f"epoch {epoch}" + (f" of {epochs}" if epochs else ""))
+    described = ", ".join(part for part in what if part)
+    head = f"; the posterior head ({new_head} tensors) starts new" if new_head else ""
+    return f"loaded {init}: {tensors} tensors" + (f" ({described})" if described else "") + head
+
+
+def weights_source(recipe: Mapping[str, Any], init: str) -> str:
+    """Where the model's starting weights come from, in words (the start-up summary's ``weights`` line)."""
+    from densehybrid.models.registry import get_model_entry
+
+    model = recipe["model"]
+    if init:
+        return f"--init {init}" if model["init_as"] == "checkpoint" else f"{model['init_as']} = {init} (--init)"
+    for key in ("pretrained", "pretrained_backbone"):
+        value = model["kwargs"].get(key)
+        if isinstance(value, str) and value:
+            return f"model.kwargs.{key} = {value}"
+    try:
+        entry = get_model_entry(model["name"])
+        parameter = inspect.signature(entry).parameters.get("pretrained")
+    except (TypeError, ValueError, ImportError):
+        entry, parameter = None, None
+    packaged = model["kwargs"].get("pretrained", parameter.default if parameter is not None else None)
+    if packaged is True:
+        return getattr(entry, "weights_source", "the model's pretrained weights (pretrained = true)")
+    return "random initialisation (no pretrained weights; --init or model.kwargs.pretrained_backbone sets some)"
 
 
 # -- bounds -----------------------------------------------------------------------------------------------------------
@@ -325,6 +369,9 @@ class RunInputs:
     device: str = "auto"
     progress: bool = True
     resume: bool = True
+    console: Callable[[str], None] | None = None
+    """Where the run tells its progress in lines (the start-up summary, one line per epoch, the resume); None: silent.
+    Only the main process of a distributed run writes."""
 
 
 def _trained_fields(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -333,14 +380,16 @@ def _trained_fields(recipe: Mapping[str, Any]) -> dict[str, Any]:
 
 
 #: Keys that only say where a run's starting weights are read from (like ``--init``): a resumed run continues from
-#: its own ``last.pt``, so they are not compared (a copied run folder, whose paths moved, still resumes).
-_START_PATHS = {("model", "init"), ("flow", "init")}
+#: its own ``last.pt``, so they are not compared (a copied run folder, whose paths moved, still resumes). Nor is
+#: ``run.num_workers``: the workers change how fast samples load, not which (each sample's augmentation is seeded by
+#: its index), and ``"auto"`` derives them from the machine the run resumes on.
+_START_PATHS = {("model", "init"), ("flow", "init"), ("run", "num_workers")}
 
 
 def recipe_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The trained keys (``section.key``) whose values differ between two resolved recipes, as
     ``"optim.lr: 0.0004 -> 1e-05"`` lines, sorted; empty when a run of ``old`` may resume as ``new``. The paths of
-    the starting weights (``model.init``, ``flow.init``) are not compared."""
+    the starting weights (``model.init``, ``flow.init``) and ``run.num_workers`` are not compared."""
     old, new = json.loads(json.dumps(_trained_fields(old))), json.loads(json.dumps(_trained_fields(new)))
     lines = []
     for section in sorted(set(old) | set(new)):
@@ -401,18 +450,32 @@ def _trim_log(path: Path, global_step: int) -> None:
     tmp.replace(path)
 
 
-def _open_training_data(
-    recipe: dict[str, Any], inputs: RunInputs, device: Any, notes: list[str]
-) -> tuple[Any, Any, int, int]:
-    """(augmented training set, validation set or None, K, DataLoader workers per process): the trees are opened,
-    the run's bounds checked (:func:`check_run_bounds`), every file checked and one sample decoded, so a broken file,
-    a bad label or an oversized value fails, named, before anything is written."""
+@dataclass
+class _TrainingData:
+    """What :func:`_open_training_data` opened and derived."""
+
+    recipe: dict[str, Any]  # with augment.crop and run.num_workers derived where "auto"
+    sources: dict[str, str]  # section.key -> where a derived value came from
+    train: Any  # the augmented training set
+    val: Any  # the validation set, or None
+    num_classes: int
+    workers: int  # DataLoader workers per process
+    val_anomaly_pixels: int | None  # pixels of label K in val; None without validation
+
+
+def _open_training_data(recipe: dict[str, Any], inputs: RunInputs, device: Any, notes: list[str]) -> _TrainingData:
+    """The training and validation sets: the trees are opened, the ``"auto"`` crop and workers derived
+    (:func:`~densehybrid.recipes.derived.derive_from_data`), the run's bounds checked (:func:`check_run_bounds`),
+    every file checked (counting val's anomaly pixels) and one sample decoded, so a broken file, a bad label or an
+    oversized value fails, named, before anything is written."""
     from densehybrid.data.datasets import check_dataset_files
     from densehybrid.data.transforms import AugmentedDataset, SegmentationAugment
+    from densehybrid.recipes.derived import derive_from_data
 
     data_root = inputs.data_root
     train_set = open_dataset(recipe, data_root, recipe["data"]["train_split"])
     num_classes = _num_classes(recipe, train_set)
+    recipe, sources = derive_from_data(recipe, train_set)
     workers = check_run_bounds(recipe, num_classes, device, notes)
     val_set = None
     if recipe["run"]["validate"] and recipe["data"]["val_split"]:
@@ -427,10 +490,11 @@ def _open_training_data(
     train_data = AugmentedDataset(train_set, pipeline, seed=recipe["run"]["seed"])
     # every label, image and class list is checked now: a damaged file fails with its name before the first step
     check_dataset_files(train_set, "training files", inputs.progress)
+    anomalies = None
     if val_set is not None:
-        check_dataset_files(val_set, "validation files", inputs.progress)
+        anomalies = check_dataset_files(val_set, "validation files", inputs.progress, count_id=num_classes)
     train_data[0]  # decode one sample now: the augmentation and the label range fail before the run starts
-    return train_data, val_set, num_classes, workers
+    return _TrainingData(recipe, sources, train_data, val_set, num_classes, workers, anomalies)
 
 
 def train_config(
@@ -468,7 +532,9 @@ def _prepare_out(out: Path | None, recipe: Mapping[str, Any], resume: bool, note
     return resumed_step
 
 
-def _build_model(recipe: dict[str, Any], inputs: RunInputs, num_classes: int, device: Any, out: Path | None):
+def _build_model(
+    recipe: dict[str, Any], inputs: RunInputs, num_classes: int, device: Any, out: Path | None, loaded: list[str]
+):
     method = get_method(recipe["method"])
     init = inputs.init or recipe["model"]["init"]
     if method.build_model is not None:
@@ -485,7 +551,7 @@ def _build_model(recipe: dict[str, Any], inputs: RunInputs, num_classes: int, de
         )
         model = method.build_model(context)
     else:
-        model = build_model(recipe, num_classes, init)
+        model = build_model(recipe, num_classes, init, loaded)
     check_batch_norm_batch(model, recipe["optim"]["batch_size"], inputs.accumulate)
     return model.to(device)
 
@@ -513,6 +579,8 @@ def train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], b
 
 
 def _train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], bool] | None) -> dict[str, Any]:
+    from densehybrid.recipes.derived import derive_from_run
+
     started = time.perf_counter()
     method = get_method(recipe["method"])
     out = (
@@ -526,20 +594,31 @@ def _train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], 
     distributed.init_from_env(device)
     device = distributed.local_device(device)
     notes: list[str] = []
-    train_data, val_set, num_classes, workers = _open_training_data(recipe, inputs, device, notes)
-    model = _build_model(recipe, inputs, num_classes, device, out)
+    data = _open_training_data(recipe, inputs, device, notes)
+    num_classes, val_set = data.num_classes, data.val
     effective = method
-    real_only = recipe.get("negatives", {}).get("source", "real") == "real"
-    if method.uses_negatives and inputs.neg_root is None and not recipe["negatives"]["required"] and real_only:
+    real_only = data.recipe.get("negatives", {}).get("source", "real") == "real"
+    if method.uses_negatives and inputs.neg_root is None and not data.recipe["negatives"]["required"] and real_only:
         effective = get_method("closed-set")
         notes.append("no --neg-root: closed-set training (pass --neg-root DIR for DenseHybrid training)")
+    init = inputs.init or recipe["model"]["init"]
+    recipe, sources = derive_from_run(data.recipe, effective.uses_negatives, init, data.val_anomaly_pixels)
+    sources = {**data.sources, **sources}
+    loaded: list[str] = []
+    model = _build_model(recipe, inputs, num_classes, device, out, loaded)
     context = MethodContext(
         recipe, model, num_classes, device, inputs.neg_root, inputs.data_root, out, progress=inputs.progress
     )
     objective = effective.build(context)
-    config = train_config(recipe, device, inputs, val_set is not None, workers)
+    config = train_config(recipe, device, inputs, val_set is not None, data.workers)
     resumed_step = _prepare_out(out, recipe, inputs.resume, notes)
     resume = resumed_step is not None
+    console = inputs.console if distributed.is_main() else None
+    if console is not None:
+        lines = startup_lines(recipe, inputs, data, effective.name, init, loaded, objective, config, sources)
+        lines += [f"note: {note}" for note in notes if note not in "\n".join(lines)]
+        for line in lines:
+            console(line)
     log = RunLog(out)
     run = recipe["run"]
     last_step = [resumed_step or 0]  # validation is logged at the step it follows, as training (TensorBoard's x-axis)
@@ -558,12 +637,13 @@ def _train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], 
         log.write("val", last_step[0], {"epoch": epoch + 1, **validation})
         return {**metrics, **validation}
 
+    derived = {key: {"value": _value(recipe, key), "from": why} for key, why in sources.items()}
     metadata = {"kind": RUN_KIND, "recipe": recipe, "num_classes": num_classes, "method": effective.name}
-    metadata.update(class_fields(train_data.dataset, num_classes))
+    metadata.update(class_fields(data.train.dataset, num_classes), derived=derived)
     try:
         result = fit(
             model,
-            train_data,
+            data.train,
             objective,
             config,
             out_dir=out,
@@ -573,13 +653,94 @@ def _train_recipe(recipe: dict[str, Any], inputs: RunInputs, stop: Callable[[], 
             on_step=on_step,
             stop=stop,
             sync_bn=run["sync_bn"],
+            echo=console,
         )
     finally:
         log.close()
-    return _summary(recipe, result, config, effective.name, resume, device, num_classes, out, len(train_data)) | {
+    summary = _summary(recipe, result, config, effective.name, resume, device, num_classes, out, len(data.train))
+    return summary | {
         "seconds": time.perf_counter() - started,
         "notes": notes,
+        "derived": derived,
+        "val_anomaly_pixels": data.val_anomaly_pixels,
     }
+
+
+def _value(recipe: Mapping[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return recipe[section][key]
+
+
+def _count(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def startup_lines(
+    recipe: Mapping[str, Any],
+    inputs: RunInputs,
+    data: _TrainingData,
+    method: str,
+    init: str,
+    loaded: list[str],
+    objective: Any,
+    config: TrainConfig,
+    sources: Mapping[str, str],
+) -> list[str]:
+    """The start-up summary of a run: the data found, the classes, the model and where its weights come from, what
+    ``--init`` loaded, the negatives, and every setting a newcomer asks about with where it came from (the recipe, or
+    derived from the data, from the machine, or because ``--init`` was given)."""
+
+    def source(*keys: str) -> str:
+        found = [sources[key] for key in keys if key in sources]
+        return f"  [{'; '.join(dict.fromkeys(found))}]" if found else "  [recipe]"
+
+    optim, augment = recipe["optim"], recipe["augment"]
+    train_set = data.train.dataset
+    names = [str(name) for name in getattr(train_set, "class_names", ()) or ()]
+    classes = f"{data.num_classes} classes" + (f": {', '.join(names)}" if names else "")
+    if data.val is None:
+        val = "no validation split (no per-epoch validation, no best.pt)"
+    else:
+        anomalies = data.val_anomaly_pixels or 0
+        val = f"{len(data.val)} val images ({anomalies} anomaly pixels, label value {data.num_classes})"
+    lines = [
+        f"densehybrid train: recipe {recipe['name']} (method {method}) on {config.device}",
+        f"  data       {inputs.data_root}: {len(train_set)} training images, {val}",
+        f"  classes    {classes}",
+        f"  model      {recipe['model']['name']} (K={data.num_classes})",
+        f"  weights    {weights_source(recipe, init)}",
+    ]
+    lines += [f"  --init     {line}" for line in loaded]
+    if get_method(recipe["method"]).uses_negatives:
+        stream = getattr(objective, "negatives", None)
+        found = _count(getattr(stream, "dataset", None)) if stream is not None else None
+        if method == "closed-set":
+            lines.append(
+                "  negatives  no --neg-root: closed-set training (pass --neg-root DIR for DenseHybrid training)"
+            )
+        elif found is not None:
+            where = inputs.neg_root if inputs.neg_root is not None else inputs.data_root
+            lines.append(f"  negatives  {where}: {found} images, {recipe['negatives']['pastes']} pasted per image")
+        else:
+            lines.append(f"  negatives  {recipe['negatives']['source']} (negatives.source)")
+    crop = augment["crop"]
+    lines += [
+        f"  crop       {f'{crop} px' if crop else 'whole images'}, scale {augment['scale'][0]:g}-"
+        f"{augment['scale'][1]:g}" + source("augment.crop"),
+        f"  optimiser  {optim['optimizer']} lr {optim['lr']:g}, backbone {optim['lr'] * optim['backbone_lr_ratio']:g}, "
+        f"{optim['schedule']}" + source("optim.lr", "optim.backbone_lr_ratio"),
+        f"  length     {optim['epochs']} epochs of {len(data.train) // optim['batch_size']} steps, batch "
+        f"{optim['batch_size']}" + source(),
+        f"  workers    {data.workers} DataLoader workers per process" + source("run.num_workers"),
+    ]
+    if config.best_metric is not None:
+        lines.append(f"  best.pt    the epoch with the highest {config.best_metric}" + source("run.best_metric"))
+    if inputs.out is not None:
+        lines.append(f"  out        {inputs.out}")
+    return lines
 
 
 def _summary(
@@ -623,6 +784,52 @@ def _summary(
         "notes": [],
         "resolved_recipe": recipe,
     }
+
+
+def closing_lines(summary: Mapping[str, Any], inputs: RunInputs) -> list[str]:
+    """The end of a run on the console: the checkpoint it keeps and the exact next command(s) to run.
+
+    An unfinished run: the same command continues it. A closed-set run of a recipe that trains DenseHybrid with
+    negatives (``generic`` without ``--neg-root``): the fine-tuning command. A run that trained an anomaly score:
+    ``calibrate`` on the training data's validation split, then ``predict`` with the calibrated checkpoint.
+    """
+    recipe = summary["resolved_recipe"]
+    kept = summary["best_checkpoint"] or summary["checkpoint"]
+    if kept is None:
+        return []
+    best = summary.get("best")
+    why = f" (best {best['metric']} {best['value']:.4f} at epoch {best['epoch']})" if best else " (the last epoch)"
+    lines = [f"kept checkpoint: {kept}{why}"]
+    if not summary["finished"]:
+        return [
+            f"stopped at step {summary['global_step']}: run the same command again to continue from "
+            f"{summary['checkpoint']}"
+        ]
+    data = ["--data-root", str(inputs.data_root)]
+    if summary["method"] == "closed-set" and get_method(recipe["method"]).uses_negatives:
+        out = Path(summary["checkpoint"]).parent
+        command = ["densehybrid", "train", "--recipe", recipe["name"], *data, "--neg-root", "NEGATIVES"]
+        command += ["--init", kept, "--out", str(out.with_name(f"{out.name}-densehybrid"))]
+        lines.append("next: fine-tune it as DenseHybrid (NEGATIVES: a folder of photos of other things):")
+        lines.append(f"  {shlex.join(command)}")
+        return lines
+    if not get_method(summary["method"]).uses_negatives:
+        return lines
+    from densehybrid.calibrate import calibrated_path
+
+    calibrate = ["densehybrid", "calibrate", "--checkpoint", kept, "--benchmark", recipe["data"]["dataset"]]
+    calibrate += ["--root", str(inputs.data_root)]
+    for key, value in recipe["data"]["options"].items():
+        calibrate += ["--option", f"{key}={value}"]
+    predict = ["densehybrid", "predict", "--checkpoint", str(calibrated_path(kept)), "PHOTOS", "--out", "predictions"]
+    lines.append("next: calibrate the open-set threshold on the validation split, then predict (PHOTOS: new images):")
+    lines += [f"  {shlex.join(calibrate)}", f"  {shlex.join(predict)}"]
+    if summary.get("val_anomaly_pixels") == 0:
+        lines.append(
+            f"  (calibrate needs anomaly pixels in the validation labels: mark unknown objects with label value "
+            f"{summary['num_classes']})"
+        )
+    return lines
 
 
 def validate_model(

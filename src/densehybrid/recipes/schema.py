@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("str", "int", "float", "bool", "floats", "table")
+#: The value that leaves a key to the run (keys whose :attr:`Key.auto` says what it derives).
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class Key:
         minimum: the smallest allowed number (``int``/``float``/each of ``floats``), or None.
         length: the required list length for ``floats``, or None.
         below: every number must be smaller than this (``int``/``float``/each of ``floats``), or None.
+        auto: what the value ``"auto"`` means for this key (a run derives it, see
+            :mod:`densehybrid.recipes.derived`); empty: ``"auto"`` is not accepted.
     """
 
     kind: str
@@ -37,13 +41,17 @@ class Key:
     minimum: float | None = None
     length: int | None = None
     below: float | None = None
+    auto: str = ""
 
     def check(self, dotted: str, value: Any, choices: tuple[Any, ...] | None = None) -> Any:
         """``value`` converted to this key's kind (ints accepted as floats), or a ValueError naming ``dotted``."""
         choices = self.choices if choices is None else choices
+        if self.auto and value == AUTO:
+            return AUTO
+        either = f' or "{AUTO}"' if self.auto else ""
 
         def fail(expected: str) -> ValueError:
-            return ValueError(f"Expected recipe key `{dotted}` to be {expected}, but got {value!r}.")
+            return ValueError(f"Expected recipe key `{dotted}` to be {expected}{either}, but got {value!r}.")
 
         if self.kind == "bool":
             if not isinstance(value, bool):
@@ -72,8 +80,9 @@ class Key:
                 raise fail("a table of key = value pairs")
             return dict(value)
         if choices is not None and value not in choices:
+            allowed = [*choices, AUTO] if self.auto else list(choices)
             raise ValueError(
-                f"Expected recipe key `{dotted}` to be one of {', '.join(repr(c) for c in choices)}, but got {value!r}."
+                f"Expected recipe key `{dotted}` to be one of {', '.join(repr(c) for c in allowed)}, but got {value!r}."
             )
         if self.minimum is not None:
             numbers = value if isinstance(value, list) else [value]
@@ -120,15 +129,35 @@ COMMON: dict[str, dict[str, Key]] = {
         "options": Key("table", {}, "loader options (as `--option KEY=VALUE` of `densehybrid evaluate`)"),
     },
     "augment": {
-        "crop": Key("int", 512, "side of the square random crop (0: whole images, no crop)", minimum=0),
+        "crop": Key(
+            "int",
+            512,
+            "side of the square random crop (0: whole images, no crop)",
+            minimum=0,
+            auto="from the training images' sizes: the shorter side of the smallest, rounded down to a multiple of "
+            "32, from 32 to 512",
+        ),
         "scale": Key("floats", [0.5, 2.0], "range of the random rescale before cropping", minimum=1e-3, length=2),
         "fill": Key("floats", [0.0, 0.0, 0.0], "RGB (0..255) padding colour; labels are padded with 255", length=3),
         "flip": Key("bool", True, "random horizontal flips"),
     },
     "optim": {
         "optimizer": Key("str", "adam", "adam, sgd or adamax", choices=("adam", "sgd", "adamax")),
-        "lr": Key("float", 4e-4, "learning rate of the decoder and heads", minimum=1e-12),
-        "backbone_lr_ratio": Key("float", 0.25, "the backbone trains at lr * ratio", minimum=0.0),
+        "lr": Key(
+            "float",
+            4e-4,
+            "learning rate of the decoder and heads",
+            minimum=1e-12,
+            auto="the released rates: 1e-5 (fine-tuning, ldn121-streethazards-finetune) when a DenseHybrid run starts "
+            "from --init, else 4e-4 (ldn121-streethazards)",
+        ),
+        "backbone_lr_ratio": Key(
+            "float",
+            0.25,
+            "the backbone trains at lr * ratio",
+            minimum=0.0,
+            auto='the ratio of the released recipe `optim.lr = "auto"` takes its rate from (1/4)',
+        ),
         "lr_min": Key("float", 1e-7, "end of the cosine schedule", minimum=0.0),
         "schedule": Key("str", "cosine", "per-epoch learning rate", choices=("cosine", "constant", "poly")),
         "poly_power": Key("float", 0.9, "exponent of the poly schedule", minimum=0.0),
@@ -149,7 +178,13 @@ COMMON: dict[str, dict[str, Key]] = {
             minimum=0,
             below=2**32,
         ),
-        "num_workers": Key("int", 4, "DataLoader workers per process", minimum=0),
+        "num_workers": Key(
+            "int",
+            4,
+            "DataLoader workers per process",
+            minimum=0,
+            auto="from the machine: the usable CPU cores per process minus one (the training itself), at most 8",
+        ),
         "sync_bn": Key("bool", False, "SyncBatchNorm in multi-GPU runs (CUDA only)"),
         "validate": Key("bool", True, "validate at the end of each epoch (when the recipe has a validation split)"),
         "val_limit": Key("int", 0, "validate on the first N frames only (0: all)", minimum=0),
@@ -158,6 +193,7 @@ COMMON: dict[str, dict[str, Key]] = {
             "val_miou",
             "validation metric whose best (highest) epoch is kept as best.pt",
             choices=("val_miou", "val_ap"),  # the keys of densehybrid.engine.validation.validate where higher is better
+            auto="val_ap when the run trains an anomaly score and val has anomaly pixels, else val_miou",
         ),
     },
 }

@@ -328,15 +328,15 @@ class BenchmarkDataset(Dataset, ABC):
         self.check_label_ids(raw, frame.label)
         return self.encode_target(raw, frame)
 
-    def check_frame(self, index: int) -> None:
+    def check_frame(self, index: int) -> np.ndarray:
         """Check frame ``index``'s files as :meth:`__getitem__` reads them, without decoding the image's pixels: the
-        image's structure and size, and the whole label map (size, ids, encoding).
+        image's structure and size, and the whole label map (size, ids, encoding); returns the (H, W) target.
 
         Raises:
             DatasetFileError: naming the damaged or mismatched file.
         """
         frame = self.frames[index]
-        self.load_target(frame, image_size(frame.image))
+        return self.load_target(frame, image_size(frame.image))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, frames={len(self.frames)})"
@@ -416,7 +416,7 @@ def pair_by_stem(image_dir: Path, image_suffix: str, label_dir: Path, label_suff
     return discovery
 
 
-def check_dataset_files(dataset: Any, what: str, progress: bool = True) -> None:
+def check_dataset_files(dataset: Any, what: str, progress: bool = True, count_id: int | None = None) -> int:
     """Check every file of ``dataset`` before a run starts (labels decoded and checked, images and negatives checked
     for structure and size), so that a damaged file fails with its name before the first step, not an epoch later.
 
@@ -425,13 +425,17 @@ def check_dataset_files(dataset: Any, what: str, progress: bool = True) -> None:
             ``check_frame(index)`` method (others are not checked).
         what: what the files are, for the progress bar (``"training labels"``).
         progress: show a progress bar on stderr.
+        count_id: a target value to count on the way (e.g. the anomaly id K of a validation split).
+
+    Returns:
+        the pixels of value ``count_id`` in the checked targets (0 without ``count_id``).
 
     Raises:
         DatasetFileError: the first damaged or mismatched file in dataset order.
     """
     check = getattr(dataset, "check_frame", None)
     if check is None or len(dataset) == 0:
-        return
+        return 0
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
@@ -440,17 +444,23 @@ def check_dataset_files(dataset: Any, what: str, progress: bool = True) -> None:
 
     pool = ThreadPoolExecutor(max_workers=min(8, usable_cpu_count()))  # decoding releases the GIL
     try:
-        results = pool.map(_checked, [check] * len(dataset), range(len(dataset)))
-        for error in tqdm(results, total=len(dataset), desc=f"checking {what}", disable=not progress, leave=False):
-            if error is not None:
-                raise error
+        results = pool.map(_checked, [check] * len(dataset), range(len(dataset)), [count_id] * len(dataset))
+        counted = 0
+        for result in tqdm(results, total=len(dataset), desc=f"checking {what}", disable=not progress, leave=False):
+            if isinstance(result, BaseException):
+                raise result
+            counted += result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on the first error or Ctrl-C, the rest is not checked
+    return counted
 
 
-def _checked(check: Any, index: int) -> BaseException | None:
+def _checked(check: Any, index: int, count_id: int | None) -> BaseException | int:
+    """``check(index)``'s error, or the pixels of value ``count_id`` in the target it returns."""
     try:
-        check(index)
+        target = check(index)
     except DatasetError as error:
         return error
-    return None
+    if count_id is None or not isinstance(target, np.ndarray):
+        return 0
+    return int((target == count_id).sum())

@@ -96,15 +96,15 @@ class RoadScene(BenchmarkDataset):
     def load_raw_label(self, frame: Frame) -> np.ndarray:
         return self.scenes[frame.extra["index"]]["target"].numpy()
 
-    def check_frame(self, index: int) -> None:
-        """Frame ``index``'s label map checked against its image's size and the known ids (the frames are arrays of
-        ``{split}.npz``, not image files; see :func:`~densehybrid.data.datasets.check_dataset_files`).
+    def check_frame(self, index: int) -> np.ndarray:
+        """Frame ``index``'s label map checked against its image's size and the known ids, returned (the frames are
+        arrays of ``{split}.npz``, not image files; see :func:`~densehybrid.data.datasets.check_dataset_files`).
 
         Raises:
             DatasetFileError: naming ``{split}.npz``.
         """
         frame = self.frames[index]
-        self.load_target(frame, tuple(self.load_image(frame).shape[-2:]))
+        return self.load_target(frame, tuple(self.load_image(frame).shape[-2:]))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self.frames) <= index < len(self.frames):
