@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from densehybrid.engine import ClosedSetObjective, TrainConfig, atomic_torch_save, fit, select_device
-from densehybrid.engine.train import cosine_lr
+from densehybrid.engine.train import cosine_lr, epoch_line
 from densehybrid.errors import CheckpointError
 from tests.helpers import tiny_model
 
@@ -181,3 +183,40 @@ def test_ctrl_c_during_a_long_negative_pasting_step_stops_at_once_with_the_state
     assert result.interrupted and result.global_step == 0 and StopsAfterThreeDraws.draws == 3
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["global_step"] == 0 and saved["step_in_epoch"] == 0
+
+
+# -- the loop's console lines -----------------------------------------------------------------------------------------
+def test_the_loop_tells_one_line_per_epoch_with_validation_time_and_eta(tiny_set):
+    lines: list[str] = []
+    calls = iter([{"val_miou": 0.5, "val_ap": 0.25, "val_fpr95": float("nan")}, {"val_miou": 0.625}])
+    fit(
+        tiny_model(),
+        tiny_set,
+        ClosedSetObjective(),
+        TrainConfig(epochs=2, **FAST),
+        on_epoch_end=lambda epoch, model: next(calls),
+        echo=lines.append,
+    )
+    assert len(lines) == 2
+    first, last = lines
+    assert first.startswith("epoch 1/2  loss ") and "val mIoU 50.0%  AP 25.0%  FPR95 n/a" in first
+    assert re.search(r"  (\d+m )?\d+s  ETA (\d+h )?(\d+m )?\d+s?$", first)
+    assert last.startswith("epoch 2/2  loss ") and "val mIoU 62.5%" in last and "AP" not in last
+    assert last.endswith("  done")
+
+
+def test_a_resumed_loop_says_from_which_step_of_how_many(tiny_set, tmp_path):
+    stopped = fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=2, max_steps=3, **FAST), tmp_path)
+    assert stopped.global_step == 3
+    lines: list[str] = []
+    fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=2, **FAST), tmp_path, True, echo=lines.append)
+    per_epoch = len(tiny_set) // 4
+    assert (
+        lines[0] == f"resuming from step 3 of {2 * per_epoch} (epoch 1/2, step 3/{per_epoch}) in {tmp_path / 'last.pt'}"
+    )
+    assert [line.split("  ")[0] for line in lines[1:]] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_epoch_line_formats_durations_and_leaves_out_what_a_record_lacks():
+    line = epoch_line({"epoch": 3, "loss": 0.5}, 10, seconds=125.4, eta_seconds=7 * 3600 + 60 * 5)
+    assert line == "epoch 3/10  loss 0.5000  2m 05s  ETA 7h 05m"
