@@ -105,7 +105,7 @@ def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(si
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp_path):
+def test_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp_path, capsys):
     # LayerNorm only (no BatchNorm), no dropout, full-image crops: per-rank losses average over equal pixel counts,
     # so 2 processes x 2 images must follow 1 process x 4 images up to float rounding.
     root = make_folder_tree(tmp_path / "mine", n_train=8, n_val=2, size=(32, 32))
@@ -134,6 +134,9 @@ def test_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_in_on
         timeout=300,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
+    console = done.stdout.decode()  # only rank 0 tells the run
+    assert console.count("densehybrid train: recipe generic") == 1 and console.count("  data ") == 1
+    assert console.count("epoch 1/3 ") == console.count("epoch 2/3 ") == 1
     summary = json.loads((double / "train-summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 5
     distributed = _losses(double)
@@ -145,7 +148,9 @@ def test_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_in_on
     assert len(distributed_val) == 2
     assert distributed_val == pytest.approx(reference_val[:2], abs=0.02)
 
+    capsys.readouterr()
     assert main(args(double)) == 0  # the 2-process checkpoint resumes in 1 process
+    assert "resuming from step 5 of 6 (epoch 3/3, step 1/2)" in capsys.readouterr().out
     resumed = json.loads((double / "train-summary.json").read_text())
     assert resumed["resumed"] and resumed["world_size"] == 1 and resumed["global_step"] == 6
     continued = _losses(double)

@@ -15,6 +15,9 @@ DESCRIPTION = (
     "Train as a recipe says: the released recipes follow the released DenseHybrid training scripts, `generic` trains "
     "any registered model on your own folder tree. Writes last.pt (every run.checkpoint_every steps and at each "
     "epoch end), best.pt (best validation epoch), log.jsonl, TensorBoard events and train-summary.json into --out. "
+    "It prints a start-up summary (data, classes, model and its weights, negatives, and every setting with where it "
+    'came from: the recipe, or derived from the data, the machine or --init for the recipe\'s "auto" values), one '
+    "line per epoch (loss, validation, time, ETA), and at the end the kept checkpoint and the next command. "
     "Re-running the same command resumes an unfinished run; Ctrl-C stops after the current step with a checkpoint. "
     "Multi-GPU: torchrun --nproc-per-node N -m densehybrid train ... (optim.batch_size is the global batch)."
 )
