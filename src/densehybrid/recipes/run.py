@@ -710,7 +710,7 @@ def startup_lines(
         f"densehybrid train: recipe {recipe['name']} (method {method}) on {config.device}",
         f"  data       {inputs.data_root}: {len(train_set)} training images, {val}",
         f"  classes    {classes}",
-        f"  model      {recipe['model']['name']} (K={data.num_classes})",
+        f"  model      {recipe['model']['name']} (K={data.num_classes})  [recipe]",
         f"  weights    {weights_source(recipe, init)}",
     ]
     lines += [f"  --init     {line}" for line in loaded]
