@@ -258,7 +258,8 @@ def weights_source(recipe: Mapping[str, Any], init: str) -> str:
 
     model = recipe["model"]
     if init:
-        return f"--init {init}" if model["init_as"] == "checkpoint" else f"{model['init_as']} = {init} (--init)"
+        option = "model.init" if init == model["init"] else "--init"
+        return f"{option} {init}" if model["init_as"] == "checkpoint" else f"{model['init_as']} = {init} ({option})"
     for key in ("pretrained", "pretrained_backbone"):
         value = model["kwargs"].get(key)
         if isinstance(value, str) and value:
