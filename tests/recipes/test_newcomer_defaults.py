@@ -236,6 +236,12 @@ def test_the_same_command_resumes_a_run_with_derived_values_and_says_so(closed, 
         _line(out, "resuming ") == f"resuming from step 1 of 2 (epoch 1/1, step 1/2) in {tmp_path / 'run' / 'last.pt'}"
     )
     assert json.loads((tmp_path / "run" / "train-summary.json").read_text())["finished"]
+    status, out, err = _train(*args)  # once more: the finished run is reused, and said to be
+    assert status == 0, err
+    assert (
+        _line(out, "the run in ")
+        == f"the run in {tmp_path / 'run' / 'last.pt'} is finished (step 2): nothing left to train"
+    )
 
 
 def test_a_derived_value_that_comes_out_differently_refuses_the_resume_by_name(closed, tmp_path):

@@ -512,7 +512,9 @@ class _Loop:
             self.sums, self.summed_steps = dict(state["epoch_sums"]), self.step_in_epoch
         if state.get("objective_state") is not None and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state["objective_state"])
-        if self.echo is not None:
+        if self.echo is not None and self.epoch >= self.config.epochs:
+            self.echo(f"the run in {self.checkpoint_path} is finished (step {self.global_step}): nothing left to train")
+        elif self.echo is not None:
             self.echo(
                 f"resuming from step {self.global_step} of {self.total_steps} (epoch {self.epoch + 1}/"
                 f"{self.config.epochs}, step {self.step_in_epoch}/{self.steps_per_epoch}) in {self.checkpoint_path}"
