@@ -186,7 +186,7 @@ def test_ctrl_c_during_a_long_negative_pasting_step_stops_at_once_with_the_state
 
 
 # -- the loop's console lines -----------------------------------------------------------------------------------------
-def test_the_loop_tells_one_line_per_epoch_with_validation_time_and_eta(tiny_set):
+def test_the_loop_tells_one_line_per_epoch_with_validation_time_and_eta(tiny_set, one_thread):
     lines: list[str] = []
     calls = iter([{"val_miou": 0.5, "val_ap": 0.25, "val_fpr95": float("nan")}, {"val_miou": 0.625}])
     fit(
@@ -205,7 +205,7 @@ def test_the_loop_tells_one_line_per_epoch_with_validation_time_and_eta(tiny_set
     assert last.endswith("  done")
 
 
-def test_a_resumed_loop_says_from_which_step_of_how_many(tiny_set, tmp_path):
+def test_a_resumed_loop_says_from_which_step_of_how_many(tiny_set, tmp_path, one_thread):
     stopped = fit(tiny_model(), tiny_set, ClosedSetObjective(), TrainConfig(epochs=2, max_steps=3, **FAST), tmp_path)
     assert stopped.global_step == 3
     lines: list[str] = []
