@@ -30,6 +30,7 @@ SETTINGS: dict[str, dict[str, float]] = {
     "lr-1e-4": {"finetune_lr": 1e-4},
     "lr-3e-4": {"finetune_lr": 3e-4},
     "lr-1e-3": {"finetune_lr": 1e-3},
+    "lr-3e-3": {"finetune_lr": 3e-3},
     "beta-0.1": {"beta": 0.1},
     "lambda-1": {"lambda_": 1.0},
 }
