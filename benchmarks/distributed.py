@@ -83,29 +83,31 @@ def _folder_tree(root: Path, frames: int, size: tuple[int, int]) -> Path:
     return root
 
 
+def _seconds_per_image(run: Callable[[int, int], float], frames: int, repeats: int) -> dict[int, float]:
+    """Median wall seconds per image with 1 and 2 processes: the slope between ``run(world, frames)`` and
+    ``run(world, frames // 2)`` (start-up cancels out), 1 and 2 processes interleaved, the order alternating."""
+    half = frames // 2
+    slopes: dict[int, list[float]] = {1: [], 2: []}
+    for repeat in range(repeats):
+        for world in (1, 2) if repeat % 2 == 0 else (2, 1):
+            walls = {n: run(world, n) for n in (half, frames)}
+            slopes[world].append((walls[frames] - walls[half]) / (frames - half))
+    return {world: statistics.median(values) for world, values in slopes.items()}
+
+
 def evaluate_part(args: argparse.Namespace) -> list[dict]:
     """Seconds per image of ``densehybrid evaluate`` with 1 and 2 processes (see the module docstring)."""
-    from densehybrid.models import create_model
-
     with tempfile.TemporaryDirectory() as tmp:
         tree = _folder_tree(Path(tmp) / "tree", args.frames, tuple(args.size))
-        torch.manual_seed(0)
-        model = create_model(args.model, num_classes=NUM_CLASSES)
-        checkpoint = Path(tmp) / "model.pt"
-        torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_kwargs": model.model_kwargs},
-                   checkpoint)  # fmt: skip
-        half = args.frames // 2
-        slopes: dict[int, list[float]] = {1: [], 2: []}
-        for repeat in range(args.repeats):  # the order of 1 and 2 processes alternates between repetitions
-            for world in (1, 2) if repeat % 2 == 0 else (2, 1):
-                walls = {}
-                for limit in (half, args.frames):
-                    command = ["evaluate", "--benchmark", "folder", "--root", str(tree), "--checkpoint",
-                               str(checkpoint), "--limit", str(limit), "--out", str(Path(tmp) / f"w{world}-{limit}.json"),
-                               "--device", "cpu", "--num-workers", "0", "--no-progress", "--overwrite"]  # fmt: skip
-                    walls[limit] = _torchrun(world, command, args.threads_per_process)
-                slopes[world].append((walls[args.frames] - walls[half]) / (args.frames - half))
-        per_image = {world: statistics.median(values) for world, values in slopes.items()}
+        checkpoint = _checkpoint(Path(tmp), args.model)
+
+        def run(world: int, limit: int) -> float:
+            command = ["evaluate", "--benchmark", "folder", "--root", str(tree), "--checkpoint", str(checkpoint),
+                       "--limit", str(limit), "--out", str(Path(tmp) / f"w{world}-{limit}.json"),
+                       "--device", "cpu", "--num-workers", "0", "--no-progress", "--overwrite"]  # fmt: skip
+            return _torchrun(world, command, args.threads_per_process)
+
+        per_image = _seconds_per_image(run, args.frames, args.repeats)
         one, two = (json.loads((Path(tmp) / f"w{w}-{args.frames}.json").read_text()) for w in (1, 2))
     row = {
         "part": "evaluate",
@@ -149,17 +151,13 @@ def predict_part(args: argparse.Namespace) -> list[dict]:
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (*args.size, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
         checkpoint = _checkpoint(Path(tmp), args.model)
-        slopes: dict[int, list[float]] = {1: [], 2: []}
-        for repeat in range(args.repeats):  # 1 and 2 processes interleaved, the order alternating each repetition
-            for world in (1, 2) if repeat % 2 == 0 else (2, 1):
-                walls = {}
-                for n, folder in folders.items():
-                    out = Path(tmp) / f"w{world}-{n}"
-                    command = ["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out), "--overwrite",
-                               "--device", "cpu", "--num-workers", "0", "--no-progress", "--display-range", "-5", "0"]  # fmt: skip
-                    walls[n] = _torchrun(world, command, args.threads_per_process)
-                slopes[world].append((walls[args.frames] - walls[half]) / (args.frames - half))
-        per_image = {world: statistics.median(values) for world, values in slopes.items()}
+
+        def run(world: int, n: int) -> float:
+            command = ["predict", "--checkpoint", str(checkpoint), str(folders[n]), "--out", str(Path(tmp) / f"w{world}-{n}"),
+                       "--overwrite", "--device", "cpu", "--num-workers", "0", "--no-progress", "--display-range", "-5", "0"]  # fmt: skip
+            return _torchrun(world, command, args.threads_per_process)
+
+        per_image = _seconds_per_image(run, args.frames, args.repeats)
         one, two = (_prediction_files(Path(tmp) / f"w{w}-{args.frames}") for w in (1, 2))
     row = {
         "part": "predict",
