@@ -29,6 +29,7 @@ Example (a command writing one JSON file and reading a checkpoint)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -36,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from densehybrid.errors import OutputError
 
@@ -383,7 +385,33 @@ def swap_in(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> Pa
     return final
 
 
+class JsonLines:
+    """Appends one strict JSON line per :meth:`append` to ``path`` and flushes it, so that an interrupted run keeps
+    every line it wrote (the file is opened on the first line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, allow_nan=False) + "\n"
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:
+            raise OutputError(f"Cannot write {str(self.path)!r}: {exc.strerror or exc}.") from exc
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 __all__ = [
+    "JsonLines",
     "atomic_path",
     "atomic_write_text",
     "check_name",

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from densehybrid.engine.outputs import check_output_dir, folder_lock
+from densehybrid.engine.outputs import JsonLines, check_output_dir, folder_lock
 from densehybrid.errors import DenseHybridError, ResourceError
 from densehybrid.predict.files import (
     REPLACED,
@@ -55,7 +55,6 @@ from densehybrid.predict.files import (
 from densehybrid.predict.predictor import Predictor
 from densehybrid.predict.writing import (
     OUT_OF_DOMAIN_NOTE,
-    JsonLines,
     Legend,
     image_record,
     out_of_domain,

@@ -143,31 +143,6 @@ def write_json_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
 
 
-class JsonLines:
-    """Appends one strict JSON line per :meth:`append` to ``path`` and flushes it, so that an interrupted run keeps
-    every line it wrote (the file is opened on the first line)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: Any = None
-
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, allow_nan=False) + "\n"
-        try:
-            if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-            self._file.write(line)
-            self._file.flush()
-        except OSError as exc:
-            raise DenseHybridError(f"Cannot write {str(self.path)!r}: {exc.strerror or exc}.") from exc
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
 def remove_outputs(out: Path, names: Iterable[str], jobs: Sequence[ImageJob]) -> None:
     """Delete the earlier run's outputs ``names`` (relative to ``out``, as its records list them) that this run did not
     write again; never an input image of this run, never a path outside ``out``."""

@@ -88,6 +88,7 @@ class RunLog:
 
     def __init__(self, out: Path | None) -> None:
         self.path = None if out is None or not distributed.is_main() else out / LOG_NAME
+        self.lines = None if self.path is None else outputs.JsonLines(self.path)
         self.writer = None
         if self.path is not None:
             try:
@@ -101,14 +102,15 @@ class RunLog:
         if self.path is None:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+        self.lines.append({k: _finite(v) for k, v in record.items()})
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
         if self.writer is not None:
             self.writer.close()
 
