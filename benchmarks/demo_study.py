@@ -7,11 +7,14 @@ reuses a finished stage only when its resolved recipe is the same, and says so).
 anomaly families of val, mean ± std over the seeds, the AP and FPR95 of the fine-tuned model's hybrid score and of its
 two components, and closed mIoU / open-mIoU of the first seed.
 
+A setting that changes the closed-set stage (``closed_epochs``) trains its own closed-set stages instead.
+
 Usage::
 
     densehybrid demo --seeds 3 --out /tmp/dq                                  # once: the benchmark and closed-set stages
     python benchmarks/demo_study.py --data-dir /tmp/dq/data --reuse /tmp/dq --out /tmp/study --seeds 3
     python benchmarks/demo_study.py ... --settings released lr-1e-4           # a subset of SETTINGS
+    python benchmarks/demo_study.py --quick --out /tmp/sq --seeds 2 --settings released lr-1e-3  # smoke run
 """
 
 from __future__ import annotations
@@ -24,16 +27,28 @@ import sys
 import time
 from pathlib import Path
 
-#: The settings compared: name -> demo training options (``densehybrid demo --help``); ``released`` is the default.
+#: The settings compared: name -> demo training options (``densehybrid demo --help``) on top of the released
+#: fine-tuning rate and loss weights (every run is a ``densehybrid demo --released-settings`` run).
 SETTINGS: dict[str, dict[str, float]] = {
     "released": {},
     "lr-1e-4": {"finetune_lr": 1e-4},
     "lr-3e-4": {"finetune_lr": 3e-4},
     "lr-1e-3": {"finetune_lr": 1e-3},
     "lr-3e-3": {"finetune_lr": 3e-3},
-    "beta-0.1": {"beta": 0.1},
-    "lambda-1": {"lambda_": 1.0},
+    # at the best rate: the loss weights around the released 0.03 / 0.3
+    "lr-1e-3-beta-0.01": {"finetune_lr": 1e-3, "beta": 0.01},
+    "lr-1e-3-beta-0.1": {"finetune_lr": 1e-3, "beta": 0.1},
+    "lr-1e-3-lambda-0.1": {"finetune_lr": 1e-3, "lambda_": 0.1},
+    "lr-1e-3-lambda-1": {"finetune_lr": 1e-3, "lambda_": 1.0},
+    # the negatives' size (the crop side, 64 px released-like default)
+    "lr-1e-3-neg-40": {"finetune_lr": 1e-3, "negative_size": 40},
+    "lr-1e-3-neg-96": {"finetune_lr": 1e-3, "negative_size": 96},
+    # the split of the epochs between closed-set training (5) and fine-tuning (3)
+    "lr-1e-3-closed-3-ft-5": {"finetune_lr": 1e-3, "closed_epochs": 3, "finetune_epochs": 5},
+    "lr-1e-3-closed-7-ft-1": {"finetune_lr": 1e-3, "closed_epochs": 7, "finetune_epochs": 1},
 }
+#: Options that change the closed-set stage: a setting with one of them trains its own closed-set stages.
+CLOSED_SET_OPTIONS = ("closed_epochs", "lr", "model", "batch_size")
 SCORES = ("densehybrid", "generative", "discriminative")
 
 
@@ -44,13 +59,15 @@ def _stage_folders(out: Path, seeds: int) -> list[Path]:
 
 def _run(name: str, options: dict[str, float], args: argparse.Namespace) -> dict:
     out = args.out / name
-    if args.reuse is not None:
+    if args.reuse is not None and not any(key in options for key in CLOSED_SET_OPTIONS):
         for stage in _stage_folders(args.reuse, args.seeds):
             if (args.reuse / stage / "last.pt").exists() and not (out / stage).exists():
                 shutil.copytree(args.reuse / stage, out / stage)
     flags = [f"--{key.rstrip('_').replace('_', '-')}={value}" for key, value in options.items()]
     command = [sys.executable, "-m", "densehybrid", "demo", "--eval-split", "val", "--seeds", str(args.seeds)]
-    command += ["--out", str(out), "--data-dir", str(args.data_dir), "--no-progress", *flags]
+    command += ["--released-settings"]
+    command += ["--out", str(out), "--data-dir", str(args.data_dir or args.out / "data"), "--no-progress", *flags]
+    command += ["--quick"] if args.quick else []
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
@@ -87,10 +104,13 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="study folder: one demo run per setting, study.json")
-    parser.add_argument("--data-dir", type=Path, required=True, help="the shared benchmark (a demo's OUT/data)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="the shared benchmark (a demo's OUT/data; default: OUT/data)"
+    )
     parser.add_argument("--reuse", type=Path, default=None, help="a demo --out whose closed-set stages to copy")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--quick", action="store_true", help="smoke run: every demo at --quick size")
     args = parser.parse_args()
     record = args.out / "study.json"  # settings of earlier invocations into the same --out are kept
     earlier = json.loads(record.read_text())["rows"] if record.exists() else []

@@ -284,3 +284,49 @@ def test_a_stage_run_by_hand_gives_the_demos_weights(tmp_path, capsys):
         by_hand = torch.load(tmp_path / folder / "last.pt", weights_only=True)["model"]
         assert demo.keys() == by_hand.keys()
         assert all(torch.equal(demo[k], by_hand[k]) for k in demo), preset
+
+
+def test_released_settings_restore_the_released_rate_and_loss_weights(capsys):
+    from densehybrid.recipes import load_recipe
+
+    released = load_recipe("ldn121-streethazards-finetune")
+    config = DemoConfig.create(released=True)
+    assert config.setting("finetune_lr") == released["optim"]["lr"] == 1e-5
+    assert (
+        config.setting("beta") == released["loss"]["beta"] and config.setting("lambda_") == released["loss"]["lambda"]
+    )
+    assert DemoConfig.create(released=True, beta=0.1).setting("beta") == 0.1  # a given option wins
+    assert DemoConfig.quick(released=True).setting("finetune_epochs") == 1  # --quick's sizes stay
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--released-settings" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_settings_study_runs_at_quick_size_and_keeps_earlier_rows(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "demo_study.py"
+    study = tmp_path / "study"
+    base = [sys.executable, str(script), "--quick", "--out", str(study), "--seeds", "2"]
+    subprocess.run([*base, "--settings", "lr-1e-3"], check=True, capture_output=True)
+    # the second setting copies the first one's closed-set stages (the same closed-set recipe) instead of training
+    done = subprocess.run(
+        [*base, "--settings", "released", "--reuse", str(study / "lr-1e-3")], check=True, capture_output=True, text=True
+    )
+    stored = json.loads((study / "study.json").read_text())
+    assert [row["setting"] for row in stored["rows"]] == ["lr-1e-3", "released"] and stored["seeds"] == 2
+    for row in stored["rows"]:
+        for score in ("densehybrid", "generative", "discriminative"):
+            values = row["scores"][score]
+            assert 0 <= values["ap"] <= 1 and 0 <= values["fpr95"] <= 1 and values["ap_std"] is not None
+        assert 0 < row["open_miou"] <= row["closed_miou"] <= 1
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("| setting | densehybrid AP | densehybrid FPR95 |") and len(lines) == 4
+    assert lines[2].startswith("| released |") and " ± " in lines[2]  # the table in SETTINGS order
+    finetuned = [json.loads(p.read_text()) for p in sorted(study.glob("*/results.json"))]
+    assert finetuned[0]["stages"] != finetuned[1]["stages"]  # the two settings fine-tuned differently
+    released = " ".join(stage["command"] for stage in finetuned[1]["stages"])
+    assert "optim.lr=1e-05" in released and "loss.beta=0.03" in released

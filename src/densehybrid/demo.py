@@ -108,6 +108,21 @@ TRAINING_OPTIONS: dict[str, list[tuple[str, str, Any]]] = {
 }
 #: Where the default of each training option is read (the first key it sets).
 _OPTION_SOURCE = {name: targets[0][:2] for name, targets in TRAINING_OPTIONS.items()}
+#: The released fine-tuning recipe whose learning rate and loss weights ``--released-settings`` restores.
+RELEASED_RECIPE = "ldn121-streethazards-finetune"
+
+
+def released_settings() -> dict[str, float]:
+    """The released fine-tuning rate and loss weights (:data:`RELEASED_RECIPE`) as demo training options.
+
+    The demo's presets deviate from them for its step budget (docs/demo.md, "Settings study on val").
+    """
+    from densehybrid.recipes import load_recipe
+
+    recipe = load_recipe(RELEASED_RECIPE)
+    return {"finetune_lr": recipe["optim"]["lr"], "beta": recipe["loss"]["beta"], "lambda_": recipe["loss"]["lambda"]}
+
+
 #: ``--quick``: smaller benchmark and report, and these training options.
 QUICK_SETTINGS = dict(image_size=(64, 128), train_images=32, val_images=8, test_images=8, num_examples=3)
 QUICK_TRAINING = dict(
@@ -204,12 +219,14 @@ class DemoConfig:
     overrides: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, quick: bool = False, **settings: Any) -> DemoConfig:
+    def create(cls, quick: bool = False, released: bool = False, **settings: Any) -> DemoConfig:
         """A configuration from fields and training options (``closed_epochs=2``, ``lr=1e-3``, ...); ``quick``
-        starts from the smoke-test settings (:data:`QUICK_SETTINGS`, :data:`QUICK_TRAINING`)."""
+        starts from the smoke-test settings (:data:`QUICK_SETTINGS`, :data:`QUICK_TRAINING`), ``released`` from the
+        released fine-tuning rate and loss weights (:func:`released_settings`); given options win over both."""
         names = {f.name for f in fields(cls)}
         given = {**(QUICK_SETTINGS if quick else {}), **{k: v for k, v in settings.items() if k in names}}
-        options = {**(QUICK_TRAINING if quick else {}), **{k: v for k, v in settings.items() if k not in names}}
+        options = {**(QUICK_TRAINING if quick else {}), **(released_settings() if released else {})}
+        options.update({k: v for k, v in settings.items() if k not in names})
         _check_options(options, given)
         if options.get("finetune_epochs") == 0:
             given["finetune"] = False

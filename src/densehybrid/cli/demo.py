@@ -105,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=default("lambda_", "weight of the dataset-posterior term"),
     )
     parser.add_argument(
+        "--released-settings",
+        action="store_true",
+        help="fine-tune at the released learning rate and loss weights (those of the ldn121-streethazards-finetune "
+        "recipe: lr 1e-5, beta 0.03, lambda 0.3) instead of the demo's, which were chosen for its step budget on val "
+        "(docs/demo.md); --finetune-lr, --beta and --lambda still win",
+    )
+    parser.add_argument(
         "--target-tpr",
         type=finite_float,
         default=None,
@@ -202,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         "progress": not args.no_progress,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    config = DemoConfig.create(quick=args.quick, **overrides)
+    config = DemoConfig.create(quick=args.quick, released=args.released_settings, **overrides)
     command = "densehybrid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "densehybrid demo"
     result = run_demo(config, command=command)
     print(result.table)
