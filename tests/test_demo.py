@@ -259,7 +259,7 @@ def test_demo_options_are_recipe_overrides_of_its_presets():
     assert config.recipe("demo-closed-set")["optim"]["epochs"] == 7 and config.setting("lr") == 1e-3
     assert config.recipe("demo-finetune")["run"]["seed"] == 1  # each stage's seed: the run's seed + its offset
     default = DemoConfig.create()
-    assert default.overrides == {} and default.setting("closed_epochs") == 5 and default.setting("finetune_lr") == 1e-5
+    assert default.overrides == {} and default.setting("closed_epochs") == 5 and default.setting("finetune_lr") == 1e-3
     assert not {f.name for f in __import__("dataclasses").fields(DemoConfig)} & {"closed_epochs", "lr", "beta"}
 
 
@@ -325,6 +325,7 @@ def test_the_settings_study_runs_at_quick_size_and_keeps_earlier_rows(tmp_path):
         assert 0 < row["open_miou"] <= row["closed_miou"] <= 1
     lines = done.stdout.splitlines()
     assert lines[0].startswith("| setting | densehybrid AP | densehybrid FPR95 |") and len(lines) == 4
+    assert lines[0].endswith("| closed mIoU | open-mIoU | open/closed |")
     assert lines[2].startswith("| released |") and " ± " in lines[2]  # the table in SETTINGS order
     finetuned = [json.loads(p.read_text()) for p in sorted(study.glob("*/results.json"))]
     assert finetuned[0]["stages"] != finetuned[1]["stages"]  # the two settings fine-tuned differently
