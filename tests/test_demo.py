@@ -130,13 +130,37 @@ def test_verdict_compares_with_both_models_and_each_family():
     ]
     rows += [row("closed-set", "energy", "all", 0.6, 0.1)]
     lines = _verdict(rows)
-    closed = [line for line in lines if "closed-set model" in line]
+    closed = [line for line in lines if "closed-set model" in line and line.startswith("hybrid vs")]
     assert closed == [
         "hybrid vs energy (closed-set model), pooled: AP 50.00 vs 60.00 (not better), FPR95 20.00 vs 10.00 (not better)"
     ]
     assert any(
         line.startswith("hybrid vs generative (fine-tuned model), real:") and "(better)" in line for line in lines
     )
+    goals = [line for line in lines if line.startswith("goal")]
+    assert goals == [
+        "goal, pooled AP: hybrid best by any margin (one seed: no spread): not met (hybrid 50.00, runner-up energy "
+        "(closed-set model) 60.00)",
+        "goal, pooled FPR95: hybrid best by any margin (one seed: no spread): not met (hybrid 20.00, runner-up energy "
+        "(closed-set model) 10.00)",
+    ]
+
+
+def test_verdict_asks_for_a_lead_larger_than_the_runner_ups_spread():
+    def row(score, ap, ap_std, fpr, fpr_std):
+        base = {"model": "densehybrid", "score": score, "family": "all", "ap": ap, "fpr95": fpr, "auroc": 0.5}
+        return base | {"ap_std": ap_std, "fpr95_std": fpr_std}
+
+    hybrid = row("densehybrid", 0.50, 0.01, 0.15, 0.01)
+    lines = _verdict([hybrid, row("generative", 0.45, 0.04, 0.17, 0.03), row("entropy", 0.30, 0.01, 0.40, 0.01)])
+    # AP: the runner-up (generative) trails by 5 points, more than its std of 4; FPR95: by 2, less than its std of 3
+    assert [line.split(":")[1].strip() for line in lines if line.startswith("goal")] == [
+        "hybrid best by more than one std of the runner-up",
+        "hybrid best by more than one std of the runner-up",
+    ]
+    ap, fpr = (line for line in lines if line.startswith("goal"))
+    assert ": met (hybrid 50.00, runner-up generative (fine-tuned model) 45.00 ± 4.00)" in ap
+    assert ": not met (hybrid 15.00, runner-up generative (fine-tuned model) 17.00 ± 3.00)" in fpr
 
 
 def test_bare_command_prints_help_to_stdout(capsys):

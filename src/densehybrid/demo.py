@@ -644,6 +644,8 @@ def _verdict(rows: list[dict[str, Any]]) -> list[str]:
         if other is None:
             continue
         lines.append(f"hybrid vs {score} ({_MODEL_LABELS[model]}), pooled: {_compare(hybrid, other)}")
+    pooled = [r for key, r in lookup.items() if key[2] == "all" and key[:2] != ("densehybrid", "densehybrid")]
+    lines += [_margin(hybrid, pooled, metric, higher) for metric, higher in (("ap", True), ("fpr95", False))]
     dicnet = lookup.get(("dicnet", "dicnet", "all"))
     if dicnet is not None:  # only with --dicnet
         lines.append(f"hybrid vs dicnet ({_MODEL_LABELS['dicnet']}), pooled: {_compare(hybrid, dicnet)}")
@@ -660,6 +662,28 @@ def _verdict(rows: list[dict[str, Any]]) -> list[str]:
                     f"hybrid vs {component} ({_MODEL_LABELS['densehybrid']}), {family}: {_compare(mine, other)}"
                 )
     return lines
+
+
+def _margin(hybrid: Mapping[str, Any], others: list[dict[str, Any]], metric: str, higher: bool) -> str:
+    """Whether the hybrid's pooled ``metric`` is the best of all ``others`` by more than the runner-up's standard
+    deviation over seeds (rows of one seed carry none: then by any margin, and the line says so)."""
+    name = {"ap": "AP", "fpr95": "FPR95"}[metric]
+    finite = [r for r in others if r.get(metric) is not None and math.isfinite(r[metric])]
+    mine = hybrid.get(metric)
+    if not finite or mine is None or not math.isfinite(mine):
+        return f"goal, pooled {name}: n/a"
+    sign = 1.0 if higher else -1.0
+    runner = max(finite, key=lambda r: sign * r[metric])
+    std = runner.get(f"{metric}_std")
+    lead = sign * (mine - runner[metric])
+    needed = 0.0 if std is None or not math.isfinite(std) else std
+    met = lead > needed
+    spread = f" ± {100 * std:.2f}" if std is not None and math.isfinite(std) else ""
+    rule = "more than one std of the runner-up" if std is not None else "any margin (one seed: no spread)"
+    return (
+        f"goal, pooled {name}: hybrid best by {rule}: {'met' if met else 'not met'} (hybrid {100 * mine:.2f}, "
+        f"runner-up {runner['score']} ({_MODEL_LABELS[runner['model']]}) {100 * runner[metric]:.2f}{spread})"
+    )
 
 
 _MODEL_LABELS = {
