@@ -283,7 +283,7 @@ def test_demo_options_are_recipe_overrides_of_its_presets():
     assert config.recipe("demo-closed-set")["optim"]["epochs"] == 7 and config.setting("lr") == 1e-3
     assert config.recipe("demo-finetune")["run"]["seed"] == 1  # each stage's seed: the run's seed + its offset
     default = DemoConfig.create()
-    assert default.overrides == {} and default.setting("closed_epochs") == 5 and default.setting("finetune_lr") == 1e-3
+    assert default.overrides == {} and default.setting("closed_epochs") == 3 and default.setting("finetune_lr") == 1e-3
     assert not {f.name for f in __import__("dataclasses").fields(DemoConfig)} & {"closed_epochs", "lr", "beta"}
 
 
