@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from densehybrid.demo import CLOSED, TRAINING_OPTIONS
+
 #: The settings compared: name -> demo training options (``densehybrid demo --help``) on top of the released
 #: fine-tuning rate and loss weights (every run is a ``densehybrid demo --released-settings`` run).
 SETTINGS: dict[str, dict[str, float]] = {
@@ -55,7 +57,7 @@ SETTINGS: dict[str, dict[str, float]] = {
 BASE = {"closed_epochs": 5, "finetune_epochs": 3}
 #: Options that change the closed-set stage: a setting that sets one of them differently from :data:`BASE` trains
 #: its own closed-set stages.
-CLOSED_SET_OPTIONS = ("closed_epochs", "lr", "model", "batch_size")
+CLOSED_SET_OPTIONS = tuple(name for name, targets in TRAINING_OPTIONS.items() if any(t[0] == CLOSED for t in targets))
 SCORES = ("densehybrid", "generative", "discriminative")
 
 
