@@ -27,7 +27,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from densehybrid.cli._common import device_option, finite_float, non_negative_int, positive_float, positive_int
-    from densehybrid.demo import TRAINING_OPTIONS, DemoConfig
+    from densehybrid.demo import RELEASED_RECIPE, TRAINING_OPTIONS, DemoConfig, released_settings
 
     d, q = DemoConfig.create(), DemoConfig.quick()
 
@@ -107,9 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--released-settings",
         action="store_true",
-        help="fine-tune at the released learning rate and loss weights (those of the ldn121-streethazards-finetune "
-        "recipe: lr 1e-5, beta 0.03, lambda 0.3) instead of the demo's, which were chosen for its step budget on val "
-        "(docs/demo.md); --finetune-lr, --beta and --lambda still win",
+        help=f"fine-tune at the released learning rate and loss weights (those of the {RELEASED_RECIPE} recipe: "
+        + ", ".join(f"{k.rstrip('_')} {v:g}" for k, v in released_settings().items())
+        + ") instead of the demo's, which were chosen for its step budget on val (docs/demo.md); --finetune-lr, "
+        "--beta and --lambda still win",
     )
     parser.add_argument(
         "--target-tpr",
